@@ -1,0 +1,1 @@
+"""NumPy two-layer network trained with a triangular cyclical learning rate (CLR)."""

@@ -1,0 +1,46 @@
+"""The report's figures from a training history: cost, loss, accuracy (train and val) and η."""
+import numpy as np
+from matplotlib.figure import Figure
+
+from model.schedule import cyclic_lr
+
+METRICS = ("cost", "loss", "acc")
+_TITLES = {"cost": "Cost (loss + L2)", "loss": "Loss (cross-entropy)", "acc": "Accuracy"}
+
+
+def metric_figure(history, metric, title_suffix=""):
+    """Train and val `metric` against update step."""
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    steps = [r["step"] for r in history]
+    for split, style in (("train", "-o"), ("val", "-s")):
+        ax.plot(steps, [r[split][metric] for r in history], style, ms=3, label=split)
+    ax.set_xlabel("update step")
+    ax.set_ylabel(metric)
+    ax.set_title(_TITLES[metric] + title_suffix)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def lr_figure(config):
+    """η against update step over the whole run: a triangle wave."""
+    t = np.arange(config.total_steps + 1)
+    eta = [cyclic_lr(int(s), config.eta_min, config.eta_max, config.n_s) for s in t]
+    fig = Figure(figsize=(6, 3), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot(t, eta)
+    ax.set_xlabel("update step")
+    ax.set_ylabel("η")
+    ax.set_title(f"Cyclical learning rate (n_s = {config.n_s})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def training_figures(history, config, title_suffix=""):
+    """{file stem: Figure} for the run: cost, loss, accuracy and lr."""
+    figs = {m if m != "acc" else "accuracy": metric_figure(history, m, title_suffix) for m in METRICS}
+    figs["lr"] = lr_figure(config)
+    return figs

@@ -1,0 +1,287 @@
+"""CIFAR-10: find or download the python batches, unpickle them safely, split and normalise.
+
+Split: the training batches data_batch_1..5 are concatenated in file order and the *last* n_val
+images (by default the last 1,000 of data_batch_5) are the validation set; test = test_batch. The
+split does not depend on any seed, so every trial and every seed is validated on the same images.
+Normalisation: pixels / 255, then per dimension (x − mean) / std with the mean and std of the
+training split only; a dimension with std 0 is divided by 1 instead (no NaN or inf).
+"""
+import dataclasses
+import hashlib
+import io
+import logging
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from model.errors import DataError
+
+log = logging.getLogger(__name__)
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+MD5 = "c58f30108f718f92721af3b95e74349a"
+BATCHES_DIR = "cifar-10-batches-py"
+ARCHIVE = "cifar-10-python.tar.gz"
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_FILE = "test_batch"
+D, K = 3072, 10
+ENV_DIR, ENV_URL, ENV_MD5, ENV_CACHE = "CIFAR10_DIR", "CIFAR10_URL", "CIFAR10_MD5", "CIFAR10_CACHE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    X: np.ndarray  # (N, D), samples in rows, C-contiguous
+    y: np.ndarray  # (N,), int64 labels
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    train: Split
+    val: Split
+    test: Split
+    source: str  # the folder the batches were read from
+
+
+# ---- safe unpickling ----------------------------------------------------------------------------
+
+# What a CIFAR-10 batch pickle may reference: numpy arrays rebuilt from bytes (numpy 1 and 2 module
+# names, protocols 2-5), and the codec Python 3 uses for bytes in protocol-2 pickles. Nothing else.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_batch(path):
+    """Unpickle one CIFAR-10 batch file -> (X uint8 (N, 3072), y int64 (N,)).
+
+    Only numpy array reconstruction is admitted: a pickle that would import or call anything else
+    is refused before any of it runs.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            batch = _BatchUnpickler(f, encoding="bytes").load()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}; check the path and its permissions") from None
+    except pickle.UnpicklingError as e:
+        if str(e).startswith("refused global"):
+            raise DataError(f"{path} is not a CIFAR-10 batch: it asks to run code ({e}); "
+                            "delete it and use the official data") from None
+        raise DataError(f"{path} is corrupt ({e}); re-download or rebuild the data set") from None
+    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+        raise DataError(f"{path} is truncated or corrupt ({type(e).__name__}); "
+                        "re-download or rebuild the data set") from None
+    return _batch_arrays(batch, path)
+
+
+def _batch_arrays(batch, path):
+    def bad(why):
+        return DataError(f"{path} is not a CIFAR-10 batch ({why}); re-download or rebuild the data set")
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise bad("no data/labels entries")
+    X, y = batch[b"data"], np.asarray(batch[b"labels"])
+    if not isinstance(X, np.ndarray) or X.dtype != np.uint8 or X.ndim != 2 or X.shape[1] != D:
+        raise bad("data is not a uint8 array of 3072 columns")
+    if y.shape != (X.shape[0],) or y.size == 0 or y.min() < 0 or y.max() >= K:
+        raise bad("labels do not match the data")
+    return X, y.astype(np.int64)
+
+
+# ---- finding, downloading and extracting ---------------------------------------------------------
+
+def default_cache_dir():
+    """$CIFAR10_CACHE, else ~/.cache/clr-lambda-search."""
+    return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "clr-lambda-search")
+
+
+def resolve_batches_dir(source=None, cache_dir=None):
+    """The folder holding data_batch_1..5 and test_batch.
+
+    source: a cifar-10-batches-py folder, a folder containing one (or the archive), a
+    cifar-10-python.tar.gz, or None: then $CIFAR10_DIR, else the official archive is downloaded
+    (from $CIFAR10_URL if set, checked against $CIFAR10_MD5 if set) into the cache.
+    """
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    source = source or os.environ.get(ENV_DIR)
+    if not source:
+        return _download_and_extract(cache_dir)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist; point --data-dir (or ${ENV_DIR}) at a "
+                        f"{BATCHES_DIR} folder or {ARCHIVE}")
+    if path.is_file():
+        return extract_archive(path, cache_dir, expected_md5=os.environ.get(ENV_MD5))
+    for candidate in (path, path / BATCHES_DIR):
+        if (candidate / TRAIN_FILES[0]).is_file():
+            return candidate
+    if (path / ARCHIVE).is_file():
+        return extract_archive(path / ARCHIVE, cache_dir, expected_md5=os.environ.get(ENV_MD5))
+    raise DataError(f"no CIFAR-10 batches in {path} (expected {BATCHES_DIR}/data_batch_1..5 and "
+                    f"test_batch, or {ARCHIVE}); point --data-dir at a local copy or leave it unset "
+                    "to download")
+
+
+def file_md5(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download_and_extract(cache_dir):
+    url = os.environ.get(ENV_URL) or URL
+    md5 = os.environ.get(ENV_MD5) or MD5
+    done = cache_dir / md5 / BATCHES_DIR
+    if (done / TRAIN_FILES[0]).is_file():
+        return done
+    archive = download(url, cache_dir / ARCHIVE, md5)
+    return extract_archive(archive, cache_dir, expected_md5=md5)
+
+
+def download(url, dest, md5):
+    """Fetch url to dest with a progress bar; the file appears only once its MD5 matches."""
+    from tqdm import tqdm
+
+    dest = Path(dest)
+    if dest.is_file() and file_md5(dest) == md5:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f, tqdm(
+                total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                desc=f"downloading {Path(url).name}", leave=False) as bar:
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                f.write(chunk)
+                bar.update(len(chunk))
+    except (OSError, ValueError) as e:
+        part.unlink(missing_ok=True)
+        raise DataError(f"cannot download {url} ({e}); check the network, or set ${ENV_DIR} to a "
+                        "local copy") from None
+    got = file_md5(part)
+    if got != md5:
+        part.unlink()
+        raise DataError(f"checksum mismatch for {url}: MD5 {got}, expected {md5}; the file is "
+                        f"corrupt or not CIFAR-10 — retry, or set ${ENV_MD5} for a mirror you trust")
+    part.replace(dest)
+    return dest
+
+
+def extract_archive(archive, cache_dir, expected_md5=None):
+    """Safely extract a cifar-10-python.tar.gz into cache_dir/<md5>/ and return its batches folder.
+
+    Verifies expected_md5 first (if given); refuses members with absolute paths, '..' or links, so
+    nothing lands outside the target. Extraction goes to a temporary folder renamed at the end.
+    """
+    archive = Path(archive)
+    md5 = file_md5(archive)
+    if expected_md5 and md5 != expected_md5:
+        raise DataError(f"checksum mismatch for {archive}: MD5 {md5}, expected {expected_md5}; "
+                        f"the archive is corrupt or not CIFAR-10 (unset ${ENV_MD5} to skip the check)")
+    target = Path(cache_dir) / md5
+    if (target / BATCHES_DIR / TRAIN_FILES[0]).is_file():
+        return target / BATCHES_DIR
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
+    try:
+        _safe_extract(archive, tmp)
+        if not (tmp / BATCHES_DIR / TRAIN_FILES[0]).is_file():
+            raise DataError(f"{archive} holds no {BATCHES_DIR}/ folder; it is not the CIFAR-10 "
+                            "python archive")
+        tmp.replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target / BATCHES_DIR
+
+
+def _safe_extract(archive, dest):
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            for m in members:
+                _check_member(m, archive)
+            tar.extractall(dest, members=members, **_extract_filter())
+    except (tarfile.TarError, EOFError, OSError, io.UnsupportedOperation) as e:
+        raise DataError(f"{archive} is not a readable tar.gz archive ({e}); re-download it") from None
+
+
+def _check_member(member, archive):
+    name = member.name
+    if name.startswith(("/", "\\")) or os.path.isabs(name) or ".." in Path(name).parts:
+        raise DataError(f"{archive} is unsafe: member {name!r} would be written outside the "
+                        "target folder; refusing to extract it")
+    if member.issym() or member.islnk() or not (member.isfile() or member.isdir()):
+        raise DataError(f"{archive} is unsafe: member {name!r} is a link or special file; "
+                        "refusing to extract it")
+
+
+def _extract_filter():
+    # Python ≥ 3.12 (and patched 3.10/3.11) also enforce the 'data' filter: a second lock.
+    return {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
+
+# ---- the data set --------------------------------------------------------------------------------
+
+def load_cifar10(source=None, n_val=1000, dtype="float32", cache_dir=None):
+    """Load, split and normalise CIFAR-10 -> Dataset (see the module docstring for the rules)."""
+    folder = resolve_batches_dir(source, cache_dir)
+    missing = [f for f in TRAIN_FILES + [TEST_FILE] if not (folder / f).is_file()]
+    if missing:
+        raise DataError(f"{folder} lacks {', '.join(missing)}; re-download or rebuild the data set")
+    parts = [load_batch(folder / f) for f in TRAIN_FILES]
+    X_all = np.concatenate([p[0] for p in parts])
+    y_all = np.concatenate([p[1] for p in parts])
+    if not 0 < n_val < len(y_all):
+        raise DataError(f"n_val = {n_val} must lie between 1 and {len(y_all) - 1}")
+    X_test, y_test = load_batch(folder / TEST_FILE)
+    n_train = len(y_all) - n_val
+    mean, std = train_stats(X_all[:n_train])
+    dt = np.dtype(dtype)
+    log.info("CIFAR-10 from %s: %d train, %d val, %d test", folder, n_train, n_val, len(y_test))
+    return Dataset(
+        train=Split(normalise(X_all[:n_train], mean, std, dt), y_all[:n_train]),
+        val=Split(normalise(X_all[n_train:], mean, std, dt), y_all[n_train:]),
+        test=Split(normalise(X_test, mean, std, dt), y_test),
+        source=str(folder),
+    )
+
+
+def train_stats(X_uint8, block=8192):
+    """Per-dimension mean and std (float64) of pixels / 255; a zero std becomes 1."""
+    n = len(X_uint8)
+    s = np.zeros(X_uint8.shape[1])
+    s2 = np.zeros(X_uint8.shape[1])
+    for start in range(0, n, block):
+        x = X_uint8[start:start + block].astype(np.float64) / 255.0
+        s += x.sum(axis=0)
+        s2 += np.square(x).sum(axis=0)
+    mean = s / n
+    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
+    std[std < 1e-12] = 1.0  # a constant pixel: centre it, don't divide by zero
+    return mean, std
+
+
+def normalise(X_uint8, mean, std, dtype, block=8192):
+    """(X / 255 − mean) / std as a C-contiguous array of dtype."""
+    out = np.empty(X_uint8.shape, dtype=dtype)
+    for start in range(0, len(X_uint8), block):
+        x = X_uint8[start:start + block].astype(np.float64) / 255.0
+        out[start:start + block] = (x - mean) / std
+    return out

@@ -1,0 +1,17 @@
+"""Exceptions that mean "the user asked for something wrong": scripts turn them into one line, exit 2."""
+
+
+class InputError(ValueError):
+    """Bad input a user can fix; the message names the problem and the fix."""
+
+
+class ConfigError(InputError):
+    """A training or search setting is out of range."""
+
+
+class DataError(InputError):
+    """The data set is missing, corrupt, hostile or fails its checksum."""
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss (λ or η_max too large)."""

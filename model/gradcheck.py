@@ -1,0 +1,40 @@
+"""Analytic vs numerical gradients: centred differences in float64 on a small slice of data."""
+import numpy as np
+
+from model.network import PARAM_KEYS, init_params, loss_and_grads
+
+
+def numerical_grads(f, params, h=1e-5):
+    """Centred differences (f(p + h) − f(p − h)) / 2h of the scalar f(params) for every entry."""
+    grads = {}
+    for key in PARAM_KEYS:
+        p = params[key]
+        g = np.zeros_like(p)
+        for i in np.ndindex(p.shape):
+            old = p[i]
+            p[i] = old + h
+            f_plus = f(params)
+            p[i] = old - h
+            f_minus = f(params)
+            p[i] = old
+            g[i] = (f_plus - f_minus) / (2 * h)
+        grads[key] = g
+    return grads
+
+
+def relative_error(a, n, eps=1e-12):
+    """Max over entries of |a − n| / max(eps, |a| + |n|)."""
+    return float(np.max(np.abs(a - n) / np.maximum(eps, np.abs(a) + np.abs(n))))
+
+
+def check_gradients(X, y, params, lam, h=1e-5):
+    """Max relative error per key between loss_and_grads and centred differences of the cost."""
+    _, _, analytic = loss_and_grads(params, X, y, lam)
+    numeric = numerical_grads(lambda p: loss_and_grads(p, X, y, lam)[0], params, h)
+    return {k: relative_error(analytic[k], numeric[k]) for k in PARAM_KEYS}
+
+
+def gradcheck_slice(X, y, rng, dims=20, samples=5, m=10, K=10):
+    """A float64 slice (first `dims` dimensions of `samples` rows) and fresh params of hidden size m."""
+    X_small = np.ascontiguousarray(X[:samples, :dims], dtype=np.float64)
+    return X_small, y[:samples], init_params(dims, m, K, rng, dtype=np.float64)

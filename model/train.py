@@ -1,0 +1,153 @@
+"""Training configuration, evaluation and the mini-batch GD loop with a cyclical learning rate."""
+import dataclasses
+import logging
+
+import numpy as np
+
+from model.errors import ConfigError, DivergedError
+from model.network import init_params, l2_penalty
+from model.schedule import cyclic_lr
+from model.step import make_workspace, sgd_step
+
+log = logging.getLogger(__name__)
+DTYPES = ("float32", "float64")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults are the report's final protocol (n_s 980, 3 cycles)."""
+
+    lam: float = 0.01                 # L2 strength λ: cost = loss + λ(‖W1‖² + ‖W2‖²)
+    m: int = 50                       # hidden units
+    n_batch: int = 100                # samples per update
+    eta_min: float = 1e-5             # CLR lower bound
+    eta_max: float = 1e-1             # CLR upper bound
+    n_s: int = 980                    # CLR half cycle, in updates
+    cycles: int = 3                   # training stops at the end of the last cycle
+    evals_per_cycle: int = 10         # evaluation points per cycle (plus one at step 0)
+    eval_train_samples: int = 10_000  # train metrics on this fixed prefix of the train split
+    seed: int = 0                     # init and shuffling
+    dtype: str = "float32"            # float32 (fast) or float64 (gradient-check precision)
+
+    def __post_init__(self):
+        for name, ok, fix in _CHECKS:
+            if not ok(self):
+                raise ConfigError(f"{name} = {getattr(self, name.split()[0])!r} is invalid: {fix}")
+
+    @property
+    def total_steps(self):
+        """Updates to the end of the last cycle: 2·n_s·cycles."""
+        return 2 * self.n_s * self.cycles
+
+    def eval_steps(self):
+        """The sorted update steps at which train and val are evaluated (0 and the end included)."""
+        per_cycle = 2 * self.n_s
+        points = {round(k * per_cycle / self.evals_per_cycle)
+                  for k in range(self.cycles * self.evals_per_cycle + 1)}
+        return sorted(points)
+
+
+_CHECKS = [
+    ("lam", lambda c: c.lam >= 0 and np.isfinite(c.lam), "λ must be ≥ 0 (e.g. --lam 0.01)"),
+    ("m", lambda c: c.m > 0, "the hidden layer needs at least one unit"),
+    ("n_batch", lambda c: c.n_batch > 0, "use a positive batch size (e.g. 100)"),
+    ("eta_min", lambda c: c.eta_min > 0, "η_min must be > 0 (e.g. 1e-5)"),
+    ("eta_max", lambda c: c.eta_max >= c.eta_min,
+     "η_max must be ≥ η_min (e.g. --eta-min 1e-5 --eta-max 0.1)"),
+    ("n_s", lambda c: c.n_s > 0, "the CLR half cycle must be a positive number of updates"),
+    ("cycles", lambda c: c.cycles > 0, "train at least one cycle"),
+    ("evals_per_cycle", lambda c: c.evals_per_cycle > 0, "evaluate at least once per cycle"),
+    ("eval_train_samples", lambda c: c.eval_train_samples >= 0, "use 0 or more samples"),
+    ("dtype", lambda c: c.dtype in DTYPES, f"choose one of {', '.join(DTYPES)}"),
+]
+
+
+def evaluate(params, X, y, lam, block=8192):
+    """Loss (mean cross-entropy), cost (loss + L2) and accuracy of params on X (N, D), y (N,).
+
+    Works in blocks of rows so that memory stays small on the full training set.
+    """
+    total_nll, correct = 0.0, 0
+    for start in range(0, len(y), block):
+        Xb, yb = X[start:start + block], y[start:start + block]
+        H = np.maximum(Xb @ params["W1"] + params["b1"], 0)
+        S = (H @ params["W2"] + params["b2"]).astype(np.float64)
+        S -= S.max(axis=1, keepdims=True)
+        log_z = np.log(np.exp(S).sum(axis=1))
+        total_nll += float(np.sum(log_z - S[np.arange(len(yb)), yb]))
+        correct += int(np.sum(S.argmax(axis=1) == yb))
+    loss = total_nll / len(y)
+    return {"loss": loss, "cost": loss + l2_penalty(params, lam), "acc": correct / len(y)}
+
+
+def new_params(config, D, K, rng):
+    """Initial params for config, drawn from rng."""
+    return init_params(D, config.m, K, rng, dtype=np.dtype(config.dtype))
+
+
+def train(params, data, config, rng, on_eval=None):
+    """Mini-batch GD with a triangular CLR from step 0 to config.total_steps, params updated in place.
+
+    Args:
+      params: dict W1, b1, W2, b2 (see network.init_params).
+      data: object with .train and .val, each with X (N, D) and y (N,).
+      config: TrainConfig.
+      rng: np.random.Generator that shuffles each epoch.
+      on_eval: optional callable(record) called at every evaluation point; it may raise to stop
+        (the search raises optuna.TrialPruned through it).
+    Returns:
+      (params, history): history is a list of records {step, lr, epoch, train: {...}, val: {...}}.
+    Raises:
+      DivergedError when the loss stops being finite.
+    """
+    X, y = data.train.X, data.train.y
+    N, D = X.shape
+    ws = make_workspace(config.n_batch, D, config.m, params["b2"].shape[0], X.dtype)
+    eval_at = config.eval_steps()
+    history = [_record(params, data, config, 0)]
+    _report(history[-1], on_eval)
+    t, epoch = 0, 0
+    while t < config.total_steps:
+        perm = rng.permutation(N)
+        epoch += 1
+        for start in range(0, N, config.n_batch):  # the last, smaller batch included
+            eta = cyclic_lr(t, config.eta_min, config.eta_max, config.n_s)
+            try:
+                sgd_step(params, X, y, perm[start:start + config.n_batch], eta, config.lam, ws)
+            except DivergedError:
+                raise DivergedError(_diverged_message(config, t + 1)) from None
+            t += 1
+            if t in eval_at:
+                history.append(_record(params, data, config, t, epoch=epoch))
+                _report(history[-1], on_eval)
+            if t == config.total_steps:
+                break
+    return params, history
+
+
+def _record(params, data, config, t, epoch=0):
+    """Metrics at step t on the fixed train subset and the validation split."""
+    k = config.eval_train_samples or len(data.train.y)
+    record = {
+        "step": t,
+        "epoch": epoch,
+        "lr": cyclic_lr(t, config.eta_min, config.eta_max, config.n_s),
+        "train": evaluate(params, data.train.X[:k], data.train.y[:k], config.lam),
+        "val": evaluate(params, data.val.X, data.val.y, config.lam),
+    }
+    if not all(np.isfinite(record[s][k2]) for s in ("train", "val") for k2 in ("loss", "cost")):
+        raise DivergedError(_diverged_message(config, t))
+    return record
+
+
+def _report(record, on_eval):
+    log.debug("step %d lr %.2e train acc %.4f val acc %.4f", record["step"], record["lr"],
+              record["train"]["acc"], record["val"]["acc"])
+    if on_eval is not None:
+        on_eval(record)
+
+
+def _diverged_message(config, t):
+    return (f"training diverged at step {t} (non-finite loss) with λ={config.lam:g}, "
+            f"η_max={config.eta_max:g}: lower η_max or λ")
+

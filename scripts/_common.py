@@ -1,0 +1,102 @@
+"""What every script shares: one-line errors with exit 2, --json output, logging, BLAS threads,
+and the TrainConfig flags. Scripts are run as `python scripts/NAME.py`, so this imports as `_common`.
+"""
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+from model.errors import InputError
+from model.train import TrainConfig
+
+EXIT_BAD_INPUT = 2
+
+TRAIN_FLAG_HELP = {
+    "lam": "L2 strength λ (cost = loss + λ(‖W1‖²+‖W2‖²))",
+    "m": "hidden units",
+    "n_batch": "samples per update",
+    "eta_min": "cyclical learning rate: lower bound",
+    "eta_max": "cyclical learning rate: upper bound",
+    "n_s": "half cycle of the learning rate, in updates",
+    "cycles": "number of cycles; training stops at the end of the last one",
+    "evals_per_cycle": "evaluation points per cycle (for the curves)",
+    "eval_train_samples": "train metrics on this many training samples (0 = all)",
+    "seed": "seed of init and shuffling",
+    "dtype": "float32 (fast) or float64",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line on stderr and exits 2."""
+
+    def error(self, message):
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def fail(message):
+    """One line on stderr, exit status 2, no traceback."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def add_common_args(parser):
+    parser.add_argument("--json", action="store_true",
+                        help="print exactly one JSON object on stdout (logs go to stderr)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+
+
+def add_data_args(parser):
+    parser.add_argument("--data-dir", default=None,
+                        help="cifar-10-batches-py folder, a folder holding it, or "
+                             "cifar-10-python.tar.gz (default: $CIFAR10_DIR, else download)")
+    parser.add_argument("--n-val", type=int, default=1000,
+                        help="validation images: the last N of data_batch_5")
+
+
+def add_train_args(parser, defaults=TrainConfig(), skip=()):
+    """One kebab-case flag per TrainConfig field, defaulting to `defaults`."""
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in skip:
+            continue
+        default = getattr(defaults, field.name)
+        parser.add_argument("--" + field.name.replace("_", "-"), type=type(default),
+                            default=default,
+                            help=f"{TRAIN_FLAG_HELP[field.name]} (default {default})")
+
+
+def train_config(args, **overrides):
+    """TrainConfig from the parsed flags (raises ConfigError on a bad value)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+              if hasattr(args, f.name)}
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def setup_logging(args):
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+
+
+def emit(summary, args, text):
+    """The result: one JSON object with --json, else the human text; both on stdout."""
+    print(json.dumps(summary, default=float) if args.json else text, flush=True)
+
+
+def single_blas_thread():
+    """Pin BLAS to one thread: these GEMMs are too small for two (see DESIGN.md, Speed)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def run(main):
+    """Run main(); user errors become one line and exit 2, Ctrl-C exits 130 with one line."""
+    try:
+        sys.exit(main())
+    except InputError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: partial results were not written; re-run to resume\n")
+        sys.exit(130)

@@ -1,0 +1,65 @@
+"""Train the network once and evaluate it on the test set.
+
+    python scripts/train.py --lam 0.01 --cycles 3 --n-s 980 [--data-dir DIR] [--out DIR] [--json]
+
+Writes params.npz, config.json, history.json, metrics.json and the figures (cost, loss, accuracy,
+lr .png) into --out (default studies/runs/lam<λ>-seed<seed>).
+"""
+import time
+
+import numpy as np
+
+import _common
+from model.checkpoint import check_out_dir, publish_dir, save_json, save_params
+from model.curves import training_figures
+from model.data import load_cifar10
+from model.train import evaluate, new_params, train
+
+
+def parse_args(argv=None):
+    p = _common.Parser(description=__doc__.splitlines()[0])
+    _common.add_train_args(p)
+    _common.add_data_args(p)
+    p.add_argument("--out", default=None, help="results folder (default studies/runs/lam<λ>-seed<seed>)")
+    _common.add_common_args(p)
+    return p.parse_args(argv)
+
+
+def write_run(folder, params, config, history, metrics, data_source):
+    save_params(folder / "params.npz", params)
+    save_json(folder / "config.json", {**config.__dict__, "data": data_source})
+    save_json(folder / "history.json", history)
+    save_json(folder / "metrics.json", metrics)
+    for name, fig in training_figures(history, config, f" — λ={config.lam:g}").items():
+        fig.savefig(folder / f"{name}.png")
+
+
+def main():
+    args = parse_args()
+    _common.setup_logging(args)
+    config = _common.train_config(args)
+    out = args.out or f"studies/runs/lam{config.lam:g}-seed{config.seed}"
+    check_out_dir(out)
+    data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=config.dtype)
+    rng = np.random.default_rng(config.seed)
+    start = time.perf_counter()
+    with _common.single_blas_thread():
+        params = new_params(config, data.train.X.shape[1], int(data.train.y.max()) + 1, rng)
+        params, history = train(params, data, config, rng)
+        test = evaluate(params, data.test.X, data.test.y, config.lam)
+    seconds = time.perf_counter() - start
+    last = history[-1]
+    metrics = {"lam": config.lam, "train_acc": last["train"]["acc"], "val_acc": last["val"]["acc"],
+               "test_acc": test["acc"], "test_loss": test["loss"], "test_cost": test["cost"],
+               "steps": config.total_steps, "seconds": round(seconds, 2)}
+    publish_dir(out, lambda folder: write_run(folder, params, config, history, metrics, data.source))
+    summary = {**metrics, "out": str(out)}
+    _common.emit(summary, args,
+                 f"λ={config.lam:g}: train acc {metrics['train_acc']:.4f}, val acc "
+                 f"{metrics['val_acc']:.4f}, test acc {metrics['test_acc']:.4f} after "
+                 f"{config.total_steps} updates in {seconds:.1f} s -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    _common.run(main)
