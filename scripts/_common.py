@@ -6,9 +6,15 @@ import dataclasses
 import json
 import logging
 import sys
+from pathlib import Path
 
-from model.errors import InputError
-from model.train import TrainConfig
+# scripts/search.py would shadow the `search` package: once this module is loaded, imports resolve
+# from the installed packages only, not from the scripts folder.
+_SCRIPTS = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _SCRIPTS]
+
+from model.errors import InputError  # noqa: E402
+from model.train import TrainConfig  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 
@@ -77,6 +83,9 @@ def setup_logging(args):
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own log says what a trial did
 
 
 def emit(summary, args, text):

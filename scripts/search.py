@@ -1,0 +1,155 @@
+"""Search λ with Optuna: coarse and fine phases into one storage, resumable, with parallel workers.
+
+    python scripts/search.py coarse [--campaign cifar10] [--n-trials 10] [--workers 2]
+    python scripts/search.py fine   [--campaign cifar10] [--n-trials 12 | --values 1e-3,2e-3]
+    python scripts/search.py status [--campaign cifar10]
+
+Re-running a phase resumes it: it stops once the study holds --n-trials finished trials in total.
+Several shells or machines may run the same command against one --storage.
+"""
+import dataclasses
+import time
+
+from tqdm import tqdm
+
+import _common
+from model.data import load_cifar10
+from search.objective import Objective
+from search.phases import (DEFAULT_SAMPLER, DEFAULT_TRIALS, SEARCH_CONFIG, PhaseSpec, coarse_space,
+                           create_or_resume, derive_fine)
+from search.report import phase_summary, status_report, status_text, summary_text
+from search.runner import PRUNERS, SAMPLERS, make_pruner, make_sampler, n_finished, run_workers, worker_seed
+from search.space import FINE_MARGIN_DECADES, FINE_TOP_K, lam_space, parse_values, space_from_dict
+from search.study import DEFAULT_STORAGE, GRACE_PERIOD, HEARTBEAT_INTERVAL, load_study, mask_url, open_storage
+
+
+def parse_args(argv=None):
+    p = _common.Parser(description=__doc__.splitlines()[0])
+    p.add_argument("phase", choices=("coarse", "fine", "status"), help="what to run")
+    p.add_argument("--campaign", default="cifar10", help="names the studies <campaign>-coarse/-fine")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="SQLAlchemy URL of the storage")
+    p.add_argument("--n-trials", type=int, default=None,
+                   help="finished trials the phase ends with (default: coarse 10, fine 12)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--repeats", type=int, default=1, help="seeds trained per λ (mean is the objective)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed of the study (training seed: --train-seed)")
+    p.add_argument("--train-seed", type=int, default=0, help="first training seed of every trial")
+    p.add_argument("--sampler", choices=SAMPLERS[:2], default=None,
+                   help="default: random for coarse (as the report), tpe for fine")
+    p.add_argument("--pruner", choices=PRUNERS, default=None,
+                   help="prune at half cycles (default median; none with --values)")
+    p.add_argument("--low", type=float, default=None, help="coarse λ lower bound (default 1e-5)")
+    p.add_argument("--high", type=float, default=None, help="coarse λ upper bound (default 1e-1)")
+    p.add_argument("--values", default=None, help="fine: an explicit comma-separated λ list (grid)")
+    p.add_argument("--top-k", type=int, default=FINE_TOP_K, help="fine: coarse trials spanned")
+    p.add_argument("--margin", type=float, default=FINE_MARGIN_DECADES,
+                   help="fine: decades added on each side of the span")
+    p.add_argument("--heartbeat-interval", type=int, default=HEARTBEAT_INTERVAL, help="seconds")
+    p.add_argument("--grace-period", type=int, default=GRACE_PERIOD,
+                   help="seconds after which a silent RUNNING trial is failed and retried")
+    _common.add_train_args(p, SEARCH_CONFIG, skip=("lam", "seed"))
+    _common.add_data_args(p)
+    _common.add_common_args(p)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
+    if args.n_trials is not None and args.n_trials <= 0:
+        p.error(f"--n-trials must be ≥ 1 (got {args.n_trials})")
+    if args.workers <= 0:
+        p.error(f"--workers must be ≥ 1 (got {args.workers})")
+    if args.repeats <= 0:
+        p.error(f"--repeats must be ≥ 1 (got {args.repeats})")
+    if args.values is not None and args.phase != "fine":
+        p.error("--values belongs to the fine phase")
+    if not (args.top_k >= 1 and args.margin >= 0):
+        p.error("--top-k must be ≥ 1 and --margin ≥ 0")
+    if not 0 < args.heartbeat_interval < args.grace_period:
+        p.error("--heartbeat-interval must be > 0 and below --grace-period")
+
+
+def build_spec(args, storage):
+    """The PhaseSpec of the requested phase, plus the fine range info (fine phase only)."""
+    config = _common.train_config(args, seed=args.train_seed)
+    pruner = args.pruner or ("none" if args.values else "median")
+    common = dict(campaign=args.campaign, phase=args.phase, config=config, pruner=pruner,
+                  repeats=args.repeats, seed=args.seed)
+    if args.phase == "coarse":
+        return PhaseSpec(n_trials=args.n_trials or DEFAULT_TRIALS["coarse"],
+                         space=coarse_space(args.low, args.high),
+                         sampler=args.sampler or DEFAULT_SAMPLER["coarse"], **common), None
+    if args.values is not None:
+        values = parse_values(args.values)
+        return PhaseSpec(n_trials=args.n_trials or len(values), space=lam_space(values[0], values[-1]),
+                         sampler="grid", grid=tuple(values), **common), None
+    space, info = recorded_fine_range(storage, args) or derive_fine(storage, args.campaign,
+                                                                     args.top_k, args.margin)
+    return PhaseSpec(n_trials=args.n_trials or DEFAULT_TRIALS["fine"], space=space,
+                     sampler=args.sampler or DEFAULT_SAMPLER["fine"], **common), info
+
+
+def recorded_fine_range(storage, args):
+    """On resume, the fine study keeps the range it was started with."""
+    try:
+        fine = load_study(storage, f"{args.campaign}-fine")
+    except _common.InputError:
+        return None
+    info = fine.user_attrs.get("fine_range")
+    return (space_from_dict(fine.user_attrs["space"]), info) if info else None
+
+
+def run_phase(args, storage, spec, data):
+    study = create_or_resume(storage, spec)
+    storage.remove_session()
+    storage.engine.dispose()  # forked workers open their own connections
+    objective = Objective(data, spec.config, spec.space, repeats=spec.repeats)
+    bar = tqdm(total=spec.n_trials, desc=spec.study_name, unit="trial", leave=False)
+
+    def progress():
+        bar.n = min(n_finished(study), spec.n_trials)
+        bar.refresh()
+
+    grid = {"lam": list(spec.grid)} if spec.grid else None
+    progress()
+    codes = run_workers(
+        args.workers, progress=progress, storage_url=args.storage, study_name=spec.study_name,
+        objective=objective, target=spec.n_trials, pruner=make_pruner(spec.pruner, spec.config),
+        make_sampler_for=lambda i, n: make_sampler(spec.sampler, worker_seed(spec.seed, i, n), grid),
+        storage_opts={"heartbeat_interval": args.heartbeat_interval,
+                      "grace_period": args.grace_period})
+    bar.close()
+    if any(codes) or n_finished(study) < spec.n_trials:
+        raise SystemExit(f"error: workers exited with {codes}; re-run the same command to resume")
+    return study
+
+
+def main():
+    args = parse_args()
+    _common.setup_logging(args)
+    storage_opts = {"heartbeat_interval": args.heartbeat_interval, "grace_period": args.grace_period}
+    if args.phase == "status":
+        storage = open_storage(args.storage, create=False, **storage_opts)
+        report = status_report(storage, args.campaign)
+        _common.emit(report, args, status_text(report))
+        return 0
+    if args.phase == "coarse":  # data first: a bad data dir must not leave a new storage behind
+        spec, info = build_spec(args, None)
+        data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=spec.config.dtype)
+        storage = open_storage(args.storage, **storage_opts)
+    else:
+        storage = open_storage(args.storage, create=False, **storage_opts)
+        spec, info = build_spec(args, storage)
+        data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=spec.config.dtype)
+    start = time.perf_counter()
+    if info is not None:
+        create_or_resume(storage, spec).set_user_attr("fine_range", info)
+    study = run_phase(args, storage, spec, data)
+    summary = phase_summary(study, spec, mask_url(args.storage), time.perf_counter() - start)
+    _common.emit(summary, args, summary_text(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    _common.run(main)

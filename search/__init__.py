@@ -1,0 +1,1 @@
+"""The Optuna layer: search space, objective, studies in an RDB storage, and the worker loop."""

@@ -1,0 +1,82 @@
+"""The Optuna objective: train with the suggested hyperparameters, return validation accuracy."""
+import dataclasses
+import logging
+import time
+
+import numpy as np
+import optuna
+
+from model.errors import DivergedError
+from model.train import new_params, train
+from search.space import suggest
+
+log = logging.getLogger(__name__)
+
+
+class Objective:
+    """Callable(trial) -> mean validation accuracy over the repeat seeds.
+
+    Built once per worker with the preloaded, normalised data and the phase's base TrainConfig.
+    Every λ is trained with the same seeds (base_config.seed, +1, …), so comparisons are paired.
+    The first seed reports validation accuracy at every evaluation point (the end of every half
+    cycle when evals_per_cycle = 2) and is pruned when the pruner says so.
+    """
+
+    def __init__(self, data, base_config, space, repeats=1):
+        self.data = data
+        self.base_config = base_config
+        self.space = space
+        self.seeds = [base_config.seed + r for r in range(repeats)]
+
+    def __call__(self, trial):
+        config = dataclasses.replace(self.base_config, **suggest(trial, self.space))
+        trial.set_user_attr("seeds", self.seeds)
+        start = time.perf_counter()
+        finals = [self._train_one(trial, dataclasses.replace(config, seed=seed), first=(i == 0))
+                  for i, seed in enumerate(self.seeds)]
+        attrs = summarise(finals)
+        attrs.update(steps=config.total_steps, seconds=round(time.perf_counter() - start, 3))
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        log.info("trial %d: λ=%.3g val acc %.4f (std %.4f over %d seeds) in %.1f s", trial.number,
+                 config.lam, attrs["val_acc"], attrs["val_acc_std"], len(self.seeds), attrs["seconds"])
+        return attrs["val_acc"]
+
+    def _train_one(self, trial, config, first):
+        rng = np.random.default_rng(config.seed)
+        params = new_params(config, self.data.train.X.shape[1], _n_classes(self.data), rng)
+        try:
+            _, history = train(params, self.data, config, rng,
+                               on_eval=_reporter(trial) if first else None)
+        except DivergedError as e:
+            trial.set_user_attr("failure", str(e))
+            raise
+        return history[-1]
+
+
+def _n_classes(data):
+    return int(max(data.train.y.max(), data.val.y.max())) + 1
+
+
+def _reporter(trial):
+    """on_eval callback: report val accuracy at each evaluation point after 0; prune if asked."""
+    def on_eval(record):
+        if record["step"] == 0:
+            return
+        trial.report(record["val"]["acc"], record["step"])
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {record['step']}")
+    return on_eval
+
+
+def summarise(finals):
+    """User attrs from the last history record of each seed: means, std and per-seed values."""
+    val_accs = [r["val"]["acc"] for r in finals]
+    return {
+        "val_acc": float(np.mean(val_accs)),
+        "val_acc_std": float(np.std(val_accs)),
+        "val_accs": val_accs,
+        "val_loss": float(np.mean([r["val"]["loss"] for r in finals])),
+        "val_cost": float(np.mean([r["val"]["cost"] for r in finals])),
+        "train_acc": float(np.mean([r["train"]["acc"] for r in finals])),
+    }

@@ -1,0 +1,128 @@
+"""Storage and studies: open an RDB storage safely, name a campaign's studies, read results."""
+import logging
+import warnings
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from model.errors import InputError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOME = Path("studies")
+DEFAULT_STORAGE = f"sqlite:///{DEFAULT_HOME}/studies.db"
+PHASES = ("coarse", "fine")
+HEARTBEAT_INTERVAL = 5   # seconds between a running trial's heartbeats
+GRACE_PERIOD = 20        # a RUNNING trial silent this long belongs to a dead worker
+MAX_RETRY = 3            # a trial whose worker died is re-queued (same λ) at most this often
+FINISHED = (TrialState.COMPLETE,)  # what --n-trials counts; pruned trials come on top
+
+
+def study_name(campaign, phase):
+    """'<campaign>-coarse' or '<campaign>-fine': one storage holds many campaigns."""
+    return f"{campaign}-{phase}"
+
+
+def mask_url(url):
+    """The storage URL with any password replaced by ***, for logs, JSON and pages."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return "<malformed storage URL>"
+
+
+def sqlite_path(url):
+    """The database file of a sqlite:/// URL, else None."""
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,
+                 grace_period=GRACE_PERIOD, max_retry=MAX_RETRY):
+    """RDBStorage for url with heartbeats and retry of dead workers' trials.
+
+    With create=False an SQLite file that does not exist yet is an error (nothing is created).
+    Raises InputError for a malformed or unreachable URL.
+    """
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise InputError(f"malformed storage URL {url!r}; use e.g. sqlite:///studies/studies.db or "
+                         "postgresql+psycopg://user:password@host/db") from None
+    path = sqlite_path(url)
+    if path is not None:
+        _prepare_sqlite_path(path, create)
+    engine_kwargs = {"connect_args": {"timeout": 30}} if parsed.get_backend_name() == "sqlite" else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                              grace_period=grace_period,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                                  max_retry=max_retry))
+    except ImportError as e:
+        raise InputError(f"storage {mask_url(url)} needs a driver that is not installed ({e.name}); "
+                         "for PostgreSQL: pip install 'clr-lambda-search[postgres]' and use "
+                         "postgresql+psycopg://") from None
+    except (sqlalchemy.exc.SQLAlchemyError, ValueError) as e:
+        reason = str(getattr(e, "orig", None) or e).splitlines()[0]
+        raise InputError(f"cannot open storage {mask_url(url)} ({reason}); check the URL, the "
+                         "server and the credentials") from None
+
+
+def _prepare_sqlite_path(path, create):
+    if path.is_dir():
+        raise InputError(f"storage path {path} is a folder; name a database file, e.g. "
+                         f"sqlite:///{path}/studies.db")
+    if not create and not path.is_file():
+        raise InputError(f"no storage at {path}; run `scripts/search.py coarse` first or pass "
+                         "--storage")
+    if create:
+        if path.parent.exists() and not path.parent.is_dir():
+            raise InputError(f"storage path {path} lies under a file; choose another --storage")
+        if not path.parent.exists() and path.parent.resolve() == DEFAULT_HOME.resolve():
+            path.parent.mkdir(parents=True)  # the default home is created on first use
+        elif not path.parent.is_dir():
+            raise InputError(f"folder {path.parent} of the storage does not exist; create it or "
+                             "choose another --storage")
+
+
+def load_study(storage, name, sampler=None, pruner=None):
+    """An existing study, or InputError naming the studies the storage does hold."""
+    names = optuna.get_all_study_names(storage)
+    if name not in names:
+        have = ", ".join(sorted(names)) or "none"
+        raise InputError(f"no study {name!r} in the storage (it holds: {have}); check --campaign "
+                         "or run the coarse phase first")
+    return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+
+
+def campaigns(storage):
+    """Campaign names that have at least one phase study in the storage."""
+    names = optuna.get_all_study_names(storage)
+    return sorted({n.rsplit("-", 1)[0] for n in names if n.rsplit("-", 1)[-1] in PHASES})
+
+
+def finished_trials(study):
+    """COMPLETE trials sorted by value, best first."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return sorted(done, key=lambda t: t.value, reverse=True)
+
+
+def count_states(study):
+    counts = {s: 0 for s in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state] += 1
+    return counts
+
+
+def retried_from(trial):
+    """The number of the trial this one re-runs after its worker died, or None."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)

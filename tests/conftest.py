@@ -1,0 +1,118 @@
+"""Shared fixtures: a seeded rng, a tiny synthetic data set and params, and a tiny CIFAR-10 on disk.
+
+The on-disk CIFAR-10 uses the real format (pickled dicts with bytes keys and a uint8 (n, 3072)
+`data` array, in a cifar-10-batches-py/ folder and a cifar-10-python.tar.gz archive of it), so the
+loader and the scripts read it exactly as they read the official files, in well under a second.
+"""
+import hashlib
+import pickle
+import tarfile
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.data import Dataset, Split
+from model.network import init_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The tiny CIFAR-10: 5 train batches + 1 test batch of N_PER_BATCH images each.
+N_PER_BATCH = 40
+# This pixel has the same value in every image (std 0). It lies outside the first 20 dimensions
+# that scripts/gradcheck.py slices, because a (near-)zero input column makes the W1 relative error
+# meaningless (both gradients ~0); see test_data.py for the std-0 rule itself.
+CONST_COL = 2000
+CONST_VALUE = 128
+# Pickle protocols per file: 2 is what Python 2 wrote (bytes go through _codecs.encode), 4 is
+# what make_cifar10.py writes, 5 rebuilds arrays through numpy's _frombuffer.
+PROTOCOLS = {"data_batch_1": 2, "data_batch_2": 4, "data_batch_3": 2, "data_batch_4": 4,
+             "data_batch_5": 5, "test_batch": 4, "batches.meta": 2}
+CIFAR_ENV = ("CIFAR10_DIR", "CIFAR10_URL", "CIFAR10_MD5", "CIFAR10_CACHE")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def make_split(rng, N, D, K, dtype=np.float64):
+    """Standardised Gaussian features and uniform random labels covering all K classes."""
+    X = rng.standard_normal((N, D)).astype(dtype)
+    y = rng.permutation(np.arange(N) % K).astype(np.int64)
+    return Split(X, y)
+
+
+@pytest.fixture
+def tiny_data():
+    """53 train (not a multiple of the batch sizes used in tests), 17 val, 19 test; D=20, K=10."""
+    r = np.random.default_rng(1)
+    return Dataset(train=make_split(r, 53, 20, 10), val=make_split(r, 17, 20, 10),
+                   test=make_split(r, 19, 20, 10), source="synthetic")
+
+
+@pytest.fixture
+def tiny_params():
+    """float64 params for D=20, m=10, K=10 with the default init."""
+    return init_params(20, 10, 10, np.random.default_rng(2), dtype=np.float64)
+
+
+@pytest.fixture(autouse=True)
+def _no_cifar_env(monkeypatch):
+    """The loader reads $CIFAR10_*; `make test` exports CIFAR10_DIR. Tests must not see them."""
+    for name in CIFAR_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def tiny_batch(rng, n, label):
+    """One batch dict in the official layout (bytes keys, uint8 data, list-of-int labels)."""
+    data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+    data[:, CONST_COL] = CONST_VALUE
+    labels = [int(v) for v in rng.permutation(np.arange(n) % 10)]  # every class present
+    return {b"batch_label": label.encode(), b"labels": labels, b"data": data,
+            b"filenames": [f"img_{label}_{i}.png".encode() for i in range(n)]}
+
+
+def write_pickle(path, obj, protocol):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=protocol)
+
+
+def make_archive(folder, archive):
+    """cifar-10-python.tar.gz holding folder/ under its own name, like the official archive."""
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    return archive
+
+
+@pytest.fixture(scope="session")
+def cifar_tiny_dir(tmp_path_factory):
+    """A tiny CIFAR-10 in the real format. Read-only for tests: copy it before changing anything.
+
+    Returns a namespace: root (holds both the folder and the archive), batches (the
+    cifar-10-batches-py folder), archive, md5 (the archive's), and the raw uint8 arrays
+    train_X / train_y (data_batch_1..5 concatenated in file order) and test_X / test_y.
+    """
+    root = tmp_path_factory.mktemp("cifar_tiny")
+    batches = root / "cifar-10-batches-py"
+    batches.mkdir()
+    r = np.random.default_rng(123)
+    raw = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        raw[name] = tiny_batch(r, N_PER_BATCH, name)
+        write_pickle(batches / name, raw[name], PROTOCOLS[name])
+    meta = {b"label_names": [c.encode() for c in ("airplane", "automobile", "bird", "cat", "deer",
+                                                   "dog", "frog", "horse", "ship", "truck")],
+            b"num_cases_per_batch": N_PER_BATCH, b"num_vis": 3072}
+    write_pickle(batches / "batches.meta", meta, PROTOCOLS["batches.meta"])
+    archive = make_archive(batches, root / "cifar-10-python.tar.gz")
+    train = [raw[f"data_batch_{i}"] for i in range(1, 6)]
+    return types.SimpleNamespace(
+        root=root, batches=batches, archive=archive,
+        md5=hashlib.md5(archive.read_bytes()).hexdigest(),
+        train_X=np.concatenate([b[b"data"] for b in train]),
+        train_y=np.concatenate([b[b"labels"] for b in train]).astype(np.int64),
+        test_X=raw["test_batch"][b"data"],
+        test_y=np.asarray(raw["test_batch"][b"labels"], dtype=np.int64),
+    )
