@@ -2,6 +2,7 @@
 and the TrainConfig flags. Scripts are run as `python scripts/NAME.py`, so this imports as `_common`.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -93,6 +94,22 @@ def emit(summary, args, text):
     print(json.dumps(summary, default=float) if args.json else text, flush=True)
 
 
+@contextlib.contextmanager
+def trial_bar(total, desc):
+    """A tqdm bar on stderr; yields progress(n_complete) for search.phases.run_phase."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="trial", leave=False)
+
+    def progress(n):
+        bar.n = min(n, total)
+        bar.refresh()
+    try:
+        yield progress
+    finally:
+        bar.close()
+
+
 def single_blas_thread():
     """Pin BLAS to one thread: these GEMMs are too small for two (see DESIGN.md, Speed)."""
     from threadpoolctl import threadpool_limits
@@ -106,6 +123,9 @@ def run(main):
         sys.exit(main())
     except InputError as e:
         fail(str(e))
+    except RuntimeError as e:  # e.g. search.phases.WorkersFailed, model.errors.DivergedError
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: partial results were not written; re-run to resume\n")
         sys.exit(130)

@@ -7,20 +7,16 @@
 Re-running a phase resumes it: it stops once the study holds --n-trials finished trials in total.
 Several shells or machines may run the same command against one --storage.
 """
-import dataclasses
 import time
-
-from tqdm import tqdm
 
 import _common
 from model.data import load_cifar10
-from search.objective import Objective
 from search.phases import (DEFAULT_SAMPLER, DEFAULT_TRIALS, SEARCH_CONFIG, PhaseSpec, coarse_space,
-                           create_or_resume, derive_fine)
+                           make_fine_spec, run_phase)
 from search.report import phase_summary, status_report, status_text, summary_text
-from search.runner import PRUNERS, SAMPLERS, make_pruner, make_sampler, n_finished, run_workers, worker_seed
-from search.space import FINE_MARGIN_DECADES, FINE_TOP_K, lam_space, parse_values, space_from_dict
-from search.study import DEFAULT_STORAGE, GRACE_PERIOD, HEARTBEAT_INTERVAL, load_study, mask_url, open_storage
+from search.runner import PRUNERS, SAMPLERS
+from search.space import FINE_MARGIN_DECADES, FINE_TOP_K, parse_values
+from search.study import DEFAULT_STORAGE, GRACE_PERIOD, HEARTBEAT_INTERVAL, mask_url, open_storage
 
 
 def parse_args(argv=None):
@@ -71,58 +67,17 @@ def check_args(p, args):
 
 
 def build_spec(args, storage):
-    """The PhaseSpec of the requested phase, plus the fine range info (fine phase only)."""
-    config = _common.train_config(args, seed=args.train_seed)
+    """The PhaseSpec of the requested phase, plus the derived fine range (None otherwise)."""
     pruner = args.pruner or ("none" if args.values else "median")
-    common = dict(campaign=args.campaign, phase=args.phase, config=config, pruner=pruner,
-                  repeats=args.repeats, seed=args.seed)
+    common = dict(campaign=args.campaign, config=_common.train_config(args, seed=args.train_seed),
+                  pruner=pruner, repeats=args.repeats, seed=args.seed)
     if args.phase == "coarse":
-        return PhaseSpec(n_trials=args.n_trials or DEFAULT_TRIALS["coarse"],
+        return PhaseSpec(phase="coarse", n_trials=args.n_trials or DEFAULT_TRIALS["coarse"],
                          space=coarse_space(args.low, args.high),
                          sampler=args.sampler or DEFAULT_SAMPLER["coarse"], **common), None
-    if args.values is not None:
-        values = parse_values(args.values)
-        return PhaseSpec(n_trials=args.n_trials or len(values), space=lam_space(values[0], values[-1]),
-                         sampler="grid", grid=tuple(values), **common), None
-    space, info = recorded_fine_range(storage, args) or derive_fine(storage, args.campaign,
-                                                                     args.top_k, args.margin)
-    return PhaseSpec(n_trials=args.n_trials or DEFAULT_TRIALS["fine"], space=space,
-                     sampler=args.sampler or DEFAULT_SAMPLER["fine"], **common), info
-
-
-def recorded_fine_range(storage, args):
-    """On resume, the fine study keeps the range it was started with."""
-    try:
-        fine = load_study(storage, f"{args.campaign}-fine")
-    except _common.InputError:
-        return None
-    info = fine.user_attrs.get("fine_range")
-    return (space_from_dict(fine.user_attrs["space"]), info) if info else None
-
-
-def run_phase(args, storage, spec, data):
-    study = create_or_resume(storage, spec)
-    storage.remove_session()
-    storage.engine.dispose()  # forked workers open their own connections
-    objective = Objective(data, spec.config, spec.space, repeats=spec.repeats)
-    bar = tqdm(total=spec.n_trials, desc=spec.study_name, unit="trial", leave=False)
-
-    def progress():
-        bar.n = min(n_finished(study), spec.n_trials)
-        bar.refresh()
-
-    grid = {"lam": list(spec.grid)} if spec.grid else None
-    progress()
-    codes = run_workers(
-        args.workers, progress=progress, storage_url=args.storage, study_name=spec.study_name,
-        objective=objective, target=spec.n_trials, pruner=make_pruner(spec.pruner, spec.config),
-        make_sampler_for=lambda i, n: make_sampler(spec.sampler, worker_seed(spec.seed, i, n), grid),
-        storage_opts={"heartbeat_interval": args.heartbeat_interval,
-                      "grace_period": args.grace_period})
-    bar.close()
-    if any(codes) or n_finished(study) < spec.n_trials:
-        raise SystemExit(f"error: workers exited with {codes}; re-run the same command to resume")
-    return study
+    values = parse_values(args.values) if args.values is not None else None
+    return make_fine_spec(storage, n_trials=args.n_trials, sampler=args.sampler, values=values,
+                          top_k=args.top_k, margin=args.margin, **common)
 
 
 def main():
@@ -143,9 +98,9 @@ def main():
         spec, info = build_spec(args, storage)
         data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=spec.config.dtype)
     start = time.perf_counter()
-    if info is not None:
-        create_or_resume(storage, spec).set_user_attr("fine_range", info)
-    study = run_phase(args, storage, spec, data)
+    with _common.trial_bar(spec.n_trials, spec.study_name) as progress:
+        study = run_phase(spec, storage, args.storage, data, workers=args.workers,
+                          storage_opts=storage_opts, progress=progress, fine_range=info)
     summary = phase_summary(study, spec, mask_url(args.storage), time.perf_counter() - start)
     _common.emit(summary, args, summary_text(summary))
     return 0

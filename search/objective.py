@@ -51,6 +51,9 @@ class Objective:
         except DivergedError as e:
             trial.set_user_attr("failure", str(e))
             raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("failure", "interrupted (Ctrl-C)")
+            raise
         return history[-1]
 
 

@@ -6,6 +6,8 @@ import optuna
 
 from model.errors import InputError
 from model.train import TrainConfig
+from search.objective import Objective
+from search.runner import make_pruner, make_sampler, n_finished, run_workers, worker_seed
 from search.space import (COARSE_LAM, FINE_MARGIN_DECADES, FINE_TOP_K, fine_range, lam_space,
                           space_from_dict, space_to_dict)
 from search.study import finished_trials, load_study, study_name
@@ -96,3 +98,75 @@ def fine_info(storage, campaign):
     except InputError:
         return None
     return fine.user_attrs.get("fine_range")
+
+
+class WorkersFailed(RuntimeError):
+    """Workers stopped before the phase reached its number of trials."""
+
+
+def make_fine_spec(storage, n_trials=None, sampler=None, values=None, top_k=FINE_TOP_K,
+                   margin=FINE_MARGIN_DECADES, **common):
+    """The fine PhaseSpec and its range info (None when resumed or given --values).
+
+    common: campaign, config, pruner, repeats, seed (as PhaseSpec). With values, a grid over them;
+    else the range recorded by an earlier run of this fine study, else one derived from coarse.
+    """
+    if values:
+        return PhaseSpec(phase="fine", n_trials=n_trials or len(values),
+                         space=lam_space(values[0], values[-1]), sampler="grid", grid=tuple(values),
+                         **common), None
+    recorded = fine_info(storage, common["campaign"])
+    if recorded:
+        space, info = lam_space(recorded["low"], recorded["high"]), None
+    else:
+        space, info = derive_fine(storage, common["campaign"], top_k, margin)
+    return PhaseSpec(phase="fine", n_trials=n_trials or DEFAULT_TRIALS["fine"], space=space,
+                     sampler=sampler or DEFAULT_SAMPLER["fine"], **common), info
+
+
+def run_phase(spec, storage, storage_url, data, workers=1, storage_opts=None, progress=None,
+              fine_range=None):
+    """Run (or resume) the phase until its study holds spec.n_trials complete trials.
+
+    The study is created here, before any worker starts (concurrent creation races). progress:
+    optional callable(n_complete) for a progress bar. Returns the study.
+    """
+    study = create_or_resume(storage, spec)
+    if fine_range:
+        study.set_user_attr("fine_range", fine_range)
+    storage.remove_session()
+    storage.engine.dispose()  # forked workers must open their own connections
+    grid = {"lam": list(spec.grid)} if spec.grid else None
+    codes = run_workers(
+        workers, progress=(lambda: progress(n_finished(study))) if progress else None,
+        storage_url=storage_url, study_name=spec.study_name,
+        objective=Objective(data, spec.config, spec.space, repeats=spec.repeats),
+        target=spec.n_trials, pruner=make_pruner(spec.pruner, spec.config),
+        make_sampler_for=lambda i, n: make_sampler(spec.sampler, worker_seed(spec.seed, i, n), grid),
+        storage_opts=storage_opts)
+    if any(codes) or n_finished(study) < spec.n_trials:
+        raise WorkersFailed(f"{spec.study_name}: workers exited with codes {codes} before "
+                            f"{spec.n_trials} complete trials; re-run the same command to resume")
+    return study
+
+
+def best_lam(storage, campaign):
+    """(λ, source) of the campaign's best trial: the fine study's, else the coarse study's.
+
+    source = {"study", "trial", "val_acc", "phase"}. InputError for an unknown campaign or one
+    without a complete trial.
+    """
+    names = set(optuna.get_all_study_names(storage))
+    for phase in ("fine", "coarse"):
+        name = study_name(campaign, phase)
+        if name not in names:
+            continue
+        done = finished_trials(optuna.load_study(study_name=name, storage=storage))
+        if done:
+            return done[0].params["lam"], {"study": name, "phase": phase,
+                                           "trial": done[0].number, "val_acc": done[0].value}
+    if not any(study_name(campaign, ph) in names for ph in ("fine", "coarse")):
+        raise InputError(f"no campaign {campaign!r} in the storage; run scripts/search.py coarse "
+                         "--campaign NAME first, or pass --lam")
+    raise InputError(f"campaign {campaign!r} has no complete trial yet; run or resume its search "
+                     "first, or pass --lam")

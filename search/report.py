@@ -18,7 +18,13 @@ def trial_row(t):
             "val_acc": t.value if t.state == TrialState.COMPLETE else None,
             "val_acc_std": attrs.get("val_acc_std"), "val_loss": attrs.get("val_loss"),
             "train_acc": attrs.get("train_acc"), "seconds": attrs.get("seconds"),
-            "retry_of": retried_from(t), "failure": attrs.get("failure")}
+            "retry_of": retried_from(t), "failure": attrs.get("failure") or _fail_reason(t)}
+
+
+def _fail_reason(t):
+    if t.state == TrialState.FAIL:
+        return "worker stopped (killed)"
+    return None
 
 
 def best_row(study):

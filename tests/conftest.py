@@ -75,8 +75,11 @@ def tiny_batch(rng, n, label):
 
 
 def write_pickle(path, obj, protocol):
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=protocol)
+    raw = pickle.dumps(obj, protocol=protocol)
+    if protocol == 2:
+        # the official files were written before numpy 2: their arrays name numpy.core.multiarray
+        raw = raw.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    Path(path).write_bytes(raw)
 
 
 def make_archive(folder, archive):

@@ -1,0 +1,412 @@
+"""CIFAR-10 loading on a tiny copy in the real format: split, normalisation, and hostile input."""
+import io
+import os
+import pickle
+import shutil
+import subprocess
+import tarfile
+
+import numpy as np
+import pytest
+
+from conftest import CONST_COL, CONST_VALUE, N_PER_BATCH, make_archive, tiny_batch, write_pickle
+from model.data import (BATCHES_DIR, download, extract_archive, file_md5, load_batch, load_cifar10,
+                        resolve_batches_dir, train_stats)
+from model.errors import DataError
+
+N_VAL = 20
+N_TRAIN = 5 * N_PER_BATCH - N_VAL
+
+
+def copy_batches(cifar, tmp_path):
+    dest = tmp_path / "copy" / BATCHES_DIR
+    shutil.copytree(cifar.batches, dest)
+    return dest
+
+
+def expected_split(cifar, n_val=N_VAL):
+    """The split and normalisation computed independently: float64, two-pass numpy statistics."""
+    n_train = len(cifar.train_y) - n_val
+    train = cifar.train_X[:n_train] / 255.0
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    std[std < 1e-6] = 1.0
+    norm = lambda X: (X / 255.0 - mean) / std  # noqa: E731
+    return {"train": (norm(cifar.train_X[:n_train]), cifar.train_y[:n_train]),
+            "val": (norm(cifar.train_X[n_train:]), cifar.train_y[n_train:]),
+            "test": (norm(cifar.test_X), cifar.test_y)}
+
+
+def non_constant(X):
+    return np.delete(X, CONST_COL, axis=1)
+
+
+# ---- loading a good data set ----------------------------------------------------------------------
+
+def test_load_from_the_batches_folder(cifar_tiny_dir, tmp_path):
+    ds = load_cifar10(cifar_tiny_dir.batches, n_val=N_VAL, dtype="float64", cache_dir=tmp_path)
+    assert ds.source == str(cifar_tiny_dir.batches)
+    # sizes: data_batch_1..5 minus the last n_val for validation; test = test_batch
+    assert (len(ds.train.y), len(ds.val.y), len(ds.test.y)) == (N_TRAIN, N_VAL, N_PER_BATCH)
+    expected = expected_split(cifar_tiny_dir)
+    for name in ("train", "val", "test"):
+        split = getattr(ds, name)
+        X, y = expected[name]
+        assert split.X.shape == (len(y), 3072) and split.X.flags["C_CONTIGUOUS"]
+        assert split.y.dtype == np.int64
+        np.testing.assert_array_equal(split.y, y)  # labels kept in file order, no shuffling
+        # val and test are normalised with the *training* mean and std (float64 round-off only)
+        np.testing.assert_allclose(non_constant(split.X), non_constant(X), rtol=0, atol=1e-9,
+                                   err_msg=name)
+    assert list(tmp_path.iterdir()) == []  # a folder source never touches the cache
+
+
+def test_train_split_is_standardised_and_constant_pixel_is_finite(cifar_tiny_dir, tmp_path):
+    ds = load_cifar10(cifar_tiny_dir.batches, n_val=N_VAL, dtype="float64", cache_dir=tmp_path)
+    X = ds.train.X
+    # every non-constant dimension of the training split has mean 0 and std 1
+    np.testing.assert_allclose(non_constant(X).mean(axis=0), 0.0, atol=1e-10)
+    np.testing.assert_allclose(non_constant(X).std(axis=0), 1.0, atol=1e-10)
+    # the constant pixel (std 0) gives ~0 everywhere, never NaN or inf, in all three splits
+    for split in (ds.train, ds.val, ds.test):
+        assert np.isfinite(split.X).all()
+        assert np.abs(split.X[:, CONST_COL]).max() < 1e-6
+    # the val split really differs from the train distribution's own normalisation: it is *not*
+    # re-standardised with its own statistics (which would give exactly mean 0 per dimension)
+    assert np.abs(non_constant(ds.val.X).mean(axis=0)).max() > 0.1
+
+
+def test_constant_pixel_in_the_fixture(cifar_tiny_dir):
+    # guards the test above: the fixture really has one constant and no other constant column
+    assert (cifar_tiny_dir.train_X[:, CONST_COL] == CONST_VALUE).all()
+    assert (non_constant(cifar_tiny_dir.train_X).std(axis=0) > 0).all()
+
+
+@pytest.mark.xfail(strict=True, reason="model/data.py:276 one-pass variance s2/n − mean² leaves "
+                   "a constant pixel with std ~1e-8 instead of 0, so the std-0 rule (divide by 1) "
+                   "is skipped")
+def test_train_stats_std_zero_rule_is_exact():
+    # the module docstring: "a dimension with std 0 is divided by 1 instead"
+    rng = np.random.default_rng(0)
+    for n in (40, 180, 10000):
+        X = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        for v in (1, 77, 128, 200, 255):
+            X[:, CONST_COL] = v
+            assert train_stats(X)[1][CONST_COL] == 1.0, (n, v)
+
+
+def test_default_dtype_is_float32(cifar_tiny_dir, tmp_path):
+    ds = load_cifar10(cifar_tiny_dir.batches, n_val=N_VAL, cache_dir=tmp_path)
+    assert ds.train.X.dtype == ds.val.X.dtype == ds.test.X.dtype == np.float32
+    ref = load_cifar10(cifar_tiny_dir.batches, n_val=N_VAL, dtype="float64", cache_dir=tmp_path)
+    np.testing.assert_allclose(ds.train.X, ref.train.X, rtol=1e-6, atol=1e-6)  # float32 rounding
+
+
+def test_val_is_the_tail_of_data_batch_5(cifar_tiny_dir, tmp_path):
+    ds = load_cifar10(cifar_tiny_dir.batches, n_val=N_PER_BATCH, cache_dir=tmp_path)
+    # n_val = one batch: validation is exactly data_batch_5, training is data_batch_1..4
+    np.testing.assert_array_equal(ds.val.y, cifar_tiny_dir.train_y[-N_PER_BATCH:])
+    np.testing.assert_array_equal(ds.train.y, cifar_tiny_dir.train_y[:-N_PER_BATCH])
+
+
+@pytest.mark.parametrize("n_val", [0, -1, 5 * N_PER_BATCH, 10**6])
+def test_bad_n_val(cifar_tiny_dir, tmp_path, n_val):
+    with pytest.raises(DataError, match="n_val"):
+        load_cifar10(cifar_tiny_dir.batches, n_val=n_val, cache_dir=tmp_path)
+
+
+def test_load_from_the_parent_folder(cifar_tiny_dir, tmp_path):
+    a = load_cifar10(cifar_tiny_dir.root, n_val=N_VAL, cache_dir=tmp_path)
+    b = load_cifar10(cifar_tiny_dir.batches, n_val=N_VAL, cache_dir=tmp_path)
+    assert a.source == str(cifar_tiny_dir.batches)  # found the batches folder inside
+    np.testing.assert_array_equal(a.train.X, b.train.X)
+
+
+def test_load_from_the_archive(cifar_tiny_dir, tmp_path):
+    cache = tmp_path / "cache"
+    ds = load_cifar10(cifar_tiny_dir.archive, n_val=N_VAL, cache_dir=cache)
+    ref = load_cifar10(cifar_tiny_dir.batches, n_val=N_VAL, cache_dir=tmp_path / "unused")
+    # extracted under cache/<md5>/ and read back to the very same arrays
+    assert ds.source == str(cache / cifar_tiny_dir.md5 / BATCHES_DIR)
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(getattr(ds, name).X, getattr(ref, name).X)
+        np.testing.assert_array_equal(getattr(ds, name).y, getattr(ref, name).y)
+    assert sorted(p.name for p in cache.iterdir()) == [cifar_tiny_dir.md5]  # no temp folder left
+    # a second load reuses the extraction
+    mtime = (cache / cifar_tiny_dir.md5 / BATCHES_DIR / "data_batch_1").stat().st_mtime_ns
+    load_cifar10(cifar_tiny_dir.archive, n_val=N_VAL, cache_dir=cache)
+    assert (cache / cifar_tiny_dir.md5 / BATCHES_DIR / "data_batch_1").stat().st_mtime_ns == mtime
+
+
+def test_load_from_a_folder_holding_only_the_archive(cifar_tiny_dir, tmp_path):
+    folder = tmp_path / "dl"
+    folder.mkdir()
+    shutil.copy(cifar_tiny_dir.archive, folder)
+    ds = load_cifar10(folder, n_val=N_VAL, cache_dir=tmp_path / "cache")
+    assert len(ds.train.y) == N_TRAIN
+
+
+def test_data_dir_from_the_environment(cifar_tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_DIR", str(cifar_tiny_dir.batches))
+    assert load_cifar10(None, n_val=N_VAL, cache_dir=tmp_path).source == str(cifar_tiny_dir.batches)
+
+
+# ---- missing, empty, truncated, corrupt --------------------------------------------------------------
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_cifar10(tmp_path / "nope", cache_dir=tmp_path)
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no CIFAR-10 batches"):
+        load_cifar10(tmp_path / "empty", cache_dir=tmp_path / "cache")
+
+
+def test_missing_test_batch(cifar_tiny_dir, tmp_path):
+    folder = copy_batches(cifar_tiny_dir, tmp_path)
+    (folder / "test_batch").unlink()
+    with pytest.raises(DataError, match="test_batch"):
+        load_cifar10(folder, n_val=N_VAL, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["half", "empty", "garbage", "one byte"])
+def test_truncated_or_corrupt_batch_file(cifar_tiny_dir, tmp_path, damage):
+    folder = copy_batches(cifar_tiny_dir, tmp_path)
+    path = folder / "data_batch_3"
+    raw = path.read_bytes()
+    path.write_bytes({"half": raw[:len(raw) // 2], "empty": b"", "garbage": os.urandom(5000),
+                      "one byte": raw[:1]}[damage])
+    with pytest.raises(DataError, match="data_batch_3"):  # the message names the bad file
+        load_cifar10(folder, n_val=N_VAL, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("content", [
+    [1, 2, 3],                                                           # not a dict
+    {b"labels": [0]},                                                    # no data
+    {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]},            # labels ≠ rows
+    {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]},        # label out of range
+    {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, -1]},        # negative label
+    {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]},          # wrong width
+    {b"data": np.zeros((2, 3072), np.float64), b"labels": [0, 1]},       # wrong dtype
+    {b"data": np.zeros((0, 3072), np.uint8), b"labels": []},             # empty
+    {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]},           # str keys
+], ids=["list", "no-data", "short-labels", "label-10", "label-neg", "width", "dtype", "empty",
+        "str-keys"])
+def test_well_formed_pickle_that_is_not_a_batch(tmp_path, content):
+    write_pickle(tmp_path / "b", content, 4)
+    with pytest.raises(DataError, match="not a CIFAR-10 batch"):
+        load_batch(tmp_path / "b")
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="model/data.py:90-107: _batch_arrays runs outside load_batch's try and "
+                   "y.min() on non-numeric labels raises numpy's UFuncTypeError, not DataError")
+def test_non_numeric_labels_are_a_data_error(tmp_path):
+    write_pickle(tmp_path / "b", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [b"a", b"b"]}, 4)
+    with pytest.raises(DataError):
+        load_batch(tmp_path / "b")
+
+
+def test_load_batch_on_a_real_batch(cifar_tiny_dir):
+    # protocol 2 with numpy.core names (data_batch_1), 4 and 5 all read back exactly
+    assert b"cnumpy.core.multiarray\n" in (cifar_tiny_dir.batches / "data_batch_1").read_bytes()
+    for k, name in [(0, "data_batch_1"), (1, "data_batch_2"), (4, "data_batch_5")]:
+        X, y = load_batch(cifar_tiny_dir.batches / name)
+        rows = slice(k * N_PER_BATCH, (k + 1) * N_PER_BATCH)
+        np.testing.assert_array_equal(X, cifar_tiny_dir.train_X[rows])
+        np.testing.assert_array_equal(y, cifar_tiny_dir.train_y[rows])
+        assert X.dtype == np.uint8 and y.dtype == np.int64
+
+
+# ---- hostile pickles ------------------------------------------------------------------------------
+
+class Reduce:
+    """An object that unpickles as func(*args): the classic pickle code-execution payload."""
+
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def hostile_payloads(marker):
+    touch = f"touch {marker}"
+    good = tiny_batch(np.random.default_rng(0), 4, "x")
+    return {
+        "os.system": Reduce(os.system, (touch,)),
+        "builtins.eval": Reduce(eval, (f"__import__('os').system({touch!r})",)),
+        "subprocess.Popen": Reduce(subprocess.Popen, (["touch", str(marker)],)),
+        "nested-in-data-dict": {**good, b"filenames": [b"a", Reduce(os.system, (touch,))]},
+        "as-a-label": {**good, b"labels": [0, 1, 2, Reduce(os.system, (touch,))]},
+    }
+
+
+PAYLOADS = ["os.system", "builtins.eval", "subprocess.Popen", "nested-in-data-dict", "as-a-label"]
+
+
+def unpickle_unsafely(raw):
+    obj = pickle.loads(raw)  # noqa: S301 -- the control: what a plain pickle.load would do
+    if isinstance(obj, subprocess.Popen):
+        obj.wait()
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_hostile_payloads_are_real(tmp_path, payload):
+    """Control: unpickled with plain pickle, each payload does run its command."""
+    marker = tmp_path / "MARKER"
+    unpickle_unsafely(pickle.dumps(hostile_payloads(marker)[payload], protocol=4))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_hostile_pickle_is_refused_and_not_executed(tmp_path, payload, protocol):
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps(hostile_payloads(marker)[payload], protocol=protocol))
+    with pytest.raises(DataError, match="data_batch_1"):
+        load_batch(path)
+    assert not marker.exists()  # the refusal came before any of it ran
+
+
+def test_hostile_batch_inside_a_data_set(cifar_tiny_dir, tmp_path):
+    folder = copy_batches(cifar_tiny_dir, tmp_path)
+    marker = tmp_path / "MARKER"
+    write_pickle(folder / "data_batch_4", hostile_payloads(marker)["nested-in-data-dict"], 2)
+    with pytest.raises(DataError, match="data_batch_4"):
+        load_cifar10(folder, n_val=N_VAL, cache_dir=tmp_path)
+    assert not marker.exists()
+
+
+# ---- archives ---------------------------------------------------------------------------------------
+
+def add_bytes(tar, name, data=b"evil", **attrs):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    for k, v in attrs.items():
+        setattr(info, k, v)
+    tar.addfile(info, io.BytesIO(data) if attrs.get("type", tarfile.REGTYPE) == tarfile.REGTYPE
+                else None)
+
+
+def hostile_archive(cifar, path, add):
+    """The valid tiny archive's members plus whatever add(tar) appends."""
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(cifar.batches, arcname=BATCHES_DIR)
+        add(tar)
+    return path
+
+
+def nothing_extracted(cache):
+    return not cache.exists() or list(cache.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink"])
+def test_unsafe_archive_members_are_refused(cifar_tiny_dir, tmp_path, kind):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    cache = tmp_path / "cache"
+
+    def add(tar):
+        if kind == "dotdot":  # cache/<tmp>/../evil and further up
+            add_bytes(tar, "../evil")
+            add_bytes(tar, f"{BATCHES_DIR}/../../../outside/evil")
+        elif kind == "absolute":
+            add_bytes(tar, str(outside / "evil"))
+        elif kind == "symlink":  # a link out of the tree, then a file written through it
+            add_bytes(tar, f"{BATCHES_DIR}/escape", b"", type=tarfile.SYMTYPE, linkname=str(outside))
+            add_bytes(tar, f"{BATCHES_DIR}/escape/evil")
+        else:
+            add_bytes(tar, f"{BATCHES_DIR}/evil", b"", type=tarfile.LNKTYPE,
+                      linkname=str(outside / "target"))
+
+    archive = hostile_archive(cifar_tiny_dir, tmp_path / "cifar-10-python.tar.gz", add)
+    with pytest.raises(DataError, match="unsafe"):
+        extract_archive(archive, cache)
+    # nothing anywhere: no evil file in or outside the cache, no half-extracted folder
+    assert list(tmp_path.rglob("evil")) == []
+    assert list(outside.iterdir()) == []
+    assert nothing_extracted(cache)
+
+
+def test_extract_archive_wrong_md5(cifar_tiny_dir, tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="checksum"):
+        extract_archive(cifar_tiny_dir.archive, cache, expected_md5="0" * 32)
+    assert nothing_extracted(cache)
+
+
+def test_extract_archive_right_md5(cifar_tiny_dir, tmp_path):
+    folder = extract_archive(cifar_tiny_dir.archive, tmp_path, expected_md5=cifar_tiny_dir.md5)
+    assert folder == tmp_path / cifar_tiny_dir.md5 / BATCHES_DIR
+    assert file_md5(folder / "data_batch_1") == file_md5(cifar_tiny_dir.batches / "data_batch_1")
+
+
+def test_archive_md5_from_the_environment(cifar_tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_MD5", "f" * 32)
+    with pytest.raises(DataError, match="checksum"):
+        load_cifar10(cifar_tiny_dir.archive, cache_dir=tmp_path / "cache")
+    assert nothing_extracted(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("content", ["not-gzip", "no-batches-folder"])
+def test_archive_that_is_not_cifar(tmp_path, content):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    if content == "not-gzip":
+        archive.write_bytes(os.urandom(2000))
+    else:
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "readme.txt").write_text("hello")
+        make_archive(tmp_path / "other", archive)
+    with pytest.raises(DataError):
+        extract_archive(archive, tmp_path / "cache")
+    assert nothing_extracted(tmp_path / "cache")
+
+
+# ---- download ---------------------------------------------------------------------------------------
+
+def test_download_from_a_file_url(cifar_tiny_dir, tmp_path):
+    dest = tmp_path / "dl" / "cifar-10-python.tar.gz"
+    got = download(cifar_tiny_dir.archive.as_uri(), dest, cifar_tiny_dir.md5)
+    assert got == dest and file_md5(dest) == cifar_tiny_dir.md5  # the bytes arrived intact
+    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]  # no .part left
+
+
+def test_download_with_a_wrong_md5_leaves_nothing(cifar_tiny_dir, tmp_path):
+    dest = tmp_path / "dl" / "cifar-10-python.tar.gz"
+    with pytest.raises(DataError, match="checksum mismatch"):
+        download(cifar_tiny_dir.archive.as_uri(), dest, "0" * 32)
+    assert not dest.exists()
+    assert not dest.with_name(dest.name + ".part").exists()
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_download_of_a_missing_url_leaves_nothing(tmp_path):
+    dest = tmp_path / "dl" / "cifar-10-python.tar.gz"
+    with pytest.raises(DataError, match="cannot download"):
+        download((tmp_path / "nope.tar.gz").as_uri(), dest, "0" * 32)
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_no_source_downloads_checks_and_extracts(cifar_tiny_dir, tmp_path, monkeypatch):
+    """With no --data-dir and no $CIFAR10_DIR the archive is fetched from $CIFAR10_URL."""
+    monkeypatch.setenv("CIFAR10_URL", cifar_tiny_dir.archive.as_uri())
+    monkeypatch.setenv("CIFAR10_MD5", cifar_tiny_dir.md5)
+    cache = tmp_path / "cache"
+    folder = resolve_batches_dir(None, cache)
+    assert folder == cache / cifar_tiny_dir.md5 / BATCHES_DIR
+    ds = load_cifar10(None, n_val=N_VAL, cache_dir=cache)
+    assert len(ds.test.y) == N_PER_BATCH
+    # a second run finds the extraction and needs no network: a dead URL does not matter
+    monkeypatch.setenv("CIFAR10_URL", (tmp_path / "gone.tar.gz").as_uri())
+    assert resolve_batches_dir(None, cache) == folder
+
+
+def test_no_source_with_a_bad_checksum_extracts_nothing(cifar_tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_URL", cifar_tiny_dir.archive.as_uri())
+    monkeypatch.setenv("CIFAR10_MD5", "0" * 32)
+    with pytest.raises(DataError, match="checksum mismatch"):
+        resolve_batches_dir(None, tmp_path / "cache")
+    assert list((tmp_path / "cache").rglob("*")) == []
