@@ -1,4 +1,5 @@
 """Saving results: params as .npz, everything else as JSON, each file written atomically."""
+import dataclasses
 import json
 import shutil
 import os
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.curves import training_figures
 from model.errors import InputError
 from model.network import PARAM_KEYS
 
@@ -85,3 +87,20 @@ def publish_dir(path, write):
 
 def _rmtree(p):
     shutil.rmtree(p, ignore_errors=True)
+
+
+def save_run(folder, config, metrics, runs, extra_config=None):
+    """Write a results folder: config.json, metrics.json, per run params<tag>.npz and
+    history<tag>.json, and the figures (cost, loss, accuracy, lr .png) of the first run.
+
+    runs: list of (tag, params, history); tag "" for a single run, "_seed1" etc. for several.
+    """
+    save_json(folder / "config.json", {**dataclasses.asdict(config), **(extra_config or {})})
+    save_json(folder / "metrics.json", metrics)
+    for tag, params, history in runs:
+        save_params(folder / f"params{tag}.npz", params)
+        save_json(folder / f"history{tag}.json", history)
+    _, _, history = runs[0]
+    suffix = f" — λ={config.lam:.3g}" + (f", seed {config.seed}" if len(runs) > 1 else "")
+    for name, fig in training_figures(history, config, suffix).items():
+        fig.savefig(folder / f"{name}.png")

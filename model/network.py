@@ -23,8 +23,9 @@ def init_params(D, m, K, rng, dtype=np.float32):
 
 
 def l2_penalty(params, lam):
-    """λ(‖W1‖² + ‖W2‖²), summed in float64."""
-    return lam * sum(float(np.sum(np.square(params[k], dtype=np.float64))) for k in WEIGHT_KEYS)
+    """λ(‖W1‖² + ‖W2‖²), summed in at least float64 (in the weights' dtype if wider)."""
+    acc = np.result_type(params["W1"].dtype, np.float64)
+    return lam * sum(np.sum(np.square(params[k], dtype=acc)) for k in WEIGHT_KEYS)
 
 
 def scores(params, X):

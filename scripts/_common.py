@@ -14,8 +14,9 @@ from pathlib import Path
 _SCRIPTS = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _SCRIPTS]
 
-from model.errors import InputError  # noqa: E402
+from model.errors import DivergedError, InputError  # noqa: E402
 from model.train import TrainConfig  # noqa: E402
+from search.phases import WorkersFailed  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 
@@ -123,7 +124,7 @@ def run(main):
         sys.exit(main())
     except InputError as e:
         fail(str(e))
-    except RuntimeError as e:  # e.g. search.phases.WorkersFailed, model.errors.DivergedError
+    except (WorkersFailed, DivergedError) as e:  # not the input's fault: exit 1, still one line
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
     except KeyboardInterrupt:

@@ -10,8 +10,7 @@ import time
 import numpy as np
 
 import _common
-from model.checkpoint import check_out_dir, publish_dir, save_json, save_params
-from model.curves import training_figures
+from model.checkpoint import check_out_dir, publish_dir, save_run
 from model.data import load_cifar10
 from model.train import evaluate, new_params, train
 
@@ -23,15 +22,6 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="results folder (default studies/runs/lam<λ>-seed<seed>)")
     _common.add_common_args(p)
     return p.parse_args(argv)
-
-
-def write_run(folder, params, config, history, metrics, data_source):
-    save_params(folder / "params.npz", params)
-    save_json(folder / "config.json", {**config.__dict__, "data": data_source})
-    save_json(folder / "history.json", history)
-    save_json(folder / "metrics.json", metrics)
-    for name, fig in training_figures(history, config, f" — λ={config.lam:g}").items():
-        fig.savefig(folder / f"{name}.png")
 
 
 def main():
@@ -52,7 +42,8 @@ def main():
     metrics = {"lam": config.lam, "train_acc": last["train"]["acc"], "val_acc": last["val"]["acc"],
                "test_acc": test["acc"], "test_loss": test["loss"], "test_cost": test["cost"],
                "steps": config.total_steps, "seconds": round(seconds, 2)}
-    publish_dir(out, lambda folder: write_run(folder, params, config, history, metrics, data.source))
+    publish_dir(out, lambda folder: save_run(folder, config, metrics, [("", params, history)],
+                                                     {"data": data.source}))
     summary = {**metrics, "out": str(out)}
     _common.emit(summary, args,
                  f"λ={config.lam:g}: train acc {metrics['train_acc']:.4f}, val acc "

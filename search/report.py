@@ -3,10 +3,9 @@ import logging
 
 from optuna.trial import TrialState
 
-from model.errors import InputError
 from search.runner import SURPLUS
 from search.space import on_border, space_from_dict
-from search.study import PHASES, campaigns, finished_trials, retried_from, study_name
+from search.study import campaign_studies, finished_trials, retried_from
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +64,9 @@ def study_report(study):
 
 
 def status_report(storage, campaign):
-    """{"studies": [...]} for the campaign's phases present in storage; InputError if none."""
-    import optuna
-
-    names = set(optuna.get_all_study_names(storage))
-    wanted = [study_name(campaign, ph) for ph in PHASES if study_name(campaign, ph) in names]
-    if not wanted:
-        have = ", ".join(campaigns(storage)) or "none"
-        raise InputError(f"no campaign {campaign!r} in the storage (campaigns: {have}); "
-                         "check --campaign or --storage")
-    return {"campaign": campaign, "studies": [
-        study_report(optuna.load_study(study_name=n, storage=storage)) for n in wanted]}
+    """{"campaign", "studies": [study_report, ...]}; InputError for an unknown campaign."""
+    return {"campaign": campaign,
+            "studies": [study_report(s) for s in campaign_studies(storage, campaign)]}
 
 
 def _fmt(x, spec):

@@ -102,6 +102,17 @@ def load_study(storage, name, sampler=None, pruner=None):
     return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
 
 
+def campaign_studies(storage, campaign):
+    """The campaign's phase studies present in storage (coarse first); InputError if none."""
+    names = set(optuna.get_all_study_names(storage))
+    wanted = [study_name(campaign, ph) for ph in PHASES if study_name(campaign, ph) in names]
+    if not wanted:
+        have = ", ".join(campaigns(storage)) or "none"
+        raise InputError(f"no campaign {campaign!r} in the storage (campaigns: {have}); "
+                         "check --campaign or --storage")
+    return [optuna.load_study(study_name=n, storage=storage) for n in wanted]
+
+
 def campaigns(storage):
     """Campaign names that have at least one phase study in the storage."""
     names = optuna.get_all_study_names(storage)

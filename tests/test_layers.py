@@ -64,6 +64,12 @@ def test_relu_backward_matches_centred_differences(rng):
     np.testing.assert_array_equal(out, np.maximum(x, 0))
 
 
+def test_relu_gradient_at_zero_is_zero():
+    # the subgradient convention at the kink is 0, as in the fused step (dH *= H > 0)
+    x = np.array([[-1.0, 0.0, 2.0]])
+    np.testing.assert_array_equal(relu_backward(np.ones_like(x), relu_forward(x)[1]), [[0.0, 0.0, 1.0]])
+
+
 def test_softmax_cross_entropy_gradient_matches_centred_differences(rng):
     scores, y = rng.standard_normal((5, 10)), rng.integers(0, 10, 5)
     _, dscores = softmax_cross_entropy(scores, y)

@@ -1,0 +1,67 @@
+"""Write a campaign's dashboard page, or serve optuna-dashboard on the same storage.
+
+    python scripts/dashboard.py [--campaign cifar10] [--out studies/cifar10/dashboard.html]
+    python scripts/dashboard.py --serve [--port 8080]
+
+The page is self-contained (plotly.js inlined, opens offline): for the coarse and fine studies,
+Optuna's optimization history, λ slice, intermediate values, EDF, timeline and a trials table;
+the derived fine range; the final run's curves and test accuracy. Re-running refreshes it.
+"""
+from pathlib import Path
+
+import _common
+from model.errors import InputError
+from search.final import read_final
+from search.plots import dashboard_html
+from search.study import DEFAULT_STORAGE, campaign_studies, mask_url, open_storage
+
+
+def parse_args(argv=None):
+    p = _common.Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--campaign", default="cifar10", help="the campaign to show")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="SQLAlchemy URL of the storage")
+    p.add_argument("--out", default=None, help="page path (default studies/<campaign>/dashboard.html)")
+    p.add_argument("--final-dir", default=None, help="final results (default studies/<campaign>/final)")
+    p.add_argument("--serve", action="store_true", help="start optuna-dashboard instead")
+    p.add_argument("--host", default="127.0.0.1", help="--serve: address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8080, help="--serve: port")
+    _common.add_common_args(p)
+    return p.parse_args(argv)
+
+
+def serve(args, storage):
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        raise InputError("optuna-dashboard is not installed: pip install "
+                         "'clr-lambda-search[dashboard]' (or use the page without --serve)") from None
+    print(f"optuna-dashboard on http://{args.host}:{args.port}/ for {mask_url(args.storage)} "
+          "(Ctrl-C stops)", flush=True)
+    run_server(storage, host=args.host, port=args.port)
+    return 0
+
+
+def main():
+    args = parse_args()
+    _common.setup_logging(args)
+    storage = open_storage(args.storage, create=False)
+    if args.serve:
+        return serve(args, storage)
+    out = Path(args.out or f"studies/{args.campaign}/dashboard.html")
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; name an .html file")
+    studies = campaign_studies(storage, args.campaign)
+    final = read_final(args.final_dir or f"studies/{args.campaign}/final")
+    page = dashboard_html(args.campaign, mask_url(args.storage), studies, final)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    _common.emit({"out": str(out), "studies": [s.study_name for s in studies],
+                  "final": bool(final), "figures": page.count('class="plotly-graph-div"')}, args,
+                 f"dashboard -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    _common.run(main)

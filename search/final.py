@@ -1,0 +1,77 @@
+"""The final run: train the chosen λ with the final protocol for several seeds, test once each."""
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from model.checkpoint import load_json, publish_dir, save_run
+from model.schedule import step_size
+from model.train import TrainConfig, evaluate, new_params, train
+
+log = logging.getLogger(__name__)
+
+
+def final_config(lam, n_train, base=TrainConfig()):
+    """The report's final protocol for λ: n_s = 2·⌊n_train / n_batch⌋ (980 on 49k), 3 cycles."""
+    return dataclasses.replace(base, lam=lam, n_s=step_size(n_train, base.n_batch))
+
+
+def run_seeds(data, config, seeds):
+    """Train config once per seed; evaluate the test set once, at the end of each run.
+
+    Returns a list of {seed, params, history, train, val, test, seconds}.
+    """
+    runs = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        cfg = dataclasses.replace(config, seed=seed)
+        start = time.perf_counter()
+        params = new_params(cfg, data.train.X.shape[1], int(data.train.y.max()) + 1, rng)
+        params, history = train(params, data, cfg, rng)
+        test = evaluate(params, data.test.X, data.test.y, cfg.lam)
+        runs.append({"seed": seed, "params": params, "history": history,
+                     "train": history[-1]["train"], "val": history[-1]["val"], "test": test,
+                     "seconds": round(time.perf_counter() - start, 2)})
+        log.info("final λ=%.4g seed %d: val acc %.4f, test acc %.4f", cfg.lam, seed,
+                 history[-1]["val"]["acc"], test["acc"])
+    return runs
+
+
+def final_metrics(runs, lam, source):
+    """metrics.json: λ and where it came from, per-seed accuracies, test mean ± std."""
+    test = [r["test"]["acc"] for r in runs]
+    return {
+        "lam": lam, "source": source,
+        "seeds": [{"seed": r["seed"], "train_acc": r["train"]["acc"], "val_acc": r["val"]["acc"],
+                   "test_acc": r["test"]["acc"], "test_loss": r["test"]["loss"],
+                   "seconds": r["seconds"]} for r in runs],
+        "val_acc_mean": float(np.mean([r["val"]["acc"] for r in runs])),
+        "test_acc_mean": float(np.mean(test)), "test_acc_std": float(np.std(test)),
+        "seconds": round(sum(r["seconds"] for r in runs), 2),
+    }
+
+
+def run_final(data, config, seeds, lam, source, out, study=None):
+    """Train and test every seed, publish the results folder `out` (atomically), and record the
+    summary in `study`'s user attrs when given. Returns (metrics, runs)."""
+    runs = run_seeds(data, config, seeds)
+    metrics = final_metrics(runs, lam, source)
+    tagged = [(f"_seed{r['seed']}", r["params"], r["history"]) for r in runs]
+    publish_dir(out, lambda folder: save_run(folder, config, metrics, tagged,
+                                             {"data": data.source, "seeds": list(seeds)}))
+    if study is not None:
+        study.set_user_attr("final", {**metrics, "out": str(out)})
+    return metrics, runs
+
+
+def read_final(folder):
+    """{"metrics", "config", "history" (of the first seed)} of a final results folder, or None."""
+    folder = Path(folder)
+    if not (folder / "metrics.json").is_file():
+        return None
+    metrics = load_json(folder / "metrics.json")
+    first = metrics["seeds"][0]["seed"]
+    return {"metrics": metrics, "config": load_json(folder / "config.json"),
+            "history": load_json(folder / f"history_seed{first}.json")}
