@@ -105,7 +105,7 @@ def final_section(page, final):
     where = f"{src['study']} trial #{src['trial']}" if src.get("study") else "given on the command line"
     page.text(f"<h2>Final run</h2><p class=final>λ = {m['lam']:.4g} ({html.escape(where)}); test "
               f"accuracy <b>{m['test_acc_mean']:.4f} ± {m['test_acc_std']:.4f}</b> ({seeds}); "
-              f"{final["config"]["cycles"]} cycle(s) of n_s = {final['config']['n_s']}</p>")
+              f"{final['config']['cycles']} cycle(s) of n_s = {final['config']['n_s']}</p>")
     page.figures(curve_figures(final["history"], final["config"]))
 
 
