@@ -1,42 +1,65 @@
 """The final run: train the chosen λ with the final protocol for several seeds, test once each."""
 import dataclasses
 import logging
+import multiprocessing
 import time
 from pathlib import Path
 
 import numpy as np
 
 from model.checkpoint import load_json, publish_dir, save_run
-from model.schedule import step_size
-from model.train import TrainConfig, evaluate, new_params, train
+from model.train import evaluate, new_params, train
 
 log = logging.getLogger(__name__)
 
 
-def final_config(lam, n_train, base=TrainConfig()):
-    """The report's final protocol for λ: n_s = 2·⌊n_train / n_batch⌋ (980 on 49k), 3 cycles."""
-    return dataclasses.replace(base, lam=lam, n_s=step_size(n_train, base.n_batch))
-
-
-def run_seeds(data, config, seeds):
+def run_seeds(data, config, seeds, workers=1):
     """Train config once per seed; evaluate the test set once, at the end of each run.
 
-    Returns a list of {seed, params, history, train, val, test, seconds}.
+    With workers > 1 the seeds run in forked processes (sharing the data, one BLAS thread each).
+    Returns a list of {seed, params, history, train, val, test, seconds} in the order of seeds.
     """
-    runs = []
-    for seed in seeds:
-        rng = np.random.default_rng(seed)
-        cfg = dataclasses.replace(config, seed=seed)
-        start = time.perf_counter()
-        params = new_params(cfg, data.train.X.shape[1], int(data.train.y.max()) + 1, rng)
-        params, history = train(params, data, cfg, rng)
-        test = evaluate(params, data.test.X, data.test.y, cfg.lam)
-        runs.append({"seed": seed, "params": params, "history": history,
-                     "train": history[-1]["train"], "val": history[-1]["val"], "test": test,
-                     "seconds": round(time.perf_counter() - start, 2)})
-        log.info("final λ=%.4g seed %d: val acc %.4f, test acc %.4f", cfg.lam, seed,
-                 history[-1]["val"]["acc"], test["acc"])
-    return runs
+    if workers <= 1 or len(seeds) == 1:
+        return [_run_seed(data, config, seed) for seed in seeds]
+    ctx = multiprocessing.get_context("fork")
+    results = {}
+    for start in range(0, len(seeds), workers):
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_seed_worker, args=(data, config, seed, queue))
+                 for seed in seeds[start:start + workers]]
+        for p in procs:
+            p.start()
+        for _ in procs:  # read before join: a child blocks until its result is taken
+            run = queue.get()
+            if isinstance(run, BaseException):
+                raise run
+            results[run["seed"]] = run
+        for p in procs:
+            p.join()
+    return [results[seed] for seed in seeds]
+
+
+def _seed_worker(data, config, seed, queue):
+    from threadpoolctl import threadpool_limits
+
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            queue.put(_run_seed(data, config, seed))
+    except BaseException as e:  # the parent re-raises it
+        queue.put(e)
+
+
+def _run_seed(data, config, seed):
+    rng = np.random.default_rng(seed)
+    cfg = dataclasses.replace(config, seed=seed)
+    start = time.perf_counter()
+    params = new_params(cfg, data.train.X.shape[1], int(data.train.y.max()) + 1, rng)
+    params, history = train(params, data, cfg, rng)
+    test = evaluate(params, data.test.X, data.test.y, cfg.lam)
+    log.info("final λ=%.4g seed %d: val acc %.4f, test acc %.4f", cfg.lam, seed,
+             history[-1]["val"]["acc"], test["acc"])
+    return {"seed": seed, "params": params, "history": history, "train": history[-1]["train"],
+            "val": history[-1]["val"], "test": test, "seconds": round(time.perf_counter() - start, 2)}
 
 
 def final_metrics(runs, lam, source):
@@ -53,10 +76,10 @@ def final_metrics(runs, lam, source):
     }
 
 
-def run_final(data, config, seeds, lam, source, out, study=None):
+def run_final(data, config, seeds, lam, source, out, study=None, workers=1):
     """Train and test every seed, publish the results folder `out` (atomically), and record the
     summary in `study`'s user attrs when given. Returns (metrics, runs)."""
-    runs = run_seeds(data, config, seeds)
+    runs = run_seeds(data, config, seeds, workers)
     metrics = final_metrics(runs, lam, source)
     tagged = [(f"_seed{r['seed']}", r["params"], r["history"]) for r in runs]
     publish_dir(out, lambda folder: save_run(folder, config, metrics, tagged,

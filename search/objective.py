@@ -38,8 +38,9 @@ class Objective:
         attrs.update(steps=config.total_steps, seconds=round(time.perf_counter() - start, 3))
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
-        log.info("trial %d: λ=%.3g val acc %.4f (std %.4f over %d seeds) in %.1f s", trial.number,
-                 config.lam, attrs["val_acc"], attrs["val_acc_std"], len(self.seeds), attrs["seconds"])
+        log.info("trial %d: λ=%.3g val acc %.4f%s in %.1f s", trial.number, config.lam,
+                 attrs["val_acc"], f" ± {attrs['val_acc_std']:.4f}" if len(self.seeds) > 1 else "",
+                 attrs["seconds"])
         return attrs["val_acc"]
 
     def _train_one(self, trial, config, first):

@@ -9,7 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from conftest import CONST_COL, CONST_VALUE, N_PER_BATCH, make_archive, tiny_batch, write_pickle
+from conftest import CONST_COLS, CONST_VALUES, N_PER_BATCH, make_archive, tiny_batch, write_pickle
 from model.data import (BATCHES_DIR, download, extract_archive, file_md5, load_batch, load_cifar10,
                         resolve_batches_dir, train_stats)
 from model.errors import DataError
@@ -37,7 +37,7 @@ def expected_split(cifar, n_val=N_VAL):
 
 
 def non_constant(X):
-    return np.delete(X, CONST_COL, axis=1)
+    return np.delete(X, CONST_COLS, axis=1)
 
 
 # ---- loading a good data set ----------------------------------------------------------------------
@@ -66,18 +66,18 @@ def test_train_split_is_standardised_and_constant_pixel_is_finite(cifar_tiny_dir
     # every non-constant dimension of the training split has mean 0 and std 1
     np.testing.assert_allclose(non_constant(X).mean(axis=0), 0.0, atol=1e-10)
     np.testing.assert_allclose(non_constant(X).std(axis=0), 1.0, atol=1e-10)
-    # the constant pixel (std 0) gives ~0 everywhere, never NaN or inf, in all three splits
+    # the constant pixels (std 0) give ~0 everywhere, never NaN or inf, in all three splits
     for split in (ds.train, ds.val, ds.test):
         assert np.isfinite(split.X).all()
-        assert np.abs(split.X[:, CONST_COL]).max() < 1e-6
+        assert np.abs(split.X[:, CONST_COLS]).max() < 1e-6
     # the val split really differs from the train distribution's own normalisation: it is *not*
     # re-standardised with its own statistics (which would give exactly mean 0 per dimension)
     assert np.abs(non_constant(ds.val.X).mean(axis=0)).max() > 0.1
 
 
 def test_constant_pixel_in_the_fixture(cifar_tiny_dir):
-    # guards the test above: the fixture really has one constant and no other constant column
-    assert (cifar_tiny_dir.train_X[:, CONST_COL] == CONST_VALUE).all()
+    # guards the test above: the fixture really has these constant columns and no other
+    assert (cifar_tiny_dir.train_X[:, CONST_COLS] == CONST_VALUES).all()
     assert (non_constant(cifar_tiny_dir.train_X).std(axis=0) > 0).all()
 
 
@@ -90,8 +90,8 @@ def test_train_stats_std_zero_rule_is_exact():
     for n in (40, 180, 10000):
         X = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         for v in (1, 77, 128, 200, 255):
-            X[:, CONST_COL] = v
-            assert train_stats(X)[1][CONST_COL] == 1.0, (n, v)
+            X[:, 0] = v
+            assert train_stats(X)[1][0] == 1.0, (n, v)
 
 
 def test_default_dtype_is_float32(cifar_tiny_dir, tmp_path):

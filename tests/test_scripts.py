@@ -66,7 +66,7 @@ def runs(cifar_tiny_dir, tmp_path_factory):
     data = ["--data-dir", str(cifar_tiny_dir.batches)]
 
     procs = {
-        "gradcheck": (start("gradcheck.py", data + ["--json"], env), base),
+        "gradcheck": (start("gradcheck.py", data + ["--n-val", "20", "--json"], env), base),
         "train": (start("train.py", data + TINY_TRAIN + ["--out", str(base / "train" / "run"),
                                                           "--json"], env), base / "train"),
         "diverged": (start("train.py", data + TINY_TRAIN + [

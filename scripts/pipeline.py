@@ -1,0 +1,168 @@
+"""The main job: gradient check → coarse search → fine search → final run → dashboard.
+
+    python scripts/pipeline.py [--campaign cifar10] [--workers 2] [--data-dir DIR] [--json]
+
+Everything goes to one storage (default sqlite:///studies/studies.db) and studies/<campaign>/.
+Re-running resumes: finished phases are skipped, an interrupted phase continues where it stopped,
+and the final run is redone only if the best λ or its settings changed.
+"""
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+import _common
+from model.checkpoint import check_out_dir
+from model.data import load_cifar10
+from model.errors import DivergedError
+from model.gradcheck import gradcheck_report
+from model.schedule import step_size
+from model.train import TrainConfig
+from search.final import read_final, run_final
+from search.phases import (DEFAULT_TRIALS, SEARCH_CONFIG, PhaseSpec, best_lam, coarse_space,
+                           make_fine_spec, run_phase)
+from search.plots import dashboard_html
+from search.report import best_row
+from search.runner import PRUNERS
+from search.study import DEFAULT_STORAGE, campaign_studies, load_study, mask_url, open_storage
+
+log = logging.getLogger("pipeline")
+
+
+def parse_args(argv=None):
+    p = _common.Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--campaign", default="cifar10", help="names the studies and studies/<campaign>/")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="SQLAlchemy URL of the storage")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="worker processes for the searches and the final seeds (default: cores)")
+    p.add_argument("--coarse-trials", type=int, default=DEFAULT_TRIALS["coarse"])
+    p.add_argument("--fine-trials", type=int, default=DEFAULT_TRIALS["fine"])
+    p.add_argument("--repeats", type=int, default=1, help="seeds per λ in the searches")
+    p.add_argument("--pruner", choices=PRUNERS, default="median")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed of the studies")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the final run")
+    p.add_argument("--search-n-s", type=int, default=SEARCH_CONFIG.n_s, help="search: CLR half cycle")
+    p.add_argument("--search-cycles", type=int, default=SEARCH_CONFIG.cycles, help="search: cycles")
+    p.add_argument("--final-n-s", type=int, default=None,
+                   help="final: CLR half cycle (default 2·⌊n_train/100⌋ = 980)")
+    p.add_argument("--final-cycles", type=int, default=TrainConfig().cycles, help="final: cycles")
+    p.add_argument("--out-dir", default=None, help="results folder (default studies/<campaign>)")
+    _common.add_data_args(p)
+    _common.add_common_args(p)
+    args = p.parse_args(argv)
+    for flag in ("workers", "coarse_trials", "fine_trials", "repeats", "seeds"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be ≥ 1 (got {getattr(args, flag)})")
+    return args
+
+
+def configs(args, n_train):
+    """(search config, final config without λ); ConfigError on bad values."""
+    search = dataclasses.replace(SEARCH_CONFIG, n_s=args.search_n_s, cycles=args.search_cycles)
+    final = TrainConfig(n_s=args.final_n_s or step_size(n_train, TrainConfig().n_batch),
+                        cycles=args.final_cycles)
+    return search, final
+
+
+def gradient_check(data):
+    report = gradcheck_report(data.train.X, data.train.y, np.random.default_rng(0))
+    worst = max(e for c in report["checks"] for e in c["max_rel_error"].values())
+    log.info("[1/5] gradient check: max relative error %.2e (%s)", worst,
+             "pass" if report["passed"] else "FAIL")
+    if not report["passed"]:
+        raise DivergedError(f"gradient check failed (max relative error {worst:.2e} ≥ 1e-5)")
+    return {"passed": True, "max_rel_error": worst}
+
+
+def search_phases(args, storage, data, search_config):
+    common = dict(campaign=args.campaign, config=search_config, pruner=args.pruner,
+                  repeats=args.repeats, seed=args.seed)
+    opts = dict(workers=args.workers)
+    coarse = PhaseSpec(phase="coarse", n_trials=args.coarse_trials, space=coarse_space(),
+                       sampler="random", **common)
+    log.info("[2/5] coarse search: %d trials", coarse.n_trials)
+    with _common.trial_bar(coarse.n_trials, coarse.study_name) as progress:
+        coarse_study = run_phase(coarse, storage, args.storage, data, progress=progress, **opts)
+    fine, info = make_fine_spec(storage, n_trials=args.fine_trials, **common)
+    log.info("[3/5] fine search: %d trials in λ ∈ [%.3g, %.3g]", fine.n_trials, fine.space[0].low,
+             fine.space[0].high)
+    with _common.trial_bar(fine.n_trials, fine.study_name) as progress:
+        fine_study = run_phase(fine, storage, args.storage, data, progress=progress,
+                               fine_range=info, **opts)
+    return coarse_study, fine_study
+
+
+def final_phase(args, storage, data, final_base, out):
+    lam, source = best_lam(storage, args.campaign)
+    config = dataclasses.replace(final_base, lam=lam)
+    seeds = list(range(args.seeds))
+    done = read_final(out)
+    if done and done["metrics"]["lam"] == lam and done["config"] == {
+            **dataclasses.asdict(config), "data": data.source, "seeds": seeds}:
+        log.info("[4/5] final run: already done for λ = %.4g, skipped", lam)
+        return done["metrics"]
+    log.info("[4/5] final run: λ = %.4g from %s, %d seeds × %d updates", lam, source["study"],
+             len(seeds), config.total_steps)
+    metrics, _ = run_final(data, config, seeds, lam, source, out,
+                           load_study(storage, source["study"]), workers=args.workers)
+    return metrics
+
+
+def write_dashboard(args, storage, out_dir):
+    path = out_dir / "dashboard.html"
+    page = dashboard_html(args.campaign, mask_url(args.storage),
+                          campaign_studies(storage, args.campaign), read_final(out_dir / "final"))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    log.info("[5/5] dashboard -> %s", path)
+    return path
+
+
+def summary_text(s):
+    f = s["final"]
+    fr = s["fine_range"]
+    return "\n".join([
+        f"campaign {s['campaign']} ({s['storage']}), {s['seconds']:.0f} s",
+        f"  gradient check: max relative error {s['gradcheck']['max_rel_error']:.1e}",
+        f"  coarse best: λ = {s['coarse_best']['lam']:.4g}, val acc {s['coarse_best']['val_acc']:.4f}",
+        f"  fine range [{fr['low']:.3g}, {fr['high']:.3g}]; best λ = {s['fine_best']['lam']:.4g}, "
+        f"val acc {s['fine_best']['val_acc']:.4f}",
+        f"  final λ = {f['lam']:.4g}: test accuracy {f['test_acc_mean']:.4f} ± {f['test_acc_std']:.4f} "
+        f"over {len(f['test_acc'])} seeds {f['test_acc']}",
+        f"  outputs: {s['outputs']['final']}/ (params, histories, metrics, figures), "
+        f"{s['outputs']['dashboard']}"])
+
+
+def main():
+    args = parse_args()
+    _common.setup_logging(args)
+    start = time.perf_counter()
+    out_dir = Path(args.out_dir or f"studies/{args.campaign}")
+    check_out_dir(out_dir)
+    data = load_cifar10(args.data_dir, n_val=args.n_val)
+    search_config, final_base = configs(args, len(data.train.y))
+    storage = open_storage(args.storage)
+    with _common.single_blas_thread():
+        check = gradient_check(data)
+        coarse, fine = search_phases(args, storage, data, search_config)
+        metrics = final_phase(args, storage, data, final_base, out_dir / "final")
+    dashboard = write_dashboard(args, storage, out_dir)
+    summary = {
+        "campaign": args.campaign, "storage": mask_url(args.storage), "gradcheck": check,
+        "coarse_best": best_row(coarse), "fine_best": best_row(fine),
+        "fine_range": fine.user_attrs.get("fine_range"),
+        "final": {"lam": metrics["lam"], "source": metrics["source"],
+                  "test_acc": [s["test_acc"] for s in metrics["seeds"]],
+                  "test_acc_mean": metrics["test_acc_mean"], "test_acc_std": metrics["test_acc_std"]},
+        "outputs": {"final": str(out_dir / "final"), "dashboard": str(dashboard)},
+        "seconds": round(time.perf_counter() - start, 1)}
+    _common.emit(summary, args, summary_text(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    _common.run(main)
