@@ -153,8 +153,9 @@ def test_out_file_is_left_untouched(runs):
     assert runs["out-is-a-file"][3].parent.joinpath("a-file").read_text() == "keep me"
 
 
-@pytest.mark.xfail(strict=True, reason="scripts/train.py:44: TrainConfig accepts a negative seed "
-                   "and np.random.default_rng(-1) raises ValueError -> traceback, exit 1")
+@pytest.mark.xfail(strict=True, reason="TrainConfig (model/train.py) accepts a negative "
+                   "seed and scripts/train.py's np.random.default_rng(-1) raises ValueError -> "
+                   "traceback, exit 1")
 @pytest.mark.parametrize("case", list(BAD_INPUT_BUGS))
 def test_known_bad_input_bugs(runs, case):
     check_bad_input(runs, case, BAD_INPUT_BUGS[case][2])
