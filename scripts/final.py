@@ -12,7 +12,7 @@ from model.data import load_cifar10
 from model.schedule import step_size
 from search.final import run_final
 from search.phases import best_lam
-from search.study import DEFAULT_STORAGE, load_study, mask_url, open_storage
+from search.study import DEFAULT_STORAGE, load_study, open_storage
 
 
 def parse_args(argv=None):
