@@ -103,8 +103,9 @@ def trial_bar(total, desc):
     bar = tqdm(total=total, desc=desc, unit="trial", leave=False)
 
     def progress(n):
-        bar.n = min(n, total)
-        bar.refresh()
+        if min(n, total) != bar.n:  # polled every second: redraw only on change
+            bar.n = min(n, total)
+            bar.refresh()
     try:
         yield progress
     finally:
