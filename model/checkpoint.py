@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from model.curves import training_figures
 from model.errors import InputError
 from model.network import PARAM_KEYS
 
@@ -76,8 +75,13 @@ def publish_dir(path, write):
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            _rmtree(old)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(old / path.name, path)  # put the previous results back
+                raise
+            finally:
+                _rmtree(old)
         else:
             os.replace(tmp, path)
     finally:
@@ -95,6 +99,8 @@ def save_run(folder, config, metrics, runs, extra_config=None):
 
     runs: list of (tag, params, history); tag "" for a single run, "_seed1" etc. for several.
     """
+    from model.curves import training_figures  # matplotlib: loaded only when figures are drawn
+
     save_json(folder / "config.json", {**dataclasses.asdict(config), **(extra_config or {})})
     save_json(folder / "metrics.json", metrics)
     for tag, params, history in runs:

@@ -13,5 +13,9 @@ class DataError(InputError):
     """The data set is missing, corrupt, hostile or fails its checksum."""
 
 
+class WorkersFailed(RuntimeError):
+    """Search workers stopped before their phase reached its number of trials."""
+
+
 class DivergedError(RuntimeError):
     """Training produced a non-finite loss (λ or η_max too large)."""

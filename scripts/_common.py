@@ -14,9 +14,8 @@ from pathlib import Path
 _SCRIPTS = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _SCRIPTS]
 
-from model.errors import DivergedError, InputError  # noqa: E402
+from model.errors import DivergedError, InputError, WorkersFailed  # noqa: E402
 from model.train import TrainConfig  # noqa: E402
-from search.phases import WorkersFailed  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 

@@ -11,7 +11,7 @@ import numpy as np
 
 import _common
 from model.checkpoint import check_out_dir, publish_dir, save_run
-from model.data import load_cifar10
+from model.data import K, load_cifar10
 from model.train import evaluate, new_params, train
 
 
@@ -34,7 +34,7 @@ def main():
     rng = np.random.default_rng(config.seed)
     start = time.perf_counter()
     with _common.single_blas_thread():
-        params = new_params(config, data.train.X.shape[1], int(data.train.y.max()) + 1, rng)
+        params = new_params(config, data.train.X.shape[1], K, rng)
         params, history = train(params, data, config, rng)
         test = evaluate(params, data.test.X, data.test.y, config.lam)
     seconds = time.perf_counter() - start

@@ -6,6 +6,7 @@ import time
 import numpy as np
 import optuna
 
+from model.data import K
 from model.errors import DivergedError
 from model.train import new_params, train
 from search.space import suggest
@@ -45,7 +46,7 @@ class Objective:
 
     def _train_one(self, trial, config, first):
         rng = np.random.default_rng(config.seed)
-        params = new_params(config, self.data.train.X.shape[1], _n_classes(self.data), rng)
+        params = new_params(config, self.data.train.X.shape[1], K, rng)
         try:
             _, history = train(params, self.data, config, rng,
                                on_eval=_reporter(trial) if first else None)
@@ -56,10 +57,6 @@ class Objective:
             trial.set_user_attr("failure", "interrupted (Ctrl-C)")
             raise
         return history[-1]
-
-
-def _n_classes(data):
-    return int(max(data.train.y.max(), data.val.y.max())) + 1
 
 
 def _reporter(trial):

@@ -4,7 +4,7 @@ import logging
 
 import optuna
 
-from model.errors import InputError
+from model.errors import InputError, WorkersFailed
 from model.train import TrainConfig
 from search.objective import Objective
 from search.runner import make_pruner, make_sampler, n_finished, run_workers, worker_seed
@@ -98,10 +98,6 @@ def fine_info(storage, campaign):
     except InputError:
         return None
     return fine.user_attrs.get("fine_range")
-
-
-class WorkersFailed(RuntimeError):
-    """Workers stopped before the phase reached its number of trials."""
 
 
 def make_fine_spec(storage, n_trials=None, sampler=None, values=None, top_k=FINE_TOP_K,

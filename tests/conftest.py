@@ -16,8 +16,6 @@ import pytest
 from model.data import Dataset, Split
 from model.network import init_params
 
-REPO = Path(__file__).resolve().parents[1]
-
 # The tiny CIFAR-10: 5 train batches + 1 test batch of N_PER_BATCH images each.
 N_PER_BATCH = 40
 # Two pixels have the same value in every image (std 0): black, whose std comes out exactly 0, and
@@ -59,9 +57,9 @@ def tiny_params():
     return init_params(20, 10, 10, np.random.default_rng(2), dtype=np.float64)
 
 
-@pytest.fixture(autouse=True)
-def _no_cifar_env(monkeypatch):
-    """The loader reads $CIFAR10_*; `make test` exports CIFAR10_DIR. Tests must not see them."""
+@pytest.fixture
+def no_cifar_env(monkeypatch):
+    """The loader reads $CIFAR10_*, and `make test` exports CIFAR10_DIR: hide them from a test."""
     for name in CIFAR_ENV:
         monkeypatch.delenv(name, raising=False)
 

@@ -14,6 +14,8 @@ from model.data import (BATCHES_DIR, download, extract_archive, file_md5, load_b
                         resolve_batches_dir, train_stats)
 from model.errors import DataError
 
+pytestmark = pytest.mark.usefixtures("no_cifar_env")  # only what each test sets up is seen
+
 N_VAL = 20
 N_TRAIN = 5 * N_PER_BATCH - N_VAL
 
@@ -30,7 +32,10 @@ def expected_split(cifar, n_val=N_VAL):
     train = cifar.train_X[:n_train] / 255.0
     mean, std = train.mean(axis=0), train.std(axis=0)
     std[std < 1e-6] = 1.0
-    norm = lambda X: (X / 255.0 - mean) / std  # noqa: E731
+
+    def norm(X):
+        return (X / 255.0 - mean) / std
+
     return {"train": (norm(cifar.train_X[:n_train]), cifar.train_y[:n_train]),
             "val": (norm(cifar.train_X[n_train:]), cifar.train_y[n_train:]),
             "test": (norm(cifar.test_X), cifar.test_y)}
@@ -40,7 +45,7 @@ def non_constant(X):
     return np.delete(X, CONST_COLS, axis=1)
 
 
-# ---- loading a good data set ----------------------------------------------------------------------
+# ---- loading a good data set ---------------------------------------------------------------------
 
 def test_load_from_the_batches_folder(cifar_tiny_dir, tmp_path):
     ds = load_cifar10(cifar_tiny_dir.batches, n_val=N_VAL, dtype="float64", cache_dir=tmp_path)
@@ -57,7 +62,29 @@ def test_load_from_the_batches_folder(cifar_tiny_dir, tmp_path):
         # val and test are normalised with the *training* mean and std (float64 round-off only)
         np.testing.assert_allclose(non_constant(split.X), non_constant(X), rtol=0, atol=1e-9,
                                    err_msg=name)
-    assert list(tmp_path.iterdir()) == []  # a folder source never touches the cache
+
+
+def test_a_second_load_gives_the_same_data(cifar_tiny_dir, tmp_path):
+    first = load_cifar10(cifar_tiny_dir.batches, n_val=N_VAL, dtype="float64", cache_dir=tmp_path)
+    second = load_cifar10(cifar_tiny_dir.batches, n_val=N_VAL, dtype="float64", cache_dir=tmp_path)
+    for name in ("train", "val", "test"):  # whatever is cached in between, bit for bit
+        np.testing.assert_array_equal(getattr(second, name).X, getattr(first, name).X)
+        np.testing.assert_array_equal(getattr(second, name).y, getattr(first, name).y)
+
+
+def test_a_rewritten_batch_file_is_read_afresh(cifar_tiny_dir, tmp_path):
+    folder = copy_batches(cifar_tiny_dir, tmp_path)
+    cache = tmp_path / "cache"
+    before = load_cifar10(folder, n_val=N_VAL, cache_dir=cache)
+    # same protocol and shape, so the same size: only the content (and the file times) change
+    new = tiny_batch(np.random.default_rng(99), N_PER_BATCH, "data_batch_2")
+    old_size = (folder / "data_batch_2").stat().st_size
+    write_pickle(folder / "data_batch_2", new, 4)
+    assert (folder / "data_batch_2").stat().st_size == old_size
+    after = load_cifar10(folder, n_val=N_VAL, cache_dir=cache)
+    rows = slice(N_PER_BATCH, 2 * N_PER_BATCH)
+    np.testing.assert_array_equal(after.train.y[rows], new[b"labels"])  # the new labels, not stale
+    assert not np.array_equal(after.train.X, before.train.X)
 
 
 def test_train_split_is_standardised_and_constant_pixel_is_finite(cifar_tiny_dir, tmp_path):
@@ -130,7 +157,9 @@ def test_load_from_the_archive(cifar_tiny_dir, tmp_path):
     for name in ("train", "val", "test"):
         np.testing.assert_array_equal(getattr(ds, name).X, getattr(ref, name).X)
         np.testing.assert_array_equal(getattr(ds, name).y, getattr(ref, name).y)
-    assert sorted(p.name for p in cache.iterdir()) == [cifar_tiny_dir.md5]  # no temp folder left
+    # no temporary extraction folder left behind
+    assert cifar_tiny_dir.md5 in {p.name for p in cache.iterdir()}
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []
     # a second load reuses the extraction
     mtime = (cache / cifar_tiny_dir.md5 / BATCHES_DIR / "data_batch_1").stat().st_mtime_ns
     load_cifar10(cifar_tiny_dir.archive, n_val=N_VAL, cache_dir=cache)
@@ -150,7 +179,7 @@ def test_data_dir_from_the_environment(cifar_tiny_dir, tmp_path, monkeypatch):
     assert load_cifar10(None, n_val=N_VAL, cache_dir=tmp_path).source == str(cifar_tiny_dir.batches)
 
 
-# ---- missing, empty, truncated, corrupt --------------------------------------------------------------
+# ---- missing, empty, truncated, corrupt ----------------------------------------------------------
 
 def test_missing_folder(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
@@ -184,8 +213,8 @@ def test_truncated_or_corrupt_batch_file(cifar_tiny_dir, tmp_path, damage):
 
 @pytest.mark.xfail(strict=True, raises=(OverflowError, MemoryError),
                    reason="model/data.py load_batch catches neither OverflowError nor "
-                   "MemoryError, which a corrupt length field makes the unpickler raise (about 1 in "
-                   "60 random 5 kB files)")
+                   "MemoryError, which a corrupt length field makes the unpickler raise (about 1 "
+                   "in 60 random 5 kB files)")
 @pytest.mark.parametrize("size", [2**64 - 1, 2**62], ids=["overflow", "memory"])
 def test_corrupt_length_field_is_a_data_error(tmp_path, size):
     # a protocol-4 BINBYTES8 opcode whose 8-byte length no file could hold
@@ -216,7 +245,8 @@ def test_well_formed_pickle_that_is_not_a_batch(tmp_path, content):
                    reason="model/data.py: _batch_arrays runs outside load_batch's try and "
                    "y.min() on non-numeric labels raises numpy's UFuncTypeError, not DataError")
 def test_non_numeric_labels_are_a_data_error(tmp_path):
-    write_pickle(tmp_path / "b", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [b"a", b"b"]}, 4)
+    batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [b"a", b"b"]}
+    write_pickle(tmp_path / "b", batch, 4)
     with pytest.raises(DataError):
         load_batch(tmp_path / "b")
 
@@ -232,7 +262,7 @@ def test_load_batch_on_a_real_batch(cifar_tiny_dir):
         assert X.dtype == np.uint8 and y.dtype == np.int64
 
 
-# ---- hostile pickles ------------------------------------------------------------------------------
+# ---- hostile pickles -----------------------------------------------------------------------------
 
 class Reduce:
     """An object that unpickles as func(*args): the classic pickle code-execution payload."""
@@ -293,7 +323,7 @@ def test_hostile_batch_inside_a_data_set(cifar_tiny_dir, tmp_path):
     assert not marker.exists()
 
 
-# ---- archives ---------------------------------------------------------------------------------------
+# ---- archives ------------------------------------------------------------------------------------
 
 def add_bytes(tar, name, data=b"evil", **attrs):
     info = tarfile.TarInfo(name)
@@ -329,7 +359,8 @@ def test_unsafe_archive_members_are_refused(cifar_tiny_dir, tmp_path, kind):
         elif kind == "absolute":
             add_bytes(tar, str(outside / "evil"))
         elif kind == "symlink":  # a link out of the tree, then a file written through it
-            add_bytes(tar, f"{BATCHES_DIR}/escape", b"", type=tarfile.SYMTYPE, linkname=str(outside))
+            add_bytes(tar, f"{BATCHES_DIR}/escape", b"", type=tarfile.SYMTYPE,
+                      linkname=str(outside))
             add_bytes(tar, f"{BATCHES_DIR}/escape/evil")
         else:
             add_bytes(tar, f"{BATCHES_DIR}/evil", b"", type=tarfile.LNKTYPE,
@@ -378,7 +409,7 @@ def test_archive_that_is_not_cifar(tmp_path, content):
     assert nothing_extracted(tmp_path / "cache")
 
 
-# ---- download ---------------------------------------------------------------------------------------
+# ---- download ------------------------------------------------------------------------------------
 
 def test_download_from_a_file_url(cifar_tiny_dir, tmp_path):
     dest = tmp_path / "dl" / "cifar-10-python.tar.gz"

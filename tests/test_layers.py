@@ -36,7 +36,8 @@ def test_affine_backward_matches_centred_differences(rng):
         return float(np.sum(affine_forward(X, W, b)[0] * dout))
 
     # shapes follow the inputs; the values are the true gradients of sum(out · dout)
-    assert out.shape == (4, 3) and dX.shape == X.shape and dW.shape == W.shape and db.shape == b.shape
+    assert out.shape == (4, 3)
+    assert (dX.shape, dW.shape, db.shape) == (X.shape, W.shape, b.shape)
     assert relative_error(dX, numerical_grad_array(f, X)) < LAYER_TOL
     assert relative_error(dW, numerical_grad_array(f, W)) < LAYER_TOL
     assert relative_error(db, numerical_grad_array(f, b)) < LAYER_TOL
@@ -67,7 +68,8 @@ def test_relu_backward_matches_centred_differences(rng):
 def test_relu_gradient_at_zero_is_zero():
     # the subgradient convention at the kink is 0, as in the fused step (dH *= H > 0)
     x = np.array([[-1.0, 0.0, 2.0]])
-    np.testing.assert_array_equal(relu_backward(np.ones_like(x), relu_forward(x)[1]), [[0.0, 0.0, 1.0]])
+    dx = relu_backward(np.ones_like(x), relu_forward(x)[1])
+    np.testing.assert_array_equal(dx, [[0.0, 0.0, 1.0]])
 
 
 def test_softmax_cross_entropy_gradient_matches_centred_differences(rng):

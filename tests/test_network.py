@@ -1,4 +1,4 @@
-"""The whole network: full gradient check, the L2 convention, init scale, overfitting, λ's effect."""
+"""The whole network: gradient check, L2 convention, init scale, overfitting, λ's effect."""
 import dataclasses
 
 import numpy as np
@@ -16,7 +16,8 @@ GRAD_TOL = 1e-6
 
 @pytest.mark.parametrize("lam", [0.0, 0.5])
 def test_full_gradient_check(tiny_data, rng, lam):
-    X, y, params = gradcheck_slice(tiny_data.train.X, tiny_data.train.y, rng, dims=20, samples=5, m=10)
+    X, y, params = gradcheck_slice(tiny_data.train.X, tiny_data.train.y, rng,
+                                   dims=20, samples=5, m=10)
     errors = check_gradients(X, y, params, lam)
     assert set(errors) == set(PARAM_KEYS)  # every key is checked
     assert all(e < GRAD_TOL for e in errors.values()), errors
@@ -28,7 +29,8 @@ def test_gradient_check_detects_a_wrong_gradient(tiny_data, rng, monkeypatch):
 
     def wrong(params, X, y, lam):
         cost, loss, grads = loss_and_grads(params, X, y, lam)
-        return cost, loss, {k: g - lam * params[k] if k.startswith("W") else g for k, g in grads.items()}
+        return cost, loss, {k: g - lam * params[k] if k.startswith("W") else g
+                            for k, g in grads.items()}
 
     monkeypatch.setattr(gc, "loss_and_grads", wrong)
     X, y, params = gradcheck_slice(tiny_data.train.X, tiny_data.train.y, rng)
@@ -50,7 +52,8 @@ def test_l2_convention_lambda_sum_of_squared_weights(tiny_data, tiny_params):
     _, loss0, grads0 = loss_and_grads(params, X, y, 0.0)
     assert loss0 == loss  # the data term does not depend on λ
     for k in ("W1", "W2"):  # the penalty's gradient is 2λW ...
-        np.testing.assert_allclose(grads[k] - grads0[k], 2 * lam * params[k], rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(grads[k] - grads0[k], 2 * lam * params[k],
+                                   rtol=1e-10, atol=1e-14)
     for k in ("b1", "b2"):  # ... and nothing on the biases
         np.testing.assert_array_equal(grads[k], grads0[k])
 
@@ -88,7 +91,7 @@ def test_scores_match_the_layers(tiny_data, tiny_params):
 
 
 def test_overfits_twenty_examples(tiny_data):
-    small = Split(tiny_data.train.X[:20], tiny_data.train.y[:20])  # random labels: memorisation only
+    small = Split(tiny_data.train.X[:20], tiny_data.train.y[:20])  # random labels: pure memorising
     data = Dataset(train=small, val=tiny_data.val, test=tiny_data.test, source="synthetic")
     config = TrainConfig(lam=0.0, m=50, n_batch=5, eta_min=1e-3, eta_max=0.1, n_s=20, cycles=2,
                          eval_train_samples=0, dtype="float64")

@@ -129,7 +129,8 @@ def test_history_records(tiny_data):
         for split in ("train", "val"):
             assert set(r[split]) == {"loss", "cost", "acc"}
             assert np.isfinite(r[split]["loss"]) and 0 <= r[split]["acc"] <= 1
-    assert history[0]["epoch"] == 0 and history[-1]["epoch"] == 5  # 28 updates = 4 epochs of 6 + 4 batches of the 5th
+    # 28 updates = 4 epochs of 6 batches + 4 batches of the 5th epoch
+    assert history[0]["epoch"] == 0 and history[-1]["epoch"] == 5
     final = evaluate(params, tiny_data.val.X, tiny_data.val.y, config.lam)
     assert history[-1]["val"] == final  # the last record describes the returned params
 
@@ -144,8 +145,8 @@ def test_eval_train_samples_uses_a_prefix(tiny_data):
 def test_evaluate_matches_the_reference_loss(tiny_data, tiny_params):
     X, y, lam = tiny_data.train.X, tiny_data.train.y, 0.2
     cost, loss, _ = loss_and_grads(tiny_params, X, y, lam)
-    acc = float(np.mean((np.maximum(X @ tiny_params["W1"] + tiny_params["b1"], 0) @ tiny_params["W2"]
-                         + tiny_params["b2"]).argmax(axis=1) == y))
+    hidden = np.maximum(X @ tiny_params["W1"] + tiny_params["b1"], 0)
+    acc = float(np.mean((hidden @ tiny_params["W2"] + tiny_params["b2"]).argmax(axis=1) == y))
     for block in (8192, 7):  # blocking over rows changes nothing
         got = evaluate(tiny_params, X, y, lam, block=block)
         assert got["loss"] == pytest.approx(loss, rel=1e-12)
