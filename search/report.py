@@ -21,8 +21,11 @@ def trial_row(t):
 
 
 def _fail_reason(t):
+    """Why a trial did not complete, when our attrs do not say."""
     if t.state == TrialState.FAIL:
         return "worker stopped (killed)"
+    if t.state == TrialState.PRUNED and t.last_step is not None:
+        return f"pruned at step {t.last_step} (val acc {t.intermediate_values[t.last_step]:.4f})"
     return None
 
 
