@@ -6,10 +6,13 @@
 with n_s = 2·⌊49,000/100⌋ = 980 for 3 cycles per seed; writes params, histories, config,
 metrics and figures into studies/<campaign>/final/ (or --out).
 """
+import dataclasses
+
 import _common
 from model.checkpoint import check_out_dir
 from model.data import load_cifar10
 from model.schedule import step_size
+from model.train import TrainConfig
 from search.final import run_final
 from search.phases import best_lam
 from search.study import DEFAULT_STORAGE, load_study, open_storage
@@ -51,9 +54,12 @@ def main():
     out = args.out or f"studies/{args.campaign}/final"
     check_out_dir(out)
     lam, source, storage = choose_lam(args)
+    # checked before the data is loaded; n_s defaults to 2 epochs of the training split
+    config = _common.train_config(args, lam=lam, seed=args.seed,
+                                  n_s=args.n_s if args.n_s is not None else TrainConfig().n_s)
     data = load_cifar10(args.data_dir, n_val=args.n_val)
-    n_s = args.n_s or step_size(len(data.train.y), args.n_batch)
-    config = _common.train_config(args, lam=lam, n_s=n_s, seed=args.seed)
+    if args.n_s is None:
+        config = dataclasses.replace(config, n_s=step_size(len(data.train.y), args.n_batch))
     seeds = [args.seed + k for k in range(args.seeds)]
     study = load_study(storage, source["study"]) if storage is not None else None
     with _common.single_blas_thread():

@@ -27,7 +27,8 @@ from search.phases import (DEFAULT_TRIALS, SEARCH_CONFIG, PhaseSpec, best_lam, c
 from search.plots import dashboard_html
 from search.report import best_row
 from search.runner import PRUNERS
-from search.study import DEFAULT_STORAGE, campaign_studies, load_study, mask_url, open_storage
+from search.study import (DEFAULT_STORAGE, campaign_studies, check_storage, load_study, mask_url,
+                          open_storage)
 
 log = logging.getLogger("pipeline")
 
@@ -59,12 +60,20 @@ def parse_args(argv=None):
     return args
 
 
-def configs(args, n_train):
-    """(search config, final config without λ); ConfigError on bad values."""
+def configs(args):
+    """(search config, final config without λ); ConfigError on bad values. Without --final-n-s
+    the final n_s is TrainConfig's until the data size is known (see final_n_s)."""
     search = dataclasses.replace(SEARCH_CONFIG, n_s=args.search_n_s, cycles=args.search_cycles)
-    final = TrainConfig(n_s=args.final_n_s or step_size(n_train, TrainConfig().n_batch),
+    final = TrainConfig(n_s=args.final_n_s if args.final_n_s is not None else TrainConfig().n_s,
                         cycles=args.final_cycles)
     return search, final
+
+
+def final_n_s(args, final, n_train):
+    """The final config with n_s = 2·⌊n_train / n_batch⌋ unless --final-n-s was given."""
+    if args.final_n_s is not None:
+        return final
+    return dataclasses.replace(final, n_s=step_size(n_train, final.n_batch))
 
 
 def gradient_check(data):
@@ -143,8 +152,10 @@ def main():
     start = time.perf_counter()
     out_dir = Path(args.out_dir or f"studies/{args.campaign}")
     check_out_dir(out_dir)
+    search_config, final_base = configs(args)
+    check_storage(args.storage)
     data = load_cifar10(args.data_dir, n_val=args.n_val)
-    search_config, final_base = configs(args, len(data.train.y))
+    final_base = final_n_s(args, final_base, len(data.train.y))
     storage = open_storage(args.storage)
     with _common.single_blas_thread():
         check = gradient_check(data)

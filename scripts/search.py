@@ -16,7 +16,8 @@ from search.phases import (DEFAULT_SAMPLER, DEFAULT_TRIALS, SEARCH_CONFIG, Phase
 from search.report import phase_summary, status_report, status_text, summary_text
 from search.runner import PRUNERS, SAMPLERS
 from search.space import FINE_MARGIN_DECADES, FINE_TOP_K, parse_values
-from search.study import DEFAULT_STORAGE, GRACE_PERIOD, HEARTBEAT_INTERVAL, mask_url, open_storage
+from search.study import (DEFAULT_STORAGE, GRACE_PERIOD, HEARTBEAT_INTERVAL, check_storage, mask_url,
+                          open_storage)
 
 
 def parse_args(argv=None):
@@ -89,8 +90,9 @@ def main():
         report = status_report(storage, args.campaign)
         _common.emit(report, args, status_text(report))
         return 0
-    if args.phase == "coarse":  # data first: a bad data dir must not leave a new storage behind
+    if args.phase == "coarse":  # data before the storage: a bad data dir must leave no storage
         spec, info = build_spec(args, None)
+        check_storage(args.storage)
         data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=spec.config.dtype)
         storage = open_storage(args.storage, **storage_opts)
     else:

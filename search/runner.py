@@ -29,10 +29,6 @@ PRUNERS = ("none", "median", "hyperband")
 SURPLUS = "surplus: other workers completed the phase"
 
 
-class SurplusTrial(Exception):
-    """Another worker started the trial that completes the phase first: this one is not needed."""
-
-
 def worker_seed(study_seed, worker_index, n_existing):
     """A sampler seed unique to (study seed, worker, trials already in the study).
 
@@ -112,7 +108,7 @@ def work(study, objective, target, poll=1.0, after_trial=None):
             time.sleep(poll)  # the missing trials are running: wait for them, or for their death
             continue
         try:
-            study.optimize(guarded, n_trials=1, catch=(DivergedError, SurplusTrial),
+            study.optimize(guarded, n_trials=1, catch=(DivergedError,),
                            gc_after_trial=False)
         except UpdateFinishedTrialError:
             # SQLite lets two workers take one queued trial; the other one finishes it.
@@ -126,8 +122,9 @@ def _guard_surplus(objective, target):
         before = [t for t in trial.study.get_trials(deepcopy=False)
                   if t.number < trial.number and (t.state in FINISHED or t.state == TrialState.RUNNING)]
         if len(before) >= target:
+            # pruned, not failed: a race between workers is no error (and Optuna logs no traceback)
             trial.set_user_attr("failure", SURPLUS)
-            raise SurplusTrial("the phase is complete")
+            raise optuna.TrialPruned(SURPLUS)
         return objective(trial)
     return guarded
 

@@ -49,11 +49,7 @@ def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,
     With create=False an SQLite file that does not exist yet is an error (nothing is created).
     Raises InputError for a malformed or unreachable URL.
     """
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise InputError(f"malformed storage URL {url!r}; use e.g. sqlite:///studies/studies.db or "
-                         "postgresql+psycopg://user:password@host/db") from None
+    parsed = sqlalchemy.engine.make_url(_parse(url))
     path = sqlite_path(url)
     if path is not None:
         _prepare_sqlite_path(path, create)
@@ -75,7 +71,25 @@ def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,
                          "server and the credentials") from None
 
 
-def _prepare_sqlite_path(path, create):
+def check_storage(url):
+    """Fail early (InputError) on a storage that open_storage would refuse, creating nothing:
+    SQLite paths are checked, a server is connected to."""
+    if sqlite_path(_parse(url)) is not None:
+        _prepare_sqlite_path(sqlite_path(url), create=True, dry_run=True)
+    else:
+        open_storage(url).remove_session()
+
+
+def _parse(url):
+    try:
+        sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise InputError(f"malformed storage URL {url!r}; use e.g. sqlite:///studies/studies.db or "
+                         "postgresql+psycopg://user:password@host/db") from None
+    return url
+
+
+def _prepare_sqlite_path(path, create, dry_run=False):
     if path.is_dir():
         raise InputError(f"storage path {path} is a folder; name a database file, e.g. "
                          f"sqlite:///{path}/studies.db")
@@ -86,7 +100,8 @@ def _prepare_sqlite_path(path, create):
         if path.parent.exists() and not path.parent.is_dir():
             raise InputError(f"storage path {path} lies under a file; choose another --storage")
         if not path.parent.exists() and path.parent.resolve() == DEFAULT_HOME.resolve():
-            path.parent.mkdir(parents=True)  # the default home is created on first use
+            if not dry_run:
+                path.parent.mkdir(parents=True)  # the default home is created on first use
         elif not path.parent.is_dir():
             raise InputError(f"folder {path.parent} of the storage does not exist; create it or "
                              "choose another --storage")
