@@ -86,7 +86,9 @@ def load_batch(path):
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            batch = _BatchUnpickler(f, encoding="bytes").load()
+            return _batch_arrays(_BatchUnpickler(f, encoding="bytes").load(), path)
+    except DataError:
+        raise
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror}; check the path and its permissions") from None
     except pickle.UnpicklingError as e:
@@ -94,10 +96,10 @@ def load_batch(path):
             raise DataError(f"{path} is not a CIFAR-10 batch: it asks to run code ({e}); "
                             "delete it and use the official data") from None
         raise DataError(f"{path} is corrupt ({e}); re-download or rebuild the data set") from None
-    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError,
+            MemoryError) as e:  # what a damaged byte stream makes the unpickler raise
         raise DataError(f"{path} is truncated or corrupt ({type(e).__name__}); "
                         "re-download or rebuild the data set") from None
-    return _batch_arrays(batch, path)
 
 
 def _batch_arrays(batch, path):
@@ -108,7 +110,8 @@ def _batch_arrays(batch, path):
     X, y = batch[b"data"], np.asarray(batch[b"labels"])
     if not isinstance(X, np.ndarray) or X.dtype != np.uint8 or X.ndim != 2 or X.shape[1] != D:
         raise bad("data is not a uint8 array of 3072 columns")
-    if y.shape != (X.shape[0],) or y.size == 0 or y.min() < 0 or y.max() >= K:
+    if (not np.issubdtype(y.dtype, np.integer) or y.shape != (X.shape[0],) or y.size == 0
+            or y.min() < 0 or y.max() >= K):
         raise bad("labels do not match the data")
     return X, y.astype(np.int64)
 
@@ -131,7 +134,14 @@ def resolve_batches_dir(source=None, cache_dir=None):
     source = source or os.environ.get(ENV_DIR)
     if not source:
         return _download_and_extract(cache_dir)
-    path = Path(source).expanduser()
+    try:
+        return _local_batches_dir(Path(source).expanduser(), cache_dir)
+    except PermissionError as e:
+        raise DataError(f"cannot read {e.filename or source}: permission denied; check the path "
+                        "and its permissions") from None
+
+
+def _local_batches_dir(path, cache_dir):
     if not path.exists():
         raise DataError(f"data path {path} does not exist; point --data-dir (or ${ENV_DIR}) at a "
                         f"{BATCHES_DIR} folder or {ARCHIVE}")
@@ -292,19 +302,23 @@ def build_dataset(folder, n_val, dtype):
 
 
 def train_stats(X_uint8, block=1024):
-    """Per-dimension mean and std (float64) of pixels / 255; a zero std becomes 1."""
+    """Per-dimension mean and std (float64) of pixels / 255; a zero std becomes 1.
+
+    The sums of pixels and of their squares are exact integers, so a constant pixel has a
+    variance of exactly 0 (the float formula E[x²] − E[x]² leaves ~1e-8 there and would skip the
+    rule, dividing by a round-off).
+    """
     n = len(X_uint8)
-    s = np.zeros(X_uint8.shape[1])
-    s2 = np.zeros(X_uint8.shape[1])
-    x = np.empty((min(block, n), X_uint8.shape[1]))  # reused: fresh 100 MB temporaries are slow
+    s = np.zeros(X_uint8.shape[1], dtype=np.int64)
+    s2 = np.zeros(X_uint8.shape[1], dtype=np.int64)
     for start in range(0, n, block):
-        xb = x[:len(X_uint8[start:start + block])]
-        np.divide(X_uint8[start:start + block], 255.0, out=xb)
-        s += xb.sum(axis=0)
-        s2 += np.square(xb, out=xb).sum(axis=0)
-    mean = s / n
-    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
-    std[std < 1e-12] = 1.0  # a constant pixel: centre it, don't divide by zero
+        xb = X_uint8[start:start + block]
+        s += xb.sum(axis=0, dtype=np.int64)
+        s2 += np.square(xb, dtype=np.uint16).sum(axis=0, dtype=np.int64)  # 255² fits in uint16
+    var_num = n * s2 - s * s  # n²·255²·var, exact (< 2^63 for any CIFAR-sized n)
+    mean = s / (255.0 * n)
+    std = np.sqrt(var_num) / (255.0 * n)
+    std[var_num == 0] = 1.0  # a constant pixel: centre it, don't divide by zero
     return mean, std
 
 
@@ -345,9 +359,9 @@ def _cache_key(spec):
 
 def _read_arrays(entry, folder, n_val, dtype):
     """The Dataset cached in entry, memory-mapped read-only, or None if absent or unusable."""
-    if not entry.is_dir():
-        return None
     try:
+        if not entry.is_dir():
+            return None
         splits = {name: Split(np.asarray(np.load(entry / f"{name}_X.npy", mmap_mode="r")),
                               np.load(entry / f"{name}_y.npy"))
                   for name in SPLITS}
@@ -397,7 +411,8 @@ def _write_arrays(entry, data, spec):
 
 
 def _drop_stale(entry, spec):
-    """Delete older entries of the same folder, n_val and dtype: their batch files changed."""
+    """Delete the other entries that can no longer be hit: those of the same folder, n_val and
+    dtype (their batch files changed) and those whose folder is gone (e.g. a temporary copy)."""
     same = ("folder", "n_val", "dtype")
     for other in entry.parent.glob("*/spec.json"):
         if other.parent == entry:
@@ -406,6 +421,6 @@ def _drop_stale(entry, spec):
             old = json.loads(other.read_text())
         except (OSError, ValueError):
             continue
-        if all(old.get(k) == spec[k] for k in same):
+        if all(old.get(k) == spec[k] for k in same) or not Path(old.get("folder", "")).is_dir():
             log.info("deleting the stale array cache %s", other.parent)
             shutil.rmtree(other.parent, ignore_errors=True)

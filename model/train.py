@@ -52,12 +52,13 @@ _CHECKS = [
     ("m", lambda c: c.m > 0, "the hidden layer needs at least one unit"),
     ("n_batch", lambda c: c.n_batch > 0, "use a positive batch size (e.g. 100)"),
     ("eta_min", lambda c: c.eta_min > 0, "η_min must be > 0 (e.g. 1e-5)"),
-    ("eta_max", lambda c: c.eta_max >= c.eta_min,
-     "η_max must be ≥ η_min (e.g. --eta-min 1e-5 --eta-max 0.1)"),
+    ("eta_max", lambda c: c.eta_max >= c.eta_min and np.isfinite(c.eta_max),
+     "η_max must be finite and ≥ η_min (e.g. --eta-min 1e-5 --eta-max 0.1)"),
     ("n_s", lambda c: c.n_s > 0, "the CLR half cycle must be a positive number of updates"),
     ("cycles", lambda c: c.cycles > 0, "train at least one cycle"),
     ("evals_per_cycle", lambda c: c.evals_per_cycle > 0, "evaluate at least once per cycle"),
     ("eval_train_samples", lambda c: c.eval_train_samples >= 0, "use 0 or more samples"),
+    ("seed", lambda c: c.seed >= 0, "seeds are integers ≥ 0"),
     ("dtype", lambda c: c.dtype in DTYPES, f"choose one of {', '.join(DTYPES)}"),
 ]
 

@@ -83,10 +83,7 @@ CASES = [
          cache_in_case=True),
     case("train-data-dir-unreadable", "train.py",
          ["--data-dir", "{bad}", *TRAIN, "--out", "{out}/run"], "cifar-10-batches-py",
-         setup="unreadable-dir", unprivileged=True, cache_in_case=True,
-         marks=bug("model/data.py resolve_batches_dir: (candidate / 'data_batch_1').is_file() "
-                   "raises PermissionError on Python 3.11 when the folder cannot be searched "
-                   "(chmod 000) -> traceback, exit 1")),
+         setup="unreadable-dir", unprivileged=True, cache_in_case=True),
     case("train-batch-unreadable", "train.py",
          ["--data-dir", "{bad}", *TRAIN, "--out", "{out}/run"], "data_batch_2",
          setup="unreadable-batch", unprivileged=True, cache_in_case=True),

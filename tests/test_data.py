@@ -108,9 +108,6 @@ def test_constant_pixel_in_the_fixture(cifar_tiny_dir):
     assert (non_constant(cifar_tiny_dir.train_X).std(axis=0) > 0).all()
 
 
-@pytest.mark.xfail(strict=True, reason="model/data.py train_stats: the one-pass variance "
-                   "s2/n − mean² leaves a constant pixel with std ~1e-8 instead of 0, so the std-0 "
-                   "rule (divide by 1) is skipped")
 def test_train_stats_std_zero_rule_is_exact():
     # the module docstring: "a dimension with std 0 is divided by 1 instead"
     rng = np.random.default_rng(0)
@@ -204,17 +201,13 @@ def test_truncated_or_corrupt_batch_file(cifar_tiny_dir, tmp_path, damage):
     folder = copy_batches(cifar_tiny_dir, tmp_path)
     path = folder / "data_batch_3"
     raw = path.read_bytes()
-    garbage = np.random.default_rng(0).bytes(5000)  # fixed bytes: see the xfail test below
+    garbage = np.random.default_rng(0).bytes(5000)  # fixed bytes: see the length-field test below
     path.write_bytes({"half": raw[:len(raw) // 2], "empty": b"", "garbage": garbage,
                       "one byte": raw[:1]}[damage])
     with pytest.raises(DataError, match="data_batch_3"):  # the message names the bad file
         load_cifar10(folder, n_val=N_VAL, cache_dir=tmp_path)
 
 
-@pytest.mark.xfail(strict=True, raises=(OverflowError, MemoryError),
-                   reason="model/data.py load_batch catches neither OverflowError nor "
-                   "MemoryError, which a corrupt length field makes the unpickler raise (about 1 "
-                   "in 60 random 5 kB files)")
 @pytest.mark.parametrize("size", [2**64 - 1, 2**62], ids=["overflow", "memory"])
 def test_corrupt_length_field_is_a_data_error(tmp_path, size):
     # a protocol-4 BINBYTES8 opcode whose 8-byte length no file could hold
@@ -241,9 +234,6 @@ def test_well_formed_pickle_that_is_not_a_batch(tmp_path, content):
         load_batch(tmp_path / "b")
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="model/data.py: _batch_arrays runs outside load_batch's try and "
-                   "y.min() on non-numeric labels raises numpy's UFuncTypeError, not DataError")
 def test_non_numeric_labels_are_a_data_error(tmp_path):
     batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [b"a", b"b"]}
     write_pickle(tmp_path / "b", batch, 4)

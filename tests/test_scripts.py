@@ -32,9 +32,6 @@ BAD_INPUT = {
     "out-is-a-file": ("train.py", ["--out", "{file}"], "is a file"),
     "unknown-flag": ("train.py", ["--no-such-flag"], "--no-such-flag"),
     "gradcheck-lam-zero": ("gradcheck.py", ["--lam", "0"], "--lam"),
-}
-# Known bugs (see the report): they must fail today; strict=True flags the day they are fixed.
-BAD_INPUT_BUGS = {
     "negative-seed": ("train.py", ["--seed", "-1"], "seed"),
 }
 
@@ -74,7 +71,7 @@ def runs(cifar_tiny_dir, tmp_path_factory):
             "--eta-max", "1e4", "--lam", "10", "--out", str(base / "diverged" / "run")], env),
             base / "diverged"),
     }
-    for case, (script, extra, _) in {**BAD_INPUT, **BAD_INPUT_BUGS}.items():
+    for case, (script, extra, _) in BAD_INPUT.items():
         case_dir = base / case
         case_dir.mkdir()
         extra = [subst.get(a, a) for a in extra]
@@ -160,14 +157,6 @@ def test_bad_input_is_one_line_and_exit_2(runs, case):
 
 def test_out_file_is_left_untouched(runs):
     assert runs["out-is-a-file"][3].parent.joinpath("a-file").read_text() == "keep me"
-
-
-@pytest.mark.xfail(strict=True, reason="TrainConfig (model/train.py) accepts a negative "
-                   "seed and scripts/train.py's np.random.default_rng(-1) raises ValueError -> "
-                   "traceback, exit 1")
-@pytest.mark.parametrize("case", list(BAD_INPUT_BUGS))
-def test_known_bad_input_bugs(runs, case):
-    check_bad_input(runs, case, BAD_INPUT_BUGS[case][2])
 
 
 def test_diverged_training_is_one_line_and_exit_1(runs):
