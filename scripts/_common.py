@@ -86,7 +86,8 @@ def setup_logging(args):
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own log says what a trial did
+    # our own log says what a trial did; Optuna's warning for a failed trial carries a traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 def emit(summary, args, text):

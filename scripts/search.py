@@ -61,8 +61,8 @@ def check_args(p, args):
         p.error(f"--repeats must be ≥ 1 (got {args.repeats})")
     if args.values is not None and args.phase != "fine":
         p.error("--values belongs to the fine phase")
-    if not (args.top_k >= 1 and args.margin >= 0):
-        p.error("--top-k must be ≥ 1 and --margin ≥ 0")
+    if not (args.top_k >= 1 and args.margin > 0):
+        p.error("--top-k must be ≥ 1 and --margin > 0 (decades added around the best λ)")
     if not 0 < args.heartbeat_interval < args.grace_period:
         p.error("--heartbeat-interval must be > 0 and below --grace-period")
 

@@ -52,6 +52,7 @@ class Objective:
                                on_eval=_reporter(trial) if first else None)
         except DivergedError as e:
             trial.set_user_attr("failure", str(e))
+            log.warning("trial %d: %s", trial.number, e)
             raise
         except KeyboardInterrupt:
             trial.set_user_attr("failure", "interrupted (Ctrl-C)")

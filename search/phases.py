@@ -7,7 +7,7 @@ import optuna
 from model.errors import InputError, WorkersFailed
 from model.train import TrainConfig
 from search.objective import Objective
-from search.runner import make_pruner, make_sampler, n_finished, run_workers, worker_seed
+from search.runner import make_pruner, make_sampler, n_done, run_workers
 from search.space import (COARSE_LAM, FINE_MARGIN_DECADES, FINE_TOP_K, fine_range, lam_space,
                           space_from_dict, space_to_dict)
 from search.study import finished_trials, load_study, study_name
@@ -57,16 +57,16 @@ def create_or_resume(storage, spec):
     study = optuna.create_study(study_name=spec.study_name, storage=storage, direction="maximize",
                                 load_if_exists=True)
     recorded = study.user_attrs
-    if not recorded:
-        for key, value in spec.attrs().items():
-            study.set_user_attr(key, value)
-        return study
     wanted = spec.attrs()
     for key in _PINNED:
-        if recorded.get(key) != wanted[key]:
+        # a key not there yet may be being written by a process that created the study just now
+        if key in recorded and recorded[key] != wanted[key]:
             raise InputError(f"study {spec.study_name} was started with other {key} settings "
-                             f"({recorded.get(key)}); resume with the same flags or use a new "
+                             f"({recorded[key]}); resume with the same flags or use a new "
                              "--campaign")
+    for key, value in wanted.items():
+        if key not in recorded:
+            study.set_user_attr(key, value)
     return study
 
 
@@ -136,14 +136,15 @@ def run_phase(spec, storage, storage_url, data, workers=1, storage_opts=None, pr
     storage.remove_session()
     storage.engine.dispose()  # forked workers must open their own connections
     grid = {"lam": list(spec.grid)} if spec.grid else None
+    is_grid = spec.sampler == "grid"  # every value is tried once: a diverged one counts as tried
     codes = run_workers(
-        workers, progress=(lambda: progress(n_finished(study))) if progress else None,
+        workers, progress=(lambda: progress(n_done(study, is_grid))) if progress else None,
         storage_url=storage_url, study_name=spec.study_name,
         objective=Objective(data, spec.config, spec.space, repeats=spec.repeats),
         target=spec.n_trials, pruner=make_pruner(spec.pruner, spec.config),
-        make_sampler_for=lambda i, n: make_sampler(spec.sampler, worker_seed(spec.seed, i, n), grid),
-        storage_opts=storage_opts)
-    if any(codes) or n_finished(study) < spec.n_trials:
+        make_sampler=lambda: make_sampler(spec.sampler, spec.seed, grid),
+        storage_opts=storage_opts, count_diverged=is_grid)
+    if any(codes) or n_done(study, is_grid) < spec.n_trials:
         raise WorkersFailed(f"{spec.study_name}: workers exited with codes {codes} before "
                             f"{spec.n_trials} complete trials; re-run the same command to resume")
     return study

@@ -1,10 +1,16 @@
 """Running a phase: samplers and pruners, the worker loop, and local worker processes.
 
-"Run to N" semantics: a phase is done when it holds N finished trials (COMPLETE or PRUNED), however
-many runs, workers and crashes it took. A worker starts a trial only while finished + running trials
-fall short of N; it waits while the missing trials are running elsewhere, and takes over a trial
-whose worker died (its heartbeat stopped) once Optuna re-queues it with the same λ.
+"Run to N" semantics: a phase is done when it holds N COMPLETE trials (for a grid: N values
+tried, a diverged value included), however many runs, workers and crashes it took. A worker starts
+a trial only while done + running trials fall short of N; it waits while the missing trials are
+running elsewhere, and takes over a trial whose worker died (its heartbeat stopped, or it died
+before its first heartbeat) once it is re-queued with the same λ.
+
+Samplers draw from a random state seeded by (study seed, trial number) before every trial: the λ
+of a trial does not depend on which worker or process runs it, parallel and resumed workers never
+replay one λ sequence (optuna #3255), and a random phase is reproducible trial by trial.
 """
+import datetime
 import logging
 import multiprocessing
 import os
@@ -29,20 +35,39 @@ PRUNERS = ("none", "median", "hyperband")
 SURPLUS = "surplus: other workers completed the phase"
 
 
-def worker_seed(study_seed, worker_index, n_existing):
-    """A sampler seed unique to (study seed, worker, trials already in the study).
+def trial_seed(study_seed, number):
+    """The seed of trial `number`'s random draws."""
+    return int(np.random.SeedSequence([study_seed, number]).generate_state(1)[0])
 
-    Resumed and parallel workers must not replay one λ sequence (optuna #3255); a fresh serial
-    run stays reproducible.
-    """
-    return int(np.random.SeedSequence([study_seed, worker_index, n_existing]).generate_state(1)[0])
+
+class _TrialSeeded:
+    """Mixin: reseed the sampler's random state from (study seed, trial number) before a trial."""
+
+    def before_trial(self, study, trial):
+        seed = trial_seed(self.study_seed, trial.number)
+        self._rng.rng.seed(seed)
+        if hasattr(self, "_random_sampler"):  # TPE's startup trials
+            self._random_sampler._rng.rng.seed(seed)
+        super().before_trial(study, trial)
+
+
+class TrialSeededRandomSampler(_TrialSeeded, optuna.samplers.RandomSampler):
+    def __init__(self, seed):
+        super().__init__(seed=seed)
+        self.study_seed = seed
+
+
+class TrialSeededTPESampler(_TrialSeeded, optuna.samplers.TPESampler):
+    def __init__(self, seed):
+        super().__init__(seed=seed, n_startup_trials=4)
+        self.study_seed = seed
 
 
 def make_sampler(kind, seed, grid=None):
     if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+        return TrialSeededRandomSampler(seed)
     if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+        return TrialSeededTPESampler(seed)
     if kind == "grid":
         return optuna.samplers.GridSampler(grid, seed=seed)
     raise ConfigError(f"unknown sampler {kind!r}; choose one of {', '.join(SAMPLERS)}")
@@ -87,24 +112,40 @@ def make_pruner(kind, config):
     raise ConfigError(f"unknown pruner {kind!r}; choose one of {', '.join(PRUNERS)}")
 
 
-def n_finished(study):
-    counts = count_states(study)
-    return sum(counts[s] for s in FINISHED)
+def is_diverged(t):
+    return t.state == TrialState.FAIL and "diverged" in (t.user_attrs.get("failure") or "")
 
 
-def work(study, objective, target, poll=1.0, after_trial=None):
-    """Run trials of study until it holds `target` finished trials (see the module docstring).
+def n_done(study, count_diverged=False):
+    """Trials that count towards the phase's target: COMPLETE (and diverged, for a grid)."""
+    return sum(t.state in FINISHED or (count_diverged and is_diverged(t))
+               for t in study.get_trials(deepcopy=False))
+
+
+def work(study, objective, target, poll=1.0, after_trial=None, count_diverged=False,
+         max_diverged=None):
+    """Run trials of study until it holds `target` done trials (see the module docstring).
 
     after_trial: optional callable() run after each trial this worker ran (progress bars).
+    count_diverged: a diverged trial counts as done (a grid value that was tried).
+    max_diverged: stop with DivergedError once this many trials diverged (default max(5, target)):
+      a protocol where every λ diverges would otherwise sample forever.
     """
-    guarded = _guard_surplus(objective, target)
+    guarded = _guard_surplus(objective, target, count_diverged)
+    max_diverged = max_diverged or max(5, target)
     while True:
         _fail_stale_trials(study)
-        counts = count_states(study)
-        done = sum(counts[s] for s in FINISHED)
+        trials = study.get_trials(deepcopy=False)
+        done = sum(t.state in FINISHED or (count_diverged and is_diverged(t)) for t in trials)
         if done >= target:
             return done
-        if done + counts[TrialState.RUNNING] >= target and counts[TrialState.WAITING] == 0:
+        diverged = sum(is_diverged(t) for t in trials)
+        if not count_diverged and diverged >= max_diverged:
+            raise DivergedError(f"{study.study_name}: {diverged} trials diverged (non-finite "
+                                "loss); lower η_max or the λ range")
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        waiting = sum(t.state == TrialState.WAITING for t in trials)
+        if done + running >= target and waiting == 0:
             time.sleep(poll)  # the missing trials are running: wait for them, or for their death
             continue
         try:
@@ -117,10 +158,11 @@ def work(study, objective, target, poll=1.0, after_trial=None):
             after_trial()
 
 
-def _guard_surplus(objective, target):
+def _guard_surplus(objective, target, count_diverged):
     def guarded(trial):
         before = [t for t in trial.study.get_trials(deepcopy=False)
-                  if t.number < trial.number and (t.state in FINISHED or t.state == TrialState.RUNNING)]
+                  if t.number < trial.number and (t.state in FINISHED or t.state == TrialState.RUNNING
+                                                  or (count_diverged and is_diverged(t)))]
         if len(before) >= target:
             # pruned, not failed: a race between workers is no error (and Optuna logs no traceback)
             trial.set_user_attr("failure", SURPLUS)
@@ -133,19 +175,50 @@ def _fail_stale_trials(study):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    _fail_orphans(study)
 
 
-def run_worker(storage_url, study_name, objective, target, make_sampler_for, pruner, worker_index,
-               storage_opts=None, after_trial=None):
+def _fail_orphans(study):
+    """Fail and re-queue RUNNING trials that never sent a heartbeat and are older than three grace
+    periods: their worker died between creating the trial and its first heartbeat, a case
+    Optuna's stale-trial check skips (it only looks at trials with a heartbeat)."""
+    from optuna.storages._rdb import models  # no public API lists the heartbeats
+
+    rdb = getattr(study._storage, "_backend", study._storage)
+    if not hasattr(rdb, "scoped_session") or rdb.get_heartbeat_interval() is None:
+        return
+    old = datetime.timedelta(seconds=3 * (rdb.grace_period or 2 * rdb.heartbeat_interval))
+    session = rdb.scoped_session()
+    try:
+        beating = {tid for (tid,) in session.query(models.TrialHeartbeatModel.trial_id)}
+    finally:
+        rdb.scoped_session.remove()
+    now = datetime.datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t._trial_id in beating or t.datetime_start is None or now - t.datetime_start < old:
+            continue
+        try:
+            if not rdb.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except UpdateFinishedTrialError:
+            continue
+        log.warning("trial %d never sent a heartbeat (its worker died at once): re-queued", t.number)
+        callback = rdb.get_heartbeat_stale_trial_callback()
+        if callback is not None:
+            callback(study, rdb.get_trial(t._trial_id))
+
+
+def run_worker(storage_url, study_name, objective, target, make_sampler, pruner, storage_opts=None,
+               after_trial=None, count_diverged=False):
     """One worker: its own storage connection and sampler, then the work loop."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
         storage = open_storage(storage_url, **(storage_opts or {}))
-        n_existing = len(optuna.load_study(study_name=study_name, storage=storage).trials)
-        study = optuna.load_study(study_name=study_name, storage=storage,
-                                  sampler=make_sampler_for(worker_index, n_existing), pruner=pruner)
-        return work(study, objective, target, after_trial=after_trial)
+        study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(),
+                                  pruner=pruner)
+        return work(study, objective, target, after_trial=after_trial,
+                    count_diverged=count_diverged)
 
 
 def run_workers(n_workers, progress=None, **worker_kwargs):
@@ -155,11 +228,11 @@ def run_workers(n_workers, progress=None, **worker_kwargs):
     Returns the exit codes of the forked workers ([] for one worker in-process).
     """
     if n_workers == 1:
-        run_worker(worker_index=0, after_trial=progress, **worker_kwargs)
+        run_worker(after_trial=progress, **worker_kwargs)
         return []
     ctx = multiprocessing.get_context("fork")  # the data loaded by the parent is shared, not copied
-    procs = [ctx.Process(target=_worker_main, kwargs={**worker_kwargs, "worker_index": i},
-                         name=f"worker-{i}") for i in range(n_workers)]
+    procs = [ctx.Process(target=_worker_main, kwargs=worker_kwargs, name=f"worker-{i}")
+             for i in range(n_workers)]
     for p in procs:
         p.start()
     try:
@@ -186,3 +259,6 @@ def _worker_main(**kwargs):
         run_worker(**kwargs)
     except KeyboardInterrupt:
         os._exit(130)
+    except Exception as e:  # one line in the log; the parent reports the exit code
+        log.error("worker %d stopped: %s", os.getpid(), e)
+        os._exit(1)

@@ -1,5 +1,7 @@
 """Storage and studies: open an RDB storage safely, name a campaign's studies, read results."""
 import logging
+import os
+import time
 import warnings
 from pathlib import Path
 
@@ -55,12 +57,10 @@ def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,
         _prepare_sqlite_path(path, create)
     engine_kwargs = {"connect_args": {"timeout": 30}} if parsed.get_backend_name() == "sqlite" else {}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                              grace_period=grace_period,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                                  max_retry=max_retry))
+        return _create_tables_once(lambda: RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry)))
     except ImportError as e:
         raise InputError(f"storage {mask_url(url)} needs a driver that is not installed ({e.name}); "
                          "for PostgreSQL: pip install 'clr-lambda-search[postgres]' and use "
@@ -69,6 +69,25 @@ def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,
         reason = str(getattr(e, "orig", None) or e).splitlines()[0]
         raise InputError(f"cannot open storage {mask_url(url)} ({reason}); check the URL, the "
                          "server and the credentials") from None
+
+
+_CREATION_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key value")
+
+
+def _create_tables_once(make, attempts=8):
+    """make() an RDBStorage; when processes open a fresh storage together, all but one lose the
+    race to create its tables ("already exists", "UNIQUE constraint failed: alembic_version"):
+    they try again once the winner is done."""
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return make()
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            if attempt == attempts - 1 or not any(m in str(e) for m in _CREATION_RACE):
+                raise
+            log.info("storage tables being created by another process; retrying")
+            time.sleep(0.2 * (attempt + 1) + 0.05 * (os.getpid() % 7))  # spread the retries
 
 
 def check_storage(url):
