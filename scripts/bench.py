@@ -1,0 +1,293 @@
+"""Speed benchmark: the training step, a search trial and parallel workers against the GEMM floor.
+
+    python scripts/bench.py [--data-dir DIR] [--quick] [--json]
+
+Everything runs with one BLAS thread and float32, and every figure is a ratio to the floor measured
+in the same run. Floor, step and evaluation are the CPU time of the calling thread (one BLAS thread
+computes in the caller), best of many short interleaved blocks, so that other processes on the
+machine shift them little; trials are wall time (best of the repeats), as a search sees them:
+  floor_ms                the two GEMMs a step cannot avoid, X_b W1 (100×3072 · 3072×50) and
+                          X_bᵀ dH (3072×100 · 100×50), best of the repeats
+  step_ms                 model.step.sgd_step on batches gathered by random indices from the
+                          49,000-row training array, as train() does, best of the same repeats
+  trial_over_floor        a coarse-protocol trial (search.phases.SEARCH_CONFIG, 3,200 steps and
+                          its evaluations) through Objective into an SQLite study ÷ 3,200 floors,
+                          best of 3 trials (1 with --quick)
+  workers2_over_workers1  trials per minute of 2 worker processes ÷ 1 worker, through
+                          search.runner.run_workers (8 trials of one cycle of n_s 400 each; 4 of
+                          n_s 200 with --quick)
+  pipeline_over_floor     the whole default pipeline (scripts/pipeline.py --workers 2: gradcheck,
+                          10 coarse + 12 fine trials, 3 final seeds, dashboard) in a temporary
+                          storage, wall time ÷ (updates it trained × floor ÷ 2 workers); needs
+                          CIFAR-10 (--data-dir), skipped with --quick
+Without --data-dir (or $CIFAR10_DIR) the data are synthetic standard-normal arrays of CIFAR-10's
+shapes, which time the same; the output says which were used. A new figure is one more measure_*
+function called from main() and its rows in ROWS.
+"""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+import _common
+from model.data import Dataset, Split, load_cifar10
+from model.errors import WorkersFailed
+from model.network import init_params
+from model.schedule import cyclic_lr
+from model.step import make_workspace, sgd_step
+from model.train import evaluate
+from search.objective import Objective
+from search.phases import SEARCH_CONFIG, coarse_space
+from search.runner import make_pruner, make_sampler, run_workers
+from search.study import open_storage
+
+N_TRAIN, N_VAL, D, K = 49_000, 1_000, 3072, 10
+TRIAL_LAM = 1e-3               # the λ of the timed trial: any value of the coarse range times the same
+SIZES = {                      # --quick | full
+    "repeats": (20, 60),       # timed blocks of floor, gather and step, interleaved
+    "iters": (50, 50),         # calls per timed block
+    "trials": (1, 3),          # coarse trials timed
+    "worker_trials": (4, 8),   # trials per worker count
+    "worker_n_s": (200, 400),  # half cycle of those trials (one cycle each)
+}
+
+# (key, label, unit) of the table, in order; a measurement adds its keys to the results.
+ROWS = [
+    ("floor_ms", "GEMM floor (X_b W1 + X_bᵀ dH)", "ms"),
+    ("gather_ms", "  batch gather alone", "ms"),
+    ("step_ms", "training step (sgd_step)", "ms"),
+    ("step_over_floor", "step / floor", "×"),
+    ("eval_ms", "one evaluation (train subset + val)", "ms"),
+    ("trial_s", "coarse trial (3,200 steps)", "s"),
+    ("trial_cpu_s", "  its CPU time (wall − CPU: waiting)", "s"),
+    ("trial_train_s", "  training, evaluations included", "s"),
+    ("trial_evals_s", f"    evaluations ({len(SEARCH_CONFIG.eval_steps())} × one)", "s"),
+    ("trial_optuna_s", "  Optuna and the storage", "s"),
+    ("trial_over_floor", "trial / (3,200 × floor)", "×"),
+    ("workers1_trials_per_min", "1 worker", "trials/min"),
+    ("workers2_trials_per_min", "2 workers", "trials/min"),
+    ("workers2_over_workers1", "2 workers / 1 worker", "×"),
+    ("pipeline_s", "default pipeline, --workers 2 (wall)", "s"),
+    ("pipeline_steps", "  updates it trained", ""),
+    ("pipeline_over_floor", "pipeline / (updates × floor / 2)", "×"),
+]
+
+
+def parse_args(argv=None):
+    p = _common.Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="fewer repeats and fewer, shorter worker trials (about half the run time)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, params and batches")
+    p.add_argument("--data-dir", default=None,
+                   help="CIFAR-10: a cifar-10-batches-py folder, a folder holding it, or "
+                        "cifar-10-python.tar.gz (default: $CIFAR10_DIR, else synthetic arrays of "
+                        "the same shapes; the benchmark never downloads)")
+    p.add_argument("--n-val", type=int, default=N_VAL, help="validation images of CIFAR-10")
+    _common.add_common_args(p)
+    return p.parse_args(argv)
+
+
+def get_data(args, rng):
+    """(Dataset, description): CIFAR-10 if a source is given, else synthetic arrays of its shapes."""
+    if args.data_dir or os.environ.get("CIFAR10_DIR"):
+        data = load_cifar10(args.data_dir, n_val=args.n_val, dtype="float32")
+        return data, f"CIFAR-10 ({data.source})"
+
+    def split(n):
+        return Split(rng.standard_normal((n, D), dtype=np.float32), rng.integers(0, K, n))
+    return Dataset(train=split(N_TRAIN), val=split(N_VAL), test=split(N_VAL), source="synthetic"), \
+        "synthetic standard normal"
+
+
+def block_ms(fn, iters):
+    """Mean CPU ms of this thread per call of fn() over one block of iters calls."""
+    start = time.thread_time()
+    for _ in range(iters):
+        fn()
+    return (time.thread_time() - start) / iters * 1e3
+
+
+def measure_step(data, size, rng):
+    """floor_ms, gather_ms, step_ms: interleaved timed blocks, best of the repeats each."""
+    X, y = data.train.X, data.train.y
+    config = SEARCH_CONFIG
+    params = init_params(D, config.m, K, rng, dtype=np.float32)
+    ws = make_workspace(config.n_batch, D, config.m, K, X.dtype)
+    B = config.n_batch
+    Xb = X[:B].copy()
+    H = np.empty((B, config.m), np.float32)
+    dH = rng.standard_normal((B, config.m), dtype=np.float32)
+    dW1 = np.empty_like(params["W1"])
+    batches = _batches(len(y), B, rng)
+    state = {"t": 0}
+
+    def floor():
+        np.matmul(Xb, params["W1"], out=H)
+        np.matmul(Xb.T, dH, out=dW1)
+
+    def gather():
+        np.take(X, next(batches), axis=0, out=ws["X"], mode="clip")
+
+    def step():  # the CLR schedule of the coarse protocol, as in training
+        t = state["t"] = state["t"] + 1
+        eta = cyclic_lr(t, config.eta_min, config.eta_max, config.n_s)
+        sgd_step(params, X, y, next(batches), eta, TRIAL_LAM, ws)
+
+    times = {"floor_ms": [], "gather_ms": [], "step_ms": []}
+    for _ in range(size["repeats"]):
+        for key, fn in (("floor_ms", floor), ("gather_ms", gather), ("step_ms", step)):
+            times[key].append(block_ms(fn, size["iters"]))
+    out = {key: min(v) for key, v in times.items()}
+    out["step_over_floor"] = out["step_ms"] / out["floor_ms"]
+    return out
+
+
+def _batches(N, B, rng):
+    """Consecutive batches of a fresh permutation per epoch, like train()."""
+    while True:
+        perm = rng.permutation(N)
+        for start in range(0, N, B):
+            yield perm[start:start + B]
+
+
+def measure_eval(data, size, rng):
+    """eval_ms: one evaluation point of the coarse protocol (train subset and val)."""
+    params = init_params(D, SEARCH_CONFIG.m, K, rng, dtype=np.float32)
+    k = SEARCH_CONFIG.eval_train_samples or len(data.train.y)
+
+    def one():
+        evaluate(params, data.train.X[:k], data.train.y[:k], TRIAL_LAM)
+        evaluate(params, data.val.X, data.val.y, TRIAL_LAM)
+    return {"eval_ms": min(block_ms(one, 1) for _ in range(max(3, size["repeats"] // 3)))}
+
+
+def measure_trial(data, size, floor_ms, eval_ms):
+    """trial_s and trial_over_floor: coarse trials (same λ), study and storage included, best of
+    the repeats; the best one split into training (the Objective's own clock) and the rest.
+
+    trial_cpu_s, the trial's CPU time, tells how much of the wall time a busy machine took away.
+    """
+    trials = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        storage = open_storage(f"sqlite:///{Path(tmp) / 'trial.db'}")
+        study = optuna.create_study(study_name="bench-trial", storage=storage, direction="maximize",
+                                    pruner=make_pruner("median", SEARCH_CONFIG))
+        objective = Objective(data, SEARCH_CONFIG, coarse_space())
+        for _ in range(size["trials"]):
+            study.enqueue_trial({"lam": TRIAL_LAM})
+            start, cpu = time.perf_counter(), time.thread_time()
+            study.optimize(objective, n_trials=1)
+            trials.append((time.perf_counter() - start, study.trials[-1].user_attrs["seconds"],
+                           time.thread_time() - cpu))
+        storage.engine.dispose()
+    wall, train_s, cpu_s = min(trials)
+    return {"trial_s": wall, "trial_cpu_s": cpu_s, "trial_train_s": train_s,
+            "trial_evals_s": len(SEARCH_CONFIG.eval_steps()) * eval_ms / 1e3,
+            "trial_optuna_s": wall - train_s,
+            "trial_over_floor": wall * 1e3 / (SEARCH_CONFIG.total_steps * floor_ms)}
+
+
+def measure_workers(data, size, rng):
+    """Trials per minute with 1 and with 2 worker processes, each on a fresh SQLite study.
+
+    The rate is taken between the first trial's start and the last one's end, as the study
+    records them, so that process start-up and the runner's polling interval stay out of it.
+    """
+    config = dataclasses.replace(SEARCH_CONFIG, n_s=size["worker_n_s"], cycles=1)
+    n_trials = size["worker_trials"]
+    rates = {}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for n_workers in (1, 2):
+            url = f"sqlite:///{Path(tmp) / f'workers{n_workers}.db'}"
+            name = f"bench-workers{n_workers}"
+            storage = open_storage(url)
+            optuna.create_study(study_name=name, storage=storage, direction="maximize")
+            storage.remove_session()
+            storage.engine.dispose()  # forked workers open their own connections
+            codes = run_workers(
+                n_workers, storage_url=url, study_name=name,
+                objective=Objective(data, config, coarse_space()), target=n_trials,
+                pruner=optuna.pruners.NopPruner(), make_sampler=lambda: make_sampler("random", 0))
+            if any(codes):
+                raise WorkersFailed(f"benchmark workers exited with codes {codes}")
+            study = optuna.load_study(study_name=name, storage=open_storage(url))
+            rates[n_workers] = _trials_per_min(study, n_trials)
+    return {"workers1_trials_per_min": rates[1], "workers2_trials_per_min": rates[2],
+            "workers2_over_workers1": rates[2] / rates[1]}
+
+
+def _trials_per_min(study, n_trials):
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE][:n_trials]
+    span = max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)
+    return len(done) / span.total_seconds() * 60
+
+
+def measure_pipeline(args, floor_ms):
+    """pipeline_s, pipeline_steps, pipeline_over_floor: scripts/pipeline.py with its defaults and
+    --workers 2 in a temporary storage; the updates are counted from the studies it wrote."""
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        url = f"sqlite:///{Path(tmp) / 'studies.db'}"
+        cmd = [sys.executable, str(Path(__file__).with_name("pipeline.py")), "--workers", "2",
+               "--storage", url, "--out-dir", str(Path(tmp) / "c"), "--campaign", "bench", "-q",
+               "--json"] + (["--data-dir", args.data_dir] if args.data_dir else [])
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise WorkersFailed(f"the pipeline failed: {proc.stderr.strip().splitlines()[-1:]}")
+        final = json.loads(proc.stdout)["final"]
+        steps = _trained_steps(open_storage(url), "bench") + len(final["test_acc"]) * (
+            2 * json.loads((Path(tmp) / "c" / "final" / "config.json").read_text())["n_s"]
+            * json.loads((Path(tmp) / "c" / "final" / "config.json").read_text())["cycles"])
+    return {"pipeline_s": seconds, "pipeline_steps": steps,
+            "pipeline_over_floor": seconds / (steps * floor_ms / 1000 / 2)}
+
+
+def _trained_steps(storage, campaign):
+    """Updates trained by the campaign's search trials: all of a complete trial's, a pruned
+    trial's up to its last report."""
+    steps = 0
+    for phase in ("coarse", "fine"):
+        study = optuna.load_study(study_name=f"{campaign}-{phase}", storage=storage)
+        for t in study.trials:
+            if t.state == optuna.trial.TrialState.COMPLETE:
+                steps += t.user_attrs["steps"] * len(t.user_attrs["seeds"])
+            elif t.state == optuna.trial.TrialState.PRUNED and t.last_step is not None:
+                steps += t.last_step
+    return steps
+
+
+def table(results):
+    head = f"data: {results['data']}; one BLAS thread, float32{'; --quick' if results['quick'] else ''}"
+    lines = [f"{label:<38} {results[key]:>9.3f} {unit}" for key, label, unit in ROWS if key in results]
+    return "\n".join([head, *lines])
+
+
+def main():
+    args = parse_args()
+    _common.setup_logging(args)
+    size = {k: v[0 if args.quick else 1] for k, v in SIZES.items()}
+    rng = np.random.default_rng(args.seed)
+    data, described = get_data(args, rng)
+    results = {"data": described, "quick": args.quick}
+    with _common.single_blas_thread():
+        results.update(measure_step(data, size, rng))
+        results.update(measure_eval(data, size, rng))
+        results.update(measure_trial(data, size, results["floor_ms"], results["eval_ms"]))
+    results.update(measure_workers(data, size, rng))  # each worker pins its own BLAS threads
+    if not args.quick and data.source != "synthetic":
+        results.update(measure_pipeline(args, results["floor_ms"]))
+    _common.emit({k: (round(v, 4) if isinstance(v, float) else v) for k, v in results.items()},
+                 args, table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    _common.run(main)
