@@ -242,10 +242,9 @@ def measure_pipeline(args, floor_ms):
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
             raise WorkersFailed(f"the pipeline failed: {proc.stderr.strip().splitlines()[-1:]}")
-        final = json.loads(proc.stdout)["final"]
-        steps = _trained_steps(open_storage(url), "bench") + len(final["test_acc"]) * (
-            2 * json.loads((Path(tmp) / "c" / "final" / "config.json").read_text())["n_s"]
-            * json.loads((Path(tmp) / "c" / "final" / "config.json").read_text())["cycles"])
+        seeds = len(json.loads(proc.stdout)["final"]["test_acc"])
+        final = json.loads((Path(tmp) / "c" / "final" / "config.json").read_text())
+        steps = _trained_steps(open_storage(url), "bench") + seeds * 2 * final["n_s"] * final["cycles"]
     return {"pipeline_s": seconds, "pipeline_steps": steps,
             "pipeline_over_floor": seconds / (steps * floor_ms / 1000 / 2)}
 
