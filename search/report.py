@@ -45,8 +45,9 @@ def border_warning(study, best):
         return None
     p = lam_param[0]
     if on_border(best["lam"], p.low, p.high):
+        widen = "--margin" if study.user_attrs.get("phase") == "fine" else "--low/--high"
         return (f"the best λ {best['lam']:.3g} lies on a border of [{p.low:.3g}, {p.high:.3g}]: "
-                "the optimum may be outside the range; widen --low/--high")
+                f"the optimum may be outside the range; widen {widen}")
     return None
 
 
