@@ -4,7 +4,8 @@
     python scripts/search.py fine   [--campaign cifar10] [--n-trials 12 | --values 1e-3,2e-3]
     python scripts/search.py status [--campaign cifar10]
 
-Re-running a phase resumes it: it stops once the study holds --n-trials finished trials in total.
+Re-running a phase resumes it: it stops once the study holds --n-trials COMPLETE trials in total
+(pruned and failed trials come on top; with --values, each value is tried once).
 Several shells or machines may run the same command against one --storage.
 """
 import time

@@ -29,7 +29,7 @@ _PINNED = ("config", "repeats", "space")
 class PhaseSpec:
     campaign: str
     phase: str                    # coarse | fine
-    n_trials: int                 # finished trials the phase ends with
+    n_trials: int                 # COMPLETE trials the phase ends with (values tried, for a grid)
     config: TrainConfig           # training protocol of every trial (λ is overridden)
     space: tuple                  # search.space.Param, ...
     sampler: str = "random"       # random | tpe | grid
