@@ -47,6 +47,11 @@ def save_json(path, obj):
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def save_text(path, text):
+    """A text file (UTF-8), written atomically."""
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
 def load_json(path):
     return json.loads(Path(path).read_text())
 

@@ -10,6 +10,7 @@ the derived fine range; the final run's curves and test accuracy. Re-running ref
 from pathlib import Path
 
 import _common
+from model.checkpoint import save_text
 from model.errors import InputError
 from search.final import read_final
 from search.plots import dashboard_html
@@ -54,9 +55,7 @@ def main():
     final = read_final(args.final_dir or f"studies/{args.campaign}/final")
     page = dashboard_html(args.campaign, mask_url(args.storage), studies, final)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    save_text(out, page)
     _common.emit({"out": str(out), "studies": [s.study_name for s in studies],
                   "final": bool(final), "figures": page.count('class="plotly-graph-div"')}, args,
                  f"dashboard -> {out}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 import _common
-from model.checkpoint import check_out_dir
+from model.checkpoint import check_out_dir, save_text
 from model.data import load_cifar10
 from model.errors import DivergedError
 from model.gradcheck import gradcheck_report
@@ -124,9 +124,7 @@ def write_dashboard(args, storage, out_dir):
     path = out_dir / "dashboard.html"
     page = dashboard_html(args.campaign, mask_url(args.storage),
                           campaign_studies(storage, args.campaign), read_final(out_dir / "final"))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    save_text(path, page)
     log.info("[5/5] dashboard -> %s", path)
     return path
 

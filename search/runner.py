@@ -24,7 +24,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from model.errors import ConfigError, DivergedError
-from search.study import FINISHED, count_states, open_storage
+from search.study import FINISHED, open_storage
 
 log = logging.getLogger(__name__)
 

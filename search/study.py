@@ -159,13 +159,6 @@ def finished_trials(study):
     return sorted(done, key=lambda t: t.value, reverse=True)
 
 
-def count_states(study):
-    counts = {s: 0 for s in TrialState}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state] += 1
-    return counts
-
-
 def retried_from(trial):
     """The number of the trial this one re-runs after its worker died, or None."""
     with warnings.catch_warnings():
