@@ -4,6 +4,7 @@ import logging
 
 import numpy as np
 
+from model.data import K
 from model.errors import ConfigError, DivergedError
 from model.network import init_params, l2_penalty
 from model.schedule import cyclic_lr
@@ -81,9 +82,15 @@ def evaluate(params, X, y, lam, block=8192):
     return {"loss": loss, "cost": loss + l2_penalty(params, lam), "acc": correct / len(y)}
 
 
-def new_params(config, D, K, rng):
-    """Initial params for config, drawn from rng."""
-    return init_params(D, config.m, K, rng, dtype=np.dtype(config.dtype))
+def fit(data, config, on_eval=None):
+    """Train fresh params on data with config -> (params, history).
+
+    One np.random.default_rng(config.seed) draws the init and then shuffles every epoch, so one
+    config gives bit-identical params and history.
+    """
+    rng = np.random.default_rng(config.seed)
+    params = init_params(data.train.X.shape[1], config.m, K, rng, dtype=np.dtype(config.dtype))
+    return train(params, data, config, rng, on_eval)
 
 
 def train(params, data, config, rng, on_eval=None):

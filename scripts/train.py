@@ -7,12 +7,11 @@ lr .png) into --out (default studies/runs/lam<λ>-seed<seed>).
 """
 import time
 
-import numpy as np
 
 import _common
 from model.checkpoint import check_out_dir, publish_dir, save_run
-from model.data import K, load_cifar10
-from model.train import evaluate, new_params, train
+from model.data import load_cifar10
+from model.train import evaluate, fit
 
 
 def parse_args(argv=None):
@@ -31,11 +30,9 @@ def main():
     out = args.out or f"studies/runs/lam{config.lam:g}-seed{config.seed}"
     check_out_dir(out)
     data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=config.dtype)
-    rng = np.random.default_rng(config.seed)
     start = time.perf_counter()
     with _common.single_blas_thread():
-        params = new_params(config, data.train.X.shape[1], K, rng)
-        params, history = train(params, data, config, rng)
+        params, history = fit(data, config)
         test = evaluate(params, data.test.X, data.test.y, config.lam)
     seconds = time.perf_counter() - start
     last = history[-1]

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.data import K
 from model.checkpoint import load_json, publish_dir, save_run
-from model.train import evaluate, new_params, train
+from model.train import evaluate, fit
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +50,9 @@ def _seed_worker(data, config, seed, queue):
 
 
 def _run_seed(data, config, seed):
-    rng = np.random.default_rng(seed)
     cfg = dataclasses.replace(config, seed=seed)
     start = time.perf_counter()
-    params = new_params(cfg, data.train.X.shape[1], K, rng)
-    params, history = train(params, data, cfg, rng)
+    params, history = fit(data, cfg)
     test = evaluate(params, data.test.X, data.test.y, cfg.lam)
     log.info("final λ=%.4g seed %d: val acc %.4f, test acc %.4f", cfg.lam, seed,
              history[-1]["val"]["acc"], test["acc"])

@@ -6,9 +6,8 @@ import time
 import numpy as np
 import optuna
 
-from model.data import K
 from model.errors import DivergedError
-from model.train import new_params, train
+from model.train import fit
 from search.space import suggest
 
 log = logging.getLogger(__name__)
@@ -45,11 +44,8 @@ class Objective:
         return attrs["val_acc"]
 
     def _train_one(self, trial, config, first):
-        rng = np.random.default_rng(config.seed)
-        params = new_params(config, self.data.train.X.shape[1], K, rng)
         try:
-            _, history = train(params, self.data, config, rng,
-                               on_eval=_reporter(trial) if first else None)
+            _, history = fit(self.data, config, on_eval=_reporter(trial) if first else None)
         except DivergedError as e:
             trial.set_user_attr("failure", str(e))
             log.warning("trial %d: %s", trial.number, e)

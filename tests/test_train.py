@@ -8,7 +8,7 @@ import model.train
 from model.errors import ConfigError, DivergedError
 from model.network import init_params, loss_and_grads
 from model.schedule import cyclic_lr
-from model.train import TrainConfig, evaluate, new_params, train
+from model.train import TrainConfig, evaluate, fit, train
 
 # tiny_data has 53 training samples: with n_batch 10 an epoch is 5 full batches + 1 of 3.
 N_TRAIN, N_BATCH = 53, 10
@@ -22,9 +22,7 @@ def tiny_config(**kw):
 
 
 def run(data, config, seed=0, on_eval=None):
-    rng = np.random.default_rng(seed)
-    params = new_params(config, data.train.X.shape[1], 10, rng)
-    return train(params, data, config, rng, on_eval=on_eval)
+    return fit(data, dataclasses.replace(config, seed=seed), on_eval=on_eval)
 
 
 # ---- TrainConfig --------------------------------------------------------------------------------
