@@ -93,8 +93,9 @@ def _create_tables_once(make, attempts=8):
 def check_storage(url):
     """Fail early (InputError) on a storage that open_storage would refuse, creating nothing:
     SQLite paths are checked, a server is connected to."""
-    if sqlite_path(_parse(url)) is not None:
-        _prepare_sqlite_path(sqlite_path(url), create=True, dry_run=True)
+    path = sqlite_path(_parse(url))
+    if path is not None:
+        _prepare_sqlite_path(path, create=True, dry_run=True)
     else:
         open_storage(url).remove_session()
 
