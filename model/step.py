@@ -1,18 +1,25 @@
 """The fused mini-batch GD step used by training: in place, into preallocated buffers.
 
-It computes what network.loss_and_grads computes (tests hold the two together) but does no
-allocation the size of X_b or W1 in the hot loop: the batch is gathered into a reused buffer, the
-softmax gradient is pre-scaled by η/B so the backward GEMM writes η·∇W1 directly, and the L2 term
+It computes what network.loss_and_grads computes (tests hold the two together) in four calls: the
+batch gather, the forward GEMM X_b W1, one compiled kernel (numba) for everything on the small
+(B, m) and (B, K) arrays, and the backward GEMM X_bᵀ dH followed by a one-pass W1 update. The
+softmax gradient is pre-scaled by η/B, so the backward GEMM yields η·∇W1 directly, and the L2 term
 is folded into the update as a decay W ← (1 − 2ηλ)W − η∇loss.
 
-Where the time goes (scripts/bench.py measures it): the two GEMMs with X_b (forward X_b W1,
-backward X_bᵀ dH) are the floor; gathering 100 random 12 kB rows from a 600 MB array is the next
-cost (memory bound); then ~25 NumPy calls on small arrays, a few µs each whatever their size; then
-the two passes of the W1 update. Measured and dropped: scores transposed to (K, B) with fewer
-calls (2 µs of a ~1,100 µs step), and the decay folded into the backward GEMM (scipy sgemm with
-β = 1 − 2ηλ: no faster, OpenBLAS applies β in a pass of its own).
+Where the time goes (scripts/bench.py measures it): the two GEMMs with X_b are the floor; gathering
+100 random 12 kB rows from a 600 MB array is the next cost (memory bound); the rest was ~25 NumPy
+calls on small arrays, a few µs each whatever their size, until they became the one kernel below
+(its three small products still go to BLAS: numba's np.dot calls the sgemm/dgemm of scipy's BLAS,
+3× faster than loops over K = 10). Measured and dropped: the decay folded into the backward GEMM
+(sgemm with β = 1 − 2ηλ: OpenBLAS applies β in a pass of its own).
+
+Float order: the kernel sums in another order than the NumPy calls it replaced (fastmath
+reassociation, BLAS for the small products), so a run's figures moved at the float32 round-off
+level; a seed still gives bit-identical runs (tests/test_step.py, tests/test_train.py).
 """
 import numpy as np
+import scipy.linalg.cython_blas  # noqa: F401  numba's np.dot calls it; loaded now so threadpoolctl
+from numba import njit           # pins its BLAS threads too
 
 from model.errors import DivergedError
 
@@ -24,8 +31,8 @@ def make_workspace(n_batch, D, m, K, dtype):
         "H": np.empty((n_batch, m), dtype=dtype),   # hidden activations
         "S": np.empty((n_batch, K), dtype=dtype),   # scores, then η/B·(P − Y)
         "dH": np.empty((n_batch, m), dtype=dtype),
+        "dW2": np.empty((m, K), dtype=dtype),
         "dW1": np.empty((D, m), dtype=dtype),
-        "rows": np.arange(n_batch),
     }
 
 
@@ -33,41 +40,75 @@ def sgd_step(params, X, y, idx, eta, lam, ws):
     """One update of params (in place) on the samples X[idx], y[idx] with step size eta.
 
     idx must hold valid row numbers 0 <= i < len(X) (train() passes slices of a permutation).
-    Raises DivergedError when the scores stop being finite.
+    Raises DivergedError when the scores stop being finite (params are then left unchanged).
     """
     B = len(idx)
-    W1, b1, W2, b2 = params["W1"], params["b1"], params["W2"], params["b2"]
-    Xb, H, S, dH = ws["X"][:B], ws["H"][:B], ws["S"][:B], ws["dH"][:B]
+    W1 = params["W1"]
+    Xb, H = ws["X"][:B], ws["H"][:B]
     # mode="clip" because with the default mode="raise" NumPy gathers into a temporary and copies
     # it into `out`, which doubles the cost; idx is in range, so nothing is clipped.
     np.take(X, idx, axis=0, out=Xb, mode="clip")
-    # forward: H = relu(Xb W1 + b1), S = H W2 + b2
     np.matmul(Xb, W1, out=H)
-    H += b1
-    np.maximum(H, 0, out=H)
-    np.matmul(H, W2, out=S)
-    S += b2
-    _softmax_grad_inplace(S, y[idx], ws["rows"][:B], eta / B)
-    # backward through W2 (before W2 changes) and the ReLU
-    np.matmul(S, W2.T, out=dH)
-    dH *= H > 0
     decay = 1.0 - 2.0 * eta * lam
-    b2 -= S.sum(axis=0)
-    b1 -= dH.sum(axis=0)
-    W2 *= decay
-    W2 -= H.T @ S
-    np.matmul(Xb.T, dH, out=ws["dW1"])  # η·∂loss/∂W1
-    if lam:
-        W1 *= decay
-    W1 -= ws["dW1"]
-
-
-def _softmax_grad_inplace(S, y, rows, scale):
-    """Turn scores S (B, K) into scale·(softmax(S) − onehot(y)) in place."""
-    row_max = S.max(axis=1, keepdims=True)
-    if not np.isfinite(row_max).all():
+    if not _small_layers_step(H, params["b1"], params["W2"], params["b2"], y[idx], eta / B, decay,
+                              ws["S"][:B], ws["dH"][:B], ws["dW2"]):
         raise DivergedError("non-finite scores")
-    S -= row_max
-    np.exp(S, out=S)
-    S *= scale / S.sum(axis=1, keepdims=True)
-    S[rows, y] -= scale
+    np.matmul(Xb.T, ws["dH"][:B], out=ws["dW1"])  # η·∂loss/∂W1
+    _decay_and_subtract(W1, ws["dW1"], decay)
+
+
+@njit(cache=True)
+def _small_layers_step(H, b1, W2, b2, y, scale, decay, S, dH, dW2):
+    """Given H = X_b W1 (B, m): finish the forward pass, backpropagate to dH = scale·∂loss/∂(X_b W1)
+    and update b1, W2, b2 in place. Returns False, changing no parameter, if a score is not finite.
+
+    scale = η/B turns the gradients into update steps; decay = 1 − 2ηλ applies the L2 term.
+    """
+    B, m = H.shape
+    K = S.shape[1]
+    for i in range(B):                      # H ← relu(H + b1), NaN kept (max() would drop it)
+        h = H[i]
+        for j in range(m):
+            v = h[j] + b1[j]
+            h[j] = 0.0 if v < 0.0 else v
+    np.dot(H, W2, S)
+    finite = True
+    for i in range(B):                      # S ← scale·(softmax(H W2 + b2) − onehot(y))
+        s = S[i]
+        for k in range(K):
+            s[k] += b2[k]
+        top = s[0]
+        for k in range(1, K):
+            top = max(top, s[k])
+        total = 0.0
+        for k in range(K):
+            s[k] = np.exp(s[k] - top)
+            total += s[k]
+        finite &= np.isfinite(total)        # NaN or inf anywhere in the row reaches the total
+        factor = scale / total
+        for k in range(K):
+            s[k] *= factor
+        s[y[i]] -= scale
+    if not finite:
+        return False
+    np.dot(S, W2.T, dH)                     # through W2 (before it changes) and the ReLU
+    for i in range(B):
+        for j in range(m):
+            dH[i, j] = dH[i, j] if H[i, j] > 0.0 else 0.0
+    for k in range(K):
+        b2[k] -= S[:, k].sum()
+    for j in range(m):
+        b1[j] -= dH[:, j].sum()
+    np.dot(H.T, S, dW2)
+    for j in range(m):
+        for k in range(K):
+            W2[j, k] = W2[j, k] * decay - dW2[j, k]
+    return True
+
+
+@njit(cache=True)
+def _decay_and_subtract(W, dW, decay):
+    """W ← decay·W − dW in one pass (two NumPy calls make two passes over 0.6 MB)."""
+    w, d = W.reshape(W.size), dW.reshape(dW.size)
+    for i in range(w.size):
+        w[i] = w[i] * decay - d[i]

@@ -110,7 +110,8 @@ def train(params, data, config, rng, on_eval=None):
     """
     X, y = data.train.X, data.train.y
     N, D = X.shape
-    ws = make_workspace(config.n_batch, D, config.m, params["b2"].shape[0], X.dtype)
+    # in the params' dtype: the gather casts the batch if the data come in another one
+    ws = make_workspace(config.n_batch, D, config.m, params["b2"].shape[0], params["W1"].dtype)
     eval_at = set(config.eval_steps())  # looked up after every step
     history = [_record(params, data, config, 0)]
     _report(history[-1], on_eval)

@@ -83,3 +83,30 @@ def test_sgd_step_raises_diverged_on_non_finite_scores(tiny_data):
     with pytest.raises(DivergedError):
         sgd_step(params, tiny_data.train.X, tiny_data.train.y, np.arange(10), 0.05, 0.0,
                  make_workspace(N_BATCH, D, M, K, np.float64))
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")
+def test_sgd_step_raises_diverged_on_nan_weights_and_leaves_params(tiny_data):
+    """A NaN in W1 reaches the scores through the ReLU (it must not be clipped to 0), and the
+    failed step changes no parameter."""
+    params = init_params(D, M, K, np.random.default_rng(0), dtype=np.float64)
+    params["W1"][:, 0] = np.nan
+    before = {k: v.copy() for k, v in params.items()}
+    with pytest.raises(DivergedError):
+        sgd_step(params, tiny_data.train.X, tiny_data.train.y, np.arange(10), 0.05, 0.0,
+                 make_workspace(N_BATCH, D, M, K, np.float64))
+    for k in PARAM_KEYS:
+        np.testing.assert_array_equal(params[k], before[k], err_msg=k)
+
+
+def test_sgd_step_computes_in_the_params_dtype(tiny_data, tiny_params):
+    """float64 data with float32 params: the gather casts the batch, and the step is the one
+    it would be on float32 data (train() sizes the workspace in the params' dtype)."""
+    X, y = tiny_data.train.X, tiny_data.train.y
+    idx = np.arange(3, 3 + N_BATCH)
+    on64 = {k: v.astype(np.float32) for k, v in tiny_params.items()}
+    sgd_step(on64, X, y, idx, 0.05, 0.1, make_workspace(N_BATCH, D, M, K, np.float32))
+    on32 = fused_update(tiny_params, X, y, idx, 0.05, 0.1, np.float32)
+    for k in PARAM_KEYS:
+        assert on64[k].dtype == np.float32
+        np.testing.assert_array_equal(on64[k], on32[k], err_msg=k)
