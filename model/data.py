@@ -4,13 +4,16 @@ Split: the training batches data_batch_1..5 are concatenated in file order and t
 images (by default the last 1,000 of data_batch_5) are the validation set; test = test_batch. The
 split does not depend on any seed, so every trial and every seed is validated on the same images.
 Normalisation: pixels / 255, then per dimension (x − mean) / std with the mean and std of the
-training split only; a dimension with std 0 is divided by 1 instead (no NaN or inf).
+training split only; a dimension with std 0 is divided by 1 instead (no NaN or inf). It is computed
+as x·scale + shift in the target dtype (two roundings), the formula model.step applies to a batch
+of the training pixels, which the train split keeps beside its normalised X.
 Array cache: unpickling and normalising the full set takes seconds, and every script run and every
 worker process would pay it. So the normalised splits are written once as .npy files to
 <cache dir>/arrays/<key>/ and later loads memory-map them read-only: a load then takes a fraction
 of a second, and all processes share one copy of the pages. The key covers the batch folder's path,
 its files' sizes, mtimes and ctimes, n_val, the dtype and the cache format, so a changed data set
-is read afresh. An entry is 0.74 GB in float32 (1.5 GB in float64); delete the folder to reclaim it.
+is read afresh. An entry is 0.89 GB in float32 (1.6 GB in float64), of which 0.15 GB are the training
+pixels; delete the folder to reclaim it.
 """
 import dataclasses
 import hashlib
@@ -40,14 +43,26 @@ TEST_FILE = "test_batch"
 D, K = 3072, 10
 ENV_DIR, ENV_URL, ENV_MD5, ENV_CACHE = "CIFAR10_DIR", "CIFAR10_URL", "CIFAR10_MD5", "CIFAR10_CACHE"
 ARRAYS_DIR = "arrays"  # the normalised-array cache, under the cache dir
-ARRAYS_FORMAT = 2      # bump when the cached files or the normalisation change (2: exact variance)
+ARRAYS_FORMAT = 3      # bump when the cached files or the normalisation change (2: exact variance,
+                       # 3: normalised in the target dtype, train pixels kept for the step's gather)
 SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pixels:
+    """Raw pixels and the per-dimension affine map that normalises them: X = raw·scale + shift."""
+    raw: np.ndarray    # (N, D) uint8, the rows of the split's X
+    scale: np.ndarray  # (D,) in X's dtype
+    shift: np.ndarray  # (D,) in X's dtype
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
     X: np.ndarray  # (N, D), samples in rows, C-contiguous
     y: np.ndarray  # (N,), int64 labels
+    # the training split keeps its pixels: the step gathers a batch from them, a quarter of the
+    # bytes of X, and normalises it on the fly (model.step) into exactly X's rows
+    pixels: "Pixels | None" = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,14 +305,23 @@ def build_dataset(folder, n_val, dtype):
     if not 0 < n_val < len(y_all):
         raise DataError(f"n_val = {n_val} must lie between 1 and {len(y_all) - 1}")
     X_test, y_test = load_batch(folder / TEST_FILE)
+    log.info("CIFAR-10 from %s: %d train, %d val, %d test", folder, len(y_all) - n_val, n_val,
+             len(y_test))
+    return split_and_normalise(X_all, y_all, X_test, y_test, n_val, dtype, str(folder))
+
+
+def split_and_normalise(X_all, y_all, X_test, y_test, n_val, dtype, source):
+    """Dataset of uint8 pixels: the last n_val of X_all validate, the rest train; all three
+    normalised with the training statistics, the train split keeping its pixels."""
     n_train = len(y_all) - n_val
-    mean, std = train_stats(X_all[:n_train])
-    log.info("CIFAR-10 from %s: %d train, %d val, %d test", folder, n_train, n_val, len(y_test))
+    scale, shift = normaliser(*train_stats(X_all[:n_train]), dtype)
+    train_raw = np.ascontiguousarray(X_all[:n_train])
     return Dataset(
-        train=Split(normalise(X_all[:n_train], mean, std, dtype), y_all[:n_train]),
-        val=Split(normalise(X_all[n_train:], mean, std, dtype), y_all[n_train:]),
-        test=Split(normalise(X_test, mean, std, dtype), y_test),
-        source=str(folder),
+        train=Split(normalise(train_raw, scale, shift), y_all[:n_train],
+                    Pixels(train_raw, scale, shift)),
+        val=Split(normalise(X_all[n_train:], scale, shift), y_all[n_train:]),
+        test=Split(normalise(X_test, scale, shift), y_test),
+        source=source,
     )
 
 
@@ -322,21 +346,22 @@ def train_stats(X_uint8, block=1024):
     return mean, std
 
 
-def normalise(X_uint8, mean, std, dtype, block=256):
-    """(X / 255 − mean) / std as a C-contiguous array of dtype.
+def normaliser(mean, std, dtype):
+    """(scale, shift) in dtype such that (x / 255 − mean) / std = x·scale + shift."""
+    return (1.0 / (255.0 * std)).astype(dtype), (-mean / std).astype(dtype)
 
-    Computed as X·a + c with a = 1 / (255 std) and c = −mean / std, in float64 over row blocks
-    that stay in cache, then rounded to dtype: two passes instead of five, equal to float64
-    round-off.
+
+def normalise(X_uint8, scale, shift, block=256):
+    """X·scale + shift in the dtype of scale, over row blocks that stay in cache.
+
+    Two roundings in that dtype (the product, then the sum), as model.step's gather computes it,
+    so that a normalised batch of pixels equals the same rows of this array bit for bit.
     """
-    a = 1.0 / (255.0 * std)
-    c = -mean / std
-    out = np.empty(X_uint8.shape, dtype=dtype)
-    tmp = np.empty((min(block, len(X_uint8)), X_uint8.shape[1]))
+    out = np.empty(X_uint8.shape, dtype=scale.dtype)
     for start in range(0, len(X_uint8), block):
-        x = X_uint8[start:start + block]
-        t = np.multiply(x, a, out=tmp[:len(x)])
-        np.add(t, c, out=out[start:start + block])
+        rows = out[start:start + block]
+        np.multiply(X_uint8[start:start + block], scale, out=rows)
+        rows += shift
     return out
 
 
@@ -362,21 +387,30 @@ def _read_arrays(entry, folder, n_val, dtype):
     try:
         if not entry.is_dir():
             return None
-        splits = {name: Split(np.asarray(np.load(entry / f"{name}_X.npy", mmap_mode="r")),
+        splits = {name: Split(_load_mapped(entry / f"{name}_X.npy"),
                               np.load(entry / f"{name}_y.npy"))
                   for name in SPLITS}
+        pixels = Pixels(_load_mapped(entry / "train_pixels.npy"), np.load(entry / "scale.npy"),
+                        np.load(entry / "shift.npy"))
     except (OSError, ValueError) as e:
         log.warning("array cache %s is unreadable (%s); rebuilding it", entry, e)
         shutil.rmtree(entry, ignore_errors=True)
         return None
     ok = all(s.X.dtype == dtype and s.X.ndim == 2 and s.X.shape == (len(s.y), D)
              and s.X.flags["C_CONTIGUOUS"] and s.y.dtype == np.int64 for s in splits.values())
+    ok = ok and pixels.raw.dtype == np.uint8 and pixels.raw.shape == splits["train"].X.shape \
+        and pixels.raw.flags["C_CONTIGUOUS"] and pixels.scale.dtype == pixels.shift.dtype == dtype
     if not ok or len(splits["val"].y) != n_val:
         log.warning("array cache %s does not hold the expected arrays; rebuilding it", entry)
         shutil.rmtree(entry, ignore_errors=True)
         return None
     log.info("CIFAR-10 from %s (normalised arrays cached in %s)", folder, entry)
+    splits["train"] = dataclasses.replace(splits["train"], pixels=pixels)
     return Dataset(**splits, source=str(folder))
+
+
+def _load_mapped(path):
+    return np.asarray(np.load(path, mmap_mode="r"))
 
 
 def _write_arrays(entry, data, spec):
@@ -395,6 +429,10 @@ def _write_arrays(entry, data, spec):
         for name in SPLITS:
             np.save(tmp / f"{name}_X.npy", getattr(data, name).X)
             np.save(tmp / f"{name}_y.npy", getattr(data, name).y)
+        pixels = data.train.pixels
+        for name, array in (("train_pixels", pixels.raw), ("scale", pixels.scale),
+                            ("shift", pixels.shift)):
+            np.save(tmp / f"{name}.npy", array)
         (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
         try:
             tmp.replace(entry)

@@ -36,18 +36,18 @@ def make_workspace(n_batch, D, m, K, dtype):
     }
 
 
-def sgd_step(params, X, y, idx, eta, lam, ws):
+def sgd_step(params, X, y, idx, eta, lam, ws, pixels=None):
     """One update of params (in place) on the samples X[idx], y[idx] with step size eta.
 
     idx must hold valid row numbers 0 <= i < len(X) (train() passes slices of a permutation).
+    pixels: X's model.data.Pixels, in the workspace's dtype, to gather the batch from (the same
+    rows, bit for bit, from a quarter of the bytes); None gathers from X.
     Raises DivergedError when the scores stop being finite (params are then left unchanged).
     """
     B = len(idx)
     W1 = params["W1"]
     Xb, H = ws["X"][:B], ws["H"][:B]
-    # mode="clip" because with the default mode="raise" NumPy gathers into a temporary and copies
-    # it into `out`, which doubles the cost; idx is in range, so nothing is clipped.
-    np.take(X, idx, axis=0, out=Xb, mode="clip")
+    gather_batch(X, idx, Xb, pixels)
     np.matmul(Xb, W1, out=H)
     decay = 1.0 - 2.0 * eta * lam
     if not _small_layers_step(H, params["b1"], params["W2"], params["b2"], y[idx], eta / B, decay,
@@ -55,6 +55,16 @@ def sgd_step(params, X, y, idx, eta, lam, ws):
         raise DivergedError("non-finite scores")
     np.matmul(Xb.T, ws["dH"][:B], out=ws["dW1"])  # η·∂loss/∂W1
     _decay_and_subtract(W1, ws["dW1"], decay)
+
+
+def gather_batch(X, idx, out, pixels=None):
+    """out ← X[idx], from the normalised X or, when given, from its pixels (see sgd_step)."""
+    if pixels is None:
+        # mode="clip" because with the default mode="raise" NumPy gathers into a temporary and
+        # copies it into `out`, which doubles the cost; idx is in range, so nothing is clipped.
+        np.take(X, idx, axis=0, out=out, mode="clip")
+    else:
+        _gather_normalised(pixels.raw, idx, pixels.scale, pixels.shift, out)
 
 
 @njit(cache=True)
@@ -104,6 +114,16 @@ def _small_layers_step(H, b1, W2, b2, y, scale, decay, S, dH, dW2):
         for k in range(K):
             W2[j, k] = W2[j, k] * decay - dW2[j, k]
     return True
+
+
+@njit(cache=True)
+def _gather_normalised(raw, idx, scale, shift, out):
+    """out[i] = raw[idx[i]]·scale + shift, rounded as model.data.normalise rounds it."""
+    for i in range(idx.shape[0]):
+        row, o = raw[idx[i]], out[i]
+        for d in range(row.shape[0]):
+            o[d] = row[d]                       # exact: a uint8 fits any float
+            o[d] = o[d] * scale[d] + shift[d]   # in out's dtype, no fused multiply-add
 
 
 @njit(cache=True)

@@ -112,6 +112,9 @@ def train(params, data, config, rng, on_eval=None):
     N, D = X.shape
     # in the params' dtype: the gather casts the batch if the data come in another one
     ws = make_workspace(config.n_batch, D, config.m, params["b2"].shape[0], params["W1"].dtype)
+    pixels = data.train.pixels
+    if pixels is not None and pixels.scale.dtype != ws["X"].dtype:
+        pixels = None  # they normalise into X's dtype: gather from X and let np.take cast
     eval_at = set(config.eval_steps())  # looked up after every step
     history = [_record(params, data, config, 0)]
     _report(history[-1], on_eval)
@@ -122,7 +125,8 @@ def train(params, data, config, rng, on_eval=None):
         for start in range(0, N, config.n_batch):  # the last, smaller batch included
             eta = cyclic_lr(t, config.eta_min, config.eta_max, config.n_s)
             try:
-                sgd_step(params, X, y, perm[start:start + config.n_batch], eta, config.lam, ws)
+                sgd_step(params, X, y, perm[start:start + config.n_batch], eta, config.lam, ws,
+                         pixels)
             except DivergedError:
                 raise DivergedError(_diverged_message(config, t + 1)) from None
             t += 1

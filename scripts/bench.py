@@ -20,7 +20,7 @@ machine shift them little; trials are wall time (best of the repeats), as a sear
                           10 coarse + 12 fine trials, 3 final seeds, dashboard) in a temporary
                           storage, wall time ÷ (updates it trained × floor ÷ 2 workers); needs
                           CIFAR-10 (--data-dir), skipped with --quick
-Without --data-dir (or $CIFAR10_DIR) the data are synthetic standard-normal arrays of CIFAR-10's
+Without --data-dir (or $CIFAR10_DIR) the data are synthetic uniform pixels of CIFAR-10's
 shapes, which time the same; the output says which were used. A new figure is one more measure_*
 function called from main() and its rows in ROWS.
 """
@@ -37,11 +37,11 @@ import numpy as np
 import optuna
 
 import _common
-from model.data import Dataset, Split, load_cifar10
+from model.data import load_cifar10, split_and_normalise
 from model.errors import WorkersFailed
 from model.network import init_params
 from model.schedule import cyclic_lr
-from model.step import make_workspace, sgd_step
+from model.step import gather_batch, make_workspace, sgd_step
 from model.train import evaluate
 from search.objective import Objective
 from search.phases import SEARCH_CONFIG, coarse_space
@@ -100,10 +100,11 @@ def get_data(args, rng):
         data = load_cifar10(args.data_dir, n_val=args.n_val, dtype="float32")
         return data, f"CIFAR-10 ({data.source})"
 
-    def split(n):
-        return Split(rng.standard_normal((n, D), dtype=np.float32), rng.integers(0, K, n))
-    return Dataset(train=split(N_TRAIN), val=split(N_VAL), test=split(N_VAL), source="synthetic"), \
-        "synthetic standard normal"
+    def pixels(n):
+        return rng.integers(0, 256, (n, D), dtype=np.uint8), rng.integers(0, K, n)
+    data = split_and_normalise(*pixels(N_TRAIN + N_VAL), *pixels(N_VAL), N_VAL, "float32",
+                               "synthetic")
+    return data, "synthetic uniform pixels"
 
 
 def block_ms(fn, iters):
@@ -133,12 +134,12 @@ def measure_step(data, size, rng):
         np.matmul(Xb.T, dH, out=dW1)
 
     def gather():
-        np.take(X, next(batches), axis=0, out=ws["X"], mode="clip")
+        gather_batch(X, next(batches), ws["X"], data.train.pixels)
 
     def step():  # the CLR schedule of the coarse protocol, as in training
         t = state["t"] = state["t"] + 1
         eta = cyclic_lr(t, config.eta_min, config.eta_max, config.n_s)
-        sgd_step(params, X, y, next(batches), eta, TRIAL_LAM, ws)
+        sgd_step(params, X, y, next(batches), eta, TRIAL_LAM, ws, data.train.pixels)
 
     times = {"floor_ms": [], "gather_ms": [], "step_ms": []}
     for _ in range(size["repeats"]):

@@ -13,6 +13,7 @@ from conftest import CONST_COLS, CONST_VALUES, N_PER_BATCH, make_archive, tiny_b
 from model.data import (BATCHES_DIR, download, extract_archive, file_md5, load_batch, load_cifar10,
                         resolve_batches_dir, train_stats)
 from model.errors import DataError
+from model.step import gather_batch
 
 pytestmark = pytest.mark.usefixtures("no_cifar_env")  # only what each test sets up is seen
 
@@ -70,6 +71,26 @@ def test_a_second_load_gives_the_same_data(cifar_tiny_dir, tmp_path):
     for name in ("train", "val", "test"):  # whatever is cached in between, bit for bit
         np.testing.assert_array_equal(getattr(second, name).X, getattr(first, name).X)
         np.testing.assert_array_equal(getattr(second, name).y, getattr(first, name).y)
+    for name in ("raw", "scale", "shift"):  # and the training pixels the step gathers from
+        np.testing.assert_array_equal(getattr(second.train.pixels, name),
+                                      getattr(first.train.pixels, name))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_batch_normalised_from_pixels_is_the_rows_of_X(cifar_tiny_dir, tmp_path, dtype, cached):
+    """The step's gather from the uint8 pixels yields X[idx] bit for bit (model.step computes
+    raw·scale + shift as model.data.normalise does), from the cache and from memory."""
+    ds = load_cifar10(cifar_tiny_dir.batches, n_val=N_VAL, dtype=dtype, cache_dir=tmp_path,
+                      cache=cached)
+    px = ds.train.pixels
+    assert px.raw.dtype == np.uint8 and px.raw.shape == ds.train.X.shape
+    assert px.scale.dtype == px.shift.dtype == np.dtype(dtype)
+    assert ds.val.pixels is None and ds.test.pixels is None
+    idx = np.random.default_rng(3).permutation(N_TRAIN)[:37]
+    out = np.empty((37, 3072), dtype=dtype)
+    gather_batch(ds.train.X, idx, out, px)
+    np.testing.assert_array_equal(out, ds.train.X[idx])
 
 
 def test_a_rewritten_batch_file_is_read_afresh(cifar_tiny_dir, tmp_path):

@@ -79,9 +79,9 @@ def recorded_steps(monkeypatch):
     calls = []
     real = model.train.sgd_step
 
-    def spy(params, X, y, idx, eta, lam, ws):
+    def spy(params, X, y, idx, eta, lam, ws, pixels=None):
         calls.append((np.array(idx), eta))
-        return real(params, X, y, idx, eta, lam, ws)
+        return real(params, X, y, idx, eta, lam, ws, pixels)
 
     monkeypatch.setattr(model.train, "sgd_step", spy)
     return calls
@@ -220,3 +220,18 @@ def test_train_updates_params_in_place(tiny_data):
     out, _ = train(params, tiny_data, config, np.random.default_rng(0))
     assert out is params and {k: id(v) for k, v in out.items()} == ids
     assert all(not np.array_equal(before[k], out[k]) for k in before)
+
+
+def test_training_from_pixels_equals_training_from_X(cifar_tiny_dir, tmp_path):
+    """train() gathers batches from the train split's pixels when it has them: the very same
+    run, bit for bit, as gathering the normalised rows of X."""
+    from model.data import load_cifar10
+
+    data = load_cifar10(cifar_tiny_dir.batches, n_val=20, cache_dir=tmp_path)
+    assert data.train.pixels is not None
+    without = dataclasses.replace(data, train=dataclasses.replace(data.train, pixels=None))
+    config = TrainConfig(m=8, n_batch=10, n_s=6, cycles=1, evals_per_cycle=2, lam=0.01)
+    (p1, h1), (p2, h2) = fit(data, config), fit(without, config)
+    for k in p1:
+        np.testing.assert_array_equal(p1[k], p2[k], err_msg=k)
+    assert h1 == h2
