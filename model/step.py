@@ -59,10 +59,12 @@ def sgd_step(params, X, y, idx, eta, lam, ws, pixels=None):
 
 def gather_batch(X, idx, out, pixels=None):
     """out ← X[idx], from the normalised X or, when given, from its pixels (see sgd_step)."""
-    if pixels is None:
+    if pixels is None and X.dtype == out.dtype:
         # mode="clip" because with the default mode="raise" NumPy gathers into a temporary and
         # copies it into `out`, which doubles the cost; idx is in range, so nothing is clipped.
         np.take(X, idx, axis=0, out=out, mode="clip")
+    elif pixels is None:
+        out[...] = X[idx]  # data in another dtype than the params: cast (np.take warns doing so)
     else:
         _gather_normalised(pixels.raw, idx, pixels.scale, pixels.shift, out)
 

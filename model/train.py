@@ -110,11 +110,10 @@ def train(params, data, config, rng, on_eval=None):
     """
     X, y = data.train.X, data.train.y
     N, D = X.shape
-    # in the params' dtype: the gather casts the batch if the data come in another one
     ws = make_workspace(config.n_batch, D, config.m, params["b2"].shape[0], params["W1"].dtype)
     pixels = data.train.pixels
     if pixels is not None and pixels.scale.dtype != ws["X"].dtype:
-        pixels = None  # they normalise into X's dtype: gather from X and let np.take cast
+        pixels = None  # they normalise into X's dtype: gather from X and cast
     eval_at = set(config.eval_steps())  # looked up after every step
     history = [_record(params, data, config, 0)]
     _report(history[-1], on_eval)
