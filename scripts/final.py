@@ -1,12 +1,13 @@
 """Train the campaign's best λ with the final protocol and evaluate it once on the test set.
 
-    python scripts/final.py [--campaign cifar10] [--lam 0.001] [--seeds 3] [--json]
+    python scripts/final.py [--campaign cifar10] [--lam 0.001] [--seeds 3] [--workers 2] [--json]
 
 λ comes from the fine study's best trial (else the coarse study's), or --lam. Trains on 49k/1k
 with n_s = 2·⌊49,000/100⌋ = 980 for 3 cycles per seed; writes params, histories, config,
 metrics and figures into studies/<campaign>/final/ (or --out).
 """
 import dataclasses
+import os
 
 import _common
 from model.checkpoint import check_out_dir
@@ -25,6 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--lam", type=float, default=None, help="use this λ instead of the studies'")
     p.add_argument("--seeds", type=int, default=3, help="training seeds (test acc mean ± std)")
     p.add_argument("--seed", type=int, default=0, help="the first training seed")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes the seeds train in, at once (default: cores)")
     p.add_argument("--n-s", type=int, default=None,
                    help="CLR half cycle (default 2·⌊n_train / n_batch⌋ = 980 on 49k)")
     p.add_argument("--out", default=None, help="results folder (default studies/<campaign>/final)")
@@ -32,8 +35,9 @@ def parse_args(argv=None):
     _common.add_data_args(p)
     _common.add_common_args(p)
     args = p.parse_args(argv)
-    if args.seeds <= 0:
-        p.error(f"--seeds must be ≥ 1 (got {args.seeds})")
+    for flag in ("seeds", "workers"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag} must be ≥ 1 (got {getattr(args, flag)})")
     if args.lam is not None and not args.lam >= 0:
         p.error(f"--lam must be ≥ 0 (got {args.lam})")
     return args
@@ -63,7 +67,7 @@ def main():
     seeds = [args.seed + k for k in range(args.seeds)]
     study = load_study(storage, source["study"]) if storage is not None else None
     with _common.single_blas_thread():
-        metrics, runs = run_final(data, config, seeds, lam, source, out, study)
+        metrics, runs = run_final(data, config, seeds, lam, source, out, study, args.workers)
     summary = {"lam": lam, "source": source, "test_acc": [r["test"]["acc"] for r in runs],
                "test_acc_mean": metrics["test_acc_mean"], "test_acc_std": metrics["test_acc_std"],
                "seeds": seeds, "out": str(out)}

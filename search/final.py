@@ -2,6 +2,7 @@
 import dataclasses
 import logging
 import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -16,33 +17,51 @@ log = logging.getLogger(__name__)
 def run_seeds(data, config, seeds, workers=1):
     """Train config once per seed; evaluate the test set once, at the end of each run.
 
-    With workers > 1 the seeds run in forked processes (sharing the data, one BLAS thread each).
+    With workers > 1 every seed runs at once in a forked process (sharing the data, one BLAS
+    thread each); when there are more seeds than workers, the processes are confined to `workers`
+    CPUs and share them, so that 3 seeds on 2 workers finish together in 1.5 run times instead of
+    a third seed training alone for a whole run while a core idles.
     Returns a list of {seed, params, history, train, val, test, seconds} in the order of seeds.
     """
     if workers <= 1 or len(seeds) == 1:
         return [_run_seed(data, config, seed) for seed in seeds]
     ctx = multiprocessing.get_context("fork")
+    cpus = _shared_cpus(workers) if len(seeds) > workers else None
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_seed_worker, args=(data, config, seed, queue, cpus))
+             for seed in seeds]
+    for p in procs:
+        p.start()
     results = {}
-    for start in range(0, len(seeds), workers):
-        queue = ctx.Queue()
-        procs = [ctx.Process(target=_seed_worker, args=(data, config, seed, queue))
-                 for seed in seeds[start:start + workers]]
-        for p in procs:
-            p.start()
+    try:
         for _ in procs:  # read before join: a child blocks until its result is taken
             run = queue.get()
             if isinstance(run, BaseException):
                 raise run
             results[run["seed"]] = run
+    finally:
         for p in procs:
+            if p.is_alive() and len(results) < len(procs):
+                p.terminate()
             p.join()
     return [results[seed] for seed in seeds]
 
 
-def _seed_worker(data, config, seed, queue):
+def _shared_cpus(workers):
+    """The first `workers` CPUs this process may run on, or None where affinity is not
+    available (the seeds then simply share the machine)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    return set(allowed[:workers]) if len(allowed) > workers else None
+
+
+def _seed_worker(data, config, seed, queue, cpus):
     from threadpoolctl import threadpool_limits
 
     try:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
         with threadpool_limits(limits=1, user_api="blas"):
             queue.put(_run_seed(data, config, seed))
     except BaseException as e:  # the parent re-raises it

@@ -1,0 +1,42 @@
+"""search.final: the final seeds, serial or in processes sharing a number of CPUs."""
+import os
+
+import numpy as np
+import pytest
+
+from model.train import TrainConfig
+from search.final import _shared_cpus, run_seeds
+
+CONFIG = TrainConfig(m=8, n_batch=10, n_s=6, cycles=1, evals_per_cycle=2, eval_train_samples=0,
+                     lam=0.01, dtype="float64")
+
+
+def test_parallel_seeds_equal_serial_seeds(tiny_data):
+    """3 seeds on 2 workers (more seeds than workers: all at once, sharing 2 CPUs) give, seed for
+    seed and in the order asked, the runs one process gives."""
+    seeds = [4, 0, 2]
+    serial = run_seeds(tiny_data, CONFIG, seeds, workers=1)
+    parallel = run_seeds(tiny_data, CONFIG, seeds, workers=2)
+    assert [r["seed"] for r in parallel] == seeds
+    for a, b in zip(serial, parallel):
+        for k in a["params"]:
+            np.testing.assert_array_equal(a["params"][k], b["params"][k], err_msg=k)
+        assert a["history"] == b["history"] and a["test"] == b["test"]
+    # different seeds did train different networks
+    assert not np.array_equal(serial[0]["params"]["W1"], serial[1]["params"]["W1"])
+
+
+def test_shared_cpus_are_a_subset_of_the_allowed_ones():
+    allowed = os.sched_getaffinity(0)
+    for workers in range(1, len(allowed)):
+        share = _shared_cpus(workers)
+        assert len(share) == workers and share <= allowed
+    assert _shared_cpus(len(allowed)) is None  # no confinement when the workers fill the machine
+
+
+def test_a_failing_seed_is_raised_in_the_parent(tiny_data):
+    # the decay 1 − 2ηλ is below −19 from the first step: float32 overflows within a few
+    bad = TrainConfig(m=8, n_batch=10, n_s=6, cycles=1, evals_per_cycle=2, lam=1e6,
+                      eta_max=10.0, dtype="float32")
+    with pytest.raises(Exception, match="diverged"):
+        run_seeds(tiny_data, bad, [0, 1, 2], workers=2)
