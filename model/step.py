@@ -124,8 +124,8 @@ def _gather_normalised(raw, idx, scale, shift, out):
     for i in range(idx.shape[0]):
         row, o = raw[idx[i]], out[i]
         for d in range(row.shape[0]):
-            o[d] = row[d]                       # exact: a uint8 fits any float
-            o[d] = o[d] * scale[d] + shift[d]   # in out's dtype, no fused multiply-add
+            # uint8 · float promotes to scale's dtype, as in NumPy; numba fuses no multiply-add
+            o[d] = row[d] * scale[d] + shift[d]
 
 
 @njit(cache=True)
