@@ -1,0 +1,46 @@
+"""scripts/bench.py --quick runs end to end and prints the figures issue #5 asks for.
+
+No timing is asserted (the machines are shared and noisy): only that every figure is there, is a
+positive finite number, and that the ratios are the quotients of the figures printed beside them.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = ("floor_ms", "step_ms", "step_over_floor", "trial_over_floor", "workers2_over_workers1")
+
+
+@pytest.fixture(scope="module")
+def quick_bench():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CIFAR10_")}  # synthetic data
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--quick",
+                           "--json", "-q"], capture_output=True, text=True, env=env,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def test_bench_prints_every_figure(quick_bench):
+    assert quick_bench["data"].startswith("synthetic") and quick_bench["quick"] is True
+    for key in KEYS + ("gather_ms", "floor_sustained_ms", "trial_s", "trial_over_best_floor"):
+        value = quick_bench[key]
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
+    assert "pipeline_over_floor" not in quick_bench  # the pipeline needs CIFAR-10 and no --quick
+
+
+def test_bench_ratios_are_the_quotients_of_its_figures(quick_bench):
+    b = quick_bench
+    # the JSON rounds to 4 decimals: compare to that precision
+    assert b["step_over_floor"] == pytest.approx(b["step_ms"] / b["floor_ms"], rel=1e-3)
+    assert b["trial_over_floor"] == pytest.approx(
+        b["trial_s"] * 1e3 / (3200 * b["floor_sustained_ms"]), rel=1e-3)
+    assert b["trial_over_best_floor"] == pytest.approx(
+        b["trial_s"] * 1e3 / (3200 * b["floor_ms"]), rel=1e-3)
+    assert b["workers2_over_workers1"] == pytest.approx(
+        b["workers2_trials_per_min"] / b["workers1_trials_per_min"], rel=1e-3)
