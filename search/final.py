@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from model.checkpoint import load_json, publish_dir, save_run
-from model.train import evaluate, fit
+from model.train import evaluate, fit, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ def run_seeds(data, config, seeds, workers=1):
     """
     if workers <= 1 or len(seeds) == 1:
         return [_run_seed(data, config, seed) for seed in seeds]
+    warm_up(data, config)  # compiled once, inherited by every seed's process
     ctx = multiprocessing.get_context("fork")
     cpus = _shared_cpus(workers) if len(seeds) > workers else None
     queue = ctx.Queue()

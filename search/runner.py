@@ -24,6 +24,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from model.errors import ConfigError, DivergedError
+from model.train import warm_up
 from search.study import FINISHED, open_storage
 
 log = logging.getLogger(__name__)
@@ -230,6 +231,8 @@ def run_workers(n_workers, progress=None, **worker_kwargs):
     if n_workers == 1:
         run_worker(after_trial=progress, **worker_kwargs)
         return []
+    objective = worker_kwargs["objective"]
+    warm_up(objective.data, objective.base_config)  # compiled once, inherited by every worker
     ctx = multiprocessing.get_context("fork")  # the data loaded by the parent is shared, not copied
     procs = [ctx.Process(target=_worker_main, kwargs=worker_kwargs, name=f"worker-{i}")
              for i in range(n_workers)]

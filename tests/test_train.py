@@ -235,3 +235,18 @@ def test_training_from_pixels_equals_training_from_X(cifar_tiny_dir, tmp_path):
     for k in p1:
         np.testing.assert_array_equal(p1[k], p2[k], err_msg=k)
     assert h1 == h2
+
+
+def test_warm_up_compiles_without_touching_the_data(tiny_data):
+    """warm_up trains a throwaway step (so forked workers inherit compiled kernels): the data
+    stay as they were, and a real run afterwards is the run it would have been."""
+    from model.train import warm_up
+
+    config = tiny_config(n_s=5, cycles=1)
+    before = fit(tiny_data, config)
+    X = tiny_data.train.X.copy()
+    warm_up(tiny_data, config)
+    np.testing.assert_array_equal(tiny_data.train.X, X)
+    after = fit(tiny_data, config)
+    for k in before[0]:
+        np.testing.assert_array_equal(before[0][k], after[0][k], err_msg=k)
