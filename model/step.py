@@ -6,16 +6,19 @@ batch gather, the forward GEMM X_b W1, one compiled kernel (numba) for everythin
 softmax gradient is pre-scaled by η/B, so the backward GEMM yields η·∇W1 directly, and the L2 term
 is folded into the update as a decay W ← (1 − 2ηλ)W − η∇loss.
 
-Where the time goes (scripts/bench.py measures it): the two GEMMs with X_b are the floor; gathering
-100 random 12 kB rows from a 600 MB array is the next cost (memory bound); the rest was ~25 NumPy
-calls on small arrays, a few µs each whatever their size, until they became the one kernel below
-(its three small products still go to BLAS: numba's np.dot calls the sgemm/dgemm of scipy's BLAS,
-3× faster than loops over K = 10). Measured and dropped: the decay folded into the backward GEMM
-(sgemm with β = 1 − 2ηλ: OpenBLAS applies β in a pass of its own).
+Where the time goes (scripts/bench.py measures it): the two GEMMs with X_b are the floor; the
+gather is the next cost: 100 random rows of the uint8 training pixels (3 kB each, from DRAM),
+normalised on the fly into 1.2 MB of X_b (reading X's float32 rows instead moves 4× the bytes).
+The rest was ~25 NumPy calls on small arrays, a few µs each whatever their size, until they became
+the one kernel below (its three small products still go to BLAS: numba's np.dot calls the
+sgemm/dgemm of scipy's BLAS, 3× faster than loops over K = 10). Measured and dropped: the decay
+folded into the backward GEMM (BLAS β: OpenBLAS applies β in a pass of its own); fastmath in the
+kernel (with it, the finiteness check stopped catching inf scores); software prefetch of the next
+batch (the prefetch instructions stall as long as the loads they save).
 
-Float order: the kernel sums in another order than the NumPy calls it replaced (fastmath
-reassociation, BLAS for the small products), so a run's figures moved at the float32 round-off
-level; a seed still gives bit-identical runs (tests/test_step.py, tests/test_train.py).
+Float order: the kernel sums in another order than the NumPy calls it replaced, so a run's
+figures moved at the float32 round-off level; a seed still gives bit-identical runs
+(tests/test_train.py), and the step equals the reference to round-off (tests/test_step.py).
 """
 import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  numba's np.dot calls it; loaded now so threadpoolctl
