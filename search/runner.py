@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from model.errors import ConfigError, DivergedError
 from model.train import warm_up
-from search.study import FINISHED, open_storage
+from search.study import FINISHED, open_storage, retried_from, retry_chain
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ PRUNERS = ("none", "median", "hyperband")
 
 
 SURPLUS = "surplus: other workers completed the phase"
+DUPLICATE_RETRY = "duplicate retry: an earlier trial re-runs the same dead trial"
 
 
 def trial_seed(study_seed, number):
@@ -161,15 +162,37 @@ def work(study, objective, target, poll=1.0, after_trial=None, count_diverged=Fa
 
 def _guard_surplus(objective, target, count_diverged):
     def guarded(trial):
-        before = [t for t in trial.study.get_trials(deepcopy=False)
+        trials = trial.study.get_trials(deepcopy=False)
+        before = [t for t in trials
                   if t.number < trial.number and (t.state in FINISHED or t.state == TrialState.RUNNING
                                                   or (count_diverged and is_diverged(t)))]
+        # pruned, not failed: a race between workers is no error (and Optuna logs no traceback)
         if len(before) >= target:
-            # pruned, not failed: a race between workers is no error (and Optuna logs no traceback)
-            trial.set_user_attr("failure", SURPLUS)
-            raise optuna.TrialPruned(SURPLUS)
-        return objective(trial)
+            _prune(trial, SURPLUS)
+        if _is_duplicate_retry(trial.number, trials):
+            _prune(trial, DUPLICATE_RETRY)
+        try:
+            return objective(trial)
+        except (optuna.TrialPruned, DivergedError, KeyboardInterrupt):
+            raise  # the objective said why, or it is no failure
+        except Exception as e:
+            # a FAIL without a failure attr means "the worker died" to _requeue_lost_retries
+            trial.set_user_attr("failure", f"{type(e).__name__}: {e}"[:300])
+            raise
     return guarded
+
+
+def _prune(trial, why):
+    trial.set_user_attr("failure", why)
+    raise optuna.TrialPruned(why)
+
+
+def _is_duplicate_retry(number, trials):
+    """Whether trial `number` re-runs a dead trial that a lower-numbered trial already re-runs:
+    two workers can both re-queue one dead trial (see _requeue_lost_retries); the first wins."""
+    of = {t.number: retried_from(t) for t in trials}
+    return of.get(number) is not None and any(
+        n < number and dead == of[number] for n, dead in of.items())
 
 
 def _fail_stale_trials(study):
@@ -177,6 +200,28 @@ def _fail_stale_trials(study):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     _fail_orphans(study)
+    _requeue_lost_retries(study)
+
+
+def _requeue_lost_retries(study):
+    """Re-queue the FAIL trials that died without a word (no failure attr: their worker was
+    killed) and were never re-queued. Failing a dead worker's trial and re-queuing it are two
+    commits (Optuna's, and _fail_orphans'): a worker killed between them would leave the trial
+    FAIL with no retry. Re-queuing twice is harmless: the later copy is pruned on pickup
+    (_is_duplicate_retry), and the callback itself stops after max_retry retries."""
+    rdb = getattr(study._storage, "_backend", study._storage)
+    callback = getattr(rdb, "get_heartbeat_stale_trial_callback", lambda: None)()
+    if callback is None:
+        return
+    max_retry = getattr(callback, "_max_retry", None)  # the callback skips longer chains itself
+    trials = study.get_trials(deepcopy=False)
+    requeued = {retried_from(t) for t in trials}
+    for t in trials:
+        if (t.state == TrialState.FAIL and "failure" not in t.user_attrs
+                and t.number not in requeued
+                and (max_retry is None or len(retry_chain(t)) < max_retry)):
+            log.warning("trial %d died and was not re-queued: re-queued now", t.number)
+            callback(study, t)
 
 
 def _fail_orphans(study):

@@ -161,7 +161,14 @@ def finished_trials(study):
 
 
 def retried_from(trial):
-    """The number of the trial this one re-runs after its worker died, or None."""
+    """The number of the trial this one re-runs after its worker died (the one right before it
+    in a chain of retries), or None. trial: a FrozenTrial."""
+    chain = retry_chain(trial)
+    return chain[-1] if chain else None
+
+
+def retry_chain(trial):
+    """[the first trial, its retry, …] up to the one this FrozenTrial re-runs; [] if no retry."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+        return RetryHeartbeatStaleTrialCallback.retry_history(trial)

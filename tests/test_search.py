@@ -280,6 +280,83 @@ def test_a_trial_orphaned_before_its_first_heartbeat_is_retried(tmp_path, tiny_d
     assert len(fl.complete(trials)) == 2
 
 
+def _study_with_a_dead_trial(tmp_path, failure=None):
+    """A study whose trial 0 (λ = 0.5) is FAIL as a dead worker's trial is once Optuna has failed
+    it, but never re-queued (the worker failing it was killed between the two commits)."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    storage = open_storage(fl.sqlite_url(tmp_path / "s.db"), heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(study_name="r", storage=storage, direction="maximize")
+    attrs = {"failure": failure} if failure else {}
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.FAIL, params={"lam": 0.5}, user_attrs=attrs,
+        distributions={"lam": FloatDistribution(1e-3, 1.0, log=True)}))
+    return study
+
+
+def _lam_objective(trial):
+    return trial.suggest_float("lam", 1e-3, 1.0, log=True)
+
+
+def test_a_dead_trial_that_was_not_requeued_is_requeued_once(tmp_path):
+    from search.runner import _fail_stale_trials
+    from search.study import retried_from
+
+    study = _study_with_a_dead_trial(tmp_path)
+    for _ in range(3):  # every worker's pass before every trial: re-queued once, not thrice
+        _fail_stale_trials(study)
+    retries = [t for t in study.get_trials() if retried_from(t) == 0]
+    assert [(t.state, t.params["lam"]) for t in retries] == [(TrialState.WAITING, 0.5)]
+
+
+def test_a_trial_that_failed_for_a_reason_is_not_requeued(tmp_path):
+    from search.runner import _fail_stale_trials
+
+    study = _study_with_a_dead_trial(tmp_path, failure="interrupted (Ctrl-C)")
+    _fail_stale_trials(study)
+    assert len(study.get_trials()) == 1
+
+
+def test_a_dead_trial_requeued_twice_runs_once(tmp_path):
+    """Two workers both re-queued trial 0: the first copy runs, the second is pruned on pickup,
+    and the phase still ends with its target of COMPLETE trials."""
+    import optuna
+
+    from search.runner import DUPLICATE_RETRY, work
+    from search.study import retried_from
+
+    study = _study_with_a_dead_trial(tmp_path)
+    callback = study._storage.get_heartbeat_stale_trial_callback()
+    for _ in range(2):
+        callback(study, study.get_trials()[0])
+    study.sampler = optuna.samplers.RandomSampler(seed=0)
+    work(study, _lam_objective, target=2, poll=0.01)
+    trials = study.get_trials()
+    first, second = (t for t in trials if retried_from(t) == 0)
+    assert first.state == TrialState.COMPLETE and first.value == 0.5
+    assert second.state == TrialState.PRUNED
+    assert second.user_attrs["failure"] == DUPLICATE_RETRY
+    assert len(fl.complete(trials)) == 2 and fl.duplicated_lams(trials) == []
+
+
+def test_an_objective_error_is_recorded_as_the_failure(tmp_path):
+    """A trial that fails by an exception says so: only a silent FAIL means "the worker died"."""
+    import optuna
+
+    from search.runner import _guard_surplus
+
+    study = optuna.create_study(storage=open_storage(fl.sqlite_url(tmp_path / "s.db")))
+
+    def broken(trial):
+        raise ValueError("bad luck")
+    study.optimize(_guard_surplus(broken, target=5, count_diverged=False), n_trials=1,
+                   catch=(ValueError,))
+    trial = study.get_trials()[0]
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["failure"] == "ValueError: bad luck"
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning",
                             "ignore:`GridSampler` is re-evaluating:UserWarning")
