@@ -49,8 +49,8 @@ def run_seeds(data, config, seeds, workers=1):
 
 
 def _shared_cpus(workers):
-    """The first `workers` CPUs this process may run on, or None where affinity is not
-    available (the seeds then simply share the machine)."""
+    """The first `workers` CPUs this process may run on; None when the workers fill them anyway
+    or where affinity is not available (the seeds then share the whole machine)."""
     if not hasattr(os, "sched_getaffinity"):
         return None
     allowed = sorted(os.sched_getaffinity(0))
