@@ -133,7 +133,7 @@ def work(study, objective, target, poll=1.0, after_trial=None, count_diverged=Fa
     max_diverged: stop with DivergedError once this many trials diverged (default max(5, target)):
       a protocol where every λ diverges would otherwise sample forever.
     """
-    guarded = _guard_surplus(objective, target, count_diverged)
+    guarded = _guard_trial(objective, target, count_diverged)
     max_diverged = max_diverged or max(5, target)
     while True:
         _fail_stale_trials(study)
@@ -160,7 +160,7 @@ def work(study, objective, target, poll=1.0, after_trial=None, count_diverged=Fa
             after_trial()
 
 
-def _guard_surplus(objective, target, count_diverged):
+def _guard_trial(objective, target, count_diverged):
     def guarded(trial):
         trials = trial.study.get_trials(deepcopy=False)
         before = [t for t in trials

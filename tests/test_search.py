@@ -344,13 +344,13 @@ def test_an_objective_error_is_recorded_as_the_failure(tmp_path):
     """A trial that fails by an exception says so: only a silent FAIL means "the worker died"."""
     import optuna
 
-    from search.runner import _guard_surplus
+    from search.runner import _guard_trial
 
     study = optuna.create_study(storage=open_storage(fl.sqlite_url(tmp_path / "s.db")))
 
     def broken(trial):
         raise ValueError("bad luck")
-    study.optimize(_guard_surplus(broken, target=5, count_diverged=False), n_trials=1,
+    study.optimize(_guard_trial(broken, target=5, count_diverged=False), n_trials=1,
                    catch=(ValueError,))
     trial = study.get_trials()[0]
     assert trial.state == TrialState.FAIL
