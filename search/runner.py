@@ -161,6 +161,8 @@ def work(study, objective, target, poll=1.0, after_trial=None, count_diverged=Fa
 
 
 def _guard_trial(objective, target, count_diverged):
+    """objective, wrapped for the work loop: a surplus trial or a duplicate retry is pruned before
+    it trains, and an error the objective did not explain becomes the trial's failure attr."""
     def guarded(trial):
         trials = trial.study.get_trials(deepcopy=False)
         before = [t for t in trials
