@@ -40,6 +40,13 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         fail(f"{message} (see {self.prog} --help)")
 
+    def require_positive(self, args, *dests):
+        """The error above for the first of these counts below 1 (None: not given, allowed)."""
+        for dest in dests:
+            value = getattr(args, dest)
+            if value is not None and value <= 0:
+                self.error(f"--{dest.replace('_', '-')} must be ≥ 1 (got {value})")
+
 
 def fail(message):
     """One line on stderr, exit status 2, no traceback."""

@@ -35,9 +35,7 @@ def parse_args(argv=None):
     _common.add_data_args(p)
     _common.add_common_args(p)
     args = p.parse_args(argv)
-    for flag in ("seeds", "workers"):
-        if getattr(args, flag) <= 0:
-            p.error(f"--{flag} must be ≥ 1 (got {getattr(args, flag)})")
+    p.require_positive(args, "seeds", "workers")
     if args.lam is not None and not args.lam >= 0:
         p.error(f"--lam must be ≥ 0 (got {args.lam})")
     return args

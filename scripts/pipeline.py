@@ -54,9 +54,7 @@ def parse_args(argv=None):
     _common.add_data_args(p)
     _common.add_common_args(p)
     args = p.parse_args(argv)
-    for flag in ("workers", "coarse_trials", "fine_trials", "repeats", "seeds"):
-        if getattr(args, flag) <= 0:
-            p.error(f"--{flag.replace('_', '-')} must be ≥ 1 (got {getattr(args, flag)})")
+    p.require_positive(args, "workers", "coarse_trials", "fine_trials", "repeats", "seeds")
     return args
 
 

@@ -54,12 +54,7 @@ def parse_args(argv=None):
 
 
 def check_args(p, args):
-    if args.n_trials is not None and args.n_trials <= 0:
-        p.error(f"--n-trials must be ≥ 1 (got {args.n_trials})")
-    if args.workers <= 0:
-        p.error(f"--workers must be ≥ 1 (got {args.workers})")
-    if args.repeats <= 0:
-        p.error(f"--repeats must be ≥ 1 (got {args.repeats})")
+    p.require_positive(args, "n_trials", "workers", "repeats")
     if args.values is not None and args.phase != "fine":
         p.error("--values belongs to the fine phase")
     if not (args.top_k >= 1 and args.margin > 0):
