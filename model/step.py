@@ -43,33 +43,33 @@ def sgd_step(params, X, y, idx, eta, lam, ws, pixels=None):
     """One update of params (in place) on the samples X[idx], y[idx] with step size eta.
 
     idx must hold valid row numbers 0 <= i < len(X) (train() passes slices of a permutation).
-    pixels: X's model.data.Pixels, in the workspace's dtype, to gather the batch from (the same
-    rows, bit for bit, from a quarter of the bytes); None gathers from X.
+    pixels: X's model.data.Pixels or None (see gather_batch).
     Raises DivergedError when the scores stop being finite (params are then left unchanged).
     """
     B = len(idx)
     W1 = params["W1"]
-    Xb, H = ws["X"][:B], ws["H"][:B]
+    Xb, H, S, dH = ws["X"][:B], ws["H"][:B], ws["S"][:B], ws["dH"][:B]
     gather_batch(X, idx, Xb, pixels)
     np.matmul(Xb, W1, out=H)
     decay = 1.0 - 2.0 * eta * lam
     if not _small_layers_step(H, params["b1"], params["W2"], params["b2"], y[idx], eta / B, decay,
-                              ws["S"][:B], ws["dH"][:B], ws["dW2"]):
+                              S, dH, ws["dW2"]):
         raise DivergedError("non-finite scores")
-    np.matmul(Xb.T, ws["dH"][:B], out=ws["dW1"])  # η·∂loss/∂W1
+    np.matmul(Xb.T, dH, out=ws["dW1"])  # η·∂loss/∂W1
     _decay_and_subtract(W1, ws["dW1"], decay)
 
 
 def gather_batch(X, idx, out, pixels=None):
-    """out ← X[idx], from the normalised X or, when given, from its pixels (see sgd_step)."""
-    if pixels is None and X.dtype == out.dtype:
+    """out ← X[idx]. From X's pixels (model.data.Pixels) when given and they normalise into out's
+    dtype: the same rows, bit for bit, from a quarter of the bytes; else from X itself."""
+    if pixels is not None and pixels.scale.dtype == out.dtype:
+        _gather_normalised(pixels.raw, idx, pixels.scale, pixels.shift, out)
+    elif X.dtype == out.dtype:
         # mode="clip" because with the default mode="raise" NumPy gathers into a temporary and
         # copies it into `out`, which doubles the cost; idx is in range, so nothing is clipped.
         np.take(X, idx, axis=0, out=out, mode="clip")
-    elif pixels is None:
-        out[...] = X[idx]  # data in another dtype than the params: cast (np.take warns doing so)
     else:
-        _gather_normalised(pixels.raw, idx, pixels.scale, pixels.shift, out)
+        out[...] = X[idx]  # data in another dtype than the params: cast (np.take warns doing so)
 
 
 @njit(cache=True)

@@ -102,16 +102,9 @@ def warm_up(data, config):
     ws = make_workspace(1, data.train.X.shape[1], config.m, K, params["W1"].dtype)
     try:
         sgd_step(params, data.train.X, data.train.y, np.arange(1), config.eta_min, config.lam, ws,
-                 _step_pixels(data, ws))
+                 data.train.pixels)
     except DivergedError:
         pass  # compiled all the same; the real runs will report it
-
-
-def _step_pixels(data, ws):
-    """The train split's pixels if they normalise into the workspace's dtype, else None (gather
-    from X, cast)."""
-    pixels = data.train.pixels
-    return pixels if pixels is not None and pixels.scale.dtype == ws["X"].dtype else None
 
 
 def train(params, data, config, rng, on_eval=None):
@@ -132,7 +125,6 @@ def train(params, data, config, rng, on_eval=None):
     X, y = data.train.X, data.train.y
     N, D = X.shape
     ws = make_workspace(config.n_batch, D, config.m, params["b2"].shape[0], params["W1"].dtype)
-    pixels = _step_pixels(data, ws)
     eval_at = set(config.eval_steps())  # looked up after every step
     history = [_record(params, data, config, 0)]
     _report(history[-1], on_eval)
@@ -144,7 +136,7 @@ def train(params, data, config, rng, on_eval=None):
             eta = cyclic_lr(t, config.eta_min, config.eta_max, config.n_s)
             try:
                 sgd_step(params, X, y, perm[start:start + config.n_batch], eta, config.lam, ws,
-                         pixels)
+                         data.train.pixels)
             except DivergedError:
                 raise DivergedError(_diverged_message(config, t + 1)) from None
             t += 1

@@ -465,3 +465,13 @@ def test_no_source_with_a_bad_checksum_extracts_nothing(cifar_tiny_dir, tmp_path
     with pytest.raises(DataError, match="checksum mismatch"):
         resolve_batches_dir(None, tmp_path / "cache")
     assert list((tmp_path / "cache").rglob("*")) == []
+
+
+def test_pixels_of_another_dtype_are_not_used(cifar_tiny_dir, tmp_path):
+    """float64 params on float32 data: the batch holds X's float32 rows, cast, not a float64
+    re-normalisation of the pixels (which would differ in the last bits)."""
+    ds = load_cifar10(cifar_tiny_dir.batches, n_val=N_VAL, dtype="float32", cache_dir=tmp_path)
+    idx = np.arange(5, 15)
+    out = np.empty((10, 3072), dtype=np.float64)
+    gather_batch(ds.train.X, idx, out, ds.train.pixels)
+    np.testing.assert_array_equal(out, ds.train.X[idx].astype(np.float64))
