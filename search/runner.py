@@ -211,7 +211,7 @@ def _requeue_lost_retries(study):
     commits (Optuna's, and _fail_orphans'): a worker killed between them would leave the trial
     FAIL with no retry. Re-queuing twice is harmless: the later copy is pruned on pickup
     (_is_duplicate_retry), and the callback itself stops after max_retry retries."""
-    rdb = getattr(study._storage, "_backend", study._storage)
+    rdb = _rdb(study)
     callback = getattr(rdb, "get_heartbeat_stale_trial_callback", lambda: None)()
     if callback is None:
         return
@@ -226,13 +226,18 @@ def _requeue_lost_retries(study):
             callback(study, t)
 
 
+def _rdb(study):
+    """The RDBStorage behind a study (Optuna wraps it in a caching layer)."""
+    return getattr(study._storage, "_backend", study._storage)
+
+
 def _fail_orphans(study):
     """Fail and re-queue RUNNING trials that never sent a heartbeat and are older than three grace
     periods: their worker died between creating the trial and its first heartbeat, a case
     Optuna's stale-trial check skips (it only looks at trials with a heartbeat)."""
     from optuna.storages._rdb import models  # no public API lists the heartbeats
 
-    rdb = getattr(study._storage, "_backend", study._storage)
+    rdb = _rdb(study)
     if not hasattr(rdb, "scoped_session") or rdb.get_heartbeat_interval() is None:
         return
     old = datetime.timedelta(seconds=3 * (rdb.grace_period or 2 * rdb.heartbeat_interval))
