@@ -4,7 +4,8 @@ import pytest
 
 from model.errors import DivergedError
 from model.network import PARAM_KEYS, init_params, loss_and_grads
-from model.step import make_workspace, sgd_step
+from model.data import Pixels, normalise, normaliser
+from model.step import gather_batch, make_workspace, sgd_step
 
 D, M, K, N_BATCH = 20, 10, 10, 10
 
@@ -110,3 +111,19 @@ def test_sgd_step_computes_in_the_params_dtype(tiny_data, tiny_params):
     for k in PARAM_KEYS:
         assert on64[k].dtype == np.float32
         np.testing.assert_array_equal(on64[k], on32[k], err_msg=k)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("D_px,B", [(100, 7), (64, 3), (3072, 1), (1, 5)])
+def test_pixel_gather_any_row_length_and_batch(dtype, D_px, B):
+    """The gather walks the rows in 64-pixel cache lines and prefetches the next row: rows that
+    end mid-line, a single line, a batch of one (nothing ahead) all give X's rows bit for bit."""
+    rng = np.random.default_rng(D_px + B)
+    raw = rng.integers(0, 256, (40, D_px), dtype=np.uint8)
+    scale, shift = normaliser(rng.uniform(0.2, 0.8, D_px), rng.uniform(0.1, 0.3, D_px), dtype)
+    X = normalise(raw, scale, shift)
+    idx = rng.permutation(40)[:B]
+    out = np.full((B + 2, D_px), np.nan, dtype=dtype)  # rows beyond the batch stay untouched
+    gather_batch(X, idx, out[:B], Pixels(raw, scale, shift))
+    np.testing.assert_array_equal(out[:B], X[idx])
+    assert np.isnan(out[B:]).all()
