@@ -8,13 +8,18 @@ METRICS = ("cost", "loss", "acc")
 _TITLES = {"cost": "Cost (loss + L2)", "loss": "Loss (cross-entropy)", "acc": "Accuracy"}
 
 
+def curve(history, split, metric):
+    """(steps, values) of `metric` on `split` at the history's points where split was measured."""
+    points = [(r["step"], r[split][metric]) for r in history if r[split] is not None]
+    return [s for s, _ in points], [v for _, v in points]
+
+
 def metric_figure(history, metric, title_suffix=""):
     """Train and val `metric` against update step."""
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()
-    steps = [r["step"] for r in history]
     for split, style in (("train", "-o"), ("val", "-s")):
-        ax.plot(steps, [r[split][metric] for r in history], style, ms=3, label=split)
+        ax.plot(*curve(history, split, metric), style, ms=3, label=split)
     ax.set_xlabel("update step")
     ax.set_ylabel(metric)
     ax.set_title(_TITLES[metric] + title_suffix)

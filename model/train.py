@@ -82,7 +82,7 @@ def evaluate(params, X, y, lam, block=8192):
     return {"loss": loss, "cost": loss + l2_penalty(params, lam), "acc": correct / len(y)}
 
 
-def fit(data, config, on_eval=None):
+def fit(data, config, on_eval=None, train_curve=True):
     """Train fresh params on data with config -> (params, history).
 
     One np.random.default_rng(config.seed) draws the init and then shuffles every epoch, so one
@@ -90,7 +90,7 @@ def fit(data, config, on_eval=None):
     """
     rng = np.random.default_rng(config.seed)
     params = init_params(data.train.X.shape[1], config.m, K, rng, dtype=np.dtype(config.dtype))
-    return train(params, data, config, rng, on_eval)
+    return train(params, data, config, rng, on_eval, train_curve)
 
 
 def warm_up(data, config):
@@ -107,7 +107,7 @@ def warm_up(data, config):
         pass  # compiled all the same; the real runs will report it
 
 
-def train(params, data, config, rng, on_eval=None):
+def train(params, data, config, rng, on_eval=None, train_curve=True):
     """Mini-batch GD with a triangular CLR from step 0 to config.total_steps, params updated in place.
 
     Args:
@@ -117,6 +117,9 @@ def train(params, data, config, rng, on_eval=None):
       rng: np.random.Generator that shuffles each epoch.
       on_eval: optional callable(record) called at every evaluation point; it may raise to stop
         (the search raises optuna.TrialPruned through it).
+      train_curve: evaluate the train subset at every evaluation point (False: at the last one only,
+        for a run whose curves nobody draws; the history's other records then have "train": None).
+        The validation split is evaluated at every point either way.
     Returns:
       (params, history): history is a list of records {step, lr, epoch, train: {...}, val: {...}}.
     Raises:
@@ -126,7 +129,7 @@ def train(params, data, config, rng, on_eval=None):
     N, D = X.shape
     ws = make_workspace(config.n_batch, D, config.m, params["b2"].shape[0], params["W1"].dtype)
     eval_at = set(config.eval_steps())  # looked up after every step
-    history = [_record(params, data, config, 0)]
+    history = [_record(params, data, config, 0, train_curve)]
     _report(history[-1], on_eval)
     t, epoch = 0, 0
     while t < config.total_steps:
@@ -141,31 +144,35 @@ def train(params, data, config, rng, on_eval=None):
                 raise DivergedError(_diverged_message(config, t + 1)) from None
             t += 1
             if t in eval_at:
-                history.append(_record(params, data, config, t, epoch=epoch))
+                history.append(_record(params, data, config, t, train_curve, epoch))
                 _report(history[-1], on_eval)
             if t == config.total_steps:
                 break
     return params, history
 
 
-def _record(params, data, config, t, epoch=0):
-    """Metrics at step t on the fixed train subset and the validation split."""
+def _record(params, data, config, t, train_curve=True, epoch=0):
+    """Metrics at step t on the validation split and on the fixed train subset (at every point,
+    or only at the last one when not train_curve: "train" is None where it was not measured)."""
     k = config.eval_train_samples or len(data.train.y)
+    train = train_curve or t == config.total_steps
     record = {
         "step": t,
         "epoch": epoch,
         "lr": cyclic_lr(t, config.eta_min, config.eta_max, config.n_s),
-        "train": evaluate(params, data.train.X[:k], data.train.y[:k], config.lam),
+        "train": evaluate(params, data.train.X[:k], data.train.y[:k], config.lam) if train else None,
         "val": evaluate(params, data.val.X, data.val.y, config.lam),
     }
-    if not all(np.isfinite(record[s][k2]) for s in ("train", "val") for k2 in ("loss", "cost")):
+    measured = [record[s] for s in ("train", "val") if record[s] is not None]
+    if not all(np.isfinite(m[key]) for m in measured for key in ("loss", "cost")):
         raise DivergedError(_diverged_message(config, t))
     return record
 
 
 def _report(record, on_eval):
-    log.debug("step %d lr %.2e train acc %.4f val acc %.4f", record["step"], record["lr"],
-              record["train"]["acc"], record["val"]["acc"])
+    log.debug("step %d lr %.2e train acc %s val acc %.4f", record["step"], record["lr"],
+              "-" if record["train"] is None else f"{record['train']['acc']:.4f}",
+              record["val"]["acc"])
     if on_eval is not None:
         on_eval(record)
 

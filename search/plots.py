@@ -4,6 +4,7 @@ import html
 import optuna.visualization as ov
 import plotly.graph_objects as go
 
+from model.curves import curve
 from model.schedule import cyclic_lr
 from search.report import study_report
 
@@ -29,11 +30,12 @@ def study_figures(study):
 
 def curve_figures(history, config):
     """[(title, go.Figure)] of a training run: accuracy, loss, cost (train and val) and η."""
-    steps = [r["step"] for r in history]
     figs = []
     for metric, title in (("acc", "Accuracy"), ("loss", "Loss"), ("cost", "Cost")):
-        fig = go.Figure([go.Scatter(x=steps, y=[r[split][metric] for r in history],
-                                    mode="lines+markers", name=split) for split in ("train", "val")])
+        fig = go.Figure()
+        for split in ("train", "val"):
+            steps, values = curve(history, split, metric)
+            fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name=split))
         fig.update_layout(title=title, xaxis_title="update step", yaxis_title=metric, height=340)
         figs.append((title, fig))
     t = list(range(0, 2 * config["n_s"] * config["cycles"] + 1, max(1, config["n_s"] // 50)))

@@ -13,6 +13,7 @@ replay one λ sequence (optuna #3255), and a random phase is reproducible trial 
 import datetime
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import time
@@ -124,10 +125,13 @@ def n_done(study, count_diverged=False):
                for t in study.get_trials(deepcopy=False))
 
 
-def work(study, objective, target, poll=1.0, after_trial=None, count_diverged=False,
+def work(study, objective, target, poll=0.2, after_trial=None, count_diverged=False,
          max_diverged=None):
     """Run trials of study until it holds `target` done trials (see the module docstring).
 
+    poll: seconds between two looks at the study while the missing trials run elsewhere; short,
+      because at the end of a phase every worker but the last waits so, and the phase ends only
+      when they have all seen it complete (one small query per look).
     after_trial: optional callable() run after each trial this worker ran (progress bars).
     count_diverged: a diverged trial counts as done (a grid value that was tried).
     max_diverged: stop with DivergedError once this many trials diverged (default max(5, target)):
@@ -291,10 +295,12 @@ def run_workers(n_workers, progress=None, **worker_kwargs):
     for p in procs:
         p.start()
     try:
-        while any(p.is_alive() for p in procs):
+        while alive := [p for p in procs if p.is_alive()]:
             if progress:
                 progress()
-            time.sleep(1.0)
+            # woken by a worker's exit at once: the phase ends when its last worker does. (The
+            # list is taken once: a worker reaped in between would leave an empty wait of 1 s.)
+            multiprocessing.connection.wait([p.sentinel for p in alive], timeout=1.0)
     except KeyboardInterrupt:
         for p in procs:
             if p.is_alive():

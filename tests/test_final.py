@@ -26,6 +26,20 @@ def test_parallel_seeds_equal_serial_seeds(tiny_data):
     assert not np.array_equal(serial[0]["params"]["W1"], serial[1]["params"]["W1"])
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_only_the_first_seed_records_a_train_curve(tiny_data, workers):
+    """The figures draw the first seed's curves: the other seeds measure the train subset only at
+    the end (their summary still has train metrics), and val at every point."""
+    runs = run_seeds(tiny_data, CONFIG, [3, 1, 2], workers=workers)
+    points = len(CONFIG.eval_steps())
+    assert all(r["history"][i]["train"] is not None for r in runs[:1] for i in range(points))
+    for r in runs[1:]:
+        assert [h["train"] is None for h in r["history"]] == [True] * (points - 1) + [False]
+    for r in runs:
+        assert r["train"] == r["history"][-1]["train"] and "acc" in r["train"]
+        assert all(h["val"] is not None for h in r["history"])
+
+
 def test_shared_cpus_are_a_subset_of_the_allowed_ones():
     allowed = os.sched_getaffinity(0)
     for workers in range(1, len(allowed)):

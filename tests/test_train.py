@@ -133,6 +133,20 @@ def test_history_records(tiny_data):
     assert history[-1]["val"] == final  # the last record describes the returned params
 
 
+def test_without_train_curve_the_train_subset_is_measured_at_the_end_only(tiny_data):
+    """train_curve=False (a final seed whose curves are not drawn): "train" is None at every point
+    but the last, val is everywhere, and training and the last record are those of a full run."""
+    config = tiny_config(cycles=2)
+    full = fit(tiny_data, config)
+    params, history = fit(tiny_data, config, train_curve=False)
+    assert len(history) == len(full[1]) == len(config.eval_steps())
+    assert [r["train"] is None for r in history] == [True] * (len(history) - 1) + [False]
+    assert [r["val"] for r in history] == [r["val"] for r in full[1]]
+    assert history[-1] == full[1][-1]
+    for k in params:
+        np.testing.assert_array_equal(params[k], full[0][k], err_msg=k)
+
+
 def test_eval_train_samples_uses_a_prefix(tiny_data):
     config = tiny_config(eval_train_samples=15)
     params, history = run(tiny_data, config)
@@ -250,3 +264,17 @@ def test_warm_up_compiles_without_touching_the_data(tiny_data):
     after = fit(tiny_data, config)
     for k in before[0]:
         np.testing.assert_array_equal(before[0][k], after[0][k], err_msg=k)
+
+
+def test_curves_skip_the_points_where_train_was_not_measured(tiny_data):
+    """A history without a train curve draws train at its last point only, val at every point."""
+    from model.curves import curve, metric_figure
+
+    config = tiny_config(cycles=2)
+    _, history = fit(tiny_data, config, train_curve=False)
+    steps, values = curve(history, "train", "acc")
+    assert steps == [config.total_steps] and values == [history[-1]["train"]["acc"]]
+    assert curve(history, "val", "loss")[0] == config.eval_steps()
+    lines = {line.get_label(): line for line in metric_figure(history, "acc").axes[0].lines}
+    assert list(lines["train"].get_xdata()) == [config.total_steps]
+    assert list(lines["val"].get_ydata()) == [r["val"]["acc"] for r in history]
