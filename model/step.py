@@ -8,13 +8,15 @@ is folded into the update as a decay W ← (1 − 2ηλ)W − η∇loss.
 
 Where the time goes (scripts/bench.py measures it): the two GEMMs with X_b are the floor; the
 gather is the next cost: 100 random rows of the uint8 training pixels (3 kB each, from DRAM),
-normalised on the fly into 1.2 MB of X_b (reading X's float32 rows instead moves 4× the bytes).
+normalised on the fly into 1.2 MB of X_b (reading X's float32 rows instead moves 4× the bytes),
+each row's loads requested while the row before it is converted.
 The rest was ~25 NumPy calls on small arrays, a few µs each whatever their size, until they became
 the one kernel below (its three small products still go to BLAS: numba's np.dot calls the
 sgemm/dgemm of scipy's BLAS, 3× faster than loops over K = 10). Measured and dropped: the decay
-folded into the backward GEMM (BLAS β: OpenBLAS applies β in a pass of its own); fastmath in the
-kernel (with it, the finiteness check stopped catching inf scores); software prefetch of the next
-batch (the prefetch instructions stall as long as the loads they save).
+folded into the backward GEMM (BLAS β: OpenBLAS applies β in a pass of its own; through SciPy's
+gemm, which takes α and β, one call was as slow as NumPy's GEMM plus the update); fastmath in the
+kernel (with it, the finiteness check stopped catching inf scores); prefetching the whole next
+batch at once (the prefetch instructions stall as long as the loads they save).
 
 Float order: the kernel sums in another order than the NumPy calls it replaced, so a run's
 figures moved at the float32 round-off level; a seed still gives bit-identical runs
