@@ -119,10 +119,14 @@ def is_diverged(t):
     return t.state == TrialState.FAIL and "diverged" in (t.user_attrs.get("failure") or "")
 
 
+def is_done(t, count_diverged=False):
+    """Whether trial t counts towards the phase's target: COMPLETE (or diverged, for a grid)."""
+    return t.state in FINISHED or (count_diverged and is_diverged(t))
+
+
 def n_done(study, count_diverged=False):
-    """Trials that count towards the phase's target: COMPLETE (and diverged, for a grid)."""
-    return sum(t.state in FINISHED or (count_diverged and is_diverged(t))
-               for t in study.get_trials(deepcopy=False))
+    """The study's trials that count towards the phase's target (see is_done)."""
+    return sum(is_done(t, count_diverged) for t in study.get_trials(deepcopy=False))
 
 
 def work(study, objective, target, poll=0.2, after_trial=None, count_diverged=False,
@@ -142,7 +146,7 @@ def work(study, objective, target, poll=0.2, after_trial=None, count_diverged=Fa
     while True:
         _fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
-        done = sum(t.state in FINISHED or (count_diverged and is_diverged(t)) for t in trials)
+        done = sum(is_done(t, count_diverged) for t in trials)
         if done >= target:
             return done
         diverged = sum(is_diverged(t) for t in trials)
@@ -169,9 +173,8 @@ def _guard_trial(objective, target, count_diverged):
     it trains, and an error the objective did not explain becomes the trial's failure attr."""
     def guarded(trial):
         trials = trial.study.get_trials(deepcopy=False)
-        before = [t for t in trials
-                  if t.number < trial.number and (t.state in FINISHED or t.state == TrialState.RUNNING
-                                                  or (count_diverged and is_diverged(t)))]
+        before = [t for t in trials if t.number < trial.number
+                  and (is_done(t, count_diverged) or t.state == TrialState.RUNNING)]
         # pruned, not failed: a race between workers is no error (and Optuna logs no traceback)
         if len(before) >= target:
             _prune(trial, SURPLUS)
