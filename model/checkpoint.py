@@ -43,8 +43,7 @@ def load_params(path):
 
 def save_json(path, obj):
     """Pretty JSON; numpy scalars become Python numbers."""
-    text = json.dumps(obj, indent=2, default=_to_builtin) + "\n"
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    save_text(path, json.dumps(obj, indent=2, default=_to_builtin) + "\n")
 
 
 def save_text(path, text):

@@ -89,16 +89,18 @@ def fit(data, config, on_eval=None, train_curve=True):
     config gives bit-identical params and history.
     """
     rng = np.random.default_rng(config.seed)
-    params = init_params(data.train.X.shape[1], config.m, K, rng, dtype=np.dtype(config.dtype))
-    return train(params, data, config, rng, on_eval, train_curve)
+    return train(_initial_params(data, config, rng), data, config, rng, on_eval, train_curve)
+
+
+def _initial_params(data, config, rng):
+    return init_params(data.train.X.shape[1], config.m, K, rng, dtype=np.dtype(config.dtype))
 
 
 def warm_up(data, config):
     """Compile the step's kernels for these data and config now (numba also caches them on disk):
     processes forked afterwards inherit them instead of each compiling its own (~3 s the first
     time, a load from the cache later). Trains one throwaway step; data is left unchanged."""
-    params = init_params(data.train.X.shape[1], config.m, K, np.random.default_rng(0),
-                         dtype=np.dtype(config.dtype))
+    params = _initial_params(data, config, np.random.default_rng(0))
     ws = make_workspace(1, data.train.X.shape[1], config.m, K, params["W1"].dtype)
     try:
         sgd_step(params, data.train.X, data.train.y, np.arange(1), config.eta_min, config.lam, ws,
@@ -155,12 +157,13 @@ def _record(params, data, config, t, train_curve=True, epoch=0):
     """Metrics at step t on the validation split and on the fixed train subset (at every point,
     or only at the last one when not train_curve: "train" is None where it was not measured)."""
     k = config.eval_train_samples or len(data.train.y)
-    train = train_curve or t == config.total_steps
+    measure_train = train_curve or t == config.total_steps
     record = {
         "step": t,
         "epoch": epoch,
         "lr": cyclic_lr(t, config.eta_min, config.eta_max, config.n_s),
-        "train": evaluate(params, data.train.X[:k], data.train.y[:k], config.lam) if train else None,
+        "train": (evaluate(params, data.train.X[:k], data.train.y[:k], config.lam)
+                  if measure_train else None),
         "val": evaluate(params, data.val.X, data.val.y, config.lam),
     }
     measured = [record[s] for s in ("train", "val") if record[s] is not None]

@@ -7,7 +7,6 @@ lr .png) into --out (default studies/runs/lam<λ>-seed<seed>).
 """
 import time
 
-
 import _common
 from model.checkpoint import check_out_dir, publish_dir, save_run
 from model.data import load_cifar10
