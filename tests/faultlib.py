@@ -23,6 +23,8 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from search.study import retried_from
+
 REPO = Path(__file__).resolve().parents[1]
 SEARCH = REPO / "scripts" / "search.py"
 PG_ENV = "CLR_PG_URL"
@@ -179,15 +181,6 @@ def study_names(url):
         storage.engine.dispose()
 
 
-def retry_history(frozen):
-    """[original, retry, retry of the retry, ...] up to the trial right before this one; [] when
-    the trial is no retry. Must be given a FrozenTrial (study.trials): on a live Trial the
-    RetryHeartbeatStaleTrialCallback accessors raise AttributeError in Optuna 5.0.0."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RetryHeartbeatStaleTrialCallback.retry_history(frozen)
-
-
 def retried_trial_number(frozen):
     """The first trial of the retry chain this FrozenTrial belongs to (None if no retry)."""
     with warnings.catch_warnings():
@@ -220,13 +213,13 @@ def duplicated_lams(trials):
 def retries_by_origin(trials):
     """{trial number: [FrozenTrial re-queued for it when its worker died], ...}.
 
-    The retry of trial n is the trial whose retry history ends with n (retried_trial_number names
-    the first trial of a chain, also for the retry of a retry)."""
+    The retry of trial n is the trial whose retry chain ends with n (search.study.retried_from;
+    retried_trial_number names the first trial of a chain, also for the retry of a retry)."""
     out = {}
     for t in trials:
-        history = retry_history(t)
-        if history:
-            out.setdefault(history[-1], []).append(t)
+        origin = retried_from(t)
+        if origin is not None:
+            out.setdefault(origin, []).append(t)
     return out
 
 

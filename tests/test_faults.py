@@ -25,7 +25,7 @@ import pytest
 from optuna.trial import TrialState
 
 import faultlib as fl
-from search.study import MAX_RETRY
+from search.study import MAX_RETRY, retry_chain
 
 pytestmark = pytest.mark.faults
 
@@ -135,7 +135,7 @@ def test_sigkill_ten_times_loses_and_duplicates_nothing(cifar_tiny_dir, tmp_path
     retried = [n for n in left_running if n in retries]
     # a trial whose λ was already retried MAX_RETRY times is not retried again (Optuna's rule)
     exhausted = [n for n in left_running
-                 if n not in retries and len(fl.retry_history(by_number[n])) >= MAX_RETRY]
+                 if n not in retries and len(retry_chain(by_number[n])) >= MAX_RETRY]
     FIGURES.update(kills=kills, lost=len(lost), duplicated=len(duplicated),
                    retried=f"{len(retried)}/{len(left_running)}", max_retry_hit=len(exhausted))
 
@@ -157,7 +157,7 @@ def test_sigkill_ten_times_loses_and_duplicates_nothing(cifar_tiny_dir, tmp_path
         assert len(again) == 1, (origin, [t.number for t in again])
         t, lam = again[0], by_number[origin].params.get("lam")
         assert lam is None or t.params.get("lam") == lam, (origin, t.number)
-        assert fl.retried_trial_number(t) == fl.retry_history(t)[0]
+        assert fl.retried_trial_number(t) == retry_chain(t)[0]
     # most kills landed after λ was drawn, so the same-λ check above is not vacuous
     assert sum("lam" in by_number[n].params for n in left_running) >= len(left_running) // 2
     # the phase ends with exactly --n-trials COMPLETE, nothing RUNNING or WAITING
