@@ -131,7 +131,7 @@ def train(params, data, config, rng, on_eval=None, train_curve=True):
     N, D = X.shape
     ws = make_workspace(config.n_batch, D, config.m, params["b2"].shape[0], params["W1"].dtype)
     eval_at = set(config.eval_steps())  # looked up after every step
-    history = [_record(params, data, config, 0, train_curve)]
+    history = [evaluation_record(params, data, config, 0, train_curve)]
     _report(history[-1], on_eval)
     t, epoch = 0, 0
     while t < config.total_steps:
@@ -146,16 +146,17 @@ def train(params, data, config, rng, on_eval=None, train_curve=True):
                 raise DivergedError(_diverged_message(config, t + 1)) from None
             t += 1
             if t in eval_at:
-                history.append(_record(params, data, config, t, train_curve, epoch))
+                history.append(evaluation_record(params, data, config, t, train_curve, epoch))
                 _report(history[-1], on_eval)
             if t == config.total_steps:
                 break
     return params, history
 
 
-def _record(params, data, config, t, train_curve=True, epoch=0):
-    """Metrics at step t on the validation split and on the fixed train subset (at every point,
-    or only at the last one when not train_curve: "train" is None where it was not measured)."""
+def evaluation_record(params, data, config, t, train_curve=True, epoch=0):
+    """One evaluation point of training (scripts/bench.py times it): metrics at step t on the
+    validation split and on the fixed train subset (at every point, or only at the last one when
+    not train_curve: "train" is None where it was not measured)."""
     k = config.eval_train_samples or len(data.train.y)
     measure_train = train_curve or t == config.total_steps
     record = {

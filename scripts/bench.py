@@ -48,7 +48,7 @@ from model.errors import WorkersFailed
 from model.network import init_params
 from model.schedule import cyclic_lr
 from model.step import gather_batch, make_workspace, sgd_step
-from model.train import evaluate
+from model.train import evaluation_record
 from search.objective import Objective
 from search.phases import SEARCH_CONFIG, coarse_space
 from search.runner import make_pruner, make_sampler, run_workers
@@ -176,11 +176,10 @@ def _batches(N, B, rng):
 def measure_eval(data, size, rng):
     """eval_ms: one evaluation point of the coarse protocol (train subset and val)."""
     params = init_params(D, SEARCH_CONFIG.m, K, rng, dtype=np.float32)
-    k = SEARCH_CONFIG.eval_train_samples or len(data.train.y)
+    config = dataclasses.replace(SEARCH_CONFIG, lam=TRIAL_LAM)
 
     def one():
-        evaluate(params, data.train.X[:k], data.train.y[:k], TRIAL_LAM)
-        evaluate(params, data.val.X, data.val.y, TRIAL_LAM)
+        evaluation_record(params, data, config, config.n_s)
     return {"eval_ms": min(block_ms(one, 1) for _ in range(max(3, size["repeats"] // 3)))}
 
 
