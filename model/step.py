@@ -1,66 +1,71 @@
 """The fused mini-batch GD step used by training: in place, into preallocated buffers.
 
-It computes what network.loss_and_grads computes (tests hold the two together) in four calls: the
-batch gather, the forward GEMM X_b W1, one compiled kernel (numba) for everything on the small
-(B, m) and (B, K) arrays, and the backward GEMM X_bᵀ dH followed by a one-pass W1 update. The
-softmax gradient is pre-scaled by η/B, so the backward GEMM yields η·∇W1 directly, and the L2 term
-is folded into the update as a decay W ← (1 − 2ηλ)W − η∇loss.
+It computes what network.loss_and_grads computes (tests hold the two together) in two compiled
+calls: the batch gather, then one numba kernel for the rest, whose five products go to NumPy's
+own BLAS through model.blas (the forward GEMM X_b W1, three small ones, the backward GEMM X_bᵀ dH).
+The softmax gradient is pre-scaled by η/B, so the products yield update steps directly; the L2
+term is a decay W ← (1 − 2ηλ)W − η∇loss, for W2 through BLAS β and for W1 as a pending scale
+(see _step and settle).
 
 Where the time goes (scripts/bench.py measures it): the two GEMMs with X_b are the floor; the
 gather is the next cost: 100 random rows of the uint8 training pixels (3 kB each, from DRAM),
 normalised on the fly into 1.2 MB of X_b (reading X's float32 rows instead moves 4× the bytes),
 each row's loads requested while the row before it is converted.
 The rest was ~25 NumPy calls on small arrays, a few µs each whatever their size, until they became
-the one kernel below (its three small products still go to BLAS: numba's np.dot calls the
-sgemm/dgemm of scipy's BLAS, 3× faster than loops over K = 10). Measured and dropped: the decay
-folded into the backward GEMM (BLAS β: OpenBLAS applies β in a pass of its own; through SciPy's
-gemm, which takes α and β, one call was as slow as NumPy's GEMM plus the update); fastmath in the
-kernel (with it, the finiteness check stopped catching inf scores); prefetching the whole next
-batch at once (the prefetch instructions stall as long as the loads they save).
+one kernel. W1's update was the backward GEMM into a gradient buffer (np.matmul overwrites its
+output, and OpenBLAS zeroes it first in a pass of its own) and then a pass W1 ← decay·W1 − ∇:
+accumulating into W1 with a pending scale removed both passes (8% of the step). Measured and
+dropped: the decay as BLAS β on W1 (OpenBLAS applies β in its own pass: 1/3 of the gain);
+SciPy's BLAS, which numba's np.dot calls (a separate, older OpenBLAS: 5–15% slower on these
+shapes); fastmath in the kernel (with it, the finiteness check stopped catching inf scores);
+prefetching the whole next batch at once (the prefetch instructions stall as long as the loads
+they save).
 
-Float order: the kernel sums in another order than the NumPy calls it replaced, so a run's
-figures moved at the float32 round-off level; a seed still gives bit-identical runs
-(tests/test_train.py), and the step equals the reference to round-off (tests/test_step.py).
+Float order: the kernel sums in another order than the NumPy calls it replaced, and W1 is
+c·V rounded; a run's figures move at the float32 round-off level, a seed still gives
+bit-identical runs (tests/test_train.py), and the step equals the reference to round-off
+(tests/test_step.py).
 """
 import numpy as np
-import scipy.linalg.cython_blas  # noqa: F401  numba's np.dot calls it; loaded now so threadpoolctl
-from llvmlite import ir          # pins its BLAS threads too
+from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from model.blas import gemm
 from model.errors import DivergedError
 
 
 def make_workspace(n_batch, D, m, K, dtype):
-    """Buffers for one step of at most n_batch samples."""
+    """Buffers for one step of at most n_batch samples, and the pending scale of W1 (see settle)."""
     return {
         "X": np.empty((n_batch, D), dtype=dtype),   # gathered batch
         "H": np.empty((n_batch, m), dtype=dtype),   # hidden activations
         "S": np.empty((n_batch, K), dtype=dtype),   # scores, then η/B·(P − Y)
         "dH": np.empty((n_batch, m), dtype=dtype),
-        "dW2": np.empty((m, K), dtype=dtype),
-        "dW1": np.empty((D, m), dtype=dtype),
+        "w1_scale": np.ones(1),                     # W1 = w1_scale · params["W1"]
     }
 
 
 def sgd_step(params, X, y, idx, eta, lam, ws, pixels=None):
     """One update of params (in place) on the samples X[idx], y[idx] with step size eta.
 
+    W1's L2 decay is kept as a pending scale in ws: after a step, the updated W1 is
+    ws["w1_scale"]·params["W1"], and settle(params, ws) makes params["W1"] W1 again (train()
+    settles before it evaluates or returns; the other params are always exact).
     idx must hold valid row numbers 0 <= i < len(X) (train() passes slices of a permutation).
     pixels: X's model.data.Pixels or None (see gather_batch).
     Raises DivergedError when the scores stop being finite (params are then left unchanged).
     """
-    B = len(idx)
-    W1 = params["W1"]
-    Xb, H, S, dH = ws["X"][:B], ws["H"][:B], ws["S"][:B], ws["dH"][:B]
+    Xb = ws["X"][:len(idx)]
     gather_batch(X, idx, Xb, pixels)
-    np.matmul(Xb, W1, out=H)
-    decay = 1.0 - 2.0 * eta * lam
-    if not _small_layers_step(H, params["b1"], params["W2"], params["b2"], y[idx], eta / B, decay,
-                              S, dH, ws["dW2"]):
+    if not _step(Xb, y, idx, params["W1"], params["b1"], params["W2"], params["b2"], eta, lam,
+                 ws["w1_scale"], ws["H"], ws["S"], ws["dH"]):
         raise DivergedError("non-finite scores")
-    np.matmul(Xb.T, dH, out=ws["dW1"])  # η·∂loss/∂W1
-    _decay_and_subtract(W1, ws["dW1"], decay)
+
+
+def settle(params, ws):
+    """Apply the scale sgd_step left pending to params["W1"] (one pass over W1)."""
+    _rescale(params["W1"], ws["w1_scale"])
 
 
 def gather_batch(X, idx, out, pixels=None):
@@ -77,23 +82,31 @@ def gather_batch(X, idx, out, pixels=None):
 
 
 @njit(cache=True)
-def _small_layers_step(H, b1, W2, b2, y, scale, decay, S, dH, dW2):
-    """Given H = X_b W1 (B, m): finish the forward pass, backpropagate to dH = scale·∂loss/∂(X_b W1)
-    and update b1, W2, b2 in place. Returns False, changing no parameter, if a score is not finite.
+def _step(Xb, y, idx, W1, b1, W2, b2, eta, lam, w1_scale, H, S, dH):
+    """Everything after the gather, in place. Returns False, changing no parameter, if a score is
+    not finite.
 
-    scale = η/B turns the gradients into update steps; decay = 1 − 2ηλ applies the L2 term.
+    W1 is kept as c·V (c = w1_scale[0], V = the array W1): the decay W1 ← (1 − 2ηλ)·W1 then costs
+    nothing, c shrinks instead, and the backward GEMM adds −η∇W1 / c straight into V (BLAS β = 1).
+    A gradient buffer and two passes over W1's 0.6 MB per step go (OpenBLAS zeroes a β = 0 output
+    in a pass of its own). V is rescaled only when c would fall below _RESCALE_BELOW.
     """
-    B, m = H.shape
-    K = S.shape[1]
+    B = idx.shape[0]
+    H, S, dH = H[:B], S[:B], dH[:B]
+    scale = eta / B                         # turns the gradients into update steps
+    decay = 1.0 - 2.0 * eta * lam           # the L2 term
+    c = w1_scale[0]
+    gemm(Xb, W1, H, c, 0.0)                 # X_b W1
     for i in range(B):                      # H ← relu(H + b1), NaN kept (max() would drop it)
         h = H[i]
-        for j in range(m):
+        for j in range(h.shape[0]):
             v = h[j] + b1[j]
             h[j] = 0.0 if v < 0.0 else v
-    np.dot(H, W2, S)
+    gemm(H, W2, S, 1.0, 0.0)
     finite = True
     for i in range(B):                      # S ← scale·(softmax(H W2 + b2) − onehot(y))
         s = S[i]
+        K = s.shape[0]
         for k in range(K):
             s[k] += b2[k]
         top = s[0]
@@ -107,22 +120,39 @@ def _small_layers_step(H, b1, W2, b2, y, scale, decay, S, dH, dW2):
         factor = scale / total
         for k in range(K):
             s[k] *= factor
-        s[y[i]] -= scale
+        s[y[idx[i]]] -= scale
     if not finite:
         return False
-    np.dot(S, W2.T, dH)                     # through W2 (before it changes) and the ReLU
+    gemm(S, W2, dH, 1.0, 0.0, trans_b=True)  # through W2 (before it changes) and the ReLU
     for i in range(B):
-        for j in range(m):
+        for j in range(dH.shape[1]):
             dH[i, j] = dH[i, j] if H[i, j] > 0.0 else 0.0
-    for k in range(K):
+    for k in range(b2.shape[0]):
         b2[k] -= S[:, k].sum()
-    for j in range(m):
+    for j in range(b1.shape[0]):
         b1[j] -= dH[:, j].sum()
-    np.dot(H.T, S, dW2)
-    for j in range(m):
-        for k in range(K):
-            W2[j, k] = W2[j, k] * decay - dW2[j, k]
+    gemm(H, S, W2, -1.0, decay, trans_a=True)      # W2 ← decay·W2 − η∇W2
+    c_next = c * decay
+    if not abs(c_next) >= _RESCALE_BELOW:   # a decay of 0 (2ηλ = 1) included
+        w1_scale[0] = c_next
+        _rescale(W1, w1_scale)
+        c_next = 1.0
+    gemm(Xb, dH, W1, -1.0 / c_next, 1.0, trans_a=True)  # V ← V − η∇W1 / c_next
+    w1_scale[0] = c_next
     return True
+
+
+_RESCALE_BELOW = 1e-4  # keeps V = W1 / c and the GEMM's α = 1/c far from float32's range limits
+
+
+@njit(cache=True)
+def _rescale(W, w_scale):
+    """W ← w_scale[0]·W in one pass, and w_scale[0] ← 1."""
+    w, c = W.reshape(W.size), w_scale[0]
+    if c != 1.0:
+        for i in range(w.size):
+            w[i] = w[i] * c
+        w_scale[0] = 1.0
 
 
 @njit(cache=True)
@@ -174,11 +204,3 @@ def _prefetch(typingctx, flat, offset):
         builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
         return context.get_dummy_value()
     return types.void(flat, offset), codegen
-
-
-@njit(cache=True)
-def _decay_and_subtract(W, dW, decay):
-    """W ← decay·W − dW in one pass (two NumPy calls make two passes over 0.6 MB)."""
-    w, d = W.reshape(W.size), dW.reshape(dW.size)
-    for i in range(w.size):
-        w[i] = w[i] * decay - d[i]

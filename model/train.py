@@ -8,7 +8,7 @@ from model.data import K
 from model.errors import ConfigError, DivergedError
 from model.network import init_params, l2_penalty
 from model.schedule import cyclic_lr
-from model.step import make_workspace, sgd_step
+from model.step import make_workspace, settle, sgd_step
 
 log = logging.getLogger(__name__)
 DTYPES = ("float32", "float64")
@@ -143,13 +143,16 @@ def train(params, data, config, rng, on_eval=None, train_curve=True):
                 sgd_step(params, X, y, perm[start:start + config.n_batch], eta, config.lam, ws,
                          data.train.pixels)
             except DivergedError:
+                settle(params, ws)
                 raise DivergedError(_diverged_message(config, t + 1)) from None
             t += 1
             if t in eval_at:
+                settle(params, ws)
                 history.append(evaluation_record(params, data, config, t, train_curve, epoch))
                 _report(history[-1], on_eval)
             if t == config.total_steps:
                 break
+    settle(params, ws)  # already done if, as now, the last step is an evaluation point
     return params, history
 
 

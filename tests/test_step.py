@@ -5,7 +5,7 @@ import pytest
 from model.errors import DivergedError
 from model.network import PARAM_KEYS, init_params, loss_and_grads
 from model.data import Pixels, normalise, normaliser
-from model.step import gather_batch, make_workspace, sgd_step
+from model.step import gather_batch, make_workspace, settle, sgd_step
 
 D, M, K, N_BATCH = 20, 10, 10, 10
 
@@ -22,6 +22,7 @@ def fused_update(params, X, y, idx, eta, lam, dtype):
     ws = make_workspace(N_BATCH, D, M, K, dtype)
     ids = {k: id(v) for k, v in p.items()}
     sgd_step(p, X.astype(dtype), y, idx, eta, lam, ws)
+    settle(p, ws)
     assert {k: id(v) for k, v in p.items()} == ids  # updated in place, same arrays
     assert all(v.dtype == dtype for v in p.values())
     return p
@@ -63,6 +64,7 @@ def test_workspace_reuse_across_batch_sizes(tiny_data, tiny_params):
     for idx in (np.arange(0, 10), np.arange(50, 53), np.arange(20, 30)):
         sgd_step(fused, X, y, idx, 0.05, 0.01, ws)
         ref = reference_update(ref, X, y, idx, 0.05, 0.01)
+    settle(fused, ws)
     for k in PARAM_KEYS:
         # stale rows from a previous, larger batch never leak into a smaller one
         np.testing.assert_allclose(fused[k], ref[k], rtol=1e-11, atol=1e-12, err_msg=k)
@@ -74,6 +76,32 @@ def test_sgd_step_leaves_the_data_alone(tiny_data, tiny_params):
              make_workspace(N_BATCH, D, M, K, np.float64))
     np.testing.assert_array_equal(X, tiny_data.train.X)
     np.testing.assert_array_equal(y, tiny_data.train.y)
+
+
+@pytest.mark.parametrize("eta,lam", [(0.05, 0.0), (0.05, 0.02), (0.5, 0.5), (0.5, 1.0), (0.5, 1.5)],
+                         ids=["no decay", "pending scale", "rescaled", "zero decay", "negative decay"])
+def test_many_steps_with_the_w1_scale_pending(tiny_data, tiny_params, eta, lam):
+    """The W1 decay is a pending scale: with 2ηλ = 0.002, 40 steps leave W1 = 0.92·params["W1"]
+    until settle(); with 2ηλ = 0.5 the scale drops below the rescale bound within the run; with
+    2ηλ = 1 the decay is 0 (W1 ← −η∇loss), with 2ηλ = 1.5 negative. Every case ends where 40
+    reference steps end."""
+    X, y = tiny_data.train.X, tiny_data.train.y
+    ws = make_workspace(N_BATCH, D, M, K, np.float64)
+    fused = {k: v.copy() for k, v in tiny_params.items()}
+    ref = {k: v.copy() for k, v in tiny_params.items()}
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        idx = rng.permutation(len(y))[:N_BATCH]
+        sgd_step(fused, X, y, idx, eta, lam, ws)
+        ref = reference_update(ref, X, y, idx, eta, lam)
+    pending = (1 - 2 * eta * lam) ** 40
+    if lam == 0.02:
+        np.testing.assert_allclose(ws["w1_scale"][0], pending, rtol=1e-12)
+        np.testing.assert_allclose(pending * fused["W1"], ref["W1"], rtol=1e-9, atol=1e-12)
+    settle(fused, ws)
+    assert ws["w1_scale"][0] == 1.0
+    for k in PARAM_KEYS:
+        np.testing.assert_allclose(fused[k], ref[k], rtol=1e-9, atol=1e-12, err_msg=k)
 
 
 @pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")
@@ -93,11 +121,13 @@ def test_sgd_step_raises_diverged_on_nan_weights_and_leaves_params(tiny_data):
     params = init_params(D, M, K, np.random.default_rng(0), dtype=np.float64)
     params["W1"][:, 0] = np.nan
     before = {k: v.copy() for k, v in params.items()}
+    ws = make_workspace(N_BATCH, D, M, K, np.float64)
+    ws["w1_scale"][0] = 0.5
     with pytest.raises(DivergedError):
-        sgd_step(params, tiny_data.train.X, tiny_data.train.y, np.arange(10), 0.05, 0.0,
-                 make_workspace(N_BATCH, D, M, K, np.float64))
+        sgd_step(params, tiny_data.train.X, tiny_data.train.y, np.arange(10), 0.05, 0.1, ws)
     for k in PARAM_KEYS:
         np.testing.assert_array_equal(params[k], before[k], err_msg=k)
+    assert ws["w1_scale"][0] == 0.5  # the pending scale is a parameter too
 
 
 def test_sgd_step_computes_in_the_params_dtype(tiny_data, tiny_params):
@@ -106,7 +136,9 @@ def test_sgd_step_computes_in_the_params_dtype(tiny_data, tiny_params):
     X, y = tiny_data.train.X, tiny_data.train.y
     idx = np.arange(3, 3 + N_BATCH)
     on64 = {k: v.astype(np.float32) for k, v in tiny_params.items()}
-    sgd_step(on64, X, y, idx, 0.05, 0.1, make_workspace(N_BATCH, D, M, K, np.float32))
+    ws = make_workspace(N_BATCH, D, M, K, np.float32)
+    sgd_step(on64, X, y, idx, 0.05, 0.1, ws)
+    settle(on64, ws)
     on32 = fused_update(tiny_params, X, y, idx, 0.05, 0.1, np.float32)
     for k in PARAM_KEYS:
         assert on64[k].dtype == np.float32
