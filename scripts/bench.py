@@ -20,12 +20,15 @@ best-of-blocks floor_ms are printed too, as *_over_best_floor):
                           its evaluations) through Objective into an SQLite study ÷ 3,200
                           sustained floors, best of 3 trials (1 with --quick)
   workers2_over_workers1  trials per minute of 2 worker processes ÷ 1 worker, through
-                          search.runner.run_workers (8 trials of one cycle of n_s 400 each; 4 of
-                          n_s 200 with --quick)
+                          search.runner.run_workers (16 trials of one cycle of n_s 400 each; 4
+                          of n_s 200 with --quick)
   pipeline_over_floor     the whole default pipeline (scripts/pipeline.py --workers 2: gradcheck,
                           10 coarse + 12 fine trials, 3 final seeds, dashboard) in a temporary
                           storage, wall time ÷ (updates it trained × sustained floor ÷ 2
-                          workers); needs CIFAR-10 (--data-dir), skipped with --quick
+                          workers), the floor the mean of one just before and one just after
+                          the pipeline; needs CIFAR-10 (--data-dir), skipped with --quick
+The output also names the BLAS library the step's kernels call (blas: model.blas.SOURCE); the
+floor's np.matmul calls NumPy's, the same one unless that is not OpenBLAS.
 Without --data-dir (or $CIFAR10_DIR) the data are synthetic uniform pixels of CIFAR-10's
 shapes, which time the same; the output says which were used. A new figure is one more measure_*
 function called from main() and its rows in ROWS.
@@ -43,6 +46,7 @@ import numpy as np
 import optuna
 
 import _common
+from model import blas
 from model.data import load_cifar10, split_and_normalise
 from model.errors import WorkersFailed
 from model.network import init_params
@@ -60,7 +64,7 @@ SIZES = {                      # --quick | full
     "repeats": (20, 60),       # timed blocks of floor, gather and step, interleaved
     "iters": (50, 50),         # calls per timed block
     "trials": (1, 3),          # coarse trials timed
-    "worker_trials": (4, 8),   # trials per worker count
+    "worker_trials": (4, 16),  # trials per worker count
     "worker_n_s": (200, 400),  # half cycle of those trials (one cycle each)
 }
 
@@ -84,7 +88,8 @@ ROWS = [
     ("workers2_over_workers1", "2 workers / 1 worker", "×"),
     ("pipeline_s", "default pipeline, --workers 2 (wall)", "s"),
     ("pipeline_steps", "  updates it trained", ""),
-    ("pipeline_over_floor", "pipeline / (updates × sustained floor / 2)", "×"),
+    ("pipeline_floor_ms", "  sustained floor before and after it", "ms"),
+    ("pipeline_over_floor", "pipeline / (updates × that floor / 2)", "×"),
     ("pipeline_over_best_floor", "  the same / (updates × floor_ms / 2)", "×"),
 ]
 
@@ -199,10 +204,7 @@ def measure_trial(data, size, rng, eval_ms):
                                     pruner=make_pruner("median", SEARCH_CONFIG))
         objective = Objective(data, SEARCH_CONFIG, coarse_space())
         for _ in range(size["trials"]):
-            start = time.perf_counter()
-            for _ in range(SEARCH_CONFIG.total_steps):
-                gemms()
-            floors.append(time.perf_counter() - start)
+            floors.append(_sustained_floor_s(gemms))
             study.enqueue_trial({"lam": TRIAL_LAM})
             start, cpu = time.perf_counter(), time.thread_time()
             study.optimize(objective, n_trials=1)
@@ -215,6 +217,14 @@ def measure_trial(data, size, rng, eval_ms):
             "trial_s": wall, "trial_cpu_s": cpu_s, "trial_train_s": train_s,
             "trial_evals_s": len(SEARCH_CONFIG.eval_steps()) * eval_ms / 1e3,
             "trial_optuna_s": wall - train_s, "trial_over_floor": wall / floor_s}
+
+
+def _sustained_floor_s(gemms):
+    """Wall seconds of a coarse trial's worth of floors: 3,200 GEMM pairs back to back."""
+    start = time.perf_counter()
+    for _ in range(SEARCH_CONFIG.total_steps):
+        gemms()
+    return time.perf_counter() - start
 
 
 def measure_workers(data, size, rng):
@@ -252,23 +262,32 @@ def _trials_per_min(study, n_trials):
     return len(done) / span.total_seconds() * 60
 
 
-def measure_pipeline(args, floor_ms):
+def measure_pipeline(args, rng):
     """pipeline_s, pipeline_steps, pipeline_over_floor: scripts/pipeline.py with its defaults and
-    --workers 2 in a temporary storage; the updates are counted from the studies it wrote."""
+    --workers 2 in a temporary storage; the updates are counted from the studies it wrote. The
+    floor it is divided by is the mean of two sustained floors, one just before the pipeline and
+    one just after: the machine's speed drifts over minutes here, and a floor taken at another
+    time (the trials') moved the ratio by up to ±10%."""
+    gemms = _gemm_pair(rng)
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         url = f"sqlite:///{Path(tmp) / 'studies.db'}"
         cmd = [sys.executable, str(Path(__file__).with_name("pipeline.py")), "--workers", "2",
                "--storage", url, "--out-dir", str(Path(tmp) / "c"), "--campaign", "bench", "-q",
                "--json"] + (["--data-dir", args.data_dir] if args.data_dir else [])
+        with _common.single_blas_thread():
+            before = _sustained_floor_s(gemms)
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - start
+        with _common.single_blas_thread():
+            after = _sustained_floor_s(gemms)
         if proc.returncode != 0:
             raise WorkersFailed(f"the pipeline failed: {proc.stderr.strip().splitlines()[-1:]}")
         seeds = len(json.loads(proc.stdout)["final"]["test_acc"])
         final = json.loads((Path(tmp) / "c" / "final" / "config.json").read_text())
         steps = _trained_steps(open_storage(url), "bench") + seeds * 2 * final["n_s"] * final["cycles"]
-    return {"pipeline_s": seconds, "pipeline_steps": steps,
+    floor_ms = (before + after) / 2 / SEARCH_CONFIG.total_steps * 1e3
+    return {"pipeline_s": seconds, "pipeline_steps": steps, "pipeline_floor_ms": floor_ms,
             "pipeline_over_floor": seconds / (steps * floor_ms / 1000 / 2)}
 
 
@@ -287,7 +306,8 @@ def _trained_steps(storage, campaign):
 
 
 def table(results):
-    head = f"data: {results['data']}; one BLAS thread, float32{'; --quick' if results['quick'] else ''}"
+    head = (f"data: {results['data']}; one BLAS thread, float32{'; --quick' if results['quick'] else ''}"
+            f"\nthe step's BLAS: {results['blas']} (the floor's: NumPy's)")
     lines = [f"{label:<38} {results[key]:>9.3f} {unit}" for key, label, unit in ROWS if key in results]
     return "\n".join([head, *lines])
 
@@ -298,7 +318,7 @@ def main():
     size = {k: v[0 if args.quick else 1] for k, v in SIZES.items()}
     rng = np.random.default_rng(args.seed)
     data, described = get_data(args, rng)
-    results = {"data": described, "quick": args.quick}
+    results = {"data": described, "quick": args.quick, "blas": blas.SOURCE}
     with _common.single_blas_thread():
         results.update(measure_step(data, size, rng))
         results.update(measure_eval(data, size, rng))
@@ -307,7 +327,7 @@ def main():
             SEARCH_CONFIG.total_steps * results["floor_ms"])
     results.update(measure_workers(data, size, rng))  # each worker pins its own BLAS threads
     if not args.quick and data.source != "synthetic":
-        results.update(measure_pipeline(args, results["floor_sustained_ms"]))
+        results.update(measure_pipeline(args, rng))
         results["pipeline_over_best_floor"] = results["pipeline_s"] * 1e3 / (
             results["pipeline_steps"] * results["floor_ms"] / 2)
     _common.emit({k: (round(v, 4) if isinstance(v, float) else v) for k, v in results.items()},

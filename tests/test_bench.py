@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from model import blas
+
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("floor_ms", "step_ms", "step_over_floor", "trial_over_floor", "workers2_over_workers1")
 
@@ -28,6 +30,7 @@ def quick_bench():
 
 def test_bench_prints_every_figure(quick_bench):
     assert quick_bench["data"].startswith("synthetic") and quick_bench["quick"] is True
+    assert quick_bench["blas"] == blas.SOURCE
     for key in KEYS + ("gather_ms", "floor_sustained_ms", "trial_s", "trial_over_best_floor"):
         value = quick_bench[key]
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)

@@ -111,6 +111,28 @@ def test_train_takes_exactly_total_steps_and_uses_every_sample_once_per_epoch(ti
                                 for t in range(14)], rtol=1e-15)
 
 
+def test_train_equals_reference_steps_and_evaluates_the_true_weights(tiny_data, recorded_steps):
+    """Replaying train()'s batches and η with network.loss_and_grads gives its params and, at
+    every evaluation point, its metrics: W1's pending decay scale (model.step.settle) is applied
+    before each evaluation and before train() returns. λ is large: between two evaluation points
+    the pending scale falls to ~0.85, far from round-off."""
+    config = tiny_config(lam=0.5, n_s=7, cycles=1, evals_per_cycle=2)
+    params, history = run(tiny_data, config)
+    ref = init_params(20, config.m, 10, np.random.default_rng(0), dtype=np.float64)
+    X, y = tiny_data.train.X, tiny_data.train.y
+    records = {r["step"]: r for r in history}
+    for t, (idx, eta) in enumerate(recorded_steps, start=1):
+        _, _, grads = loss_and_grads(ref, X[idx], y[idx], config.lam)
+        ref = {k: ref[k] - eta * grads[k] for k in ref}
+        if t in records:
+            expected = evaluate(ref, tiny_data.val.X, tiny_data.val.y, config.lam)
+            for key in ("loss", "cost", "acc"):
+                assert records[t]["val"][key] == pytest.approx(expected[key], rel=1e-9), (t, key)
+    assert set(records) == {0, 7, 14}
+    for k in ref:
+        np.testing.assert_allclose(params[k], ref[k], rtol=1e-9, atol=1e-12, err_msg=k)
+
+
 def test_train_stops_at_an_epoch_boundary_too(tiny_data, recorded_steps):
     config = tiny_config(n_s=6, cycles=1)  # 12 updates = exactly 2 epochs
     run(tiny_data, config)
