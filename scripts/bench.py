@@ -20,8 +20,9 @@ best-of-blocks floor_ms are printed too, as *_over_best_floor):
                           its evaluations) through Objective into an SQLite study ÷ 3,200
                           sustained floors, best of 3 trials (1 with --quick)
   workers2_over_workers1  trials per minute of 2 worker processes ÷ 1 worker, through
-                          search.runner.run_workers (16 trials of one cycle of n_s 400 each; 4
-                          of n_s 200 with --quick)
+                          search.runner.run_workers (runs of 8 trials of one cycle of n_s 400
+                          each, in the order 1, 2, 2, 1 workers; 4 trials of n_s 200 and the
+                          order 1, 2 with --quick)
   pipeline_over_floor     the whole default pipeline (scripts/pipeline.py --workers 2: gradcheck,
                           10 coarse + 12 fine trials, 3 final seeds, dashboard) in a temporary
                           storage, wall time ÷ (updates it trained × sustained floor ÷ 2
@@ -64,7 +65,8 @@ SIZES = {                      # --quick | full
     "repeats": (20, 60),       # timed blocks of floor, gather and step, interleaved
     "iters": (50, 50),         # calls per timed block
     "trials": (1, 3),          # coarse trials timed
-    "worker_trials": (4, 16),  # trials per worker count
+    "worker_trials": (4, 8),   # trials per run of the workers
+    "worker_order": ((1, 2), (1, 2, 2, 1)),  # worker counts, one run each
     "worker_n_s": (200, 400),  # half cycle of those trials (one cycle each)
 }
 
@@ -228,18 +230,21 @@ def _sustained_floor_s(gemms):
 
 
 def measure_workers(data, size, rng):
-    """Trials per minute with 1 and with 2 worker processes, each on a fresh SQLite study.
+    """Trials per minute with 1 and with 2 worker processes, each run on a fresh SQLite study.
 
-    The rate is taken between the first trial's start and the last one's end, as the study
-    records them, so that process start-up and the runner's polling interval stay out of it.
+    The counts run in the order 1, 2, 2, 1 (1, 2 with --quick) and each count's rate is its
+    trials over the sum of its runs' spans, so that a drift of the machine's speed over the
+    minute this takes falls on both counts alike. A span runs from the first trial's start to the
+    last one's end, as the study records them: process start-up and the runner's polling interval
+    stay out of it.
     """
     config = dataclasses.replace(SEARCH_CONFIG, n_s=size["worker_n_s"], cycles=1)
     n_trials = size["worker_trials"]
-    rates = {}
+    spans = {1: [], 2: []}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        for n_workers in (1, 2):
-            url = f"sqlite:///{Path(tmp) / f'workers{n_workers}.db'}"
-            name = f"bench-workers{n_workers}"
+        for run, n_workers in enumerate(size["worker_order"]):
+            url = f"sqlite:///{Path(tmp) / f'workers{run}.db'}"
+            name = f"bench-workers{run}"
             storage = open_storage(url)
             optuna.create_study(study_name=name, storage=storage, direction="maximize")
             storage.remove_session()
@@ -251,15 +256,19 @@ def measure_workers(data, size, rng):
             if any(codes):
                 raise WorkersFailed(f"benchmark workers exited with codes {codes}")
             study = optuna.load_study(study_name=name, storage=open_storage(url))
-            rates[n_workers] = _trials_per_min(study, n_trials)
+            spans[n_workers].append(_span_s(study, n_trials))
+    rates = {n: n_trials * len(s) / sum(s) * 60 for n, s in spans.items()}
     return {"workers1_trials_per_min": rates[1], "workers2_trials_per_min": rates[2],
             "workers2_over_workers1": rates[2] / rates[1]}
 
 
-def _trials_per_min(study, n_trials):
+def _span_s(study, n_trials):
+    """Seconds from the first complete trial's start to the last one's end."""
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE][:n_trials]
+    if len(done) < n_trials:
+        raise WorkersFailed(f"{study.study_name}: {len(done)} of {n_trials} trials complete")
     span = max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)
-    return len(done) / span.total_seconds() * 60
+    return span.total_seconds()
 
 
 def measure_pipeline(args, rng):

@@ -91,12 +91,12 @@ def search_phases(args, storage, data, search_config):
     coarse = PhaseSpec(phase="coarse", n_trials=args.coarse_trials, space=coarse_space(),
                        sampler="random", **common)
     log.info("[2/5] coarse search: %d trials", coarse.n_trials)
-    with _common.trial_bar(coarse.n_trials, coarse.study_name) as progress:
+    with _common.trial_bar(coarse.n_trials, coarse.study_name, args) as progress:
         coarse_study = run_phase(coarse, storage, args.storage, data, progress=progress, **opts)
     fine, info = make_fine_spec(storage, n_trials=args.fine_trials, **common)
     log.info("[3/5] fine search: %d trials in λ ∈ [%.3g, %.3g]", fine.n_trials, fine.space[0].low,
              fine.space[0].high)
-    with _common.trial_bar(fine.n_trials, fine.study_name) as progress:
+    with _common.trial_bar(fine.n_trials, fine.study_name, args) as progress:
         fine_study = run_phase(fine, storage, args.storage, data, progress=progress,
                                fine_range=info, **opts)
     return coarse_study, fine_study

@@ -96,7 +96,7 @@ def main():
         spec, info = build_spec(args, storage)
         data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=spec.config.dtype)
     start = time.perf_counter()
-    with _common.trial_bar(spec.n_trials, spec.study_name) as progress:
+    with _common.trial_bar(spec.n_trials, spec.study_name, args) as progress:
         study = run_phase(spec, storage, args.storage, data, workers=args.workers,
                           storage_opts=storage_opts, progress=progress, fine_range=info)
     summary = phase_summary(study, spec, mask_url(args.storage), time.perf_counter() - start)

@@ -57,10 +57,13 @@ def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,
         _prepare_sqlite_path(path, create)
     engine_kwargs = {"connect_args": {"timeout": 30}} if parsed.get_backend_name() == "sqlite" else {}
     try:
-        return _create_tables_once(lambda: RDBStorage(
+        storage = _create_tables_once(lambda: RDBStorage(
             url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
             grace_period=grace_period,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry)))
+        if path is not None:
+            _write_ahead_log(storage)
+        return storage
     except ImportError as e:
         raise InputError(f"storage {mask_url(url)} needs a driver that is not installed ({e.name}); "
                          "for PostgreSQL: pip install 'clr-lambda-search[postgres]' and use "
@@ -69,6 +72,21 @@ def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,
         reason = str(getattr(e, "orig", None) or e).splitlines()[0]
         raise InputError(f"cannot open storage {mask_url(url)} ({reason}); check the URL, the "
                          "server and the credentials") from None
+
+
+def _write_ahead_log(storage):
+    """Put the SQLite file in write-ahead-log mode (it stays so; a no-op once it is).
+
+    With SQLite's default rollback journal a commit locks out every other process, readers
+    included, and a worker that finds the file locked backs off in sleeps of up to 100 ms: with
+    two workers a trial's storage time went from ~0.06 to ~0.13 s. In WAL mode readers never wait
+    and writers wait only for each other (0.05 s), and a crash is still rolled back. WAL needs
+    every process on one machine, which SQLite studies are (PostgreSQL spans machines).
+    """
+    with storage.engine.connect() as conn:
+        mode = conn.exec_driver_sql("PRAGMA journal_mode=WAL").scalar()
+    if mode != "wal":  # e.g. a file system without shared memory: the default journal still works
+        log.warning("SQLite study file stays in %s journal mode (WAL unavailable)", mode)
 
 
 _CREATION_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key value")

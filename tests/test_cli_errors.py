@@ -273,6 +273,9 @@ def snapshot(root):
     """{relative path: (kind, size, mtime_ns, mode, sha256 of a file's bytes)} of a tree.
 
     Walks as the test process (root reads chmod-000 entries; others record what they can).
+    A folder's mtime is left out: opening a study, even to read it, makes SQLite create and then
+    remove its write-ahead-log files beside the database (search.study), which leaves nothing
+    behind but moves the folder's mtime; what a folder holds is compared entry by entry.
     """
     out = {}
 
@@ -280,7 +283,7 @@ def snapshot(root):
         st = path.lstat()
         rel = str(path.relative_to(root))
         if stat.S_ISDIR(st.st_mode):
-            out[rel] = ("dir", None, st.st_mtime_ns, stat.S_IMODE(st.st_mode), None)
+            out[rel] = ("dir", None, None, stat.S_IMODE(st.st_mode), None)
             try:
                 children = sorted(path.iterdir())
             except PermissionError:

@@ -6,10 +6,12 @@ file; script tests run scripts/search.py as users do, on the tiny CIFAR-10 (test
 Known bugs are xfail(strict=True) with the culprit in the reason: they fail today, and strict
 mode reports the day one is fixed.
 """
+import contextlib
 import dataclasses
 import json
 import math
 import multiprocessing
+import sqlite3
 import uuid
 
 import numpy as np
@@ -408,6 +410,16 @@ def test_fresh_sqlite_storage_opened_by_several_processes_at_once(tmp_path):
         errors += open_at_once(fl.sqlite_url(tmp_path / f"fresh{i}.db"))
     # every process opens the storage; none sees a half-created schema
     assert errors == []
+
+
+def test_sqlite_studies_are_in_write_ahead_log_mode(tmp_path):
+    """Readers never wait for a writer (two workers on one file: see search.study); the mode is
+    the file's, so every later connection, ours or not, has it."""
+    path = tmp_path / "s.db"
+    storage = open_storage(fl.sqlite_url(path))
+    storage.engine.dispose()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def _create_at_barrier(url, spec, barrier, results):
