@@ -3,7 +3,8 @@
 Why not np.matmul or numba's np.dot: np.matmul cannot accumulate into its output (β = 1), which
 lets the step add its W1 update straight into W1 without a gradient buffer and a second pass; and
 numba's np.dot calls SciPy's BLAS, a separate OpenBLAS build that runs the step's two products
-5–15% slower on this machine than NumPy's copy (measured: 0.462 vs 0.397 ms forward).
+5–17% slower on this machine than NumPy's 0.3.31 (measured: 0.462 vs 0.396 ms forward,
+0.464 vs 0.442 ms backward).
 
 NumPy's wheels bundle an ILP64 OpenBLAS (symbols scipy_cblas_sgemm64_, scipy_cblas_dgemm64_), the
 same copy np.matmul uses and threadpoolctl pins; its cblas_?gemm is registered under our own

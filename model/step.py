@@ -13,10 +13,11 @@ normalised on the fly into 1.2 MB of X_b (reading X's float32 rows instead moves
 each row's loads requested while the row before it is converted.
 The rest was ~25 NumPy calls on small arrays, a few µs each whatever their size, until they became
 one kernel. W1's update was the backward GEMM into a gradient buffer (np.matmul overwrites its
-output, and OpenBLAS zeroes it first in a pass of its own) and then a pass W1 ← decay·W1 − ∇:
-accumulating into W1 with a pending scale removed both passes (8% of the step). Measured and
+output, and OpenBLAS zeroes it first in a pass of its own) and then a pass W1 ← decay·W1 − ∇;
+accumulating into W1 with a pending scale removes both passes (~0.044 ms), and with all products
+on NumPy's BLAS and the GEMMs inside the kernel the step lost 8% (~0.088 ms). Measured and
 dropped: the decay as BLAS β on W1 (OpenBLAS applies β in its own pass: 1/3 of the gain);
-SciPy's BLAS, which numba's np.dot calls (a separate, older OpenBLAS: 5–15% slower on these
+SciPy's BLAS, which numba's np.dot calls (a separate, older OpenBLAS: 5–17% slower on these
 shapes); fastmath in the kernel (with it, the finiteness check stopped catching inf scores);
 prefetching the whole next batch at once (the prefetch instructions stall as long as the loads
 they save).
