@@ -69,10 +69,12 @@ def _scipy_shim(kind):
     return shim.address
 
 
-def _register():
+def _register(numpy_blas=True):
+    """Point our symbols at NumPy's cblas_?gemm (or, if absent or not numpy_blas, at the shims)
+    and say which. Kernels link to whatever is registered when they are first loaded."""
     sources = set()
     for kind in _KINDS:
-        found = _numpy_cblas(kind)
+        found = _numpy_cblas(kind) if numpy_blas else None
         address, source = found if found else (_scipy_shim(kind), "SciPy's BLAS (shim)")
         binding.add_symbol(_SYMBOL.format(kind), address)
         sources.add(source)
