@@ -15,7 +15,6 @@ round-off, at SciPy's speed. SOURCE says which one this process uses.
 import ctypes
 
 import numpy as np
-import scipy.linalg.cython_blas  # noqa: F401  the shims' BLAS; loaded before threadpoolctl pins it
 from llvmlite import binding
 from numba import cfunc, types
 from numba.extending import overload
@@ -49,7 +48,8 @@ def _numpy_cblas(kind):
 
 
 def _scipy_shim(kind):
-    """A C function with cblas_?gemm's row-major signature over SciPy's column-major ?gemm."""
+    """A C function with cblas_?gemm's row-major signature over SciPy's column-major ?gemm.
+    (ensure_blas loads SciPy's BLAS, at import of this module: before threadpoolctl pins it.)"""
     ensure_blas()
     dtype = _KINDS[kind]
     xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(

@@ -7,6 +7,7 @@ Re-running resumes: finished phases are skipped, an interrupted phase continues 
 and the final run is redone only if the best λ or its settings changed.
 """
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -24,7 +25,6 @@ from model.train import TrainConfig
 from search.final import read_final, run_final
 from search.phases import (DEFAULT_TRIALS, SEARCH_CONFIG, PhaseSpec, best_lam, coarse_space,
                            make_fine_spec, run_phase)
-from search.plots import dashboard_html
 from search.report import best_row
 from search.runner import PRUNERS
 from search.study import (DEFAULT_STORAGE, campaign_studies, check_storage, load_study, mask_url,
@@ -102,7 +102,7 @@ def search_phases(args, storage, data, search_config):
     return coarse_study, fine_study
 
 
-def final_phase(args, storage, data, final_base, out):
+def final_phase(args, storage, data, final_base, out, on_cpu_free=None):
     lam, source = best_lam(storage, args.campaign)
     config = dataclasses.replace(final_base, lam=lam)
     seeds = list(range(args.seeds))
@@ -114,15 +114,28 @@ def final_phase(args, storage, data, final_base, out):
     log.info("[4/5] final run: λ = %.4g from %s, %d seeds × %d updates", lam, source["study"],
              len(seeds), config.total_steps)
     metrics, _ = run_final(data, config, seeds, lam, source, out,
-                           load_study(storage, source["study"]), workers=args.workers)
+                           load_study(storage, source["study"]), workers=args.workers,
+                           on_cpu_free=on_cpu_free)
     return metrics
 
 
-def write_dashboard(args, storage, out_dir):
+def dashboard_maker(args, storage):
+    """A callable returning the campaign's search.plots.Dashboard, made (the studies' sections
+    rendered) at its first call. The pipeline calls it first while the final run's last seed
+    trains and a CPU is free: the plotting modules (~0.7 s to import, so imported only here) and
+    the studies' figures then cost no wall time."""
+    @functools.cache
+    def dashboard():
+        from search.plots import Dashboard
+
+        return Dashboard(args.campaign, mask_url(args.storage),
+                         campaign_studies(storage, args.campaign))
+    return dashboard
+
+
+def write_dashboard(dashboard, out_dir):
     path = out_dir / "dashboard.html"
-    page = dashboard_html(args.campaign, mask_url(args.storage),
-                          campaign_studies(storage, args.campaign), read_final(out_dir / "final"))
-    save_text(path, page)
+    save_text(path, dashboard.html(read_final(out_dir / "final")))
     log.info("[5/5] dashboard -> %s", path)
     return path
 
@@ -153,11 +166,12 @@ def main():
     data = load_cifar10(args.data_dir, n_val=args.n_val)
     final_base = final_n_s(args, final_base, len(data.train.y))
     storage = open_storage(args.storage)
+    make_dashboard = dashboard_maker(args, storage)
     with _common.single_blas_thread():
         check = gradient_check(data)
         coarse, fine = search_phases(args, storage, data, search_config)
-        metrics = final_phase(args, storage, data, final_base, out_dir / "final")
-    dashboard = write_dashboard(args, storage, out_dir)
+        metrics = final_phase(args, storage, data, final_base, out_dir / "final", make_dashboard)
+    dashboard = write_dashboard(make_dashboard(), out_dir)
     summary = {
         "campaign": args.campaign, "storage": mask_url(args.storage), "gradcheck": check,
         "coarse_best": best_row(coarse), "fine_best": best_row(fine),

@@ -14,7 +14,7 @@ from model.train import evaluate, fit, warm_up
 log = logging.getLogger(__name__)
 
 
-def run_seeds(data, config, seeds, workers=1):
+def run_seeds(data, config, seeds, workers=1, on_cpu_free=None):
     """Train config once per seed; evaluate the test set once, at the end of each run.
 
     With workers > 1 every seed runs at once in a forked process (sharing the data, one BLAS
@@ -24,6 +24,10 @@ def run_seeds(data, config, seeds, workers=1):
     Only the first seed's history has train metrics at every evaluation point: its curves are the
     ones drawn (model.checkpoint.save_run); the others measure the train subset at the end only
     (on the final protocol's 10,000 images that saves a fifth of their time) and val throughout.
+    on_cpu_free: optional callable run once, in this process, as soon as fewer seeds train than
+      there are workers while one still does: the first seed's curves make it the last to finish,
+      alone on one CPU for ~1.5 s, and the caller's own work (the pipeline's dashboard) uses the
+      other one then. Not called when the seeds run serially.
     Returns a list of {seed, params, history, train, val, test, seconds} in the order of seeds.
     """
     if workers <= 1 or len(seeds) == 1:
@@ -44,6 +48,9 @@ def run_seeds(data, config, seeds, workers=1):
             if isinstance(run, BaseException):
                 raise run
             results[run["seed"]] = run
+            if on_cpu_free and len(procs) - len(results) < workers:
+                on_cpu_free()
+                on_cpu_free = None
     finally:
         for p in procs:
             if p.is_alive() and len(results) < len(procs):
@@ -98,10 +105,11 @@ def final_metrics(runs, lam, source):
     }
 
 
-def run_final(data, config, seeds, lam, source, out, study=None, workers=1):
+def run_final(data, config, seeds, lam, source, out, study=None, workers=1, on_cpu_free=None):
     """Train and test every seed, publish the results folder `out` (atomically), and record the
-    summary in `study`'s user attrs when given. Returns (metrics, runs)."""
-    runs = run_seeds(data, config, seeds, workers)
+    summary in `study`'s user attrs when given. Returns (metrics, runs). on_cpu_free: see
+    run_seeds."""
+    runs = run_seeds(data, config, seeds, workers, on_cpu_free)
     metrics = final_metrics(runs, lam, source)
     tagged = [(f"_seed{r['seed']}", r["params"], r["history"]) for r in runs]
     publish_dir(out, lambda folder: save_run(folder, config, metrics, tagged,

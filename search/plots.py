@@ -3,6 +3,7 @@ import html
 
 import optuna.visualization as ov
 import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
 
 from model.curves import curve
 from model.schedule import cyclic_lr
@@ -63,9 +64,12 @@ def _table(rep):
 
 
 class _Page:
-    """Collects sections; the first figure carries plotly.js inline so the page opens offline."""
+    """Collects a part of the page; figure ids carry the part's prefix, so that parts rendered
+    separately and in any order never share one. plotly.js is not in the parts: it goes once into
+    the page's head (Dashboard.html)."""
 
-    def __init__(self):
+    def __init__(self, prefix):
+        self.prefix = prefix
         self.parts = []
         self.n_figs = 0
 
@@ -75,8 +79,9 @@ class _Page:
     def figures(self, figs):
         self.parts.append('<div class="grid">')
         for _, fig in figs:
-            self.parts.append(fig.to_html(full_html=False, include_plotlyjs=self.n_figs == 0,
-                                          div_id=f"fig{self.n_figs}", config={"responsive": True}))
+            self.parts.append(fig.to_html(full_html=False, include_plotlyjs=False,
+                                          div_id=f"{self.prefix}{self.n_figs}",
+                                          config={"responsive": True}))
             self.n_figs += 1
         self.parts.append("</div>")
 
@@ -115,17 +120,35 @@ _STYLE = """body{font-family:sans-serif;margin:2em;max-width:1400px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(600px,1fr));gap:8px}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
 .warn{color:#b00}.final{font-size:1.2em}"""
+_PLOTLY_CONFIG = "window.PlotlyConfig = {MathJaxConfig: 'local'};"  # as plotly's own to_html has it
+
+
+class Dashboard:
+    """The dashboard page of a campaign, rendered in two parts: the studies' sections when it is
+    made, the final run's section by html(). The studies' part does not depend on the final run:
+    the pipeline makes its Dashboard while the final run's last seed trains and a CPU is free."""
+
+    def __init__(self, campaign, storage_label, studies):
+        self.header = (f"<h1>λ search — campaign {html.escape(campaign)}</h1>"
+                     f"<p>storage {html.escape(storage_label)}</p>")
+        self.campaign = campaign
+        page = _Page("study-fig")
+        for study in studies:
+            study_section(page, study)
+        self.studies_part = page.parts
+
+    def html(self, final=None):
+        """The whole page as one HTML string (plotly.js inlined: opens offline)."""
+        page = _Page("final-fig")
+        if final:
+            final_section(page, final)
+        body = "\n".join([self.header, *page.parts, *self.studies_part])
+        return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>λ search — "
+                f"{html.escape(self.campaign)}</title><style>{_STYLE}</style>"
+                f"<script>{_PLOTLY_CONFIG}</script><script>{get_plotlyjs()}</script></head>"
+                f"<body>{body}</body></html>")
 
 
 def dashboard_html(campaign, storage_label, studies, final=None):
     """The whole dashboard page as one HTML string (plotly.js inlined: opens offline)."""
-    page = _Page()
-    page.text(f"<h1>λ search — campaign {html.escape(campaign)}</h1>"
-              f"<p>storage {html.escape(storage_label)}</p>")
-    if final:
-        final_section(page, final)
-    for study in studies:
-        study_section(page, study)
-    body = "\n".join(page.parts)
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>λ search — "
-            f"{html.escape(campaign)}</title><style>{_STYLE}</style></head><body>{body}</body></html>")
+    return Dashboard(campaign, storage_label, studies).html(final)

@@ -1,10 +1,12 @@
 """search.final: the final seeds, serial or in processes sharing a number of CPUs."""
 import os
+import time
 
 import numpy as np
 import pytest
 
 from model.train import TrainConfig
+from search import final
 from search.final import _shared_cpus, run_seeds
 
 CONFIG = TrainConfig(m=8, n_batch=10, n_s=6, cycles=1, evals_per_cycle=2, eval_train_samples=0,
@@ -38,6 +40,41 @@ def test_only_the_first_seed_records_a_train_curve(tiny_data, workers):
     for r in runs:
         assert r["train"] == r["history"][-1]["train"] and "acc" in r["train"]
         assert all(h["val"] is not None for h in r["history"])
+
+
+@pytest.mark.parametrize("seeds", [[0, 1, 2], [0, 1]])
+def test_on_cpu_free_runs_once_while_the_last_seed_trains(tiny_data, tmp_path, monkeypatch, seeds):
+    """With 2 workers the hook runs once, after the other seeds are done and while seed 0 still
+    trains: seed 0 is made to finish only once the hook has run (it fails after 30 s without)."""
+    hook_ran = tmp_path / "hook_ran"
+    run_seed = final._run_seed  # the forked seed processes inherit the patched one
+
+    def gated(data, config, seed, train_curve=True):
+        run = run_seed(data, config, seed, train_curve)
+        if seed != 0:
+            (tmp_path / f"done{seed}").touch()
+            return run
+        deadline = time.monotonic() + 30
+        while not hook_ran.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("on_cpu_free did not run while the last seed trained")
+            time.sleep(0.01)
+        return run
+    monkeypatch.setattr(final, "_run_seed", gated)
+    calls = []
+
+    def hook():
+        calls.append(sorted(p.name for p in tmp_path.glob("done*")))
+        hook_ran.touch()
+    runs = run_seeds(tiny_data, CONFIG, seeds, workers=2, on_cpu_free=hook)
+    assert calls == [[f"done{s}" for s in seeds[1:]]]
+    assert [r["seed"] for r in runs] == seeds
+
+
+def test_on_cpu_free_is_not_called_for_serial_seeds(tiny_data):
+    calls = []
+    run_seeds(tiny_data, CONFIG, [0, 1], workers=1, on_cpu_free=lambda: calls.append(1))
+    assert calls == []
 
 
 def test_shared_cpus_are_a_subset_of_the_allowed_ones():
