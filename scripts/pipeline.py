@@ -123,7 +123,8 @@ def dashboard_maker(args, storage):
     """A callable returning the campaign's search.plots.Dashboard, made (the studies' sections
     rendered) at its first call. The pipeline calls it first while the final run's last seed
     trains and a CPU is free: the plotting modules (~0.7 s to import, so imported only here) and
-    the studies' figures then cost no wall time."""
+    the studies' figures then cost no wall time. A call that failed is made again (and raises) when
+    the page is written, after the final run's results are saved."""
     @functools.cache
     def dashboard():
         from search.plots import Dashboard

@@ -27,7 +27,9 @@ def run_seeds(data, config, seeds, workers=1, on_cpu_free=None):
     on_cpu_free: optional callable run once, in this process, as soon as fewer seeds train than
       there are workers while one still does: the first seed's curves make it the last to finish,
       alone on one CPU for ~1.5 s, and the caller's own work (the pipeline's dashboard) uses the
-      other one then. Not called when the seeds run serially.
+      other one then. Not called when the seeds run serially. Its failure costs no seed: it is
+      logged as a warning and the seeds go on (the pipeline makes its dashboard again later, and
+      fails there if it must).
     Returns a list of {seed, params, history, train, val, test, seconds} in the order of seeds.
     """
     if workers <= 1 or len(seeds) == 1:
@@ -49,7 +51,7 @@ def run_seeds(data, config, seeds, workers=1, on_cpu_free=None):
                 raise run
             results[run["seed"]] = run
             if on_cpu_free and len(procs) - len(results) < workers:
-                on_cpu_free()
+                _side_work(on_cpu_free)
                 on_cpu_free = None
     finally:
         for p in procs:
@@ -57,6 +59,14 @@ def run_seeds(data, config, seeds, workers=1, on_cpu_free=None):
                 p.terminate()
             p.join()
     return [results[seed] for seed in seeds]
+
+
+def _side_work(fn):
+    try:
+        fn()
+    except Exception as e:
+        log.warning("work done beside the last seed failed (%s: %s); the seeds go on",
+                    type(e).__name__, e)
 
 
 def _shared_cpus(workers):

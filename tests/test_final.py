@@ -71,6 +71,15 @@ def test_on_cpu_free_runs_once_while_the_last_seed_trains(tiny_data, tmp_path, m
     assert [r["seed"] for r in runs] == seeds
 
 
+def test_a_failing_on_cpu_free_costs_no_seed(tiny_data, caplog):
+    def hook():
+        raise RuntimeError("no dashboard today")
+    runs = run_seeds(tiny_data, CONFIG, [0, 1, 2], workers=2, on_cpu_free=hook)
+    serial = run_seeds(tiny_data, CONFIG, [0, 1, 2], workers=1)
+    assert [r["test"] for r in runs] == [r["test"] for r in serial]
+    assert "no dashboard today" in caplog.text
+
+
 def test_on_cpu_free_is_not_called_for_serial_seeds(tiny_data):
     calls = []
     run_seeds(tiny_data, CONFIG, [0, 1], workers=1, on_cpu_free=lambda: calls.append(1))
