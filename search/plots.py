@@ -130,7 +130,7 @@ class Dashboard:
 
     def __init__(self, campaign, storage_label, studies):
         self.header = (f"<h1>λ search — campaign {html.escape(campaign)}</h1>"
-                     f"<p>storage {html.escape(storage_label)}</p>")
+                       f"<p>storage {html.escape(storage_label)}</p>")
         self.campaign = campaign
         page = _Page("study-fig")
         for study in studies:
