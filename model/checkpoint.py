@@ -1,30 +1,25 @@
 """Saving results: params as .npz, everything else as JSON, each file written atomically."""
 import dataclasses
 import json
-import shutil
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from model.errors import InputError
 from model.network import PARAM_KEYS
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+from model.outputs import check_page, clean_stale, current_umask, temp_prefix
 
 
 def _atomic_write(path, write):
+    """write(file) into a temporary sibling renamed over path: readers see the old or the new file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    clean_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path, "tmp"), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would hide results from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -63,48 +58,6 @@ def _to_builtin(x):
     raise TypeError(f"cannot save {type(x).__name__} as JSON")
 
 
-def check_out_dir(path):
-    """Refuse an output path that exists and is not a folder (before any work is done)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"output path {path} is a file; pass a folder path with --out")
-    for parent in path.parents:
-        if parent.exists() and not parent.is_dir():
-            raise InputError(f"output path {path} lies under the file {parent}; choose another --out")
-
-
-def publish_dir(path, write):
-    """Call write(tmp_folder), then put tmp_folder at path, replacing what was there.
-
-    A crash inside write leaves path as it was: never a half-written results folder.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # as a plain mkdir would make it, not mkdtemp's 0700
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            try:
-                os.replace(tmp, path)
-            except OSError:
-                os.replace(old / path.name, path)  # put the previous results back
-                raise
-            finally:
-                _rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        _rmtree(tmp)
-    return path
-
-
-def _rmtree(p):
-    shutil.rmtree(p, ignore_errors=True)
-
-
 def save_run(folder, config, metrics, runs, extra_config=None):
     """Write a results folder: config.json, metrics.json, per run params<tag>.npz and
     history<tag>.json, and the figures (cost, loss, accuracy, lr .png) of the first run.
@@ -122,3 +75,10 @@ def save_run(folder, config, metrics, runs, extra_config=None):
     suffix = f" — λ={config.lam:.3g}" + (f", seed {config.seed}" if len(runs) > 1 else "")
     for name, fig in training_figures(history, config, suffix).items():
         fig.savefig(folder / f"{name}.png")
+
+
+def save_page(path, text, protect=()):
+    """Write a dashboard page (model.outputs.check_page first: never over a file not ours)."""
+    check_page(path, protect)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_text(path, text)

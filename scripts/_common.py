@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,8 +17,11 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _SCRIPTS]
 
 from model.errors import DivergedError, InputError, WorkersFailed  # noqa: E402
 from model.train import TrainConfig  # noqa: E402
+from search.study import DEFAULT_STORAGE, redact, sqlite_path  # noqa: E402
 
 EXIT_BAD_INPUT = 2
+STORAGE_ENV = "OPTUNA_STORAGE"  # what Optuna's own CLI reads: keeps a password out of `ps`
+_storage_urls = []  # every storage URL given to this process: its secrets never reach stderr
 
 TRAIN_FLAG_HELP = {
     "lam": "L2 strength λ (cost = loss + λ(‖W1‖²+‖W2‖²))",
@@ -40,6 +44,18 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         fail(f"{message} (see {self.prog} --help)")
 
+    def add_storage(self):
+        self.add_argument("--storage", default=None,
+                          help=f"SQLAlchemy URL of the study storage (default: ${STORAGE_ENV}, else "
+                               f"{DEFAULT_STORAGE}); put a password in ${STORAGE_ENV}, not here, to "
+                               "keep it out of the process list")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if hasattr(parsed, "storage"):
+            parsed.storage = storage_url(parsed.storage)
+        return parsed
+
     def require_positive(self, args, *dests):
         """The error above for the first of these counts below 1 (None: not given, allowed)."""
         for dest in dests:
@@ -48,9 +64,43 @@ class Parser(argparse.ArgumentParser):
                 self.error(f"--{dest.replace('_', '-')} must be ≥ 1 (got {value})")
 
 
+def storage_url(flag=None):
+    """The storage URL: the --storage flag, else $OPTUNA_STORAGE, else the default SQLite file.
+    Its secrets are registered: fail() and the log hide them."""
+    url = flag or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+    _storage_urls.append(url)
+    return url
+
+
+def protected_paths(url):
+    """The files an output may never be or contain: an SQLite storage and its journal files."""
+    try:
+        path = sqlite_path(url)
+    except InputError:
+        return ()  # a malformed URL: opening the storage reports it
+    if path is None:
+        return ()
+    return (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal")))
+
+
+def hide_secrets(text):
+    for url in _storage_urls:
+        text = redact(text, url)
+    return text
+
+
+class _HideSecrets(logging.Filter):
+    def filter(self, record):
+        message = record.getMessage()
+        hidden = hide_secrets(message)
+        if hidden != message:
+            record.msg, record.args = hidden, None
+        return True
+
+
 def fail(message):
     """One line on stderr, exit status 2, no traceback."""
-    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.write(f"error: {hide_secrets(str(message))}\n")
     sys.exit(EXIT_BAD_INPUT)
 
 
@@ -91,6 +141,8 @@ def setup_logging(args):
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_HideSecrets())
     import optuna
 
     # our own log says what a trial did; Optuna's warning for a failed trial carries a traceback
@@ -138,7 +190,7 @@ def run(main):
     except InputError as e:
         fail(str(e))
     except (WorkersFailed, DivergedError) as e:  # not the input's fault: exit 1, still one line
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(f"error: {hide_secrets(str(e))}\n")
         sys.exit(1)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: partial results were not written; re-run to resume\n")

@@ -10,17 +10,18 @@ the derived fine range; the final run's curves and test accuracy. Re-running ref
 from pathlib import Path
 
 import _common
-from model.checkpoint import save_text
+from model.checkpoint import save_page
 from model.errors import InputError
+from model.outputs import check_page
 from search.final import read_final
 from search.plots import dashboard_html
-from search.study import DEFAULT_STORAGE, campaign_studies, mask_url, open_storage
+from search.study import campaign_studies, mask_url, open_storage
 
 
 def parse_args(argv=None):
     p = _common.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--campaign", default="cifar10", help="the campaign to show")
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help="SQLAlchemy URL of the storage")
+    p.add_storage()
     p.add_argument("--out", default=None, help="page path (default studies/<campaign>/dashboard.html)")
     p.add_argument("--final-dir", default=None, help="final results (default studies/<campaign>/final)")
     p.add_argument("--serve", action="store_true", help="start optuna-dashboard instead")
@@ -45,17 +46,17 @@ def serve(args, storage):
 def main():
     args = parse_args()
     _common.setup_logging(args)
+    out = Path(args.out or f"studies/{args.campaign}/dashboard.html")
+    protect = _common.protected_paths(args.storage)
+    if not args.serve:
+        check_page(out, protect)
     storage = open_storage(args.storage, create=False)
     if args.serve:
         return serve(args, storage)
-    out = Path(args.out or f"studies/{args.campaign}/dashboard.html")
-    if out.is_dir():
-        raise InputError(f"--out {out} is a folder; name an .html file")
     studies = campaign_studies(storage, args.campaign)
     final = read_final(args.final_dir or f"studies/{args.campaign}/final")
     page = dashboard_html(args.campaign, mask_url(args.storage), studies, final)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_text(out, page)
+    save_page(out, page, protect)
     _common.emit({"out": str(out), "studies": [s.study_name for s in studies],
                   "final": bool(final), "figures": page.count('class="plotly-graph-div"')}, args,
                  f"dashboard -> {out}")

@@ -10,19 +10,19 @@ import dataclasses
 import os
 
 import _common
-from model.checkpoint import check_out_dir
 from model.data import load_cifar10
+from model.outputs import check_results_dir
 from model.schedule import step_size
 from model.train import TrainConfig
 from search.final import run_final
 from search.phases import best_lam
-from search.study import DEFAULT_STORAGE, load_study, open_storage
+from search.study import load_study, open_storage
 
 
 def parse_args(argv=None):
     p = _common.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--campaign", default="cifar10", help="whose studies give the best λ")
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help="SQLAlchemy URL of the storage")
+    p.add_storage()
     p.add_argument("--lam", type=float, default=None, help="use this λ instead of the studies'")
     p.add_argument("--seeds", type=int, default=3, help="training seeds (test acc mean ± std)")
     p.add_argument("--seed", type=int, default=0, help="the first training seed")
@@ -54,7 +54,8 @@ def main():
     args = parse_args()
     _common.setup_logging(args)
     out = args.out or f"studies/{args.campaign}/final"
-    check_out_dir(out)
+    protect = _common.protected_paths(args.storage)
+    check_results_dir(out, protect)
     lam, source, storage = choose_lam(args)
     # checked before the data is loaded; n_s defaults to 2 epochs of the training split
     config = _common.train_config(args, lam=lam, seed=args.seed,
@@ -65,7 +66,8 @@ def main():
     seeds = [args.seed + k for k in range(args.seeds)]
     study = load_study(storage, source["study"]) if storage is not None else None
     with _common.single_blas_thread():
-        metrics, runs = run_final(data, config, seeds, lam, source, out, study, args.workers)
+        metrics, runs = run_final(data, config, seeds, lam, source, out, study, args.workers,
+                                  protect=protect)
     summary = {"lam": lam, "source": source, "test_acc": [r["test"]["acc"] for r in runs],
                "test_acc_mean": metrics["test_acc_mean"], "test_acc_std": metrics["test_acc_std"],
                "seeds": seeds, "out": str(out)}

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 import _common
-from model.checkpoint import check_out_dir, save_text
+from model.checkpoint import save_page
 from model.data import load_cifar10
 from model.errors import DivergedError
 from model.gradcheck import gradcheck_report
+from model.outputs import check_page, check_results_dir
 from model.schedule import step_size
 from model.train import TrainConfig
 from search.final import read_final, run_final
@@ -27,7 +28,7 @@ from search.phases import (DEFAULT_TRIALS, SEARCH_CONFIG, PhaseSpec, best_lam, c
                            make_fine_spec, run_phase)
 from search.report import best_row
 from search.runner import PRUNERS
-from search.study import (DEFAULT_STORAGE, campaign_studies, check_storage, load_study, mask_url,
+from search.study import (campaign_studies, check_storage, load_study, mask_url,
                           open_storage)
 
 log = logging.getLogger("pipeline")
@@ -36,7 +37,7 @@ log = logging.getLogger("pipeline")
 def parse_args(argv=None):
     p = _common.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--campaign", default="cifar10", help="names the studies and studies/<campaign>/")
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help="SQLAlchemy URL of the storage")
+    p.add_storage()
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="worker processes for the searches and the final seeds (default: cores)")
     p.add_argument("--coarse-trials", type=int, default=DEFAULT_TRIALS["coarse"])
@@ -102,7 +103,7 @@ def search_phases(args, storage, data, search_config):
     return coarse_study, fine_study
 
 
-def final_phase(args, storage, data, final_base, out, on_cpu_free=None):
+def final_phase(args, storage, data, final_base, out, protect, on_cpu_free=None):
     lam, source = best_lam(storage, args.campaign)
     config = dataclasses.replace(final_base, lam=lam)
     seeds = list(range(args.seeds))
@@ -115,7 +116,7 @@ def final_phase(args, storage, data, final_base, out, on_cpu_free=None):
              len(seeds), config.total_steps)
     metrics, _ = run_final(data, config, seeds, lam, source, out,
                            load_study(storage, source["study"]), workers=args.workers,
-                           on_cpu_free=on_cpu_free)
+                           on_cpu_free=on_cpu_free, protect=protect)
     return metrics
 
 
@@ -134,9 +135,9 @@ def dashboard_maker(args, storage):
     return dashboard
 
 
-def write_dashboard(dashboard, out_dir):
+def write_dashboard(dashboard, out_dir, protect):
     path = out_dir / "dashboard.html"
-    save_text(path, dashboard.html(read_final(out_dir / "final")))
+    save_page(path, dashboard.html(read_final(out_dir / "final")), protect)
     log.info("[5/5] dashboard -> %s", path)
     return path
 
@@ -161,7 +162,9 @@ def main():
     _common.setup_logging(args)
     start = time.perf_counter()
     out_dir = Path(args.out_dir or f"studies/{args.campaign}")
-    check_out_dir(out_dir)
+    protect = _common.protected_paths(args.storage)
+    check_results_dir(out_dir / "final", protect)  # both outputs, before any work
+    check_page(out_dir / "dashboard.html", protect)
     search_config, final_base = configs(args)
     check_storage(args.storage)
     data = load_cifar10(args.data_dir, n_val=args.n_val)
@@ -171,8 +174,9 @@ def main():
     with _common.single_blas_thread():
         check = gradient_check(data)
         coarse, fine = search_phases(args, storage, data, search_config)
-        metrics = final_phase(args, storage, data, final_base, out_dir / "final", make_dashboard)
-    dashboard = write_dashboard(make_dashboard(), out_dir)
+        metrics = final_phase(args, storage, data, final_base, out_dir / "final", protect,
+                              make_dashboard)
+    dashboard = write_dashboard(make_dashboard(), out_dir, protect)
     summary = {
         "campaign": args.campaign, "storage": mask_url(args.storage), "gradcheck": check,
         "coarse_best": best_row(coarse), "fine_best": best_row(fine),

@@ -17,7 +17,7 @@ from search.phases import (DEFAULT_SAMPLER, DEFAULT_TRIALS, SEARCH_CONFIG, Phase
 from search.report import phase_summary, status_report, status_text, summary_text
 from search.runner import PRUNERS, SAMPLERS
 from search.space import FINE_MARGIN_DECADES, FINE_TOP_K, parse_values
-from search.study import (DEFAULT_STORAGE, GRACE_PERIOD, HEARTBEAT_INTERVAL, check_storage, mask_url,
+from search.study import (GRACE_PERIOD, HEARTBEAT_INTERVAL, check_storage, mask_url,
                           open_storage)
 
 
@@ -25,7 +25,7 @@ def parse_args(argv=None):
     p = _common.Parser(description=__doc__.splitlines()[0])
     p.add_argument("phase", choices=("coarse", "fine", "status"), help="what to run")
     p.add_argument("--campaign", default="cifar10", help="names the studies <campaign>-coarse/-fine")
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help="SQLAlchemy URL of the storage")
+    p.add_storage()
     p.add_argument("--n-trials", type=int, default=None,
                    help="finished trials the phase ends with (default: coarse 10, fine 12)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")

@@ -8,8 +8,9 @@ lr .png) into --out (default studies/runs/lam<λ>-seed<seed>).
 import time
 
 import _common
-from model.checkpoint import check_out_dir, publish_dir, save_run
+from model.checkpoint import save_run
 from model.data import load_cifar10
+from model.outputs import check_results_dir, publish_dir
 from model.train import evaluate, fit
 
 
@@ -27,7 +28,8 @@ def main():
     _common.setup_logging(args)
     config = _common.train_config(args)
     out = args.out or f"studies/runs/lam{config.lam:g}-seed{config.seed}"
-    check_out_dir(out)
+    protect = _common.protected_paths(_common.storage_url())
+    check_results_dir(out, protect)
     data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=config.dtype)
     start = time.perf_counter()
     with _common.single_blas_thread():
@@ -39,7 +41,7 @@ def main():
                "test_acc": test["acc"], "test_loss": test["loss"], "test_cost": test["cost"],
                "steps": config.total_steps, "seconds": round(seconds, 2)}
     publish_dir(out, lambda folder: save_run(folder, config, metrics, [("", params, history)],
-                                                     {"data": data.source}))
+                                                     {"data": data.source}), protect)
     summary = {**metrics, "out": str(out)}
     _common.emit(summary, args,
                  f"λ={config.lam:g}: train acc {metrics['train_acc']:.4f}, val acc "

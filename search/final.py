@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.checkpoint import load_json, publish_dir, save_run
+from model.checkpoint import load_json, save_run
+from model.outputs import publish_dir
 from model.train import evaluate, fit, warm_up
 
 log = logging.getLogger(__name__)
@@ -115,15 +116,17 @@ def final_metrics(runs, lam, source):
     }
 
 
-def run_final(data, config, seeds, lam, source, out, study=None, workers=1, on_cpu_free=None):
-    """Train and test every seed, publish the results folder `out` (atomically), and record the
-    summary in `study`'s user attrs when given. Returns (metrics, runs). on_cpu_free: see
-    run_seeds."""
+def run_final(data, config, seeds, lam, source, out, study=None, workers=1, on_cpu_free=None,
+              protect=()):
+    """Train and test every seed, publish the results folder `out` (atomically; see
+    model.outputs.publish_dir for `protect`), and record the summary in `study`'s user attrs when
+    given. Returns (metrics, runs). on_cpu_free: see run_seeds."""
     runs = run_seeds(data, config, seeds, workers, on_cpu_free)
     metrics = final_metrics(runs, lam, source)
     tagged = [(f"_seed{r['seed']}", r["params"], r["history"]) for r in runs]
     publish_dir(out, lambda folder: save_run(folder, config, metrics, tagged,
-                                             {"data": data.source, "seeds": list(seeds)}))
+                                             {"data": data.source, "seeds": list(seeds)}),
+                protect)
     if study is not None:
         study.set_user_attr("final", {**metrics, "out": str(out)})
     return metrics, runs

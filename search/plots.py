@@ -1,11 +1,20 @@
-"""Figures of a campaign as plotly objects, and the self-contained dashboard page built from them."""
-import html
+"""Figures of a campaign as plotly objects, and the self-contained dashboard page built from them.
 
+Every text on the page that comes from a storage, a file or the command line is escaped: in the
+page's markup (_esc, _num) and inside the figures (_escape_figure), whose titles, names and hover
+texts plotly renders as HTML. Anyone who can write to a shared storage can write a trial's attrs.
+"""
+import html
+import re
+
+import numpy as np
 import optuna.visualization as ov
 import plotly.graph_objects as go
+import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from model.curves import curve
+from model.outputs import PAGE_TAG
 from model.schedule import cyclic_lr
 from search.report import study_report
 
@@ -47,19 +56,58 @@ def curve_figures(history, config):
     return figs
 
 
+def _esc(x):
+    """Any value as text safe inside HTML markup and attributes."""
+    return html.escape(str(x), quote=True)
+
+
+def _num(x, spec):
+    """A number formatted with spec; anything else (a storage may hold any JSON) escaped as text."""
+    if x is None:
+        return ""
+    if isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool):
+        return format(x, spec)
+    return _esc(x)
+
+
+# The pseudo-HTML tags plotly's own figures use (Optuna's hover texts break lines with <br>): they
+# are put back after escaping. A hostile string can only make text bold or break a line with them.
+_PLOTLY_TAGS = re.compile(r"&lt;(/?(?:br|b|i|sup|sub|extra)|br ?/)&gt;")
+
+
+def _escape_text(s):
+    return _PLOTLY_TAGS.sub(r"<\1>", html.escape(s, quote=False))
+
+
+def _escape_strings(obj):
+    if isinstance(obj, str):
+        return _escape_text(obj)
+    if isinstance(obj, dict):
+        return {k: _escape_strings(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_escape_strings(v) for v in obj]
+    if isinstance(obj, np.ndarray) and obj.dtype.kind in "OUS":
+        return [_escape_strings(v) for v in obj.tolist()]
+    return obj
+
+
+def _escape_figure(fig):
+    """The figure as a dict whose every string (titles, names, hover texts, tick and category
+    labels) is escaped: plotly draws them as pseudo-HTML."""
+    return _escape_strings(fig.to_dict())
+
+
 def _table(rep):
     head = "<tr><th>#</th><th>λ</th><th>state</th><th>val acc</th><th>± std</th><th>val loss</th>" \
            "<th>train acc</th><th>seconds</th><th>note</th></tr>"
-
-    def cell(x, spec):
-        return "" if x is None else format(x, spec)
     rows = []
     for r in rep["trials"]:
         note = f"retry of #{r['retry_of']}" if r["retry_of"] is not None else (r["failure"] or "")
-        rows.append(f"<tr><td>{r['number']}</td><td>{cell(r['lam'], '.3e')}</td><td>{r['state']}</td>"
-                    f"<td>{cell(r['val_acc'], '.4f')}</td><td>{cell(r['val_acc_std'], '.4f')}</td>"
-                    f"<td>{cell(r['val_loss'], '.4f')}</td><td>{cell(r['train_acc'], '.4f')}</td>"
-                    f"<td>{cell(r['seconds'], '.1f')}</td><td>{html.escape(note)}</td></tr>")
+        rows.append(f"<tr><td>{_esc(r['number'])}</td><td>{_num(r['lam'], '.3e')}</td>"
+                    f"<td>{_esc(r['state'])}</td><td>{_num(r['val_acc'], '.4f')}</td>"
+                    f"<td>{_num(r['val_acc_std'], '.4f')}</td><td>{_num(r['val_loss'], '.4f')}</td>"
+                    f"<td>{_num(r['train_acc'], '.4f')}</td><td>{_num(r['seconds'], '.1f')}</td>"
+                    f"<td>{_esc(note)}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 
@@ -79,7 +127,8 @@ class _Page:
     def figures(self, figs):
         self.parts.append('<div class="grid">')
         for _, fig in figs:
-            self.parts.append(fig.to_html(full_html=False, include_plotlyjs=False,
+            self.parts.append(pio.to_html(_escape_figure(fig), full_html=False,
+                                          include_plotlyjs=False, validate=False,
                                           div_id=f"{self.prefix}{self.n_figs}",
                                           config={"responsive": True}))
             self.n_figs += 1
@@ -88,18 +137,18 @@ class _Page:
 
 def study_section(page, study):
     rep = study_report(study)
-    page.text(f"<h2>{html.escape(rep['name'])}</h2>")
+    page.text(f"<h2>{_esc(rep['name'])}</h2>")
     best = rep["best"]
-    page.text(f"<p>{rep['n_complete']} complete trials"
-              + (f"; best λ = {best['lam']:.4g} (trial #{best['number']}), validation accuracy "
-                 f"{best['val_acc']:.4f}" if best else "") + "</p>")
-    if rep["fine_range"]:
-        fr = rep["fine_range"]
-        page.text(f"<p class=range>Fine λ range [{fr['low']:.3g}, {fr['high']:.3g}] derived from "
-                  f"{html.escape(fr['coarse_study'])} trials {fr['from_trials']}: "
-                  f"{html.escape(fr['rule'])}</p>")
+    page.text(f"<p>{_esc(rep['n_complete'])} complete trials"
+              + (f"; best λ = {_num(best['lam'], '.4g')} (trial #{_esc(best['number'])}), "
+                 f"validation accuracy {_num(best['val_acc'], '.4f')}" if best else "") + "</p>")
+    fr = rep["fine_range"]
+    if isinstance(fr, dict):
+        page.text(f"<p class=range>Fine λ range [{_num(fr.get('low'), '.3g')}, "
+                  f"{_num(fr.get('high'), '.3g')}] derived from {_esc(fr.get('coarse_study'))} "
+                  f"trials {_esc(fr.get('from_trials'))}: {_esc(fr.get('rule'))}</p>")
     if rep["warning"]:
-        page.text(f"<p class=warn>Warning: {html.escape(rep['warning'])}</p>")
+        page.text(f"<p class=warn>Warning: {_esc(rep['warning'])}</p>")
     page.figures(study_figures(study))
     page.text(_table(rep))
 
@@ -107,12 +156,13 @@ def study_section(page, study):
 def final_section(page, final):
     """final: {"metrics", "config", "history"} of the final run, read by the caller."""
     m = final["metrics"]
-    seeds = ", ".join(f"seed {s['seed']}: {s['test_acc']:.4f}" for s in m["seeds"])
+    seeds = ", ".join(f"seed {_esc(s['seed'])}: {_num(s['test_acc'], '.4f')}" for s in m["seeds"])
     src = m["source"]
     where = f"{src['study']} trial #{src['trial']}" if src.get("study") else "given on the command line"
-    page.text(f"<h2>Final run</h2><p class=final>λ = {m['lam']:.4g} ({html.escape(where)}); test "
-              f"accuracy <b>{m['test_acc_mean']:.4f} ± {m['test_acc_std']:.4f}</b> ({seeds}); "
-              f"{final['config']['cycles']} cycle(s) of n_s = {final['config']['n_s']}</p>")
+    page.text(f"<h2>Final run</h2><p class=final>λ = {_num(m['lam'], '.4g')} ({_esc(where)}); test "
+              f"accuracy <b>{_num(m['test_acc_mean'], '.4f')} ± {_num(m['test_acc_std'], '.4f')}</b> "
+              f"({seeds}); {_esc(final['config']['cycles'])} cycle(s) of n_s = "
+              f"{_esc(final['config']['n_s'])}</p>")
     page.figures(curve_figures(final["history"], final["config"]))
 
 
@@ -129,8 +179,8 @@ class Dashboard:
     the pipeline makes its Dashboard while the final run's last seed trains and a CPU is free."""
 
     def __init__(self, campaign, storage_label, studies):
-        self.header = (f"<h1>λ search — campaign {html.escape(campaign)}</h1>"
-                       f"<p>storage {html.escape(storage_label)}</p>")
+        self.header = (f"<h1>λ search — campaign {_esc(campaign)}</h1>"
+                       f"<p>storage {_esc(storage_label)}</p>")
         self.campaign = campaign
         page = _Page("study-fig")
         for study in studies:
@@ -143,8 +193,8 @@ class Dashboard:
         if final:
             final_section(page, final)
         body = "\n".join([self.header, *page.parts, *self.studies_part])
-        return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>λ search — "
-                f"{html.escape(self.campaign)}</title><style>{_STYLE}</style>"
+        return (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{PAGE_TAG}<title>λ search — "
+                f"{_esc(self.campaign)}</title><style>{_STYLE}</style>"
                 f"<script>{_PLOTLY_CONFIG}</script><script>{get_plotlyjs()}</script></head>"
                 f"<body>{body}</body></html>")
 

@@ -1,6 +1,7 @@
 """Storage and studies: open an RDB storage safely, name a campaign's studies, read results."""
 import logging
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -28,17 +29,54 @@ def study_name(campaign, phase):
     return f"{campaign}-{phase}"
 
 
+# Query keys whose values are secrets (libpq's password and sslpassword, tokens, keys).
+_SECRET_KEY = re.compile(r"pass|pwd|secret|token|key|credential", re.IGNORECASE)
+# The same, for a string SQLAlchemy cannot parse: user:password@ and key=value pairs.
+_USERINFO = re.compile(r"(://[^/?#@:\s]*:)([^@/?#\s]*)(@)")
+_PAIR = re.compile(r"([?&;\s]([A-Za-z_]*(?:pass|pwd|secret|token|key|credential)[A-Za-z_]*)=)([^&;\s]*)",
+                   re.IGNORECASE)
+
+
 def mask_url(url):
-    """The storage URL with any password replaced by ***, for logs, JSON and pages."""
+    """The storage URL with every secret (the password, and query values such as ?password=)
+    replaced by ***, for logs, JSON and pages."""
     try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return "<malformed storage URL>"
+        parsed = sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return _mask_text(url)
+    query = {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in parsed.query.items()}
+    text = parsed.set(query=query).render_as_string(hide_password=True)
+    return text.replace("%2A%2A%2A", "***")
+
+
+def _mask_text(text):
+    return _PAIR.sub(r"\1***", _USERINFO.sub(r"\1***\3", text))
+
+
+def url_secrets(url):
+    """The secrets a storage URL holds (its password, secret query values), as parsed and as
+    written (percent-encoded): what redact hides."""
+    found = [m.group(2) for m in _USERINFO.finditer(url)] + [m.group(3) for m in _PAIR.finditer(url)]
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        pass
+    else:
+        found += [parsed.password or ""] + [v for k, vs in parsed.query.items() if _SECRET_KEY.search(k)
+                                            for v in ((vs,) if isinstance(vs, str) else vs)]
+    return sorted({str(s) for s in found if s}, key=len, reverse=True)
+
+
+def redact(text, url):
+    """text with every secret of the storage URL replaced by *** (e.g. a driver's error message)."""
+    for secret in url_secrets(url):
+        text = text.replace(secret, "***")
+    return text
 
 
 def sqlite_path(url):
     """The database file of a sqlite:/// URL, else None."""
-    parsed = sqlalchemy.engine.make_url(url)
+    parsed = sqlalchemy.engine.make_url(_parse(url))
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     return Path(parsed.database)
@@ -69,7 +107,7 @@ def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,
                          "for PostgreSQL: pip install 'clr-lambda-search[postgres]' and use "
                          "postgresql+psycopg://") from None
     except (sqlalchemy.exc.SQLAlchemyError, ValueError) as e:
-        reason = str(getattr(e, "orig", None) or e).splitlines()[0]
+        reason = redact(str(getattr(e, "orig", None) or e).splitlines()[0], url)
         raise InputError(f"cannot open storage {mask_url(url)} ({reason}); check the URL, the "
                          "server and the credentials") from None
 
@@ -121,8 +159,8 @@ def check_storage(url):
 def _parse(url):
     try:
         sqlalchemy.engine.make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise InputError(f"malformed storage URL {url!r}; use e.g. sqlite:///studies/studies.db or "
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        raise InputError(f"malformed storage URL {mask_url(url)!r}; use e.g. sqlite:///studies/studies.db or "
                          "postgresql+psycopg://user:password@host/db") from None
     return url
 

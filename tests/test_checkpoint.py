@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from model.checkpoint import (check_out_dir, load_json, load_params, publish_dir, save_json,
-                              save_params)
+from model.checkpoint import load_json, load_params, save_json, save_params
+from model.outputs import MANIFEST, check_results_dir, publish_dir
 from model.errors import InputError
 from model.network import PARAM_KEYS, init_params
 
@@ -60,7 +60,7 @@ def test_publish_dir_creates_and_replaces(tmp_path):
     assert (out / "a.txt").read_text() == "old"
     publish_dir(out, lambda d: (d / "b.txt").write_text("new"))
     # the new folder replaced the old one as a whole: no stale file survives
-    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "b.txt"]
     assert (out / "b.txt").read_text() == "new"
     assert sorted(p.name for p in out.parent.iterdir()) == ["run"]  # no temp or old folders left
 
@@ -76,7 +76,7 @@ def test_publish_dir_keeps_the_old_folder_when_the_writer_fails(tmp_path):
     with pytest.raises(RuntimeError, match="writer crashed"):
         publish_dir(out, failing)
     # the previous results are intact and the half-written folder is gone
-    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "a.txt"]
     assert (out / "a.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
@@ -87,14 +87,14 @@ def test_publish_dir_failure_without_old_folder_creates_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_check_out_dir(tmp_path):
-    check_out_dir(tmp_path)  # an existing folder is fine
-    check_out_dir(tmp_path / "new" / "run")  # so is a path that does not exist yet
+def test_check_results_dir(tmp_path):
+    check_results_dir(tmp_path)  # an existing empty folder is fine
+    check_results_dir(tmp_path / "new" / "run")  # so is a path that does not exist yet
     f = tmp_path / "file.txt"
     f.write_text("keep me")
     with pytest.raises(InputError, match="file"):
-        check_out_dir(f)
+        check_results_dir(f)
     with pytest.raises(InputError):
-        check_out_dir(f / "run")  # under a file: can never be created
+        check_results_dir(f / "run")  # under a file: can never be created
     assert f.read_text() == "keep me"  # the check touches nothing
     assert not (tmp_path / "new").exists()
