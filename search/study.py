@@ -1,8 +1,11 @@
 """Storage and studies: open an RDB storage safely, name a campaign's studies, read results."""
+import contextlib
 import logging
 import os
 import re
+import sqlite3
 import time
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -169,6 +172,8 @@ def _prepare_sqlite_path(path, create, dry_run=False):
     if path.is_dir():
         raise InputError(f"storage path {path} is a folder; name a database file, e.g. "
                          f"sqlite:///{path}/studies.db")
+    if path.is_file():
+        _check_foreign_sqlite(path)
     if not create and not path.is_file():
         raise InputError(f"no storage at {path}; run `scripts/search.py coarse` first or pass "
                          "--storage")
@@ -181,6 +186,31 @@ def _prepare_sqlite_path(path, create, dry_run=False):
         elif not path.parent.is_dir():
             raise InputError(f"folder {path.parent} of the storage does not exist; create it or "
                              "choose another --storage")
+
+
+def _check_foreign_sqlite(path):
+    """InputError for an existing file that is not an empty or Optuna SQLite database: opening it
+    as a storage would add Optuna's tables to another program's database (or fail on a text file)
+    and switch it to write-ahead logging."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return  # unreadable: opening it reports that
+    if not head:
+        return  # an empty file: SQLite makes a database of it
+    if head != b"SQLite format 3\x00":
+        raise InputError(f"storage path {path} is not an SQLite database; name a new file or an "
+                         "Optuna study storage")
+    try:
+        uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
+            tables = {name for (name,) in db.execute("select name from sqlite_master where type = 'table'")}
+    except sqlite3.Error:
+        return  # cannot look inside (e.g. a locked or read-only WAL file): opening it tells
+    if tables and "studies" not in tables:
+        raise InputError(f"storage path {path} is another program's SQLite database (tables: "
+                         f"{', '.join(sorted(tables)[:5])}); name a new file or an Optuna study storage")
 
 
 def load_study(storage, name, sampler=None, pruner=None):

@@ -5,6 +5,7 @@ The on-disk CIFAR-10 uses the real format (pickled dicts with bytes keys and a u
 loader and the scripts read it exactly as they read the official files, in well under a second.
 """
 import hashlib
+import os
 import pickle
 import tarfile
 import types
@@ -29,6 +30,9 @@ CONST_VALUES = (0, 128)
 PROTOCOLS = {"data_batch_1": 2, "data_batch_2": 4, "data_batch_3": 2, "data_batch_4": 4,
              "data_batch_5": 5, "test_batch": 4, "batches.meta": 2}
 CIFAR_ENV = ("CIFAR10_DIR", "CIFAR10_URL", "CIFAR10_MD5", "CIFAR10_CACHE")
+# The scripts read their storage from $OPTUNA_STORAGE when no --storage is given: a user's own
+# must not reach the scripts the tests run.
+os.environ.pop("OPTUNA_STORAGE", None)
 
 
 @pytest.fixture

@@ -197,3 +197,19 @@ def test_temporaries_of_a_killed_run_are_cleaned(tmp_path):
     clean_stale(tmp_path / "dashboard.html")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [live.name, unrelated.name, "final"])
+
+
+@pytest.mark.parametrize("kind", ["text", "other-app"])
+def test_a_storage_path_holding_another_file_is_never_written(tmp_path, cifar_tiny_dir, kind):
+    target = tmp_path / "app.db"
+    if kind == "text":
+        target.write_text("my notes\n")
+    else:  # another program's SQLite database: Optuna's tables and WAL mode must not be added
+        with sqlite3.connect(target) as db:
+            db.execute("create table customers (name)")
+    before = snapshot(tmp_path)
+    proc = run("search.py", ["coarse", "--storage", f"sqlite:///{target}", "--data-dir",
+                             str(cifar_tiny_dir.batches), *TINY, "--n-trials", "1"], tmp_path)
+    assert_refused(proc, str(target))
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("_cache")} == before
