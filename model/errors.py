@@ -13,6 +13,14 @@ class DataError(InputError):
     """The data set is missing, corrupt, hostile or fails its checksum."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, systemd, SLURM, Kubernetes): stop like Ctrl-C, but the running trials are
+    retried by the next run (a preempted job must not lose its trial). A KeyboardInterrupt, so
+    that every clean-up Ctrl-C gets runs for it too."""
+
+    FAILURE = "terminated"
+
+
 class WorkersFailed(RuntimeError):
     """Search workers stopped before their phase reached its number of trials."""
 

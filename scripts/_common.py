@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from pathlib import Path
 _SCRIPTS = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _SCRIPTS]
 
-from model.errors import DivergedError, InputError, WorkersFailed  # noqa: E402
+from model.errors import DivergedError, InputError, Terminated, WorkersFailed  # noqa: E402
 from model.train import TrainConfig  # noqa: E402
 from search.study import DEFAULT_STORAGE, redact, sqlite_path  # noqa: E402
 
@@ -183,8 +184,15 @@ def single_blas_thread():
     return threadpool_limits(limits=1, user_api="blas")
 
 
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up
+    raise Terminated()
+
+
 def run(main):
-    """Run main(); user errors become one line and exit 2, Ctrl-C exits 130 with one line."""
+    """Run main(); user errors become one line and exit 2, Ctrl-C exits 130 and SIGTERM 143 with
+    one line (SIGTERM raises Terminated, in this process and in its forked workers)."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         sys.exit(main())
     except InputError as e:
@@ -192,6 +200,10 @@ def run(main):
     except (WorkersFailed, DivergedError) as e:  # not the input's fault: exit 1, still one line
         sys.stderr.write(f"error: {hide_secrets(str(e))}\n")
         sys.exit(1)
+    except Terminated:
+        sys.stderr.write("terminated: running trials were marked FAIL and are retried by the next "
+                         "run; partial results were not written; re-run to resume\n")
+        sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: partial results were not written; re-run to resume\n")
         sys.exit(130)

@@ -3,6 +3,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 from model.checkpoint import load_json, save_run
 from model.outputs import publish_dir
 from model.train import evaluate, fit, warm_up
+from search.processes import die_with_parent, exit_code, stop_processes
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,8 @@ def run_seeds(data, config, seeds, workers=1, on_cpu_free=None):
     ctx = multiprocessing.get_context("fork")
     cpus = _shared_cpus(workers) if len(seeds) > workers else None
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_seed_worker,
-                         args=(data, config, seed, seed == seeds[0], queue, cpus))
+    procs = [ctx.Process(target=_seed_worker, name=f"seed-{seed}",
+                         args=(data, config, seed, seed == seeds[0], queue, cpus, os.getpid()))
              for seed in seeds]
     for p in procs:
         p.start()
@@ -54,11 +56,11 @@ def run_seeds(data, config, seeds, workers=1, on_cpu_free=None):
             if on_cpu_free and len(procs) - len(results) < workers:
                 _side_work(on_cpu_free)
                 on_cpu_free = None
-    finally:
-        for p in procs:
-            if p.is_alive() and len(results) < len(procs):
-                p.terminate()
-            p.join()
+    except BaseException:  # a seed failed, Ctrl-C or SIGTERM: no seed trains on, none waits
+        stop_processes(procs, signal.SIGTERM)
+        raise
+    for p in procs:
+        p.join()
     return [results[seed] for seed in seeds]
 
 
@@ -79,14 +81,19 @@ def _shared_cpus(workers):
     return set(allowed[:workers]) if len(allowed) > workers else None
 
 
-def _seed_worker(data, config, seed, train_curve, queue, cpus):
+def _seed_worker(data, config, seed, train_curve, queue, cpus, parent_pid):
     from threadpoolctl import threadpool_limits
 
     try:
+        die_with_parent(parent_pid)
         if cpus:
             os.sched_setaffinity(0, cpus)
         with threadpool_limits(limits=1, user_api="blas"):
             queue.put(_run_seed(data, config, seed, train_curve))
+        queue.close()
+        queue.join_thread()  # here, not at exit: a SIGTERM while the result is sent is caught below
+    except KeyboardInterrupt as e:  # stopped by the parent, or orphaned: nobody reads a result
+        os._exit(exit_code(e))
     except BaseException as e:  # the parent re-raises it
         queue.put(e)
 

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import optuna
 
-from model.errors import DivergedError
+from model.errors import DivergedError, Terminated
 from model.train import fit
 from search.space import suggest
 
@@ -49,6 +49,9 @@ class Objective:
         except DivergedError as e:
             trial.set_user_attr("failure", str(e))
             log.warning("trial %d: %s", trial.number, e)
+            raise
+        except Terminated:
+            trial.set_user_attr("failure", Terminated.FAILURE)  # retried by the next run
             raise
         except KeyboardInterrupt:
             trial.set_user_attr("failure", "interrupted (Ctrl-C)")

@@ -24,8 +24,9 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from model.errors import ConfigError, DivergedError
+from model.errors import ConfigError, DivergedError, Terminated
 from model.train import warm_up
+from search.processes import die_with_parent, exit_code, stop_processes
 from search.study import FINISHED, open_storage, retried_from, retry_chain
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ def _fail_stale_trials(study):
 
 def _requeue_lost_retries(study):
     """Re-queue the FAIL trials that died without a word (no failure attr: their worker was
-    killed) and were never re-queued. Failing a dead worker's trial and re-queuing it are two
+    killed) or were terminated (SIGTERM: a preempted job) and were never re-queued. Failing a dead worker's trial and re-queuing it are two
     commits (Optuna's, and _fail_orphans'): a worker killed between them would leave the trial
     FAIL with no retry. Re-queuing twice is harmless: the later copy is pruned on pickup
     (_is_duplicate_retry), and the callback itself stops after max_retry retries."""
@@ -226,7 +227,8 @@ def _requeue_lost_retries(study):
     trials = study.get_trials(deepcopy=False)
     requeued = {retried_from(t) for t in trials}
     for t in trials:
-        if (t.state == TrialState.FAIL and "failure" not in t.user_attrs
+        if (t.state == TrialState.FAIL
+                and t.user_attrs.get("failure", Terminated.FAILURE) == Terminated.FAILURE
                 and t.number not in requeued
                 and (max_retry is None or len(retry_chain(t)) < max_retry)):
             log.warning("trial %d died and was not re-queued: re-queued now", t.number)
@@ -293,8 +295,8 @@ def run_workers(n_workers, progress=None, **worker_kwargs):
     objective = worker_kwargs["objective"]
     warm_up(objective.data, objective.base_config)  # compiled once, inherited by every worker
     ctx = multiprocessing.get_context("fork")  # the data loaded by the parent is shared, not copied
-    procs = [ctx.Process(target=_worker_main, kwargs=worker_kwargs, name=f"worker-{i}")
-             for i in range(n_workers)]
+    procs = [ctx.Process(target=_worker_main, kwargs={**worker_kwargs, "parent_pid": os.getpid()},
+                         name=f"worker-{i}") for i in range(n_workers)]
     for p in procs:
         p.start()
     try:
@@ -304,12 +306,8 @@ def run_workers(n_workers, progress=None, **worker_kwargs):
             # woken by a worker's exit at once: the phase ends when its last worker does. (The
             # list is taken once: a worker reaped in between would leave an empty wait of 1 s.)
             multiprocessing.connection.wait([p.sentinel for p in alive], timeout=1.0)
-    except KeyboardInterrupt:
-        for p in procs:
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGINT)
-        for p in procs:
-            p.join()
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the workers fail their trials and stop
+        stop_processes(procs, signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
         raise
     for p in procs:
         p.join()
@@ -318,11 +316,12 @@ def run_workers(n_workers, progress=None, **worker_kwargs):
     return [p.exitcode for p in procs]
 
 
-def _worker_main(**kwargs):
+def _worker_main(parent_pid, **kwargs):
     try:
+        die_with_parent(parent_pid)
         run_worker(**kwargs)
-    except KeyboardInterrupt:
-        os._exit(130)
+    except KeyboardInterrupt as e:
+        os._exit(exit_code(e))
     except Exception as e:  # one line in the log; the parent reports the exit code
         log.error("worker %d stopped: %s", os.getpid(), e)
         os._exit(1)

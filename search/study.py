@@ -96,7 +96,7 @@ def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,
     path = sqlite_path(url)
     if path is not None:
         _prepare_sqlite_path(path, create)
-    engine_kwargs = {"connect_args": {"timeout": 30}} if parsed.get_backend_name() == "sqlite" else {}
+    engine_kwargs = {"connect_args": _connect_args(parsed)}
     try:
         storage = _create_tables_once(lambda: RDBStorage(
             url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
@@ -113,6 +113,27 @@ def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,
         reason = redact(str(getattr(e, "orig", None) or e).splitlines()[0], url)
         raise InputError(f"cannot open storage {mask_url(url)} ({reason}); check the URL, the "
                          "server and the credentials") from None
+
+
+CONNECT_TIMEOUT = 10  # seconds to reach a database server (a silent one must not hang a command)
+# libpq: give up on a server that stops answering mid-session (TCP keepalives, then a dead peer).
+_PG_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                  "keepalives_count": 3}
+
+
+def _connect_args(parsed):
+    """Driver arguments: SQLite waits up to 30 s for a lock; servers get connect timeouts and
+    keepalives. What the URL's query sets itself wins."""
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        args = {"timeout": 30}
+    elif backend == "postgresql":
+        args = {"connect_timeout": CONNECT_TIMEOUT, **_PG_KEEPALIVES}
+    elif backend == "mysql":
+        args = {"connect_timeout": CONNECT_TIMEOUT, "read_timeout": 120, "write_timeout": 120}
+    else:
+        args = {}
+    return {k: v for k, v in args.items() if k not in parsed.query}
 
 
 def _write_ahead_log(storage):

@@ -31,8 +31,8 @@ pytestmark = pytest.mark.faults
 
 HEARTBEAT = ["--heartbeat-interval", "1", "--grace-period", "3"]
 FIGURES = {}  # name -> value, written as the FAULTS line when the module ends
-ORDER = ("kills", "lost", "duplicated", "retried", "max_retry_hit", "sigint", "workers4_trials",
-         "lock_errors", "pg", "diverged_failed")
+ORDER = ("kills", "lost", "duplicated", "retried", "max_retry_hit", "sigint", "sigterm",
+         "workers4_trials", "lock_errors", "pg", "diverged_failed")
 
 
 class _FaultsLine:
@@ -219,6 +219,108 @@ def test_sigint_prints_no_traceback(sigint_run):
     assert sigint_run["code"] == 130
     # the user sees the one-line message, not a traceback
     assert "Traceback" not in sigint_run["stderr"]
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM (kill, systemd, SLURM, Kubernetes) to a parent with two workers, and its parent's death
+
+
+SIGTERM_ARGS = ["--workers", "2", "--n-val", "20", "--n-s", "1500", "--cycles", "1",
+                "--n-batch", "20", "--n-trials", "3", "--pruner", "none", *HEARTBEAT]  # ~3 s trials
+
+
+def children(pid):
+    """The pids of a process's children (Linux /proc)."""
+    try:
+        text = open(f"/proc/{pid}/task/{pid}/children").read()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def alive(pids):
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[-1].startswith("Z"):
+                    continue  # a zombie has stopped; its parent reaps it
+        except OSError:
+            continue
+        out.append(pid)
+    return out
+
+
+def stop_and_rerun(cifar_tiny_dir, base, name, signum):
+    """Start a 2-worker coarse run, send signum to the parent once both workers are mid-trial,
+    then re-run the same command. Returns what a test checks."""
+    env = fl.script_env(base)
+    url = fl.sqlite_url(base / f"{name}.db")
+    args = fl.search_args("coarse", url, name, cifar_tiny_dir.batches, *SIGTERM_ARGS, "-q")
+    proc = fl.start(args, env)
+    try:
+        fl.wait_for(lambda: len(fl.beating(url, f"{name}-coarse")) >= 2, 90, "two RUNNING trials",
+                    proc=proc)
+        workers = children(proc.pid)
+        running = sorted(fl.beating(url, f"{name}-coarse"))
+        time.sleep(0.3)
+        proc.send_signal(signum)
+        deadline = time.monotonic() + 5
+        while alive([proc.pid, *workers]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = alive([proc.pid, *workers])
+        _, err = proc.communicate(timeout=60)
+    finally:
+        fl.stop(proc)
+    after, _ = fl.load_trials(url, f"{name}-coarse")
+    rerun = fl.run(args, env, timeout=180)
+    final, _ = fl.load_trials(url, f"{name}-coarse")
+    return {"workers": workers, "left": left, "running": running, "code": proc.returncode,
+            "stderr": err, "after": after, "rerun": rerun, "final": final}
+
+
+@pytest.fixture(scope="module")
+def sigterm_run(cifar_tiny_dir, tmp_path_factory):
+    return stop_and_rerun(cifar_tiny_dir, tmp_path_factory.mktemp("sigterm"), "t", signal.SIGTERM)
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_stops_every_process_and_its_trials_are_retried(sigterm_run):
+    r = sigterm_run
+    FIGURES["sigterm"] = "failed"
+    assert len(r["workers"]) == 2 and len(r["running"]) == 2
+    # no process of the run is alive 5 s after SIGTERM (the workers stop, nothing trains on)
+    assert r["left"] == []
+    # exit 128 + 15, and stderr is one line (the run is quiet: -q)
+    assert r["code"] == 143, r["stderr"][-2000:]
+    lines = fl.stderr_lines(r["stderr"])
+    assert len(lines) == 1 and lines[0].startswith("terminated:"), r["stderr"][-2000:]
+    # the running trials are FAIL "terminated", none is left RUNNING
+    by_number = {t.number: t for t in r["after"]}
+    for n in r["running"]:
+        assert by_number[n].state == TrialState.FAIL
+        assert by_number[n].user_attrs.get("failure") == "terminated"
+    assert fl.unfinished(r["after"]) == []
+    # the next run retries each with its λ and completes the phase
+    assert r["rerun"].returncode == 0, r["rerun"].stderr[-2000:]
+    retries = fl.retries_by_origin(r["final"])
+    assert sorted(retries) == r["running"]
+    for n, again in retries.items():
+        assert [t.params["lam"] for t in again] == [by_number[n].params["lam"]]
+    assert len(fl.complete(r["final"])) == 3 and fl.unfinished(r["final"]) == []
+    FIGURES["sigterm"] = "ok"
+
+
+@pytest.mark.timeout(300)
+def test_workers_stop_when_their_parent_is_killed(cifar_tiny_dir, tmp_path):
+    # SIGKILL cannot be caught: the workers learn of it from the kernel (parent-death signal)
+    r = stop_and_rerun(cifar_tiny_dir, tmp_path, "k", signal.SIGKILL)
+    assert r["code"] == -signal.SIGKILL
+    assert len(r["workers"]) == 2 and r["left"] == []
+    by_number = {t.number: t for t in r["after"]}
+    assert all(by_number[n].user_attrs.get("failure") == "terminated" for n in r["running"])
+    assert r["rerun"].returncode == 0, r["rerun"].stderr[-2000:]
+    assert sorted(fl.retries_by_origin(r["final"])) == r["running"]
 
 
 # ---------------------------------------------------------------------------------------------
