@@ -7,7 +7,7 @@ import optuna
 from model.errors import InputError, WorkersFailed
 from model.train import TrainConfig
 from search.objective import Objective
-from search.runner import make_pruner, make_sampler, n_done, run_workers
+from search.runner import make_pruner, make_sampler, n_done, recover_trials, run_workers
 from search.space import (COARSE_LAM, FINE_MARGIN_DECADES, FINE_TOP_K, fine_range, lam_space,
                           space_from_dict, space_to_dict)
 from search.study import finished_trials, load_study, study_name
@@ -133,6 +133,7 @@ def run_phase(spec, storage, storage_url, data, workers=1, storage_opts=None, pr
     study = create_or_resume(storage, spec)
     if fine_range:
         study.set_user_attr("fine_range", fine_range)
+    recover_trials(study)  # once, before the workers: they would all re-queue the same trials
     storage.remove_session()
     storage.engine.dispose()  # forked workers must open their own connections
     grid = {"lam": list(spec.grid)} if spec.grid else None

@@ -145,7 +145,7 @@ def work(study, objective, target, poll=0.2, after_trial=None, count_diverged=Fa
     guarded = _guard_trial(objective, target, count_diverged)
     max_diverged = max_diverged or max(5, target)
     while True:
-        _fail_stale_trials(study)
+        recover_trials(study)
         trials = study.get_trials(deepcopy=False)
         done = sum(is_done(t, count_diverged) for t in trials)
         if done >= target:
@@ -205,7 +205,8 @@ def _is_duplicate_retry(number, trials):
         n < number and dead == of[number] for n, dead in of.items())
 
 
-def _fail_stale_trials(study):
+def recover_trials(study):
+    """Fail the trials of dead workers and re-queue them, with those a SIGTERM stopped."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)

@@ -1,5 +1,6 @@
 """Storage and studies: open an RDB storage safely, name a campaign's studies, read results."""
 import contextlib
+import datetime
 import logging
 import os
 import re
@@ -98,7 +99,7 @@ def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,
         _prepare_sqlite_path(path, create)
     engine_kwargs = {"connect_args": _connect_args(parsed)}
     try:
-        storage = _create_tables_once(lambda: RDBStorage(
+        storage = _create_tables_once(lambda: ClaimingRDBStorage(
             url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
             grace_period=grace_period,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry)))
@@ -113,6 +114,42 @@ def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,
         reason = redact(str(getattr(e, "orig", None) or e).splitlines()[0], url)
         raise InputError(f"cannot open storage {mask_url(url)} ({reason}); check the URL, the "
                          "server and the credentials") from None
+
+
+class ClaimingRDBStorage(RDBStorage):
+    """RDBStorage whose workers can never both take one queued (WAITING) trial.
+
+    Optuna takes a queued trial by reading its state and then writing RUNNING, in two statements
+    (SELECT … FOR UPDATE, which SQLite ignores): two SQLite workers can both read WAITING and both
+    run the trial, and the second to finish fails ("Cannot tell a COMPLETE trial"). A retried
+    trial is queued, so SIGTERM or a kill followed by a run with several workers hit this almost
+    every time. Here the claim is one conditional UPDATE, atomic on every database. Overriding a
+    public storage method; the table model is Optuna's private one (no public API updates a
+    trial's state conditionally). Tested in tests/test_search.py.
+    """
+
+    def set_trial_state_values(self, trial_id, state, values=None):
+        if state != TrialState.RUNNING or values is not None:
+            return super().set_trial_state_values(trial_id, state, values)
+        from optuna.storages._rdb import models
+
+        session = self.scoped_session()
+        try:
+            claimed = session.query(models.TrialModel).filter(
+                models.TrialModel.trial_id == trial_id,
+                models.TrialModel.state == TrialState.WAITING,
+            ).update({"state": TrialState.RUNNING, "datetime_start": datetime.datetime.now()},
+                     synchronize_session=False)
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            self.scoped_session.remove()
+        if claimed:
+            return True
+        self.check_trial_is_updatable(trial_id, self.get_trial(trial_id).state)  # finished: raises
+        return False  # another worker took it
 
 
 CONNECT_TIMEOUT = 10  # seconds to reach a database server (a silent one must not hang a command)
@@ -224,7 +261,9 @@ def _check_foreign_sqlite(path):
         raise InputError(f"storage path {path} is not an SQLite database; name a new file or an "
                          "Optuna study storage")
     try:
-        uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
+        # immutable: no locks, no -wal/-shm files left behind (a read-only connection cannot
+        # remove them); a table list still in an unmerged WAL only makes the check lenient
+        uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro&immutable=1"
         with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
             tables = {name for (name,) in db.execute("select name from sqlite_master where type = 'table'")}
     except sqlite3.Error:
