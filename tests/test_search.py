@@ -302,22 +302,68 @@ def _lam_objective(trial):
 
 
 def test_a_dead_trial_that_was_not_requeued_is_requeued_once(tmp_path):
-    from search.runner import _fail_stale_trials
+    from search.runner import recover_trials
     from search.study import retried_from
 
     study = _study_with_a_dead_trial(tmp_path)
     for _ in range(3):  # every worker's pass before every trial: re-queued once, not thrice
-        _fail_stale_trials(study)
+        recover_trials(study)
     retries = [t for t in study.get_trials() if retried_from(t) == 0]
     assert [(t.state, t.params["lam"]) for t in retries] == [(TrialState.WAITING, 0.5)]
 
 
 def test_a_trial_that_failed_for_a_reason_is_not_requeued(tmp_path):
-    from search.runner import _fail_stale_trials
+    from search.runner import recover_trials
 
     study = _study_with_a_dead_trial(tmp_path, failure="interrupted (Ctrl-C)")
-    _fail_stale_trials(study)
+    recover_trials(study)
     assert len(study.get_trials()) == 1
+
+
+def test_a_terminated_trial_is_requeued_once_with_its_lam(tmp_path):
+    from search.runner import recover_trials
+    from search.study import retried_from
+
+    study = _study_with_a_dead_trial(tmp_path, failure="terminated")  # SIGTERM: retried
+    for _ in range(2):
+        recover_trials(study)
+    retries = [t for t in study.get_trials() if retried_from(t) == 0]
+    assert [(t.state, t.params["lam"]) for t in retries] == [(TrialState.WAITING, 0.5)]
+
+
+def _claim_all(url, barrier, results):
+    storage = open_storage(url)
+    ids = [t._trial_id for t in storage.get_all_trials(storage.get_all_studies()[0]._study_id)]
+    barrier.wait()
+    results.put([i for i in ids if storage.set_trial_state_values(i, TrialState.RUNNING)])
+    storage.engine.dispose()
+
+
+@pytest.mark.timeout(120)
+def test_a_queued_trial_is_claimed_by_one_process_only(tmp_path):
+    """Optuna reads WAITING and writes RUNNING in two statements: on SQLite two workers could
+    both take one queued trial (search.study.ClaimingRDBStorage makes it one UPDATE)."""
+    import optuna
+
+    url = fl.sqlite_url(tmp_path / "q.db")
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="q", storage=storage)
+    for i in range(40):
+        study.enqueue_trial({"lam": 0.1 + i}, skip_if_exists=False)
+    storage.engine.dispose()
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(url, barrier, results)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    claims = sum((results.get(timeout=60) for _ in procs), [])
+    for p in procs:
+        p.join(timeout=60)
+    assert sorted(claims) == sorted(set(claims)) and len(claims) == 40  # each exactly once
+    finished = study.get_trials()[0]
+    study.tell(finished.number, 1.0)  # a finished trial cannot be claimed: Optuna's error
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        open_storage(url).set_trial_state_values(finished._trial_id, TrialState.RUNNING)
 
 
 def test_a_dead_trial_requeued_twice_runs_once(tmp_path):
