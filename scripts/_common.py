@@ -39,8 +39,24 @@ TRAIN_FLAG_HELP = {
 }
 
 
+class _DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows every option's default, unless its help text already names it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line on stderr and exits 2."""
+    """argparse that reports a usage error as one line on stderr and exits 2, and whose --help
+    shows the defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         fail(f"{message} (see {self.prog} --help)")
@@ -155,14 +171,19 @@ def emit(summary, args, text):
     print(json.dumps(summary, default=float) if args.json else text, flush=True)
 
 
-@contextlib.contextmanager
 def trial_bar(total, desc, args):
-    """A tqdm bar on stderr; yields progress(n_complete) for search.phases.run_phase, or None
-    with --quiet or when stderr is not a terminal: no bar, so nobody polls the study for it (a
-    poll reads every trial, ~30 ms of the CPU the workers train on, once a second)."""
+    """progress_bar of trials, for search.phases.run_phase: without a bar nobody polls the study
+    for one (a poll reads every trial, ~30 ms of the CPU the workers train on, once a second)."""
+    return progress_bar(total, desc, args, unit="trial")
+
+
+@contextlib.contextmanager
+def progress_bar(total, desc, args, unit):
+    """A tqdm bar on stderr; yields progress(n done), or None with --quiet or when stderr is not a
+    terminal (no bar: the caller skips the work of reporting)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="trial", leave=False, disable=args.quiet or None)
+    bar = tqdm(total=total, desc=desc, unit=unit, leave=False, disable=args.quiet or None)
     if bar.disable:
         yield None
         return

@@ -65,9 +65,10 @@ def main():
         config = dataclasses.replace(config, n_s=step_size(len(data.train.y), args.n_batch))
     seeds = [args.seed + k for k in range(args.seeds)]
     study = load_study(storage, source["study"]) if storage is not None else None
-    with _common.single_blas_thread():
+    with _common.single_blas_thread(), _common.progress_bar(
+            config.total_steps * len(seeds), "final run", args, "update") as progress:
         metrics, runs = run_final(data, config, seeds, lam, source, out, study, args.workers,
-                                  protect=protect)
+                                  protect=protect, progress=progress)
     summary = {"lam": lam, "source": source, "test_acc": [r["test"]["acc"] for r in runs],
                "test_acc_mean": metrics["test_acc_mean"], "test_acc_std": metrics["test_acc_std"],
                "seeds": seeds, "out": str(out)}

@@ -114,9 +114,11 @@ def final_phase(args, storage, data, final_base, out, protect, on_cpu_free=None)
         return done["metrics"]
     log.info("[4/5] final run: λ = %.4g from %s, %d seeds × %d updates", lam, source["study"],
              len(seeds), config.total_steps)
-    metrics, _ = run_final(data, config, seeds, lam, source, out,
-                           load_study(storage, source["study"]), workers=args.workers,
-                           on_cpu_free=on_cpu_free, protect=protect)
+    with _common.progress_bar(config.total_steps * len(seeds), "final run", args,
+                              "update") as progress:
+        metrics, _ = run_final(data, config, seeds, lam, source, out,
+                               load_study(storage, source["study"]), workers=args.workers,
+                               on_cpu_free=on_cpu_free, protect=protect, progress=progress)
     return metrics
 
 

@@ -32,8 +32,10 @@ def main():
     check_results_dir(out, protect)
     data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=config.dtype)
     start = time.perf_counter()
-    with _common.single_blas_thread():
-        params, history = fit(data, config)
+    with _common.single_blas_thread(), \
+            _common.progress_bar(config.total_steps, "training", args, "update") as progress:
+        params, history = fit(data, config,
+                              on_eval=(lambda r: progress(r["step"])) if progress else None)
         test = evaluate(params, data.test.X, data.test.y, config.lam)
     seconds = time.perf_counter() - start
     last = history[-1]

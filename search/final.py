@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from queue import Empty
 
 import numpy as np
 
@@ -17,7 +18,7 @@ from search.processes import die_with_parent, exit_code, stop_processes
 log = logging.getLogger(__name__)
 
 
-def run_seeds(data, config, seeds, workers=1, on_cpu_free=None):
+def run_seeds(data, config, seeds, workers=1, on_cpu_free=None, progress=None):
     """Train config once per seed; evaluate the test set once, at the end of each run.
 
     With workers > 1 every seed runs at once in a forked process (sharing the data, one BLAS
@@ -33,23 +34,29 @@ def run_seeds(data, config, seeds, workers=1, on_cpu_free=None):
       other one then. Not called when the seeds run serially. Its failure costs no seed: it is
       logged as a warning and the seeds go on (the pipeline makes its dashboard again later, and
       fails there if it must).
+    progress: optional callable(updates done, summed over the seeds), called in this process at
+      every evaluation point of a serial seed, and about once a second while forked seeds train.
     Returns a list of {seed, params, history, train, val, test, seconds} in the order of seeds.
     """
     if workers <= 1 or len(seeds) == 1:
-        return [_run_seed(data, config, seed, seed == seeds[0]) for seed in seeds]
+        return [_run_seed(data, config, seed, seed == seeds[0],
+                          _progress_from(progress, k * config.total_steps))
+                for k, seed in enumerate(seeds)]
     warm_up(data, config)  # compiled once, inherited by every seed's process
     ctx = multiprocessing.get_context("fork")
     cpus = _shared_cpus(workers) if len(seeds) > workers else None
     queue = ctx.Queue()
+    steps = ctx.Array("q", len(seeds), lock=False)  # each seed's last evaluated update
     procs = [ctx.Process(target=_seed_worker, name=f"seed-{seed}",
-                         args=(data, config, seed, seed == seeds[0], queue, cpus, os.getpid()))
-             for seed in seeds]
+                         args=(data, config, seed, seed == seeds[0], queue, cpus, os.getpid(),
+                               (steps, k)))
+             for k, seed in enumerate(seeds)]
     for p in procs:
         p.start()
     results = {}
     try:
         for _ in procs:  # read before join: a child blocks until its result is taken
-            run = queue.get()
+            run = _next_result(queue, progress, steps)
             if isinstance(run, BaseException):
                 raise run
             results[run["seed"]] = run
@@ -61,7 +68,27 @@ def run_seeds(data, config, seeds, workers=1, on_cpu_free=None):
         raise
     for p in procs:
         p.join()
+    if progress:
+        progress(sum(steps))
     return [results[seed] for seed in seeds]
+
+
+def _next_result(queue, progress, steps):
+    """The next result a seed process sends; progress(sum of steps) about once a second meanwhile."""
+    if progress is None:
+        return queue.get()
+    while True:
+        try:
+            return queue.get(timeout=1.0)
+        except Empty:
+            progress(sum(steps))
+
+
+def _progress_from(progress, offset):
+    """An on_eval callback reporting offset + the record's step to progress (None: no callback)."""
+    if progress is None:
+        return None
+    return lambda record: progress(offset + record["step"])
 
 
 def _side_work(fn):
@@ -81,7 +108,7 @@ def _shared_cpus(workers):
     return set(allowed[:workers]) if len(allowed) > workers else None
 
 
-def _seed_worker(data, config, seed, train_curve, queue, cpus, parent_pid):
+def _seed_worker(data, config, seed, train_curve, queue, cpus, parent_pid, step_slot):
     from threadpoolctl import threadpool_limits
 
     try:
@@ -89,7 +116,9 @@ def _seed_worker(data, config, seed, train_curve, queue, cpus, parent_pid):
         if cpus:
             os.sched_setaffinity(0, cpus)
         with threadpool_limits(limits=1, user_api="blas"):
-            queue.put(_run_seed(data, config, seed, train_curve))
+            steps, k = step_slot
+            queue.put(_run_seed(data, config, seed, train_curve,
+                                lambda record: steps.__setitem__(k, record["step"])))
         queue.close()
         queue.join_thread()  # here, not at exit: a SIGTERM while the result is sent is caught below
     except KeyboardInterrupt as e:  # stopped by the parent, or orphaned: nobody reads a result
@@ -98,10 +127,10 @@ def _seed_worker(data, config, seed, train_curve, queue, cpus, parent_pid):
         queue.put(e)
 
 
-def _run_seed(data, config, seed, train_curve=True):
+def _run_seed(data, config, seed, train_curve=True, on_eval=None):
     cfg = dataclasses.replace(config, seed=seed)
     start = time.perf_counter()
-    params, history = fit(data, cfg, train_curve=train_curve)
+    params, history = fit(data, cfg, on_eval=on_eval, train_curve=train_curve)
     test = evaluate(params, data.test.X, data.test.y, cfg.lam)
     log.info("final λ=%.4g seed %d: val acc %.4f, test acc %.4f", cfg.lam, seed,
              history[-1]["val"]["acc"], test["acc"])
@@ -124,11 +153,11 @@ def final_metrics(runs, lam, source):
 
 
 def run_final(data, config, seeds, lam, source, out, study=None, workers=1, on_cpu_free=None,
-              protect=()):
+              protect=(), progress=None):
     """Train and test every seed, publish the results folder `out` (atomically; see
     model.outputs.publish_dir for `protect`), and record the summary in `study`'s user attrs when
-    given. Returns (metrics, runs). on_cpu_free: see run_seeds."""
-    runs = run_seeds(data, config, seeds, workers, on_cpu_free)
+    given. Returns (metrics, runs). on_cpu_free, progress: see run_seeds."""
+    runs = run_seeds(data, config, seeds, workers, on_cpu_free, progress)
     metrics = final_metrics(runs, lam, source)
     tagged = [(f"_seed{r['seed']}", r["params"], r["history"]) for r in runs]
     publish_dir(out, lambda folder: save_run(folder, config, metrics, tagged,

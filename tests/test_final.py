@@ -49,8 +49,8 @@ def test_on_cpu_free_runs_once_while_the_last_seed_trains(tiny_data, tmp_path, m
     hook_ran = tmp_path / "hook_ran"
     run_seed = final._run_seed  # the forked seed processes inherit the patched one
 
-    def gated(data, config, seed, train_curve=True):
-        run = run_seed(data, config, seed, train_curve)
+    def gated(data, config, seed, train_curve=True, on_eval=None):
+        run = run_seed(data, config, seed, train_curve, on_eval)
         if seed != 0:
             (tmp_path / f"done{seed}").touch()
             return run
@@ -100,3 +100,12 @@ def test_a_failing_seed_is_raised_in_the_parent(tiny_data):
                       eta_max=10.0, dtype="float32")
     with pytest.raises(Exception, match="diverged"):
         run_seeds(tiny_data, bad, [0, 1, 2], workers=2)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_reports_the_updates_of_every_seed(tiny_data, workers):
+    seen = []
+    run_seeds(tiny_data, CONFIG, [0, 1], workers=workers, progress=seen.append)
+    total = 2 * CONFIG.total_steps
+    assert seen and seen == sorted(seen) and all(0 <= n <= total for n in seen)
+    assert seen[-1] == total  # the last report: every update of both seeds
