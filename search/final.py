@@ -5,12 +5,15 @@ import multiprocessing
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 from queue import Empty
 
 import numpy as np
+import optuna
 
 from model.checkpoint import load_json, save_run
+from model.errors import InputError
 from model.outputs import publish_dir
 from model.train import evaluate, fit, warm_up
 from search.processes import die_with_parent, exit_code, stop_processes
@@ -177,3 +180,66 @@ def read_final(folder):
     first = metrics["seeds"][0]["seed"]
     return {"metrics": metrics, "config": load_json(folder / "config.json"),
             "history": load_json(folder / f"history_seed{first}.json")}
+
+
+def final_study_name(campaign):
+    """The study that records a campaign's final run: no search ever reads it (test accuracy
+    must not leak into a pick)."""
+    return f"{campaign}-final"
+
+
+def check_final_study(storage, campaign, pick, force=False):
+    """Before a final run: InputError when the campaign's recorded final run trained another pick
+    (force: the old final study is deleted instead). pick: the searched parameters' values."""
+    name = final_study_name(campaign)
+    if name not in optuna.get_all_study_names(storage):
+        return
+    recorded = optuna.load_study(study_name=name, storage=storage).user_attrs.get("pick")
+    if recorded is None or recorded == pick:
+        return
+    if not force:
+        raise InputError(f"campaign {campaign!r} has a final run of {recorded}, and its pick is now "
+                         f"{pick}; use a new --campaign to keep both, or --force-final to replace "
+                         "the final run")
+    log.warning("replacing the final run of %s (--force-final)", recorded)
+    optuna.delete_study(study_name=name, storage=storage)
+
+
+def record_final_study(storage, campaign, pick, config, runs, out, artifact_dir):
+    """The final run as the Optuna study <campaign>-final: one COMPLETE trial per seed whose value
+    is the test accuracy (attrs: validation accuracy and loss, steps, seconds, the config), with
+    the seed's params, history and the figures of the results folder `out` attached as artifacts
+    in a FileSystemArtifactStore at artifact_dir. A re-run of the same pick replaces it."""
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    name = final_study_name(campaign)
+    if name in optuna.get_all_study_names(storage):
+        optuna.delete_study(study_name=name, storage=storage)  # same pick (check_final_study)
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["test_acc"])
+    for key, value in {"campaign": campaign, "phase": "final", "pick": pick,
+                       "config": {**dataclasses.asdict(config), "seed": None}}.items():
+        study.set_user_attr(key, value)
+    Path(artifact_dir).mkdir(parents=True, exist_ok=True)
+    store = FileSystemArtifactStore(str(artifact_dir))
+    out = Path(out)
+    for k, r in enumerate(runs):
+        with warnings.catch_warnings():  # a recorded run, not a trial to heartbeat
+            warnings.simplefilter("ignore", UserWarning)
+            trial = study.ask()
+        for key, value in {"seed": r["seed"], "val_acc": r["val"]["acc"],
+                           "val_loss": r["val"]["loss"], "test_loss": r["test"]["loss"],
+                           "train_acc": r["train"]["acc"], "steps": config.total_steps,
+                           "seconds": r["seconds"]}.items():
+            trial.set_user_attr(key, value)
+        files = [f"params_seed{r['seed']}.npz", f"history_seed{r['seed']}.json"]
+        if k == 0:  # the figures are the first seed's
+            files += sorted(p.name for p in out.glob("*.png"))
+        for file in files:  # artifacts attach to a running trial only
+            if (out / file).is_file():
+                upload_artifact(artifact_store=store, file_path=str(out / file),
+                                study_or_trial=trial)
+        study.tell(trial, r["test"]["acc"])
+    return study

@@ -109,3 +109,60 @@ def test_progress_reports_the_updates_of_every_seed(tiny_data, workers):
     total = 2 * CONFIG.total_steps
     assert seen and seen == sorted(seen) and all(0 <= n <= total for n in seen)
     assert seen[-1] == total  # the last report: every update of both seeds
+
+
+def test_the_final_run_is_an_optuna_study_with_artifacts(tiny_data, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import optuna
+    from optuna.artifacts import get_all_artifact_meta
+
+    from search.final import record_final_study, run_final
+    from search.study import open_storage
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    storage = open_storage(url)
+    metrics, runs = run_final(tiny_data, CONFIG, [0, 1], CONFIG.lam, {"study": None},
+                              tmp_path / "final")
+    study = record_final_study(storage, "c", {"lam": CONFIG.lam}, CONFIG, runs,
+                               tmp_path / "final", tmp_path / "artifacts")
+    trials = study.get_trials()
+    assert [t.user_attrs["seed"] for t in trials] == [0, 1]
+    assert [t.value for t in trials] == [r["test"]["acc"] for r in runs]
+    assert study.metric_names == ["test_acc"] and study.user_attrs["pick"] == {"lam": CONFIG.lam}
+    names = {m.filename for m in get_all_artifact_meta(trials[0], storage=storage)}
+    assert {"params_seed0.npz", "history_seed0.json", "accuracy.png"} <= names
+    assert {m.filename for m in get_all_artifact_meta(trials[1], storage=storage)} == {
+        "params_seed1.npz", "history_seed1.json"}
+    # Optuna's own CLI lists the seeds
+    optuna_cli = Path(sys.executable).with_name("optuna")
+    proc = subprocess.run([str(optuna_cli), "trials", "--study-name", "c-final", "--storage", url,
+                           "-f", "json"], capture_output=True, text=True, check=True)
+    import json
+    assert [t["value"]["test_acc"] for t in json.loads(proc.stdout)] == [r["test"]["acc"] for r in runs]
+    # a re-run of the same pick replaces the study: still one trial per seed
+    study = record_final_study(storage, "c", {"lam": CONFIG.lam}, CONFIG, runs,
+                               tmp_path / "final", tmp_path / "artifacts")
+    assert len(study.get_trials()) == 2
+    assert "c-final" in optuna.get_all_study_names(storage)
+
+
+def test_a_final_run_of_another_pick_is_refused_unless_forced(tiny_data, tmp_path):
+    import optuna
+
+    from model.errors import InputError
+    from search.final import check_final_study, record_final_study, run_final
+    from search.study import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    _, runs = run_final(tiny_data, CONFIG, [0], CONFIG.lam, {"study": None}, tmp_path / "final")
+    record_final_study(storage, "c", {"lam": 0.01}, CONFIG, runs, tmp_path / "final",
+                       tmp_path / "artifacts")
+    check_final_study(storage, "c", {"lam": 0.01})  # the same pick: fine
+    with pytest.raises(InputError, match="--force-final"):
+        check_final_study(storage, "c", {"lam": 0.02})
+    assert "c-final" in optuna.get_all_study_names(storage)
+    check_final_study(storage, "c", {"lam": 0.02}, force=True)
+    assert "c-final" not in optuna.get_all_study_names(storage)
