@@ -7,11 +7,15 @@ import numpy as np
 from model.data import K
 from model.errors import ConfigError, DivergedError
 from model.network import init_params, l2_penalty
+from model.resources import check_memory
 from model.schedule import cyclic_lr
 from model.step import make_workspace, settle, sgd_step
 
 log = logging.getLogger(__name__)
 DTYPES = ("float32", "float64")
+# Seeds are 32-bit: Optuna's samplers seed numpy's RandomState, which refuses 2**32 and above, and
+# one range for every seed keeps a training seed usable as a sampler seed and back.
+SEED_LIMIT = 2**32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +61,10 @@ _CHECKS = [
      "η_max must be finite and ≥ η_min (e.g. --eta-min 1e-5 --eta-max 0.1)"),
     ("n_s", lambda c: c.n_s > 0, "the CLR half cycle must be a positive number of updates"),
     ("cycles", lambda c: c.cycles > 0, "train at least one cycle"),
-    ("evals_per_cycle", lambda c: c.evals_per_cycle > 0, "evaluate at least once per cycle"),
+    ("evals_per_cycle", lambda c: 0 < c.evals_per_cycle <= 2 * c.n_s,
+     "evaluate at least once per cycle and at most once per update (≤ 2·n_s)"),
     ("eval_train_samples", lambda c: c.eval_train_samples >= 0, "use 0 or more samples"),
-    ("seed", lambda c: c.seed >= 0, "seeds are integers ≥ 0"),
+    ("seed", lambda c: 0 <= c.seed < SEED_LIMIT, f"seeds are integers in 0..{SEED_LIMIT - 1}"),
     ("dtype", lambda c: c.dtype in DTYPES, f"choose one of {', '.join(DTYPES)}"),
 ]
 
@@ -88,6 +93,7 @@ def fit(data, config, on_eval=None, train_curve=True):
     One np.random.default_rng(config.seed) draws the init and then shuffles every epoch, so one
     config gives bit-identical params and history.
     """
+    check_memory(config, data)  # a ConfigError now, not a MemoryError at the first allocation
     rng = np.random.default_rng(config.seed)
     return train(_initial_params(data, config, rng), data, config, rng, on_eval, train_curve)
 

@@ -33,6 +33,10 @@ def run(data, config, seed=0, on_eval=None):
     {"eta_min": 0.2, "eta_max": 0.1}, {"eta_min": 0.0}, {"eta_min": -1e-5},
     {"dtype": "float16"}, {"dtype": "int32"},
     {"m": 0}, {"n_batch": 0}, {"evals_per_cycle": 0}, {"eval_train_samples": -1},
+    # issue 15: more evaluation points than updates (300M of them spun in eval_steps), and seeds
+    # outside 32 bits (Optuna's samplers refuse them, after the study was written)
+    {"n_s": 5, "evals_per_cycle": 11}, {"evals_per_cycle": 300_000_000},
+    {"seed": -1}, {"seed": 2**32},
 ])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ConfigError) as e:
@@ -53,7 +57,7 @@ def test_config_accepts_edge_values():
     TrainConfig(lam=0.0, eta_min=0.1, eta_max=0.1, eval_train_samples=0, dtype="float64")
 
 
-@pytest.mark.parametrize("n_s, cycles, evals", [(980, 3, 10), (7, 1, 2), (5, 2, 3), (3, 1, 10)])
+@pytest.mark.parametrize("n_s, cycles, evals", [(980, 3, 10), (7, 1, 2), (5, 2, 3), (3, 1, 6)])
 def test_total_steps_and_eval_steps(n_s, cycles, evals):
     c = TrainConfig(n_s=n_s, cycles=cycles, evals_per_cycle=evals)
     assert c.total_steps == 2 * n_s * cycles
