@@ -13,13 +13,20 @@ worker process would pay it. So the normalised splits are written once as .npy f
 of a second, and all processes share one copy of the pages. The key covers the batch folder's path,
 its files' sizes, mtimes and ctimes, n_val, the dtype and the cache format, so a changed data set
 is read afresh. An entry is 0.89 GB in float32 (1.6 GB in float64), of which 0.15 GB are the training
-pixels; delete the folder to reclaim it.
+pixels; delete the folder to reclaim it. What is read from the cache is checked like the batches
+(shapes, dtypes, labels in [0, K)): a damaged or edited entry is rebuilt, never trained on.
+Fingerprint: a digest of the content (the pixels and labels of every image, and where the split
+falls), not of the path: the same data set copied elsewhere has the same fingerprint, one changed
+pixel, label or n_val another. A study records it so that a resumed search is validated on the
+same images (search/).
 """
 import dataclasses
+import errno
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -31,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import DataError
+from model.resources import is_write_problem, write_problem
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +51,9 @@ TEST_FILE = "test_batch"
 D, K = 3072, 10
 ENV_DIR, ENV_URL, ENV_MD5, ENV_CACHE = "CIFAR10_DIR", "CIFAR10_URL", "CIFAR10_MD5", "CIFAR10_CACHE"
 ARRAYS_DIR = "arrays"  # the normalised-array cache, under the cache dir
-ARRAYS_FORMAT = 3      # bump when the cached files or the normalisation change (2: exact variance,
-                       # 3: normalised in the target dtype, train pixels kept for the step's gather)
+ARRAYS_FORMAT = 4      # bump when the cached files or the normalisation change (2: exact variance,
+                       # 3: normalised in the target dtype, train pixels kept for the step's gather,
+                       # 4: the content fingerprint)
 SPLITS = ("train", "val", "test")
 
 
@@ -71,6 +80,7 @@ class Dataset:
     val: Split
     test: Split
     source: str  # the folder the batches were read from
+    fingerprint: "str | None" = None  # of the content, set by the loader (see fingerprint())
 
 
 # ---- safe unpickling ----------------------------------------------------------------------------
@@ -86,10 +96,61 @@ _ALLOWED_GLOBALS = {
 
 
 class _BatchUnpickler(pickle.Unpickler):
+    """Admits _ALLOWED_GLOBALS only, and no array larger than max_bytes (the file's size).
+
+    numpy rebuilds an array from a declared shape and dtype, allocating it, and only then fills it
+    from the pickle's bytes: a 150-byte file could declare 3 GB. A genuine array's bytes are in
+    the file, so the declared size is checked against the file's before anything is allocated.
+    """
+
+    def __init__(self, file, max_bytes, **kwargs):
+        super().__init__(file, **kwargs)
+        self.max_bytes = max_bytes
+
     def find_class(self, module, name):
         if (module, name) not in _ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(f"refused global {module}.{name}")
-        return super().find_class(module, name)
+        found = super().find_class(module, name)
+        if name == "_reconstruct":
+            return self._reconstruct(found)
+        if name == "scalar":
+            return lambda dtype, *args: found(self._checked(dtype, ()), *args)
+        if name == "ndarray":  # only ever _reconstruct's first argument, never called itself
+            return _ARRAY_TYPE
+        return found
+
+    def _reconstruct(self, reconstruct):
+        def checked(subtype, shape, dtype):
+            if subtype is not _ARRAY_TYPE:
+                raise pickle.UnpicklingError("an array of another type than numpy.ndarray")
+            return reconstruct(np.ndarray, shape, self._checked(dtype, shape))
+        return checked
+
+    def _checked(self, dtype, shape):
+        """np.dtype(dtype), once shape × itemsize fits in max_bytes (UnpicklingError if not)."""
+        try:
+            dt = np.dtype(dtype)
+            dims = [shape] if isinstance(shape, int) else [int(n) for n in shape]
+        except (TypeError, ValueError) as e:
+            raise pickle.UnpicklingError(f"bad array declaration ({e})") from None
+        if dt.hasobject or any(n < 0 for n in dims):
+            raise pickle.UnpicklingError("an array of objects or of a negative size")
+        size = math.prod(dims) * dt.itemsize
+        if size > self.max_bytes:
+            raise pickle.UnpicklingError(f"it declares a {size:,}-byte array in a "
+                                         f"{self.max_bytes:,}-byte file")
+        return dt
+
+
+class _ArrayType:
+    """What the unpickler hands out for numpy.ndarray: a token _reconstruct accepts, not a type
+    that a pickle could call to allocate an array of any shape."""
+
+    def __call__(self, *args, **kwargs):
+        raise pickle.UnpicklingError("refused call of numpy.ndarray")
+
+
+_ARRAY_TYPE = _ArrayType()
 
 
 def load_batch(path):
@@ -101,7 +162,8 @@ def load_batch(path):
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            return _batch_arrays(_BatchUnpickler(f, encoding="bytes").load(), path)
+            unpickler = _BatchUnpickler(f, max_bytes=os.fstat(f.fileno()).st_size, encoding="bytes")
+            return _batch_arrays(unpickler.load(), path)
     except DataError:
         raise
     except OSError as e:
@@ -157,9 +219,7 @@ def resolve_batches_dir(source=None, cache_dir=None):
 
 
 def _local_batches_dir(path, cache_dir):
-    if not path.exists():
-        raise DataError(f"data path {path} does not exist; point --data-dir (or ${ENV_DIR}) at a "
-                        f"{BATCHES_DIR} folder or {ARCHIVE}")
+    _check_exists(path)
     if path.is_file():
         return extract_archive(path, cache_dir, expected_md5=os.environ.get(ENV_MD5))
     for candidate in (path, path / BATCHES_DIR):
@@ -170,6 +230,24 @@ def _local_batches_dir(path, cache_dir):
     raise DataError(f"no CIFAR-10 batches in {path} (expected {BATCHES_DIR}/data_batch_1..5 and "
                     f"test_batch, or {ARCHIVE}); point --data-dir at a local copy or leave it unset "
                     "to download")
+
+
+def _check_exists(path):
+    """DataError naming why path cannot be reached: missing, a symlink loop, a dangling link."""
+    try:
+        path.stat()
+        return
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"data path {path} is a symlink loop (a link that leads back to "
+                            "itself); fix the link or point --data-dir at the real folder") from None
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise
+    if path.is_symlink():
+        raise DataError(f"data path {path} is a broken symlink (to {os.readlink(path)}, which does "
+                        "not exist); fix the link or point --data-dir at the real folder")
+    raise DataError(f"data path {path} does not exist; point --data-dir (or ${ENV_DIR}) at a "
+                    f"{BATCHES_DIR} folder or {ARCHIVE}")
 
 
 def file_md5(path):
@@ -197,9 +275,9 @@ def download(url, dest, md5):
     dest = Path(dest)
     if dest.is_file() and file_md5(dest) == md5:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f, tqdm(
                 total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
                 desc=f"downloading {Path(url).name}", leave=False) as bar:
@@ -207,7 +285,11 @@ def download(url, dest, md5):
                 f.write(chunk)
                 bar.update(len(chunk))
     except (OSError, ValueError) as e:
-        part.unlink(missing_ok=True)
+        _unlink_quietly(part)
+        if is_write_problem(e):  # the network is fine: the cache folder cannot take the file
+            raise DataError(f"cannot download {url} into {dest.parent}: {write_problem(e)}; free "
+                            f"space there or set ${ENV_CACHE} to a writable folder with ~0.4 GB "
+                            "free") from None
         raise DataError(f"cannot download {url} ({e}); check the network, or set ${ENV_DIR} to a "
                         "local copy") from None
     got = file_md5(part)
@@ -217,6 +299,13 @@ def download(url, dest, md5):
                         f"corrupt or not CIFAR-10 — retry, or set ${ENV_MD5} for a mirror you trust")
     part.replace(dest)
     return dest
+
+
+def _unlink_quietly(path):
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def extract_archive(archive, cache_dir, expected_md5=None):
@@ -233,8 +322,11 @@ def extract_archive(archive, cache_dir, expected_md5=None):
     target = Path(cache_dir) / md5
     if (target / BATCHES_DIR / TRAIN_FILES[0]).is_file():
         return target / BATCHES_DIR
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
+    except OSError as e:
+        raise _cache_write_error(archive, target.parent, e) from None
     try:
         _safe_extract(archive, tmp)
         if not (tmp / BATCHES_DIR / TRAIN_FILES[0]).is_file():
@@ -253,8 +345,18 @@ def _safe_extract(archive, dest):
             for m in members:
                 _check_member(m, archive)
             tar.extractall(dest, members=members, **_extract_filter())
-    except (tarfile.TarError, EOFError, OSError, io.UnsupportedOperation) as e:
+    except OSError as e:
+        if is_write_problem(e) and str(getattr(e, "filename", "")) != str(archive):
+            raise _cache_write_error(archive, dest.parent, e) from None
         raise DataError(f"{archive} is not a readable tar.gz archive ({e}); re-download it") from None
+    except (tarfile.TarError, EOFError, io.UnsupportedOperation) as e:
+        raise DataError(f"{archive} is not a readable tar.gz archive ({e}); re-download it") from None
+
+
+def _cache_write_error(archive, folder, e):
+    """The archive is fine: its extraction failed because the cache folder cannot take it."""
+    return DataError(f"cannot extract {archive} into {folder}: {write_problem(e)}; free space "
+                     f"there or set ${ENV_CACHE} to a writable folder with ~0.2 GB free")
 
 
 def _check_member(member, archive):
@@ -322,7 +424,37 @@ def split_and_normalise(X_all, y_all, X_test, y_test, n_val, dtype, source):
         val=Split(normalise(X_all[n_train:], scale, shift), y_all[n_train:]),
         test=Split(normalise(X_test, scale, shift), y_test),
         source=source,
+        fingerprint=content_fingerprint(X_all, y_all, X_test, y_test, n_val),
     )
+
+
+_FINGERPRINT_VERSION = b"clr-lambda-search data fingerprint 1"
+
+
+def content_fingerprint(X_all, y_all, X_test, y_test, n_val):
+    """sha256 (hex) of the uint8 pixels and the labels of the training batches and of the test
+    batch, and of n_val (where the split falls): the content, not the path. 0.1 s for 60k images."""
+    h = hashlib.sha256(_FINGERPRINT_VERSION)
+    for a in (X_all, y_all, X_test, y_test):
+        a = np.ascontiguousarray(a)
+        h.update(f"|{a.dtype.str}{a.shape}|".encode())
+        h.update(a)
+    h.update(f"|n_val={n_val}".encode())
+    return h.hexdigest()
+
+
+def fingerprint(dataset):
+    """The content fingerprint of a Dataset (see the module docstring): the one its loader
+    recorded, or, for one built in memory from normalised arrays, a digest of those."""
+    if dataset.fingerprint:
+        return dataset.fingerprint
+    h = hashlib.sha256(_FINGERPRINT_VERSION + b" (normalised arrays)")
+    for split in SPLITS:
+        for a in (getattr(dataset, split).X, getattr(dataset, split).y):
+            a = np.ascontiguousarray(a)
+            h.update(f"|{split}{a.dtype.str}{a.shape}|".encode())
+            h.update(a)
+    return h.hexdigest()
 
 
 def train_stats(X_uint8, block=1024):
@@ -392,21 +524,35 @@ def _read_arrays(entry, folder, n_val, dtype):
                   for name in SPLITS}
         pixels = Pixels(_load_mapped(entry / "train_pixels.npy"), np.load(entry / "scale.npy"),
                         np.load(entry / "shift.npy"))
+        digest = (entry / "fingerprint").read_text().strip()
     except (OSError, ValueError) as e:
         log.warning("array cache %s is unreadable (%s); rebuilding it", entry, e)
         shutil.rmtree(entry, ignore_errors=True)
         return None
-    ok = all(s.X.dtype == dtype and s.X.ndim == 2 and s.X.shape == (len(s.y), D)
-             and s.X.flags["C_CONTIGUOUS"] and s.y.dtype == np.int64 for s in splits.values())
-    ok = ok and pixels.raw.dtype == np.uint8 and pixels.raw.shape == splits["train"].X.shape \
-        and pixels.raw.flags["C_CONTIGUOUS"] and pixels.scale.dtype == pixels.shift.dtype == dtype
-    if not ok or len(splits["val"].y) != n_val:
+    if not (_cached_arrays_ok(splits, pixels, dtype) and len(splits["val"].y) == n_val
+            and len(digest) == 64):
         log.warning("array cache %s does not hold the expected arrays; rebuilding it", entry)
         shutil.rmtree(entry, ignore_errors=True)
         return None
     log.info("CIFAR-10 from %s (normalised arrays cached in %s)", folder, entry)
     splits["train"] = dataclasses.replace(splits["train"], pixels=pixels)
-    return Dataset(**splits, source=str(folder))
+    return Dataset(**splits, source=str(folder), fingerprint=digest)
+
+
+def _cached_arrays_ok(splits, pixels, dtype):
+    """Whether arrays read from the cache are what the loader writes: the step's kernels index
+    with the labels and the normaliser without bounds checks, so an edited or damaged file must
+    not reach them (an out-of-range label would read or write outside its buffers)."""
+    for s in splits.values():
+        if not (s.X.dtype == dtype and s.X.ndim == 2 and s.X.shape == (len(s.y), D)
+                and s.X.flags["C_CONTIGUOUS"] and s.y.dtype == np.int64 and s.y.ndim == 1
+                and len(s.y) > 0 and 0 <= s.y.min() and s.y.max() < K):
+            return False
+    return (pixels.raw.dtype == np.uint8 and pixels.raw.shape == splits["train"].X.shape
+            and pixels.raw.flags["C_CONTIGUOUS"]
+            and pixels.scale.dtype == pixels.shift.dtype == dtype
+            and pixels.scale.shape == pixels.shift.shape == (D,)
+            and bool(np.isfinite(pixels.scale).all() and np.isfinite(pixels.shift).all()))
 
 
 def _load_mapped(path):
@@ -433,6 +579,7 @@ def _write_arrays(entry, data, spec):
         for name, array in (("train_pixels", pixels.raw), ("scale", pixels.scale),
                             ("shift", pixels.shift)):
             np.save(tmp / f"{name}.npy", array)
+        (tmp / "fingerprint").write_text(data.fingerprint + "\n")
         (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
         try:
             tmp.replace(entry)

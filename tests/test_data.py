@@ -1,17 +1,20 @@
 """CIFAR-10 loading on a tiny copy in the real format: split, normalisation, and hostile input."""
+import dataclasses
 import io
 import os
 import pickle
 import shutil
 import subprocess
+import sys
 import tarfile
 
 import numpy as np
 import pytest
 
 from conftest import CONST_COLS, CONST_VALUES, N_PER_BATCH, make_archive, tiny_batch, write_pickle
-from model.data import (BATCHES_DIR, download, extract_archive, file_md5, load_batch, load_cifar10,
-                        resolve_batches_dir, train_stats)
+from envlib import full_disk, limit_memory, read_only
+from model.data import (ARCHIVE, BATCHES_DIR, D, download, extract_archive, file_md5, fingerprint,
+                        load_batch, load_cifar10, resolve_batches_dir, train_stats)
 from model.errors import DataError
 from model.step import gather_batch
 
@@ -475,3 +478,184 @@ def test_pixels_of_another_dtype_are_not_used(cifar_tiny_dir, tmp_path):
     out = np.empty((10, 3072), dtype=np.float64)
     gather_batch(ds.train.X, idx, out, ds.train.pixels)
     np.testing.assert_array_equal(out, ds.train.X[idx].astype(np.float64))
+
+
+# ---- issue 15: declared sizes, the cache's contents, links and a full or read-only cache -------
+
+HUGE = (1_000_000, D)  # 3 GB of uint8, declared in a file of a few hundred bytes
+PART = (100_000, D)    # a tenth of it (a dtype's size must fit in a C int)
+
+
+def huge_declarations():
+    """Batches that declare a 3 GB array (or scalar) in a few hundred bytes, each in another way
+    numpy's reconstruction allows."""
+    from numpy._core.multiarray import _reconstruct, scalar
+    labels = list(range(10))
+    return {
+        "reconstruct": {b"data": Reduce(_reconstruct, (np.ndarray, HUGE, b"B")), b"labels": labels},
+        "ndarray-call": {b"data": Reduce(np.ndarray, (HUGE, np.dtype("u1"))), b"labels": labels},
+        "subarray-dtype": {b"data": Reduce(_reconstruct, (np.ndarray, (10,), np.dtype(("u1", PART)))),
+                           b"labels": labels},
+        "huge-labels": {b"data": np.zeros((10, D), np.uint8),
+                        b"labels": Reduce(_reconstruct, (np.ndarray, (HUGE[0] * D // 8,), b"<i8"))},
+        "scalar": {b"data": Reduce(scalar, (np.dtype(("u1", PART)), b"x")), b"labels": labels},
+    }
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", list(huge_declarations()))
+def test_a_small_file_declaring_a_huge_array_is_refused_before_allocating(tmp_path, kind):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps(huge_declarations()[kind], protocol=2))
+    assert path.stat().st_size < 50_000  # a few hundred bytes (30 kB of them genuine pixels)
+    # in a child whose address space is capped at 1 GB: a regression fails, it does not swap
+    code = ("from model.data import load_batch\n"
+            "from model.errors import DataError\n"
+            "try:\n"
+            f"    X, y = load_batch({str(path)!r})\n"
+            "    print('LOADED', X.shape)\n"
+            "except DataError as e:\n"
+            "    print('REFUSED', e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=100, preexec_fn=limit_memory(1 << 30), check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("REFUSED"), proc.stdout
+    # the reason is the declared size, not an allocation that failed
+    assert "byte array" in proc.stdout or "refused call" in proc.stdout, proc.stdout
+
+
+def test_arrays_of_the_file_size_still_load(tmp_path):
+    # control: the size check admits what genuine batches hold, in every protocol
+    for protocol in (2, 4, 5):
+        path = tmp_path / f"b{protocol}"
+        write_pickle(path, tiny_batch(np.random.default_rng(0), 7, "x"), protocol)
+        X, y = load_batch(path)
+        assert X.shape == (7, D) and type(X) is np.ndarray
+
+
+def cached_entry(cache):
+    (entry,) = (cache / "arrays").iterdir()
+    return entry
+
+
+@pytest.mark.parametrize("damage", ["label-out-of-range", "negative-label", "scale-shape",
+                                    "shift-not-finite", "labels-2d", "no-fingerprint"])
+def test_a_damaged_cache_entry_is_rebuilt_not_trained_on(cifar_tiny_dir, tmp_path, damage, caplog):
+    folder = copy_batches(cifar_tiny_dir, tmp_path)
+    cache = tmp_path / "cache"
+    fresh = load_cifar10(folder, n_val=N_VAL, cache_dir=cache)
+    entry = cached_entry(cache)
+    y = np.load(entry / "train_y.npy")
+    if damage == "label-out-of-range":
+        y[3] = 99
+        np.save(entry / "train_y.npy", y)
+    elif damage == "negative-label":
+        y[0] = -1
+        np.save(entry / "val_y.npy", y[:N_VAL])
+    elif damage == "scale-shape":
+        np.save(entry / "scale.npy", np.ones(1, np.float32))
+    elif damage == "shift-not-finite":
+        shift = np.load(entry / "shift.npy")
+        shift[5] = np.nan
+        np.save(entry / "shift.npy", shift)
+    elif damage == "labels-2d":
+        np.save(entry / "test_y.npy", np.load(entry / "test_y.npy")[:, None])
+    else:
+        (entry / "fingerprint").unlink()
+    data = load_cifar10(folder, n_val=N_VAL, cache_dir=cache)
+    assert "rebuilding" in caplog.text
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(getattr(data, split).y, getattr(fresh, split).y)
+        np.testing.assert_array_equal(getattr(data, split).X, getattr(fresh, split).X)
+    np.testing.assert_array_equal(data.train.pixels.scale, fresh.train.pixels.scale)
+    np.testing.assert_array_equal(data.train.pixels.shift, fresh.train.pixels.shift)
+    assert fingerprint(data) == fingerprint(fresh)
+
+
+def test_a_symlink_loop_is_named_as_such(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(DataError, match="symlink loop") as e:
+        resolve_batches_dir(loop, cache_dir=tmp_path / "cache")
+    assert "does not exist" not in str(e.value)
+
+
+def test_a_broken_symlink_names_its_target(tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(DataError, match="broken symlink") as e:
+        resolve_batches_dir(link, cache_dir=tmp_path / "cache")
+    assert str(tmp_path / "gone") in str(e.value)
+
+
+def test_disk_full_while_extracting_says_so(cifar_tiny_dir, tmp_path, monkeypatch):
+    with full_disk(tmp_path / "cache", monkeypatch, opens=("tarfile.bltn_open",)) as (cache, _):
+        with pytest.raises(DataError) as e:
+            extract_archive(cifar_tiny_dir.archive, cache)
+        message = str(e.value)
+        assert "disk is full" in message and "re-download" not in message, message
+        assert "CIFAR10_CACHE" in message
+        assert not any(cache.rglob("data_batch_*"))  # the partial extraction was removed
+
+
+def test_a_read_only_cache_cannot_take_the_archive(cifar_tiny_dir, tmp_path):
+    with read_only(tmp_path / "cache") as cache:
+        with pytest.raises(DataError, match="CIFAR10_CACHE") as e:
+            extract_archive(cifar_tiny_dir.archive, cache / "sub")
+        assert "re-download" not in str(e.value)
+        with pytest.raises(DataError, match="CIFAR10_CACHE"):
+            download(cifar_tiny_dir.archive.as_uri(), cache / "sub" / ARCHIVE, cifar_tiny_dir.md5)
+
+
+def test_a_read_only_array_cache_falls_back_to_memory(cifar_tiny_dir, tmp_path, caplog):
+    fresh = load_cifar10(cifar_tiny_dir.batches, n_val=N_VAL, cache=False)
+    with read_only(tmp_path / "cache") as cache:
+        data = load_cifar10(cifar_tiny_dir.batches, n_val=N_VAL, cache_dir=cache)
+    assert "cannot cache" in caplog.text
+    np.testing.assert_array_equal(data.train.X, fresh.train.X)
+    assert fingerprint(data) == fingerprint(fresh)
+
+
+# ---- the content fingerprint -----------------------------------------------------------------
+
+def rewrite_batch(folder, name, change):
+    with open(folder / name, "rb") as f:
+        batch = pickle.load(f)  # noqa: S301 -- our own fixture's file
+    change(batch)
+    write_pickle(folder / name, batch, 4)
+
+
+def test_fingerprint_is_of_the_content_not_the_path(cifar_tiny_dir, tmp_path):
+    a = load_cifar10(cifar_tiny_dir.batches, n_val=N_VAL, cache_dir=tmp_path / "c1")
+    copy = copy_batches(cifar_tiny_dir, tmp_path)
+    b = load_cifar10(copy, n_val=N_VAL, cache_dir=tmp_path / "c2")
+    again = load_cifar10(copy, n_val=N_VAL, cache_dir=tmp_path / "c2")  # from the array cache
+    uncached = load_cifar10(copy, n_val=N_VAL, cache=False, dtype="float64")
+    assert len({fingerprint(d) for d in (a, b, again, uncached)}) == 1
+    assert len(fingerprint(a)) == 64
+
+
+@pytest.mark.parametrize("change", ["pixel", "label", "test-pixel", "n_val"])
+def test_fingerprint_changes_with_the_content_or_the_split(cifar_tiny_dir, tmp_path, change):
+    base = fingerprint(load_cifar10(cifar_tiny_dir.batches, n_val=N_VAL, cache=False))
+    folder = copy_batches(cifar_tiny_dir, tmp_path)
+    n_val = N_VAL
+    if change == "pixel":
+        rewrite_batch(folder, "data_batch_5", lambda b: b[b"data"].__setitem__((39, 7), 1 ^ b[b"data"][39, 7]))
+    elif change == "label":
+        rewrite_batch(folder, "data_batch_2", lambda b: b[b"labels"].__setitem__(0, (b[b"labels"][0] + 1) % 10))
+    elif change == "test-pixel":
+        rewrite_batch(folder, "test_batch", lambda b: b[b"data"].__setitem__((0, 0), 1 ^ b[b"data"][0, 0]))
+    else:
+        n_val = N_VAL + 1
+    assert fingerprint(load_cifar10(folder, n_val=n_val, cache_dir=tmp_path / "c")) != base
+
+
+def test_fingerprint_of_a_data_set_built_in_memory(tiny_data):
+    # datasets made by hand (tests, library users) get a digest of their arrays
+    same = dataclasses.replace(tiny_data, source="elsewhere")
+    assert fingerprint(tiny_data) == fingerprint(same)
+    X = tiny_data.val.X.copy()
+    X[0, 0] += 1
+    other = dataclasses.replace(tiny_data, val=dataclasses.replace(tiny_data.val, X=X))
+    assert fingerprint(other) != fingerprint(tiny_data)
