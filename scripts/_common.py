@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -17,10 +18,12 @@ _SCRIPTS = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _SCRIPTS]
 
 from model.errors import DivergedError, InputError, Terminated, WorkersFailed  # noqa: E402
-from model.train import TrainConfig  # noqa: E402
+from model.resources import is_write_problem, write_problem  # noqa: E402
+from model.train import SEED_LIMIT, TrainConfig  # noqa: E402
 from search.study import DEFAULT_STORAGE, redact, sqlite_path  # noqa: E402
 
 EXIT_BAD_INPUT = 2
+WORKERS_PER_CPU = 4  # --workers above this many per CPU is a typo, not a plan (each is a process)
 STORAGE_ENV = "OPTUNA_STORAGE"  # what Optuna's own CLI reads: keeps a password out of `ps`
 _storage_urls = []  # every storage URL given to this process: its secrets never reach stderr
 
@@ -78,7 +81,41 @@ class Parser(argparse.ArgumentParser):
         for dest in dests:
             value = getattr(args, dest)
             if value is not None and value <= 0:
-                self.error(f"--{dest.replace('_', '-')} must be ≥ 1 (got {value})")
+                self.error(f"--{_flag(dest)} must be ≥ 1 (got {value})")
+
+    def require_seed(self, args, dest, count=1):
+        """The error above unless the seeds dest, dest + 1, …, dest + count − 1 are all in
+        0..SEED_LIMIT − 1 (Optuna's samplers and TrainConfig take 32-bit seeds)."""
+        value = getattr(args, dest)
+        if not 0 <= value <= SEED_LIMIT - count:
+            span = f" (and the next {count - 1})" if count > 1 else ""
+            self.error(f"--{_flag(dest)} {value}{span} must lie in 0..{SEED_LIMIT - 1}")
+
+    def require_finite(self, args, *dests):
+        """The error above for the first of these floats that is nan or ±inf (None: allowed)."""
+        for dest in dests:
+            value = getattr(args, dest)
+            if value is not None and not math.isfinite(value):
+                self.error(f"--{_flag(dest)} must be a finite number (got {value})")
+
+    def require_workers(self, args, dest="workers"):
+        """The error above for more than WORKERS_PER_CPU worker processes per CPU."""
+        limit = WORKERS_PER_CPU * cpu_count()
+        if getattr(args, dest) > limit:
+            self.error(f"--{_flag(dest)} {getattr(args, dest)} is more than {WORKERS_PER_CPU} per "
+                       f"CPU ({limit} on this machine's {cpu_count()}); on several machines, run "
+                       "the command on each against one --storage")
+
+
+def _flag(dest):
+    return dest.replace("_", "-")
+
+
+def cpu_count():
+    """The CPUs this process may run on (its affinity), else the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def storage_url(flag=None):
@@ -167,8 +204,22 @@ def setup_logging(args):
 
 
 def emit(summary, args, text):
-    """The result: one JSON object with --json, else the human text; both on stdout."""
-    print(json.dumps(summary, default=float) if args.json else text, flush=True)
+    """The result: one JSON object with --json, else the human text; both on stdout. JSON has no
+    NaN or Infinity: a non-finite number is written as null."""
+    print(json.dumps(_finite(summary), default=float, allow_nan=False) if args.json else text,
+          flush=True)
+
+
+def _finite(obj):
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) or getattr(obj, "dtype", None) is not None and obj.dtype.kind == "f" \
+            and obj.ndim == 0:
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    return obj
 
 
 def trial_bar(total, desc, args):
@@ -218,6 +269,13 @@ def run(main):
         sys.exit(main())
     except InputError as e:
         fail(str(e))
+    except OSError as e:
+        if not is_write_problem(e):
+            raise
+        # a full disk, a read-only folder: the environment's fault, named, without a traceback
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        fail(f"cannot write{where}: {write_problem(e)}; free space or choose another place "
+             "(--out, --storage, $CIFAR10_CACHE)")
     except (WorkersFailed, DivergedError) as e:  # not the input's fault: exit 1, still one line
         sys.stderr.write(f"error: {hide_secrets(str(e))}\n")
         sys.exit(1)

@@ -13,6 +13,10 @@ from model.data import load_cifar10
 from model.gradcheck import gradcheck_report
 from model.network import PARAM_KEYS
 
+# Centred differences cost two forward passes per parameter: with 3072 dims, m = 1000 would be 3M
+# parameters × 2 passes (hours), and m = 10⁹ would not fit in memory. A check needs a small net.
+MAX_M = 1000
+
 
 def parse_args(argv=None):
     p = _common.Parser(description=__doc__.splitlines()[0])
@@ -25,10 +29,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the params")
     _common.add_common_args(p)
     args = p.parse_args(argv)
+    p.require_finite(args, "lam", "tol")
     if not args.lam > 0:
         p.error(f"--lam must be > 0 (got {args.lam}); λ = 0 is always checked too")
-    if not (0 < args.dims <= 3072 and 0 < args.samples <= 1000 and args.m > 0):
-        p.error("--dims must be in 1..3072, --samples in 1..1000 and --m positive")
+    if not args.tol > 0:
+        p.error(f"--tol must be > 0 (got {args.tol})")
+    if not (0 < args.dims <= 3072 and 0 < args.samples <= 1000 and 0 < args.m <= MAX_M):
+        p.error(f"--dims must be in 1..3072, --samples in 1..1000 and --m in 1..{MAX_M}")
+    p.require_seed(args, "seed")
     return args
 
 

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from model.data import Dataset, Split
-from model.gradcheck import check_gradients, gradcheck_slice
+from model.data import split_and_normalise
+from model.gradcheck import (check_gradients, gradcheck_report, gradcheck_slice, informative_dims,
+                             relative_error)
 from model.network import PARAM_KEYS, init_params, l2_penalty, loss_and_grads, scores
 from model.train import TrainConfig, evaluate, train
 
@@ -117,3 +119,35 @@ def test_larger_lambda_gives_smaller_weights(tiny_data):
     # same init and batches: the only change is λ, and ‖W‖² falls strictly as λ grows
     assert all(a > b for a, b in zip(norms, norms[1:])), norms
     assert norms[-1] < 0.5 * norms[0], norms  # and by a clear margin, not by noise
+
+
+# ---- issue 15: the gradient check on data whose leading dimensions are constant ----------------
+
+@pytest.mark.parametrize("border", [0, 128])
+def test_gradient_check_passes_on_data_with_a_constant_border(border):
+    # a data set in this format whose first 100 dimensions are constant (a uniform border): they
+    # normalise to 0, and a slice of them put every hidden unit on the ReLU's kink (error 1.0)
+    r = np.random.default_rng(5)
+    X = r.integers(0, 256, size=(120, 3072), dtype=np.uint8)
+    X[:, :100] = border
+    y = r.integers(0, 10, size=120)
+    data = split_and_normalise(X, y, X[:10], y[:10], 20, np.float32, "border")
+    assert not data.train.X[:, :100].any()
+    report = gradcheck_report(data.train.X, data.train.y, np.random.default_rng(0))
+    worst = max(e for c in report["checks"] for e in c["max_rel_error"].values())
+    assert report["passed"] and worst < 1e-7, report
+
+
+def test_informative_dims_are_the_varying_ones():
+    rows = np.zeros((5, 30))
+    rows[:, [3, 17, 29]] = np.arange(15).reshape(5, 3) * [1, 3, 2]
+    assert informative_dims(rows, 2).tolist() == [17, 29]
+    assert informative_dims(np.ones((5, 30)), 3).tolist() == [0, 1, 2]  # ties: the first ones
+
+
+def test_entries_where_both_gradients_are_negligible_pass():
+    analytic, numeric = np.array([0.0, 0.5, -2e-3]), np.array([1e-13, 0.5, -2e-3])
+    assert relative_error(analytic, numeric) == 0.0
+    # a real mismatch still counts, however small the gradients of the other entries
+    assert relative_error(np.array([0.0, 1e-3]), np.array([1e-13, 2e-3])) == pytest.approx(1 / 3)
+    assert relative_error(np.array([0.0]), np.array([1e-6])) == 1.0  # not negligible: a wrong 0
