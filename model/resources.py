@@ -36,11 +36,12 @@ def training_bytes(config, n_features, n_classes, n_train):
     return 2 * params + workspace + evaluation + 8 * n_train + history
 
 
-def check_memory(config, data, processes=1):
-    """ConfigError when `processes` runs of config on data need more memory than is available."""
-    from model.data import K  # lazily: model.data uses this module's write_problem
+def check_memory(config, n_features=None, n_train=50_000, processes=1):
+    """ConfigError when `processes` runs of config need more memory than is available. The
+    defaults are CIFAR-10's, so that scripts check before they load the data (and log)."""
+    from model.data import D, K  # lazily: model.data uses this module's write_problem
 
-    need = processes * training_bytes(config, data.train.X.shape[1], K, len(data.train.y))
+    need = processes * training_bytes(config, n_features or D, K, n_train)
     have = available_memory()
     if have is not None and need > have:
         runs = f"{processes} runs at once" if processes > 1 else "this run"

@@ -93,7 +93,8 @@ def fit(data, config, on_eval=None, train_curve=True):
     One np.random.default_rng(config.seed) draws the init and then shuffles every epoch, so one
     config gives bit-identical params and history.
     """
-    check_memory(config, data)  # a ConfigError now, not a MemoryError at the first allocation
+    # a ConfigError now, not a MemoryError at the first allocation
+    check_memory(config, data.train.X.shape[1], len(data.train.y))
     rng = np.random.default_rng(config.seed)
     return train(_initial_params(data, config, rng), data, config, rng, on_eval, train_curve)
 

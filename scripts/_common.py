@@ -26,6 +26,7 @@ EXIT_BAD_INPUT = 2
 WORKERS_PER_CPU = 4  # --workers above this many per CPU is a typo, not a plan (each is a process)
 STORAGE_ENV = "OPTUNA_STORAGE"  # what Optuna's own CLI reads: keeps a password out of `ps`
 _storage_urls = []  # every storage URL given to this process: its secrets never reach stderr
+MAX_REPEATS = 1000   # seeds per λ: each trial trains them all, and lists them in the study
 
 TRAIN_FLAG_HELP = {
     "lam": "L2 strength λ (cost = loss + λ(‖W1‖²+‖W2‖²))",
@@ -99,12 +100,23 @@ class Parser(argparse.ArgumentParser):
                 self.error(f"--{_flag(dest)} must be a finite number (got {value})")
 
     def require_workers(self, args, dest="workers"):
-        """The error above for more than WORKERS_PER_CPU worker processes per CPU."""
+        """The error above for more than WORKERS_PER_CPU worker processes per CPU, and for more
+        final seeds (--seeds, which train at once, a process each, when --workers > 1)."""
         limit = WORKERS_PER_CPU * cpu_count()
         if getattr(args, dest) > limit:
             self.error(f"--{_flag(dest)} {getattr(args, dest)} is more than {WORKERS_PER_CPU} per "
                        f"CPU ({limit} on this machine's {cpu_count()}); on several machines, run "
                        "the command on each against one --storage")
+        seeds = getattr(args, "seeds", 1)
+        if getattr(args, dest) > 1 and seeds > limit:
+            self.error(f"--seeds {seeds} would start as many processes at once (at most {limit} "
+                       f"here: {WORKERS_PER_CPU} per CPU); use fewer, or --workers 1 to train them "
+                       "one after another")
+
+
+    def require_repeats(self, args):
+        if args.repeats > MAX_REPEATS:
+            self.error(f"--repeats {args.repeats} is more than {MAX_REPEATS} seeds per λ")
 
 
 def _flag(dest):

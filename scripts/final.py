@@ -12,6 +12,7 @@ import os
 import _common
 from model.data import load_cifar10
 from model.outputs import check_results_dir
+from model.resources import check_memory, check_writable
 from model.schedule import step_size
 from model.train import TrainConfig
 from search.final import run_final
@@ -36,6 +37,8 @@ def parse_args(argv=None):
     _common.add_common_args(p)
     args = p.parse_args(argv)
     p.require_positive(args, "seeds", "workers")
+    p.require_workers(args)
+    p.require_seed(args, "seed", count=args.seeds)
     if args.lam is not None and not args.lam >= 0:
         p.error(f"--lam must be ≥ 0 (got {args.lam})")
     return args
@@ -56,10 +59,12 @@ def main():
     out = args.out or f"studies/{args.campaign}/final"
     protect = _common.protected_paths(args.storage)
     check_results_dir(out, protect)
+    check_writable(out)
     lam, source, storage = choose_lam(args)
     # checked before the data is loaded; n_s defaults to 2 epochs of the training split
     config = _common.train_config(args, lam=lam, seed=args.seed,
                                   n_s=args.n_s if args.n_s is not None else TrainConfig().n_s)
+    check_memory(config, processes=args.seeds if args.workers > 1 else 1)  # all seeds at once
     data = load_cifar10(args.data_dir, n_val=args.n_val)
     if args.n_s is None:
         config = dataclasses.replace(config, n_s=step_size(len(data.train.y), args.n_batch))

@@ -18,6 +18,7 @@ import numpy as np
 import _common
 from model.checkpoint import save_page
 from model.data import load_cifar10
+from model.resources import check_memory, check_writable
 from model.errors import DivergedError
 from model.gradcheck import gradcheck_report
 from model.outputs import check_page, check_results_dir
@@ -56,6 +57,9 @@ def parse_args(argv=None):
     _common.add_common_args(p)
     args = p.parse_args(argv)
     p.require_positive(args, "workers", "coarse_trials", "fine_trials", "repeats", "seeds")
+    p.require_workers(args)
+    p.require_seed(args, "seed")
+    p.require_repeats(args)
     return args
 
 
@@ -167,8 +171,11 @@ def main():
     protect = _common.protected_paths(args.storage)
     check_results_dir(out_dir / "final", protect)  # both outputs, before any work
     check_page(out_dir / "dashboard.html", protect)
+    check_writable(out_dir, flag="--out-dir")
     search_config, final_base = configs(args)
     check_storage(args.storage)
+    check_memory(search_config, processes=args.workers)
+    check_memory(final_base, processes=args.seeds if args.workers > 1 else 1)
     data = load_cifar10(args.data_dir, n_val=args.n_val)
     final_base = final_n_s(args, final_base, len(data.train.y))
     storage = open_storage(args.storage)

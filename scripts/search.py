@@ -12,6 +12,7 @@ import time
 
 import _common
 from model.data import load_cifar10
+from model.resources import check_memory
 from search.phases import (DEFAULT_SAMPLER, DEFAULT_TRIALS, SEARCH_CONFIG, PhaseSpec, coarse_space,
                            make_fine_spec, run_phase)
 from search.report import phase_summary, status_report, status_text, summary_text
@@ -55,8 +56,17 @@ def parse_args(argv=None):
 
 def check_args(p, args):
     p.require_positive(args, "n_trials", "workers", "repeats")
+    p.require_workers(args)
+    p.require_seed(args, "seed")
+    p.require_repeats(args)
+    p.require_seed(args, "train_seed", count=args.repeats)
+    p.require_finite(args, "low", "high", "margin")
     if args.values is not None and args.phase != "fine":
         p.error("--values belongs to the fine phase")
+    if args.values is not None and args.n_trials is not None \
+            and args.n_trials != len(parse_values(args.values)):
+        p.error(f"--n-trials {args.n_trials} does not match the {len(parse_values(args.values))} "
+                "distinct --values (each value is tried once); leave --n-trials out")
     if not (args.top_k >= 1 and args.margin > 0):
         p.error("--top-k must be ≥ 1 and --margin > 0 (decades added around the best λ)")
     if not 0 < args.heartbeat_interval < args.grace_period:
@@ -89,11 +99,13 @@ def main():
     if args.phase == "coarse":  # data before the storage: a bad data dir must leave no storage
         spec, info = build_spec(args, None)
         check_storage(args.storage)
+        check_memory(spec.config, processes=args.workers)
         data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=spec.config.dtype)
         storage = open_storage(args.storage, **storage_opts)
     else:
         storage = open_storage(args.storage, create=False, **storage_opts)
         spec, info = build_spec(args, storage)
+        check_memory(spec.config, processes=args.workers)
         data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=spec.config.dtype)
     start = time.perf_counter()
     with _common.trial_bar(spec.n_trials, spec.study_name, args) as progress:

@@ -11,6 +11,7 @@ import _common
 from model.checkpoint import save_run
 from model.data import load_cifar10
 from model.outputs import check_results_dir, publish_dir
+from model.resources import check_memory, check_writable
 from model.train import evaluate, fit
 
 
@@ -30,6 +31,8 @@ def main():
     out = args.out or f"studies/runs/lam{config.lam:g}-seed{config.seed}"
     protect = _common.protected_paths(_common.storage_url())
     check_results_dir(out, protect)
+    check_writable(out)
+    check_memory(config)
     data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=config.dtype)
     start = time.perf_counter()
     with _common.single_blas_thread(), \

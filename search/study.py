@@ -90,7 +90,9 @@ def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,
                  grace_period=GRACE_PERIOD, max_retry=MAX_RETRY):
     """RDBStorage for url with heartbeats and retry of dead workers' trials.
 
-    With create=False an SQLite file that does not exist yet is an error (nothing is created).
+    With create=False nothing is created or converted: an SQLite file that does not exist yet is
+    an error, Optuna's tables are not created (a storage without them is an error, not a new
+    storage: it may be another program's database) and the journal mode is left as it is.
     Raises InputError for a malformed or unreachable URL.
     """
     parsed = sqlalchemy.engine.make_url(_parse(url))
@@ -101,17 +103,23 @@ def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,
     try:
         storage = _create_tables_once(lambda: ClaimingRDBStorage(
             url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
+            grace_period=grace_period, skip_table_creation=not create,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry)))
-        if path is not None:
+        if path is not None and create:
             _write_ahead_log(storage)
         return storage
     except ImportError as e:
         raise InputError(f"storage {mask_url(url)} needs a driver that is not installed ({e.name}); "
                          "for PostgreSQL: pip install 'clr-lambda-search[postgres]' and use "
                          "postgresql+psycopg://") from None
-    except (sqlalchemy.exc.SQLAlchemyError, ValueError) as e:
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError,
+            ValueError) as e:
+        e = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) else e
         reason = redact(str(getattr(e, "orig", None) or e).splitlines()[0], url)
+        if not create and _NO_TABLES in reason:
+            raise InputError(f"storage {mask_url(url)} holds no Optuna studies (it has no "
+                             "version_info table: another program's database?); check --storage"
+                             ) from None
         raise InputError(f"cannot open storage {mask_url(url)} ({reason}); check the URL, the "
                          "server and the credentials") from None
 
@@ -171,6 +179,9 @@ def _connect_args(parsed):
     else:
         args = {}
     return {k: v for k, v in args.items() if k not in parsed.query}
+
+
+_NO_TABLES = "version_info"  # the table Optuna reads first: missing in a database it never wrote
 
 
 def _write_ahead_log(storage):

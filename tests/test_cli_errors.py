@@ -18,18 +18,22 @@ root-proof case train-batch-is-a-folder still covers an unreadable batch.
 Known bugs are marked xfail(strict=True) with the culprit in the reason: they fail today, and
 strict mode reports the day one is fixed.
 """
+import contextlib
 import ctypes
 import dataclasses
 import hashlib
 import os
 import pickle
+import resource
 import shutil
+import sqlite3
 import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +43,7 @@ PG_URL = f"postgresql+psycopg://u:{PASSWORD}@127.0.0.1:1/db"  # port 1: connecti
 MAX_PARALLEL = 4
 CASE_TIMEOUT = 180  # seconds; a buggy case that trains instead of failing stays tiny anyway
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2  # <linux/prctl.h>, capability.h
+MEMORY_LIMIT = 3 << 30  # a script on the tiny data set needs well under 2 GB of address space
 
 # Tiny settings, so that a case which wrongly runs (a bug) still finishes in seconds.
 TRAIN = ["--n-val", "20", "--n-s", "5", "--cycles", "1"]
@@ -64,6 +69,8 @@ class Case:
     env: tuple = ()     # extra environment variables
     unprivileged: bool = False  # needs file permissions to apply (root: drop DAC capabilities)
     cache_in_case: bool = False  # put $CIFAR10_CACHE inside the snapshotted case folder
+    memory_limit: bool = False  # cap the address space (MEMORY_LIMIT): a regression that
+                                # allocates gigabytes fails with MemoryError instead of swapping
 
 
 def case(id, script, args, needle, marks=(), **kw):
@@ -214,6 +221,98 @@ CASES = [
     case("pipeline-workers-zero", "pipeline.py",
          ["--campaign", "fresh", "--storage", "{db}", "--data-dir", "{data}", *PIPELINE,
           "--workers", "0", "--out-dir", "{out}/campaign"], "--workers"),
+    # ---- bounds and resources (issue 15): refused before anything is allocated or written ------
+    case("search-coarse-seed-negative", "search.py",
+         ["coarse", "--campaign", "fresh", "--storage", "{db}", "--data-dir", "{data}", *SEARCH,
+          "--seed", "-1"], "--seed"),
+    case("search-coarse-seed-2-32", "search.py",
+         ["coarse", "--campaign", "fresh", "--storage", "{db}", "--data-dir", "{data}", *SEARCH,
+          "--seed", "4294967296"], "--seed"),
+    case("search-coarse-train-seed-2-32", "search.py",
+         ["coarse", "--campaign", "fresh", "--storage", "{db}", "--data-dir", "{data}", *SEARCH,
+          "--train-seed", "4294967296"], "--train-seed"),
+    case("pipeline-seed-2-32", "pipeline.py",
+         ["--campaign", "fresh", "--storage", "{db}", "--data-dir", "{data}", *PIPELINE,
+          "--seed", "4294967296", "--out-dir", "{out}/campaign"], "--seed"),
+    case("train-seed-2-32", "train.py",
+         ["--data-dir", "{data}", *TRAIN, "--seed", "4294967296", "--out", "{out}/run"], "seed"),
+    case("final-last-seed-past-2-32", "final.py",
+         ["--lam", "0.01", "--storage", "{db}", "--data-dir", "{data}", *FINAL, "--seeds", "2",
+          "--seed", "4294967295", "--out", "{out}/final"], "--seed"),
+    case("gradcheck-seed-negative", "gradcheck.py",
+         ["--data-dir", "{data}", "--n-val", "20", "--seed", "-1"], "--seed"),
+    case("search-coarse-high-inf", "search.py",
+         ["coarse", "--campaign", "fresh", "--storage", "{db}", "--data-dir", "{data}", *SEARCH,
+          "--high", "inf"], "--high"),
+    case("search-coarse-low-nan", "search.py",
+         ["coarse", "--campaign", "fresh", "--storage", "{db}", "--data-dir", "{data}", *SEARCH,
+          "--low", "nan"], "--low"),
+    case("gradcheck-tol-nan", "gradcheck.py",
+         ["--data-dir", "{data}", "--n-val", "20", "--tol", "nan"], "--tol"),
+    case("train-m-huge", "train.py",
+         ["--data-dir", "{data}", *TRAIN, "--m", "1000000000", "--out", "{out}/run"], "memory",
+         memory_limit=True),
+    case("train-n-batch-huge", "train.py",
+         ["--data-dir", "{data}", *TRAIN, "--n-batch", "1000000000", "--out", "{out}/run"],
+         "memory", memory_limit=True),
+    case("train-cycles-huge", "train.py",
+         ["--data-dir", "{data}", "--n-val", "20", "--n-s", "5", "--evals-per-cycle", "2",
+          "--cycles", "1000000000", "--out", "{out}/run"], "memory", memory_limit=True),
+    case("search-coarse-m-huge", "search.py",
+         ["coarse", "--campaign", "fresh", "--storage", "{db}", "--data-dir", "{data}", *SEARCH,
+          "--m", "1000000000"], "memory", memory_limit=True),
+    case("fine-n-batch-huge", "search.py",
+         ["fine", "--campaign", CAMPAIGN, "--storage", "{db}", "--data-dir", "{data}", *SEARCH,
+          "--n-batch", "1000000000"], "memory", memory_limit=True),
+    case("final-m-huge", "final.py",
+         ["--lam", "0.01", "--storage", "{db}", "--data-dir", "{data}", *FINAL, "--m",
+          "1000000000", "--out", "{out}/final"], "memory", memory_limit=True),
+    case("gradcheck-m-huge", "gradcheck.py",
+         ["--data-dir", "{data}", "--n-val", "20", "--m", "1000000000"], "--m",
+         memory_limit=True),
+    case("train-evals-per-cycle-huge", "train.py",
+         ["--data-dir", "{data}", *TRAIN, "--evals-per-cycle", "300000000", "--out", "{out}/run"],
+         "evals_per_cycle", memory_limit=True),
+    case("search-coarse-evals-per-cycle-huge", "search.py",
+         ["coarse", "--campaign", "fresh", "--storage", "{db}", "--data-dir", "{data}", *SEARCH,
+          "--evals-per-cycle", "300000000"], "evals_per_cycle", memory_limit=True),
+    case("search-coarse-workers-huge", "search.py",
+         ["coarse", "--campaign", "fresh", "--storage", "{db}", "--data-dir", "{data}", *SEARCH,
+          "--workers", "10000"], "--workers", memory_limit=True),
+    case("pipeline-workers-huge", "pipeline.py",
+         ["--campaign", "fresh", "--storage", "{db}", "--data-dir", "{data}", *PIPELINE,
+          "--workers", "10000", "--out-dir", "{out}/campaign"], "--workers", memory_limit=True),
+    case("final-seeds-at-once-huge", "final.py",
+         ["--lam", "0.01", "--storage", "{db}", "--data-dir", "{data}", *FINAL, "--seeds", "10000",
+          "--workers", "2", "--out", "{out}/final"], "--seeds", memory_limit=True),
+    case("search-coarse-repeats-huge", "search.py",
+         ["coarse", "--campaign", "fresh", "--storage", "{db}", "--data-dir", "{data}", *SEARCH,
+          "--repeats", "1000000000"], "--repeats", memory_limit=True),
+    case("fine-values-n-trials-mismatch", "search.py",
+         ["fine", "--campaign", CAMPAIGN, "--storage", "{db}", "--data-dir", "{data}", *SEARCH[:2], *SEARCH[4:],
+          "--values", "1e-3,2e-3", "--n-trials", "4"], "--n-trials"),
+    case("train-batch-declares-3-gb", "train.py",
+         ["--data-dir", "{bad}", *TRAIN, "--out", "{out}/run"], "data_batch_4",
+         setup="declares-3-gb", cache_in_case=True, memory_limit=True),
+    # ---- the environment (issue 15) ------------------------------------------------------------
+    case("train-out-read-only", "train.py",
+         ["--data-dir", "{data}", *TRAIN, "--out", "{bad}/run"], "{bad}/run",
+         setup="read-only-dir", unprivileged=True),
+    case("final-out-read-only", "final.py",
+         ["--lam", "0.01", "--storage", "{db}", "--data-dir", "{data}", *FINAL,
+          "--out", "{bad}/final"], "{bad}/final", setup="read-only-dir", unprivileged=True),
+    case("pipeline-out-dir-read-only", "pipeline.py",
+         ["--campaign", "fresh", "--storage", "{db}", "--data-dir", "{data}", *PIPELINE,
+          "--out-dir", "{bad}/campaign"], "{bad}/campaign", setup="read-only-dir",
+         unprivileged=True),
+    case("status-foreign-sqlite", "search.py",
+         ["status", "--campaign", CAMPAIGN, "--storage", "sqlite:///{bad}"], "Optuna",
+         setup="foreign-db"),
+    case("dashboard-foreign-sqlite", "dashboard.py",
+         ["--campaign", CAMPAIGN, "--storage", "sqlite:///{bad}", "--out", "{out}/d.html",
+          "--final-dir", "{out}/final"], "Optuna", setup="foreign-db"),
+    case("gradcheck-data-dir-symlink-loop", "gradcheck.py",
+         ["--data-dir", "{bad}", "--n-val", "20"], "symlink loop", setup="symlink-loop"),
     # ---- unknown flags, one per script ---------------------------------------------------------
     *[case(f"{script[:-3]}-unknown-flag", script, [*pre, "--no-such-flag"], "--no-such-flag")
       for script, pre in (("gradcheck.py", ["--data-dir", "{data}"]),
@@ -226,6 +325,16 @@ CASES = [
 
 
 # ---- the case folders --------------------------------------------------------------------------
+
+class _Reduce:
+    """Unpickles to func(*args)."""
+
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
 
 class _RunsCode:
     """Unpickles to os.system(command): what a hostile 'batch' would do."""
@@ -247,6 +356,19 @@ def make_bad_data(kind, case_dir, tiny):
     if kind == "empty":
         bad.mkdir()
         return bad
+    if kind == "read-only-dir":  # chmod 555: what a read-only folder is to a user
+        bad.mkdir()
+        bad.chmod(0o555)
+        return bad
+    if kind == "foreign-db":  # another program's SQLite database
+        with contextlib.closing(sqlite3.connect(case_dir / "foreign.db")) as db:
+            db.execute("CREATE TABLE notes (body TEXT)")
+            db.execute("INSERT INTO notes VALUES ('mine')")
+            db.commit()
+        return case_dir / "foreign.db"
+    if kind == "symlink-loop":
+        bad.symlink_to(bad)
+        return bad
     batches = bad / "cifar-10-batches-py"
     shutil.copytree(tiny.batches, batches)
     if kind == "truncated":
@@ -264,6 +386,11 @@ def make_bad_data(kind, case_dir, tiny):
         (batches / "data_batch_2").chmod(0)
     elif kind == "unreadable-dir":
         batches.chmod(0)
+    elif kind == "declares-3-gb":  # a few hundred bytes that make numpy allocate 3 GB
+        from numpy._core.multiarray import _reconstruct
+        (batches / "data_batch_4").write_bytes(pickle.dumps(
+            {b"data": _Reduce(_reconstruct, (np.ndarray, (1_000_000, 3072), b"B")),
+             b"labels": _Reduce(_reconstruct, (np.ndarray, (1_000_000,), b"<i8"))}, protocol=2))
     else:
         raise ValueError(kind)
     return batches
@@ -314,6 +441,16 @@ def drop_dac_override():
     for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
         if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def preexec(c, root):
+    """The preexec_fn of case c (run in the child before exec), or None."""
+    steps = ([drop_dac_override] if c.unprivileged and root else []) + (
+        [lambda: resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))]
+        if c.memory_limit else [])
+    if not steps:
+        return None
+    return lambda: [step() for step in steps]
 
 
 def permissions_apply(tmp):
@@ -407,9 +544,8 @@ def results(base, cifar_tiny_dir, campaign_db):
                 # closed once the process is reaped (below, or in the finally clause)
                 logs = [open(base / "_logs" / f"{c.id}.{s}", "w+")  # noqa: SIM115
                         for s in ("out", "err")]
-                drop = drop_dac_override if c.unprivileged and root else None
                 proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logs[0], stderr=logs[1],
-                                        text=True, preexec_fn=drop)  # noqa: PLW1509 (no threads)
+                                        text=True, preexec_fn=preexec(c, root))  # noqa: PLW1509
                 running[c.id] = (proc, logs, case_dir, before, time.monotonic(), needle)
             time.sleep(0.05)
             for cid, (proc, logs, case_dir, before, t0, needle) in list(running.items()):
