@@ -281,10 +281,12 @@ CASES = [
          ["coarse", "--campaign", "fresh", "--storage", "{db}", "--data-dir", "{data}", *SEARCH,
           "--repeats", "1000000000"], "--repeats", memory_limit=True),
     case("fine-values-n-trials-mismatch", "search.py",
-         ["fine", "--campaign", CAMPAIGN, "--storage", "{db}", "--data-dir", "{data}", *SEARCH[:2], *SEARCH[4:],
+         ["fine", "--campaign", CAMPAIGN, "--storage", "{db}", "--data-dir", "{data}",
+          *SEARCH[:2], *SEARCH[4:],  # SEARCH without its --n-trials
           "--values", "1e-3,2e-3", "--n-trials", "4"], "--n-trials"),
     case("train-batch-declares-3-gb", "train.py",
-         ["--data-dir", "{bad}", *TRAIN, "--out", "{out}/run"], "data_batch_4",
+         ["--data-dir", "{bad}", *TRAIN, "--out", "{out}/run"],
+         "data_batch_4 is corrupt (it declares",  # the declaration, not a failed allocation
          setup="declares-3-gb", cache_in_case=True, memory_limit=True),
     # ---- the environment (issue 15) ------------------------------------------------------------
     case("train-out-read-only", "train.py",

@@ -625,6 +625,10 @@ def rewrite_batch(folder, name, change):
     write_pickle(folder / name, batch, 4)
 
 
+def flip_bit(pixels, at):
+    pixels[at] ^= 1
+
+
 def test_fingerprint_is_of_the_content_not_the_path(cifar_tiny_dir, tmp_path):
     a = load_cifar10(cifar_tiny_dir.batches, n_val=N_VAL, cache_dir=tmp_path / "c1")
     copy = copy_batches(cifar_tiny_dir, tmp_path)
@@ -640,12 +644,13 @@ def test_fingerprint_changes_with_the_content_or_the_split(cifar_tiny_dir, tmp_p
     base = fingerprint(load_cifar10(cifar_tiny_dir.batches, n_val=N_VAL, cache=False))
     folder = copy_batches(cifar_tiny_dir, tmp_path)
     n_val = N_VAL
-    if change == "pixel":
-        rewrite_batch(folder, "data_batch_5", lambda b: b[b"data"].__setitem__((39, 7), 1 ^ b[b"data"][39, 7]))
+    if change == "pixel":  # the last image of data_batch_5: a validation image
+        rewrite_batch(folder, "data_batch_5", lambda b: flip_bit(b[b"data"], (39, 7)))
     elif change == "label":
-        rewrite_batch(folder, "data_batch_2", lambda b: b[b"labels"].__setitem__(0, (b[b"labels"][0] + 1) % 10))
+        rewrite_batch(folder, "data_batch_2", lambda b: b[b"labels"].__setitem__(
+            0, (b[b"labels"][0] + 1) % 10))
     elif change == "test-pixel":
-        rewrite_batch(folder, "test_batch", lambda b: b[b"data"].__setitem__((0, 0), 1 ^ b[b"data"][0, 0]))
+        rewrite_batch(folder, "test_batch", lambda b: flip_bit(b[b"data"], (0, 0)))
     else:
         n_val = N_VAL + 1
     assert fingerprint(load_cifar10(folder, n_val=n_val, cache_dir=tmp_path / "c")) != base
