@@ -20,7 +20,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _SCRIPTS]
 from model.errors import DivergedError, InputError, Terminated, WorkersFailed  # noqa: E402
 from model.resources import is_write_problem, write_problem  # noqa: E402
 from model.train import SEED_LIMIT, TrainConfig  # noqa: E402
-from search.study import DEFAULT_STORAGE, redact, sqlite_path  # noqa: E402
+from search.study import DEFAULT_STORAGE, redact, sqlite_path, storage_failure  # noqa: E402
+import sqlalchemy  # noqa: E402
+from optuna.exceptions import StorageInternalError  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 WORKERS_PER_CPU = 4  # --workers above this many per CPU is a typo, not a plan (each is a process)
@@ -288,6 +290,11 @@ def run(main):
         where = f" {e.filename}" if getattr(e, "filename", None) else ""
         fail(f"cannot write{where}: {write_problem(e)}; free space or choose another place "
              "(--out, --storage, $CIFAR10_CACHE)")
+    except (sqlalchemy.exc.SQLAlchemyError, StorageInternalError) as e:
+        why = storage_failure(e)
+        if why is None:
+            raise
+        fail(why)
     except (WorkersFailed, DivergedError) as e:  # not the input's fault: exit 1, still one line
         sys.stderr.write(f"error: {hide_secrets(str(e))}\n")
         sys.exit(1)

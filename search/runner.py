@@ -24,10 +24,11 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from model.errors import ConfigError, DivergedError, Terminated
+from model.errors import ConfigError, DivergedError, InputError, Terminated, WorkersFailed
 from model.train import warm_up
 from search.processes import die_with_parent, exit_code, stop_processes
-from search.study import FINISHED, open_storage, retried_from, retry_chain
+from search.study import (FINISHED, open_storage, retried_from, retry_chain,
+                          storage_failure_kind, storage_failure_message)
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +289,8 @@ def run_workers(n_workers, progress=None, **worker_kwargs):
     """Run n_workers workers: in this process for one, else as forked processes sharing the data.
 
     progress: optional callable() polled about once a second while forked workers run.
-    Returns the exit codes of the forked workers ([] for one worker in-process).
+    Returns the exit codes of the forked workers ([] for one worker in-process); raises InputError
+    when a worker could not write the storage, WorkersFailed with the first error a worker reported.
     """
     if n_workers == 1:
         run_worker(after_trial=progress, **worker_kwargs)
@@ -296,8 +298,10 @@ def run_workers(n_workers, progress=None, **worker_kwargs):
     objective = worker_kwargs["objective"]
     warm_up(objective.data, objective.base_config)  # compiled once, inherited by every worker
     ctx = multiprocessing.get_context("fork")  # the data loaded by the parent is shared, not copied
-    procs = [ctx.Process(target=_worker_main, kwargs={**worker_kwargs, "parent_pid": os.getpid()},
-                         name=f"worker-{i}") for i in range(n_workers)]
+    errors = ctx.SimpleQueue()  # (storage failure kind or None, first line) of a failed worker
+    procs = [ctx.Process(target=_worker_main, name=f"worker-{i}",
+                         kwargs={**worker_kwargs, "parent_pid": os.getpid(), "errors": errors})
+             for i in range(n_workers)]
     for p in procs:
         p.start()
     try:
@@ -314,15 +318,32 @@ def run_workers(n_workers, progress=None, **worker_kwargs):
         p.join()
     if progress:
         progress()
+    reported = []
+    while not errors.empty():
+        reported.append(errors.get())
+    _raise_reported(reported)
     return [p.exitcode for p in procs]
 
 
-def _worker_main(parent_pid, **kwargs):
+def _worker_main(parent_pid, errors, **kwargs):
     try:
         die_with_parent(parent_pid)
         run_worker(**kwargs)
     except KeyboardInterrupt as e:
         os._exit(exit_code(e))
-    except Exception as e:  # one line in the log; the parent reports the exit code
-        log.error("worker %d stopped: %s", os.getpid(), e)
+    except Exception as e:  # the parent reports it, in one line with the others' (_raise_reported)
+        log.info("worker %d stopped: %s", os.getpid(), e)
+        errors.put((storage_failure_kind(e), str(e).splitlines()[0][:300] if str(e) else
+                    type(e).__name__))
         os._exit(1)
+
+
+def _raise_reported(reported):
+    """One error for what the workers reported: InputError when the storage could not be written
+    (a full disk makes other workers fail with Optuna's own errors too), else WorkersFailed."""
+    kinds = [kind for kind, _ in reported if kind is not None]
+    if kinds:
+        raise InputError(storage_failure_message(kinds[0]))
+    if reported:
+        raise WorkersFailed(f"a worker stopped: {reported[0][1]}; re-run the same command to "
+                            "resume")

@@ -115,6 +115,8 @@ def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError,
             ValueError) as e:
         e = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) else e
+        if storage_failure(e):
+            raise InputError(f"cannot open storage {mask_url(url)}: {storage_failure(e)}") from None
         reason = redact(str(getattr(e, "orig", None) or e).splitlines()[0], url)
         if not create and _NO_TABLES in reason:
             raise InputError(f"storage {mask_url(url)} holds no Optuna studies (it has no "
@@ -216,6 +218,43 @@ def _create_tables_once(make, attempts=8):
                 raise
             log.info("storage tables being created by another process; retrying")
             time.sleep(0.2 * (attempt + 1) + 0.05 * (os.getpid() % 7))  # spread the retries
+
+
+# What a database says when it cannot write, and what the user can do about it.
+_STORAGE_FAILURES = (
+    (("database or disk is full", "No space left", "could not extend file", "DiskFull"),
+     "the study storage's disk is full: free space, or choose another --storage"),
+    (("readonly database", "read-only", "read only"),
+     "the study storage cannot be written (read-only file or folder): make it writable, or "
+     "choose another --storage"),
+    (("disk I/O error",), "the study storage's disk failed to write (disk I/O error): check the "
+                         "disk, or choose another --storage"),
+)
+
+
+def storage_failure(error):
+    """The one-line cause of a storage write failure (disk full, read-only, I/O error), or None
+    when the error is not one of them."""
+    kind = storage_failure_kind(error)
+    return None if kind is None else _STORAGE_FAILURES[kind][1]
+
+
+def storage_failure_kind(error):
+    """The index of the error's cause in _STORAGE_FAILURES (a worker's exit status carries it to
+    the parent), or None."""
+    if isinstance(error, optuna.exceptions.StorageInternalError):
+        error = error.__cause__  # Optuna wraps a failed commit
+    if not isinstance(error, sqlalchemy.exc.SQLAlchemyError):
+        return None
+    text = str(getattr(error, "orig", None) or error).lower()
+    for kind, (needles, _) in enumerate(_STORAGE_FAILURES):
+        if any(n.lower() in text for n in needles):
+            return kind
+    return None
+
+
+def storage_failure_message(kind):
+    return _STORAGE_FAILURES[kind][1]
 
 
 def check_storage(url):

@@ -91,3 +91,29 @@ def test_gradcheck_json_is_json_when_errors_are_not_finite(cifar_tiny_dir, tmp_p
     report = json.loads(proc.stdout, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     assert report["passed"] is False
     assert None in report["checks"][1]["max_rel_error"].values()  # nan became null
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_disk_full_at_the_storage_is_one_line(cifar_tiny_dir, tmp_path, workers):
+    """The storage's disk fills up during the trials: one line naming it, exit 2 (a worker that
+    stops so tells its parent through its exit status)."""
+    import shutil
+
+    from search.study import open_storage
+
+    made = tmp_path / "made.db"  # the schema made elsewhere: the small disk fills with trials
+    open_storage(f"sqlite:///{made}").engine.dispose()
+    folder = tmp_path / "small"
+    if not _mount_tmpfs(folder, f"size={made.stat().st_size + (160 << 10)},mode=0755"):
+        pytest.skip("root may not mount a tmpfs here: a storage's full disk cannot be made")
+    try:
+        shutil.copy(made, folder / "s.db")
+        proc = run("search.py", ["coarse", "--storage", f"sqlite:///{folder / 's.db'}",
+                                 "--data-dir", str(cifar_tiny_dir.batches), "--n-val", "20",
+                                 "--n-s", "5", "--cycles", "1", "--n-batch", "20", "--pruner",
+                                 "none", "--n-trials", "400", "--workers", workers, "-q"],
+                   script_env(CIFAR10_CACHE=str(tmp_path / "cache")))
+    finally:
+        _umount(folder)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("\n") == 1 and "disk is full" in proc.stderr, proc.stderr[-3000:]
