@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import shutil
 import tarfile
 import tempfile
@@ -510,6 +511,9 @@ def _cache_spec(folder, n_val, dtype):
             "n_val": n_val, "dtype": dtype.name}
 
 
+_CACHE_ENTRY = re.compile(r"[0-9a-f]{20}")  # what _cache_key names an entry
+
+
 def _cache_key(spec):
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -600,11 +604,14 @@ def _drop_stale(entry, spec):
     dtype (their batch files changed) and those whose folder is gone (e.g. a temporary copy)."""
     same = ("folder", "n_val", "dtype")
     for other in entry.parent.glob("*/spec.json"):
-        if other.parent == entry:
+        # only entries of ours: $CIFAR10_CACHE may be a folder that holds other things too
+        if other.parent == entry or not _CACHE_ENTRY.fullmatch(other.parent.name):
             continue
         try:
             old = json.loads(other.read_text())
         except (OSError, ValueError):
+            continue
+        if not isinstance(old, dict) or not {"format", "files", *same} <= old.keys():
             continue
         if all(old.get(k) == spec[k] for k in same) or not Path(old.get("folder", "")).is_dir():
             log.info("deleting the stale array cache %s", other.parent)

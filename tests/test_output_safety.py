@@ -213,3 +213,16 @@ def test_a_storage_path_holding_another_file_is_never_written(tmp_path, cifar_ti
     assert_refused(proc, str(target))
     after = snapshot(tmp_path)
     assert {k: v for k, v in after.items() if not k.startswith("_cache")} == before
+
+
+def test_the_array_cache_deletes_only_its_own_stale_entries(cifar_tiny_dir, tmp_path):
+    from model.data import load_cifar10
+
+    cache = tmp_path / "cache"  # $CIFAR10_CACHE may be a folder that holds a user's things
+    mine = cache / "arrays" / "project"
+    mine.mkdir(parents=True)
+    (mine / "spec.json").write_text(json.dumps({"folder": str(tmp_path / "gone"), "n_val": 1}))
+    (mine / "data.csv").write_text("a,b\n")
+    load_cifar10(cifar_tiny_dir.batches, n_val=20, cache_dir=cache)
+    assert (mine / "data.csv").read_text() == "a,b\n"
+    assert len([p for p in (cache / "arrays").iterdir() if p.name != "project"]) == 1
