@@ -1,6 +1,7 @@
 """Training configuration, evaluation and the mini-batch GD loop with a cyclical learning rate."""
 import dataclasses
 import logging
+import numbers
 
 import numpy as np
 
@@ -52,15 +53,22 @@ class TrainConfig:
         return sorted(points)
 
 
+def _whole(x):
+    """An integer (a float such as 77.2, or a bool, is not a count of units, updates or cycles)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 _CHECKS = [
     ("lam", lambda c: c.lam >= 0 and np.isfinite(c.lam), "λ must be ≥ 0 (e.g. --lam 0.01)"),
-    ("m", lambda c: c.m > 0, "the hidden layer needs at least one unit"),
-    ("n_batch", lambda c: c.n_batch > 0, "use a positive batch size (e.g. 100)"),
+    ("m", lambda c: _whole(c.m) and c.m > 0, "the hidden layer needs a whole number ≥ 1 of units"),
+    ("n_batch", lambda c: _whole(c.n_batch) and c.n_batch > 0,
+     "use a whole positive batch size (e.g. 100)"),
     ("eta_min", lambda c: c.eta_min > 0, "η_min must be > 0 (e.g. 1e-5)"),
     ("eta_max", lambda c: c.eta_max >= c.eta_min and np.isfinite(c.eta_max),
      "η_max must be finite and ≥ η_min (e.g. --eta-min 1e-5 --eta-max 0.1)"),
-    ("n_s", lambda c: c.n_s > 0, "the CLR half cycle must be a positive number of updates"),
-    ("cycles", lambda c: c.cycles > 0, "train at least one cycle"),
+    ("n_s", lambda c: _whole(c.n_s) and c.n_s > 0,
+     "the CLR half cycle must be a whole positive number of updates"),
+    ("cycles", lambda c: _whole(c.cycles) and c.cycles > 0, "train a whole number ≥ 1 of cycles"),
     ("evals_per_cycle", lambda c: 0 < c.evals_per_cycle <= 2 * c.n_s,
      "evaluate at least once per cycle and at most once per update (≤ 2·n_s)"),
     ("eval_train_samples", lambda c: c.eval_train_samples >= 0, "use 0 or more samples"),

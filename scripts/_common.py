@@ -109,7 +109,7 @@ class Parser(argparse.ArgumentParser):
             self.error(f"--{_flag(dest)} {getattr(args, dest)} is more than {WORKERS_PER_CPU} per "
                        f"CPU ({limit} on this machine's {cpu_count()}); on several machines, run "
                        "the command on each against one --storage")
-        seeds = getattr(args, "seeds", 1)
+        seeds = getattr(args, "seeds", None) or 1  # None: the campaign file's
         if getattr(args, dest) > 1 and seeds > limit:
             self.error(f"--seeds {seeds} would start as many processes at once (at most {limit} "
                        f"here: {WORKERS_PER_CPU} per CPU); use fewer, or --workers 1 to train them "
@@ -187,14 +187,39 @@ def add_data_args(parser):
 
 
 def add_train_args(parser, defaults=TrainConfig(), skip=()):
-    """One kebab-case flag per TrainConfig field, defaulting to `defaults`."""
+    """One kebab-case flag per TrainConfig field, defaulting to `defaults` (None: to None, for
+    flags that override a campaign file only when given)."""
     for field in dataclasses.fields(TrainConfig):
         if field.name in skip:
             continue
-        default = getattr(defaults, field.name)
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(default),
-                            default=default,
-                            help=f"{TRAIN_FLAG_HELP[field.name]} (default {default})")
+        default = getattr(defaults, field.name) if defaults else None
+        parser.add_argument("--" + field.name.replace("_", "-"),
+                            type=type(getattr(TrainConfig(), field.name)), default=default,
+                            help=f"{TRAIN_FLAG_HELP[field.name]} (default "
+                                 f"{default if defaults else 'from the campaign'})")
+
+
+def add_campaign_args(parser, campaign_help="the campaign's name (default: the file's)"):
+    from search.campaign import DEFAULT, shipped  # imports Optuna: only the scripts that search
+
+    parser.add_argument("--config", default=DEFAULT,
+                        help="campaign file (TOML), or the name of a shipped one: "
+                             f"{', '.join(shipped())} (default {DEFAULT})")
+    parser.add_argument("--campaign", default=None, help=campaign_help)
+
+
+def campaign(args):
+    """The Campaign of --config, renamed by --campaign when given."""
+    from search.campaign import load_campaign
+
+    c = load_campaign(args.config)
+    return dataclasses.replace(c, name=args.campaign) if args.campaign else c
+
+
+def given_train_flags(args, skip=()):
+    """{field: value} of the TrainConfig flags given on the command line (not None)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+            if f.name not in skip and getattr(args, f.name, None) is not None}
 
 
 def train_config(args, **overrides):

@@ -16,7 +16,7 @@ best-of-blocks floor_ms are printed too, as *_over_best_floor):
                           49,000-row training pixels, as train() does, best of the same repeats
   floor_sustained_ms      the floor of 3,200 GEMM pairs back to back (wall), best of 3 (1 with
                           --quick), each run just before a timed trial
-  trial_over_floor        a coarse-protocol trial (search.phases.SEARCH_CONFIG, 3,200 steps and
+  trial_over_floor        a coarse-protocol trial (dd2424's coarse phase, 3,200 steps and
                           its evaluations) through Objective into an SQLite study ÷ 3,200
                           sustained floors, best of 3 trials (1 with --quick)
   workers2_over_workers1  trials per minute of 2 worker processes ÷ 1 worker, through
@@ -55,9 +55,12 @@ from model.schedule import cyclic_lr
 from model.step import gather_batch, make_workspace, sgd_step
 from model.train import evaluation_record
 from search.objective import Objective
-from search.phases import SEARCH_CONFIG, coarse_space
+from search.phases import phase_spec
 from search.runner import make_pruner, make_sampler, run_workers
 from search.study import open_storage
+
+COARSE = phase_spec("dd2424", "coarse")  # the default campaign's coarse phase
+SEARCH_CONFIG = COARSE.config
 
 N_TRAIN, N_VAL, D, K = 49_000, 1_000, 3072, 10
 TRIAL_LAM = 1e-3               # the λ of the timed trial: any value of the coarse range times the same
@@ -204,7 +207,7 @@ def measure_trial(data, size, rng, eval_ms):
         storage = open_storage(f"sqlite:///{Path(tmp) / 'trial.db'}")
         study = optuna.create_study(study_name="bench-trial", storage=storage, direction="maximize",
                                     pruner=make_pruner("median", SEARCH_CONFIG))
-        objective = Objective(data, SEARCH_CONFIG, coarse_space())
+        objective = Objective(data, SEARCH_CONFIG, COARSE.space)
         for _ in range(size["trials"]):
             floors.append(_sustained_floor_s(gemms))
             study.enqueue_trial({"lam": TRIAL_LAM})
@@ -251,7 +254,7 @@ def measure_workers(data, size, rng):
             storage.engine.dispose()  # forked workers open their own connections
             codes = run_workers(
                 n_workers, storage_url=url, study_name=name,
-                objective=Objective(data, config, coarse_space()), target=n_trials,
+                objective=Objective(data, config, COARSE.space), target=n_trials,
                 pruner=optuna.pruners.NopPruner(), make_sampler=lambda: make_sampler("random", 0))
             if any(codes):
                 raise WorkersFailed(f"benchmark workers exited with codes {codes}")

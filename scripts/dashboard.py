@@ -1,11 +1,13 @@
 """Write a campaign's dashboard page, or serve optuna-dashboard on the same storage.
 
-    python scripts/dashboard.py [--campaign cifar10] [--out studies/cifar10/dashboard.html]
+    python scripts/dashboard.py [--campaign cifar10 | --study NAME] [--out studies/cifar10/dashboard.html]
     python scripts/dashboard.py --serve [--port 8080]
 
-The page is self-contained (plotly.js inlined, opens offline): for the coarse and fine studies,
-Optuna's optimization history, λ slice, intermediate values, EDF, timeline and a trials table;
-the derived fine range; the final run's curves and test accuracy. Re-running refreshes it.
+The page is self-contained (plotly.js inlined, opens offline): for every study of the campaign,
+Optuna's optimization history, a slice per parameter, with two parameters or more the contour,
+parallel-coordinate and importance figures, intermediate values, EDF, timeline and a trials
+table; how a narrowed phase was derived; the final run's curves and test accuracy. Re-running
+refreshes it.
 """
 from pathlib import Path
 
@@ -15,12 +17,13 @@ from model.errors import InputError
 from model.outputs import check_page
 from search.final import read_final
 from search.plots import dashboard_html
-from search.study import campaign_studies, mask_url, open_storage
+from search.study import campaign_studies, mask_url, named_study, open_storage
 
 
 def parse_args(argv=None):
     p = _common.Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--campaign", default="cifar10", help="the campaign to show")
+    _common.add_campaign_args(p, "the campaign to show (default: the --config file's)")
+    p.add_argument("--study", default=None, help="show this one study (any name) instead")
     p.add_storage()
     p.add_argument("--out", default=None, help="page path (default studies/<campaign>/dashboard.html)")
     p.add_argument("--final-dir", default=None, help="final results (default studies/<campaign>/final)")
@@ -46,16 +49,17 @@ def serve(args, storage):
 def main():
     args = parse_args()
     _common.setup_logging(args)
-    out = Path(args.out or f"studies/{args.campaign}/dashboard.html")
+    name = args.study or args.campaign or _common.campaign(args).name
+    out = Path(args.out or f"studies/{name}/dashboard.html")
     protect = _common.protected_paths(args.storage)
     if not args.serve:
         check_page(out, protect)
     storage = open_storage(args.storage, create=False)
     if args.serve:
         return serve(args, storage)
-    studies = campaign_studies(storage, args.campaign)
-    final = read_final(args.final_dir or f"studies/{args.campaign}/final")
-    page = dashboard_html(args.campaign, mask_url(args.storage), studies, final)
+    studies = named_study(storage, args.study) if args.study else campaign_studies(storage, name)
+    final = read_final(args.final_dir or f"studies/{name}/final")
+    page = dashboard_html(name, mask_url(args.storage), studies, final)
     save_page(out, page, protect)
     _common.emit({"out": str(out), "studies": [s.study_name for s in studies],
                   "final": bool(final), "figures": page.count('class="plotly-graph-div"')}, args,

@@ -1,10 +1,11 @@
-"""The main job: gradient check → coarse search → fine search → final run → dashboard.
+"""The main job: gradient check → every search phase of a campaign → final run → dashboard.
 
-    python scripts/pipeline.py [--campaign cifar10] [--workers 2] [--data-dir DIR] [--json]
+    python scripts/pipeline.py [--config dd2424] [--campaign cifar10] [--workers 2] [--json]
 
-Everything goes to one storage (default sqlite:///studies/studies.db) and studies/<campaign>/.
-Re-running resumes: finished phases are skipped, an interrupted phase continues where it stopped,
-and the final run is redone only if the best λ or its settings changed.
+The campaign file (default: the shipped dd2424.toml, the report's protocol) names the phases;
+flags override it. Everything goes to one storage (default sqlite:///studies/studies.db) and
+studies/<campaign>/. Re-running resumes: finished phases are skipped, an interrupted phase
+continues where it stopped, and the final run is redone only if its settings changed.
 """
 import dataclasses
 import functools
@@ -18,115 +19,120 @@ import numpy as np
 import _common
 from model.checkpoint import save_page
 from model.data import load_cifar10
-from model.resources import check_memory, check_writable
-from model.errors import DivergedError
+from model.errors import ConfigError, DivergedError
 from model.gradcheck import gradcheck_report
+from model.resources import check_memory, check_writable
 from model.outputs import check_page, check_results_dir
-from model.schedule import step_size
-from model.train import TrainConfig
+from search.campaign import final_config, searched_names, validated, with_config, with_phase
 from search.final import read_final, run_final
-from search.phases import (DEFAULT_TRIALS, SEARCH_CONFIG, PhaseSpec, best_lam, coarse_space,
-                           make_fine_spec, run_phase)
-from search.report import best_row
-from search.runner import PRUNERS
-from search.study import (campaign_studies, check_storage, load_study, mask_url,
-                          open_storage)
+from search.phases import campaign_best, phase_spec, run_spec
+from search.report import best_row, narrowing, space_text
+from search.space import format_params
+from search.study import campaign_studies, check_storage, load_study, mask_url, open_storage
 
 log = logging.getLogger("pipeline")
+N_TRAIN = 49_000  # to check the final settings before the data is loaded
 
 
 def parse_args(argv=None):
     p = _common.Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--campaign", default="cifar10", help="names the studies and studies/<campaign>/")
+    _common.add_campaign_args(p, "names the studies and studies/<campaign>/ (default: the file's)")
     p.add_storage()
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="worker processes for the searches and the final seeds (default: cores)")
-    p.add_argument("--coarse-trials", type=int, default=DEFAULT_TRIALS["coarse"])
-    p.add_argument("--fine-trials", type=int, default=DEFAULT_TRIALS["fine"])
-    p.add_argument("--repeats", type=int, default=1, help="seeds per λ in the searches")
-    p.add_argument("--pruner", choices=PRUNERS, default="median")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed of the studies")
-    p.add_argument("--seeds", type=int, default=3, help="seeds of the final run")
-    p.add_argument("--search-n-s", type=int, default=SEARCH_CONFIG.n_s, help="search: CLR half cycle")
-    p.add_argument("--search-cycles", type=int, default=SEARCH_CONFIG.cycles, help="search: cycles")
+    p.add_argument("--coarse-trials", type=int, default=None, help="trials of the phase 'coarse'")
+    p.add_argument("--fine-trials", type=int, default=None, help="trials of the phase 'fine'")
+    p.add_argument("--repeats", type=int, default=None, help="seeds per trial in every phase")
+    p.add_argument("--pruner", default=None, help="pruner of every phase (none, median, hyperband, "
+                                                  "or an optuna.pruners class name)")
+    p.add_argument("--seed", type=int, default=None, help="sampler seed of the studies")
+    p.add_argument("--seeds", type=int, default=None, help="seeds of the final run")
+    p.add_argument("--search-n-s", type=int, default=None, help="search: CLR half cycle")
+    p.add_argument("--search-cycles", type=int, default=None, help="search: cycles")
     p.add_argument("--final-n-s", type=int, default=None,
-                   help="final: CLR half cycle (default 2·⌊n_train/100⌋ = 980)")
-    p.add_argument("--final-cycles", type=int, default=TrainConfig().cycles, help="final: cycles")
+                   help="final: CLR half cycle (dd2424: 2 epochs, 2·⌊n_train/n_batch⌋ = 980)")
+    p.add_argument("--final-cycles", type=int, default=None, help="final: cycles")
     p.add_argument("--out-dir", default=None, help="results folder (default studies/<campaign>)")
     _common.add_data_args(p)
     _common.add_common_args(p)
     args = p.parse_args(argv)
     p.require_positive(args, "workers", "coarse_trials", "fine_trials", "repeats", "seeds")
     p.require_workers(args)
-    p.require_seed(args, "seed")
-    p.require_repeats(args)
+    if args.seed is not None:
+        p.require_seed(args, "seed")
+    if args.repeats is not None:
+        p.require_repeats(args)
     return args
 
 
-def configs(args):
-    """(search config, final config without λ); ConfigError on bad values. Without --final-n-s
-    the final n_s is TrainConfig's until the data size is known (see final_n_s)."""
-    search = dataclasses.replace(SEARCH_CONFIG, n_s=args.search_n_s, cycles=args.search_cycles)
-    final = TrainConfig(n_s=args.final_n_s if args.final_n_s is not None else TrainConfig().n_s,
-                        cycles=args.final_cycles)
-    return search, final
+def build_campaign(args):
+    """The campaign file with the flags applied; ConfigError when they do not fit it."""
+    c = _common.campaign(args)
+    search = with_config(c.search, n_s=args.search_n_s, cycles=args.search_cycles)
+    final = dataclasses.replace(
+        c.final, seeds=args.seeds or c.final.seeds,
+        n_s=c.final.n_s if args.final_n_s is None else args.final_n_s,
+        config=with_config(c.final.config, cycles=args.final_cycles))
+    c = dataclasses.replace(c, search=search, final=final,
+                            seed=c.seed if args.seed is None else args.seed)
+    for phase in c.phases:
+        c = with_phase(c, phase.name, **{k: v for k, v in (("repeats", args.repeats),
+                                                           ("pruner", args.pruner)) if v})
+    for name, n in (("coarse", args.coarse_trials), ("fine", args.fine_trials)):
+        if n is not None:
+            if name not in [p.name for p in c.phases]:
+                raise ConfigError(f"--{name}-trials: campaign {c.name} has no phase {name}")
+            c = with_phase(c, name, n_trials=n)
+    final_config(c, {}, N_TRAIN)  # the final settings, checked before anything runs
+    return validated(c)
 
 
-def final_n_s(args, final, n_train):
-    """The final config with n_s = 2·⌊n_train / n_batch⌋ unless --final-n-s was given."""
-    if args.final_n_s is not None:
-        return final
-    return dataclasses.replace(final, n_s=step_size(n_train, final.n_batch))
-
-
-def gradient_check(data):
+def gradient_check(data, n_steps):
     report = gradcheck_report(data.train.X, data.train.y, np.random.default_rng(0))
     worst = max(e for c in report["checks"] for e in c["max_rel_error"].values())
-    log.info("[1/5] gradient check: max relative error %.2e (%s)", worst,
+    log.info("[1/%d] gradient check: max relative error %.2e (%s)", n_steps, worst,
              "pass" if report["passed"] else "FAIL")
     if not report["passed"]:
         raise DivergedError(f"gradient check failed (max relative error {worst:.2e} ≥ 1e-5)")
     return {"passed": True, "max_rel_error": worst}
 
 
-def search_phases(args, storage, data, search_config):
-    common = dict(campaign=args.campaign, config=search_config, pruner=args.pruner,
-                  repeats=args.repeats, seed=args.seed)
-    opts = dict(workers=args.workers)
-    coarse = PhaseSpec(phase="coarse", n_trials=args.coarse_trials, space=coarse_space(),
-                       sampler="random", **common)
-    log.info("[2/5] coarse search: %d trials", coarse.n_trials)
-    with _common.trial_bar(coarse.n_trials, coarse.study_name, args) as progress:
-        coarse_study = run_phase(coarse, storage, args.storage, data, progress=progress, **opts)
-    fine, info = make_fine_spec(storage, n_trials=args.fine_trials, **common)
-    log.info("[3/5] fine search: %d trials in λ ∈ [%.3g, %.3g]", fine.n_trials, fine.space[0].low,
-             fine.space[0].high)
-    with _common.trial_bar(fine.n_trials, fine.study_name, args) as progress:
-        fine_study = run_phase(fine, storage, args.storage, data, progress=progress,
-                               fine_range=info, **opts)
-    return coarse_study, fine_study
+def search_phases(args, c, storage, data):
+    """Run every phase of the campaign in order; returns their studies."""
+    studies = []
+    n = len(c.phases) + 3
+    for i, phase in enumerate(c.phases, start=2):
+        spec = phase_spec(c, phase.name, storage)
+        log.info("[%d/%d] %s: %d trials in %s", i, n, spec.study_name, spec.n_trials,
+                 space_text(spec.attrs()["space"]))
+        with _common.trial_bar(spec.n_trials, spec.study_name, args) as progress:
+            studies.append(run_spec(spec, storage, data, workers=args.workers, progress=progress))
+    return studies
 
 
-def final_phase(args, storage, data, final_base, out, protect, on_cpu_free=None):
-    lam, source = best_lam(storage, args.campaign)
-    config = dataclasses.replace(final_base, lam=lam)
-    seeds = list(range(args.seeds))
+def final_phase(args, c, storage, data, out, protect, on_cpu_free=None):
+    """Train the campaign's best parameters (the final section's values win) on its seeds."""
+    best, source = campaign_best(storage, c.name)
+    config = final_config(c, best, len(data.train.y))
+    params = {k: getattr(config, k) for k in searched_names(c)}
+    seeds = list(range(c.final.seeds))
+    step = f"[{len(c.phases) + 2}/{len(c.phases) + 3}] final run"
     done = read_final(out)
-    if done and done["metrics"]["lam"] == lam and done["config"] == {
+    if done and done["metrics"].get("params") == params and done["config"] == {
             **dataclasses.asdict(config), "data": data.source, "seeds": seeds}:
-        log.info("[4/5] final run: already done for λ = %.4g, skipped", lam)
+        log.info("%s: already done for %s, skipped", step, format_params(params))
         return done["metrics"]
-    log.info("[4/5] final run: λ = %.4g from %s, %d seeds × %d updates", lam, source["study"],
-             len(seeds), config.total_steps)
+    log.info("%s: %s from %s, %d seeds × %d updates", step, format_params(params),
+             source["study"], len(seeds), config.total_steps)
     with _common.progress_bar(config.total_steps * len(seeds), "final run", args,
                               "update") as progress:
-        metrics, _ = run_final(data, config, seeds, lam, source, out,
+        metrics, _ = run_final(data, config, seeds, params, source, out,
                                load_study(storage, source["study"]), workers=args.workers,
                                on_cpu_free=on_cpu_free, protect=protect, progress=progress)
     return metrics
 
 
-def dashboard_maker(args, storage):
+def dashboard_maker(args, name, storage):
     """A callable returning the campaign's search.plots.Dashboard, made (the studies' sections
     rendered) at its first call. The pipeline calls it first while the final run's last seed
     trains and a CPU is free: the plotting modules (~0.7 s to import, so imported only here) and
@@ -136,61 +142,60 @@ def dashboard_maker(args, storage):
     def dashboard():
         from search.plots import Dashboard
 
-        return Dashboard(args.campaign, mask_url(args.storage),
-                         campaign_studies(storage, args.campaign))
+        return Dashboard(name, mask_url(args.storage), campaign_studies(storage, name))
     return dashboard
 
 
-def write_dashboard(dashboard, out_dir, protect):
+def write_dashboard(dashboard, out_dir, protect, step):
     path = out_dir / "dashboard.html"
     save_page(path, dashboard.html(read_final(out_dir / "final")), protect)
-    log.info("[5/5] dashboard -> %s", path)
+    log.info("[%s] dashboard -> %s", step, path)
     return path
 
 
 def summary_text(s):
     f = s["final"]
-    fr = s["fine_range"]
-    return "\n".join([
-        f"campaign {s['campaign']} ({s['storage']}), {s['seconds']:.0f} s",
-        f"  gradient check: max relative error {s['gradcheck']['max_rel_error']:.1e}",
-        f"  coarse best: λ = {s['coarse_best']['lam']:.4g}, val acc {s['coarse_best']['val_acc']:.4f}",
-        f"  fine range [{fr['low']:.3g}, {fr['high']:.3g}]; best λ = {s['fine_best']['lam']:.4g}, "
-        f"val acc {s['fine_best']['val_acc']:.4f}",
-        f"  final λ = {f['lam']:.4g}: test accuracy {f['test_acc_mean']:.4f} ± {f['test_acc_std']:.4f} "
-        f"over {len(f['test_acc'])} seeds {f['test_acc']}",
-        f"  outputs: {s['outputs']['final']}/ (params, histories, metrics, figures), "
-        f"{s['outputs']['dashboard']}"])
+    lines = [f"campaign {s['campaign']} ({s['storage']}), {s['seconds']:.0f} s",
+             f"  gradient check: max relative error {s['gradcheck']['max_rel_error']:.1e}"]
+    for ph in s["phases"]:
+        b = ph["best"]
+        lines.append(f"  {ph['study']}: {space_text(ph['space'])}; best "
+                     + (f"{format_params(b['params'])}, val acc {b['val_acc']:.4f}" if b else "—"))
+    lines += [f"  final {format_params(f['params'])}: test accuracy {f['test_acc_mean']:.4f} ± "
+              f"{f['test_acc_std']:.4f} over {len(f['test_acc'])} seeds {f['test_acc']}",
+              f"  outputs: {s['outputs']['final']}/ (params, histories, metrics, figures), "
+              f"{s['outputs']['dashboard']}"]
+    return "\n".join(lines)
 
 
 def main():
     args = parse_args()
     _common.setup_logging(args)
     start = time.perf_counter()
-    out_dir = Path(args.out_dir or f"studies/{args.campaign}")
+    c = build_campaign(args)
+    out_dir = Path(args.out_dir or f"studies/{c.name}")
     protect = _common.protected_paths(args.storage)
     check_results_dir(out_dir / "final", protect)  # both outputs, before any work
     check_page(out_dir / "dashboard.html", protect)
     check_writable(out_dir, flag="--out-dir")
-    search_config, final_base = configs(args)
     check_storage(args.storage)
-    check_memory(search_config, processes=args.workers)
-    check_memory(final_base, processes=args.seeds if args.workers > 1 else 1)
+    for phase in c.phases:
+        check_memory(c.phase_config(phase), processes=args.workers)
+    check_memory(final_config(c, {}, N_TRAIN), processes=c.final.seeds if args.workers > 1 else 1)
     data = load_cifar10(args.data_dir, n_val=args.n_val)
-    final_base = final_n_s(args, final_base, len(data.train.y))
     storage = open_storage(args.storage)
-    make_dashboard = dashboard_maker(args, storage)
+    make_dashboard = dashboard_maker(args, c.name, storage)
     with _common.single_blas_thread():
-        check = gradient_check(data)
-        coarse, fine = search_phases(args, storage, data, search_config)
-        metrics = final_phase(args, storage, data, final_base, out_dir / "final", protect,
-                              make_dashboard)
-    dashboard = write_dashboard(make_dashboard(), out_dir, protect)
+        check = gradient_check(data, len(c.phases) + 3)
+        studies = search_phases(args, c, storage, data)
+        metrics = final_phase(args, c, storage, data, out_dir / "final", protect, make_dashboard)
+    n = len(c.phases) + 3
+    dashboard = write_dashboard(make_dashboard(), out_dir, protect, f"{n}/{n}")
     summary = {
-        "campaign": args.campaign, "storage": mask_url(args.storage), "gradcheck": check,
-        "coarse_best": best_row(coarse), "fine_best": best_row(fine),
-        "fine_range": fine.user_attrs.get("fine_range"),
-        "final": {"lam": metrics["lam"], "source": metrics["source"],
+        "campaign": c.name, "storage": mask_url(args.storage), "gradcheck": check,
+        "phases": [{"study": st.study_name, "space": st.user_attrs.get("space"),
+                    "narrowed": narrowing(st), "best": best_row(st)} for st in studies],
+        "final": {"params": metrics["params"], "source": metrics["source"],
                   "test_acc": [s["test_acc"] for s in metrics["seeds"]],
                   "test_acc_mean": metrics["test_acc_mean"], "test_acc_std": metrics["test_acc_std"]},
         "outputs": {"final": str(out_dir / "final"), "dashboard": str(dashboard)},

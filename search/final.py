@@ -1,4 +1,5 @@
-"""The final run: train the chosen λ with the final protocol for several seeds, test once each."""
+"""The final run: train the chosen parameters with the final protocol for several seeds, test once
+each."""
 import dataclasses
 import logging
 import multiprocessing
@@ -135,17 +136,18 @@ def _run_seed(data, config, seed, train_curve=True, on_eval=None):
     start = time.perf_counter()
     params, history = fit(data, cfg, on_eval=on_eval, train_curve=train_curve)
     test = evaluate(params, data.test.X, data.test.y, cfg.lam)
-    log.info("final λ=%.4g seed %d: val acc %.4f, test acc %.4f", cfg.lam, seed,
-             history[-1]["val"]["acc"], test["acc"])
+    log.info("final seed %d: val acc %.4f, test acc %.4f", seed, history[-1]["val"]["acc"],
+             test["acc"])
     return {"seed": seed, "params": params, "history": history, "train": history[-1]["train"],
             "val": history[-1]["val"], "test": test, "seconds": round(time.perf_counter() - start, 2)}
 
 
-def final_metrics(runs, lam, source):
-    """metrics.json: λ and where it came from, per-seed accuracies, test mean ± std."""
+def final_metrics(runs, params, source):
+    """metrics.json: the chosen parameters and where they came from, per-seed accuracies, test
+    mean ± std. (config.json holds the whole TrainConfig that was trained.)"""
     test = [r["test"]["acc"] for r in runs]
     return {
-        "lam": lam, "source": source,
+        "params": params, "source": source,
         "seeds": [{"seed": r["seed"], "train_acc": r["train"]["acc"], "val_acc": r["val"]["acc"],
                    "test_acc": r["test"]["acc"], "test_loss": r["test"]["loss"],
                    "seconds": r["seconds"]} for r in runs],
@@ -155,13 +157,13 @@ def final_metrics(runs, lam, source):
     }
 
 
-def run_final(data, config, seeds, lam, source, out, study=None, workers=1, on_cpu_free=None,
+def run_final(data, config, seeds, params, source, out, study=None, workers=1, on_cpu_free=None,
               protect=(), progress=None):
     """Train and test every seed, publish the results folder `out` (atomically; see
     model.outputs.publish_dir for `protect`), and record the summary in `study`'s user attrs when
     given. Returns (metrics, runs). on_cpu_free, progress: see run_seeds."""
     runs = run_seeds(data, config, seeds, workers, on_cpu_free, progress)
-    metrics = final_metrics(runs, lam, source)
+    metrics = final_metrics(runs, params, source)
     tagged = [(f"_seed{r['seed']}", r["params"], r["history"]) for r in runs]
     publish_dir(out, lambda folder: save_run(folder, config, metrics, tagged,
                                              {"data": data.source, "seeds": list(seeds)}),

@@ -8,7 +8,7 @@ import optuna
 
 from model.errors import DivergedError, Terminated
 from model.train import fit
-from search.space import suggest
+from search.space import format_params, suggest
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +16,9 @@ log = logging.getLogger(__name__)
 class Objective:
     """Callable(trial) -> mean validation accuracy over the repeat seeds.
 
-    Built once per worker with the preloaded, normalised data and the phase's base TrainConfig.
-    Every λ is trained with the same seeds (base_config.seed, +1, …), so comparisons are paired.
+    Built once per worker with the preloaded, normalised data, the phase's base TrainConfig and
+    its space (search.space parameters, or a define-by-run callable trial -> {field: value}).
+    Every trial is trained with the same seeds (base_config.seed, +1, …): comparisons are paired.
     The first seed reports validation accuracy at every evaluation point (the end of every half
     cycle when evals_per_cycle = 2) and is pruned when the pruner says so.
     """
@@ -38,9 +39,9 @@ class Objective:
         attrs.update(steps=config.total_steps, seconds=round(time.perf_counter() - start, 3))
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
-        log.info("trial %d: λ=%.3g val acc %.4f%s in %.1f s", trial.number, config.lam,
-                 attrs["val_acc"], f" ± {attrs['val_acc_std']:.4f}" if len(self.seeds) > 1 else "",
-                 attrs["seconds"])
+        log.info("trial %d: %s val acc %.4f%s in %.1f s", trial.number,
+                 format_params(trial.params), attrs["val_acc"],
+                 f" ± {attrs['val_acc_std']:.4f}" if len(self.seeds) > 1 else "", attrs["seconds"])
         return attrs["val_acc"]
 
     def _train_one(self, trial, config, first):

@@ -4,7 +4,9 @@ Every text on the page that comes from a storage, a file or the command line is 
 page's markup (_esc, _num) and inside the figures (_escape_figure), whose titles, names and hover
 texts plotly renders as HTML. Anyone who can write to a shared storage can write a trial's attrs.
 """
+import functools
 import html
+import logging
 import re
 
 import numpy as np
@@ -16,26 +18,44 @@ from plotly.offline import get_plotlyjs
 from model.curves import curve
 from model.outputs import PAGE_TAG
 from model.schedule import cyclic_lr
-from search.report import study_report
+from search.report import param_names, space_text, study_report
+from search.space import format_params
 
-_STUDY_FIGURES = (
-    ("Optimization history", ov.plot_optimization_history),
-    ("Validation accuracy over λ", lambda s: ov.plot_slice(s, params=["lam"])),
-    ("Intermediate values (half-cycle reports)", ov.plot_intermediate_values),
-    ("Empirical distribution of validation accuracy", ov.plot_edf),
-    ("Timeline", ov.plot_timeline),
-)
+log = logging.getLogger(__name__)
 
 
 def study_figures(study):
-    """[(title, go.Figure)] for a study: history, slice over λ (log axis), intermediate values,
-    EDF and timeline (Optuna's figures)."""
+    """[(title, go.Figure)] for a study, from Optuna's figures: the optimization history, a slice
+    per parameter (on a log axis where the parameter is log), intermediate values, EDF and
+    timeline; with two parameters or more also the contour, parallel-coordinate and importance
+    figures. (Titles hold parameter names from the storage: _Page escapes every figure.)"""
+    names = param_names(study, study.get_trials(deepcopy=False))
+    makers = [("Optimization history", ov.plot_optimization_history)]
+    makers += [(f"Validation accuracy over {name}", functools.partial(ov.plot_slice, params=[name]))
+               for name in names]
+    if len(names) >= 2:
+        makers += [("Contour", ov.plot_contour), ("Parallel coordinates", ov.plot_parallel_coordinate),
+                   ("Parameter importances", ov.plot_param_importances)]
+    makers += [("Intermediate values (half-cycle reports)", ov.plot_intermediate_values),
+               ("Empirical distribution of validation accuracy", ov.plot_edf),
+               ("Timeline", ov.plot_timeline)]
     figs = []
-    for title, make in _STUDY_FIGURES:
-        fig = make(study)
-        fig.update_layout(title=title, height=380, margin=dict(l=60, r=20, t=50, b=50))
-        figs.append((title, fig))
+    for title, make in makers:
+        fig = _figure(make, study)
+        if fig is not None:
+            fig.update_layout(title=title, height=380, margin=dict(l=60, r=20, t=50, b=50))
+            figs.append((title, fig))
     return figs
+
+
+def _figure(make, study):
+    """make(study), or None when Optuna cannot draw it for this study (e.g. the importances of a
+    study with fewer than two complete trials)."""
+    try:
+        return make(study)
+    except (ValueError, RuntimeError) as e:
+        log.info("figure %s skipped: %s", getattr(make, "__name__", make), e)
+        return None
 
 
 def curve_figures(history, config):
@@ -98,17 +118,25 @@ def _escape_figure(fig):
 
 
 def _table(rep):
-    head = "<tr><th>#</th><th>λ</th><th>state</th><th>val acc</th><th>± std</th><th>val loss</th>" \
-           "<th>train acc</th><th>seconds</th><th>note</th></tr>"
+    names = rep["params"]
+    head = ("<tr><th>#</th>" + "".join(f"<th>{_esc(n)}</th>" for n in names)
+            + "<th>state</th><th>val acc</th><th>± std</th><th>val loss</th>"
+            "<th>train acc</th><th>seconds</th><th>note</th></tr>")
     rows = []
     for r in rep["trials"]:
         note = f"retry of #{r['retry_of']}" if r["retry_of"] is not None else (r["failure"] or "")
-        rows.append(f"<tr><td>{_esc(r['number'])}</td><td>{_num(r['lam'], '.3e')}</td>"
-                    f"<td>{_esc(r['state'])}</td><td>{_num(r['val_acc'], '.4f')}</td>"
+        rows.append(f"<tr><td>{_esc(r['number'])}</td>"
+                    + "".join(f"<td>{_value(r['params'].get(n))}</td>" for n in names)
+                    + f"<td>{_esc(r['state'])}</td><td>{_num(r['val_acc'], '.4f')}</td>"
                     f"<td>{_num(r['val_acc_std'], '.4f')}</td><td>{_num(r['val_loss'], '.4f')}</td>"
                     f"<td>{_num(r['train_acc'], '.4f')}</td><td>{_num(r['seconds'], '.1f')}</td>"
                     f"<td>{_esc(note)}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _value(x):
+    """A parameter's value in a table cell: floats in scientific notation, the rest as text."""
+    return _num(x, ".3e") if isinstance(x, float) else ("" if x is None else _esc(x))
 
 
 class _Page:
@@ -139,16 +167,15 @@ def study_section(page, study):
     rep = study_report(study)
     page.text(f"<h2>{_esc(rep['name'])}</h2>")
     best = rep["best"]
-    page.text(f"<p>{_esc(rep['n_complete'])} complete trials"
-              + (f"; best λ = {_num(best['lam'], '.4g')} (trial #{_esc(best['number'])}), "
+    page.text(f"<p>{_esc(rep['n_complete'])} complete trials in {_esc(space_text(rep['space']))}"
+              + (f"; best {_esc(format_params(best['params']))} (trial #{_esc(best['number'])}), "
                  f"validation accuracy {_num(best['val_acc'], '.4f')}" if best else "") + "</p>")
-    fr = rep["fine_range"]
-    if isinstance(fr, dict):
-        page.text(f"<p class=range>Fine λ range [{_num(fr.get('low'), '.3g')}, "
-                  f"{_num(fr.get('high'), '.3g')}] derived from {_esc(fr.get('coarse_study'))} "
-                  f"trials {_esc(fr.get('from_trials'))}: {_esc(fr.get('rule'))}</p>")
-    if rep["warning"]:
-        page.text(f"<p class=warn>Warning: {_esc(rep['warning'])}</p>")
+    n = rep["narrowed"]
+    if isinstance(n, dict):
+        page.text(f"<p class=range>Narrowed from {_esc(n.get('from_study'))} trials "
+                  f"{_esc(n.get('from_trials'))}: {_esc(n.get('rule'))}</p>")
+    for warning in rep["warnings"]:
+        page.text(f"<p class=warn>Warning: {_esc(warning)}</p>")
     page.figures(study_figures(study))
     page.text(_table(rep))
 
@@ -159,10 +186,12 @@ def final_section(page, final):
     seeds = ", ".join(f"seed {_esc(s['seed'])}: {_num(s['test_acc'], '.4f')}" for s in m["seeds"])
     src = m["source"]
     where = f"{src['study']} trial #{src['trial']}" if src.get("study") else "given on the command line"
-    page.text(f"<h2>Final run</h2><p class=final>λ = {_num(m['lam'], '.4g')} ({_esc(where)}); test "
-              f"accuracy <b>{_num(m['test_acc_mean'], '.4f')} ± {_num(m['test_acc_std'], '.4f')}</b> "
-              f"({seeds}); {_esc(final['config']['cycles'])} cycle(s) of n_s = "
-              f"{_esc(final['config']['n_s'])}</p>")
+    params = m.get("params")  # a results folder of the releases before campaign files has none
+    page.text(f"<h2>Final run</h2><p class=final>"
+              f"{_esc(format_params(params)) if isinstance(params, dict) else ''} ({_esc(where)}); "
+              f"test accuracy <b>{_num(m['test_acc_mean'], '.4f')} ± "
+              f"{_num(m['test_acc_std'], '.4f')}</b> ({seeds}); {_esc(final['config']['cycles'])} "
+              f"cycle(s) of n_s = {_esc(final['config']['n_s'])}</p>")
     page.figures(curve_figures(final["history"], final["config"]))
 
 
@@ -179,7 +208,7 @@ class Dashboard:
     the pipeline makes its Dashboard while the final run's last seed trains and a CPU is free."""
 
     def __init__(self, campaign, storage_label, studies):
-        self.header = (f"<h1>λ search — campaign {_esc(campaign)}</h1>"
+        self.header = (f"<h1>Hyperparameter search — campaign {_esc(campaign)}</h1>"
                        f"<p>storage {_esc(storage_label)}</p>")
         self.campaign = campaign
         page = _Page("study-fig")
@@ -193,7 +222,7 @@ class Dashboard:
         if final:
             final_section(page, final)
         body = "\n".join([self.header, *page.parts, *self.studies_part])
-        return (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{PAGE_TAG}<title>λ search — "
+        return (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{PAGE_TAG}<title>search — "
                 f"{_esc(self.campaign)}</title><style>{_STYLE}</style>"
                 f"<script>{_PLOTLY_CONFIG}</script><script>{get_plotlyjs()}</script></head>"
                 f"<body>{body}</body></html>")

@@ -1,19 +1,22 @@
-"""Tables and summaries of studies, as dicts (for --json) and as text (the report's tables)."""
+"""Tables and summaries of studies, as dicts (for --json) and as text (the report's tables).
+
+Every table has one column per searched parameter, named as the study's trials name them.
+"""
 import logging
 
 from optuna.trial import TrialState
 
 from search.runner import SURPLUS
-from search.space import on_border, space_from_dict
-from search.study import campaign_studies, finished_trials, retried_from
+from search.space import Categorical, format_params, format_value, on_border, space_from_dict
+from search.study import campaign_studies, finished_trials, named_study, retried_from
 
 log = logging.getLogger(__name__)
 
 
 def trial_row(t):
-    """One trial as a plain dict."""
+    """One trial as a plain dict; "params" is the trial's own params."""
     attrs = t.user_attrs
-    return {"number": t.number, "state": t.state.name, "lam": t.params.get("lam"),
+    return {"number": t.number, "state": t.state.name, "params": dict(t.params),
             "val_acc": t.value if t.state == TrialState.COMPLETE else None,
             "val_acc_std": attrs.get("val_acc_std"), "val_loss": attrs.get("val_loss"),
             "train_acc": attrs.get("train_acc"), "seconds": attrs.get("seconds"),
@@ -34,21 +37,37 @@ def best_row(study):
     if not done:
         return None
     best = done[0]
-    return {"number": best.number, "lam": best.params["lam"], "val_acc": best.value,
+    return {"number": best.number, "params": dict(best.params), "val_acc": best.value,
             "val_acc_std": best.user_attrs.get("val_acc_std")}
 
 
-def border_warning(study, best):
-    """A sentence when the best λ sits on a border of the searched range, else None."""
-    lam_param = [p for p in space_from_dict(study.user_attrs.get("space", [])) if p.name == "lam"]
-    if best is None or not lam_param or study.user_attrs.get("sampler") == "grid":
-        return None
-    p = lam_param[0]
-    if on_border(best["lam"], p.low, p.high):
-        widen = "--margin" if study.user_attrs.get("phase") == "fine" else "--low/--high"
-        return (f"the best λ {best['lam']:.3g} lies on a border of [{p.low:.3g}, {p.high:.3g}]: "
-                f"the optimum may be outside the range; widen {widen}")
-    return None
+def study_space(study):
+    """The parameters the study recorded (none for a define-by-run space)."""
+    return space_from_dict(study.user_attrs.get("space") or [])
+
+
+def narrowing(study):
+    """How the study's space was derived from an earlier phase, or None. (Studies of the
+    releases that searched λ alone recorded it as "fine_range".)"""
+    attrs = study.user_attrs
+    if "narrowed" in attrs:
+        return attrs["narrowed"]
+    old = attrs.get("fine_range")
+    return old and {"from_study": old["coarse_study"], "from_trials": old["from_trials"],
+                    "rule": old["rule"]}
+
+
+def border_warnings(study, best):
+    """A sentence per numeric parameter whose best value sits on a border of its range."""
+    if best is None or study.user_attrs.get("grid"):
+        return []
+    widen = ("raise the narrow margin (--margin)" if narrowing(study) else
+             "widen its range in the campaign file (or --low/--high)")
+    return [f"the best {p.name} {format_value(best['params'][p.name])} lies on a border of "
+            f"[{format_value(p.low)}, {format_value(p.high)}]: the optimum may be outside the "
+            f"range; {widen}"
+            for p in study_space(study)
+            if p.name in best["params"] and on_border(p, best["params"][p.name])]
 
 
 def study_report(study):
@@ -59,45 +78,76 @@ def study_report(study):
     surplus = [t for t in trials if t.user_attrs.get("failure") == SURPLUS]
     trials = [t for t in trials if t.user_attrs.get("failure") != SURPLUS]
     best = best_row(study)
-    return {"name": study.study_name, "best": best, "trials": [trial_row(t) for t in trials],
+    return {"name": study.study_name, "phase": study.user_attrs.get("phase"),
+            "params": param_names(study, trials), "space": study.user_attrs.get("space"),
+            "best": best, "trials": [trial_row(t) for t in trials],
             "n_complete": sum(t.state == TrialState.COMPLETE for t in trials),
             "n_surplus": len(surplus),
             "repeats": study.user_attrs.get("repeats", 1),
-            "fine_range": study.user_attrs.get("fine_range"),
-            "warning": border_warning(study, best)}
+            "narrowed": narrowing(study),
+            "warnings": border_warnings(study, best)}
 
 
-def status_report(storage, campaign):
-    """{"campaign", "studies": [study_report, ...]}; InputError for an unknown campaign."""
-    return {"campaign": campaign,
-            "studies": [study_report(s) for s in campaign_studies(storage, campaign)]}
+def param_names(study, trials):
+    """The study's parameter names: its space's order, then any others its trials have."""
+    names = [p.name for p in study_space(study)]
+    return names + sorted({n for t in trials for n in t.params} - set(names))
+
+
+def status_report(storage, campaign=None, study=None):
+    """{"campaign", "studies": [study_report, ...]} of a campaign, or of the study named `study`;
+    InputError for an unknown campaign or study."""
+    studies = named_study(storage, study) if study else campaign_studies(storage, campaign)
+    return {"campaign": campaign if not study else studies[0].user_attrs.get("campaign"),
+            "studies": [study_report(s) for s in studies]}
 
 
 def _fmt(x, spec):
     return format(x, spec) if x is not None else "—"
 
 
+def _cell(value):
+    if value is None:
+        return "—"
+    return f"{value:.3e}" if isinstance(value, float) else str(value)
+
+
+def space_text(space):
+    """'lam ∈ [1e-05, 0.1] (log), n_batch ∈ {50, 100}'."""
+    parts = []
+    for p in space_from_dict(space or []):
+        if isinstance(p, Categorical):
+            parts.append(f"{p.name} ∈ {{{', '.join(map(str, p.choices))}}}")
+        else:
+            step = f" step {p.step}" if getattr(p, "step", 1) != 1 else ""
+            parts.append(f"{p.name} ∈ [{format_value(p.low)}, {format_value(p.high)}]{step}"
+                         + (" (log)" if p.log else ""))
+    return ", ".join(parts) or "define-by-run"
+
+
 def study_text(rep):
+    names = rep["params"]
     lines = [f"== {rep['name']}: {rep['n_complete']} complete trials"
-             + (f", {rep['repeats']} seeds per λ" if rep["repeats"] > 1 else "")]
-    if rep["fine_range"]:
-        fr = rep["fine_range"]
-        lines.append(f"   λ range [{fr['low']:.3g}, {fr['high']:.3g}] from coarse trials "
-                     f"{fr['from_trials']} ({fr['rule']})")
-    lines.append(f"   {'#':>4} {'λ':>10} {'state':>9} {'val acc':>16} {'val loss':>9} "
-                 f"{'train acc':>9} {'s':>6}")
+             + (f", {rep['repeats']} seeds per trial" if rep["repeats"] > 1 else ""),
+             f"   space: {space_text(rep['space'])}"]
+    if rep["narrowed"]:
+        n = rep["narrowed"]
+        lines.append(f"   narrowed from {n['from_study']} trials {n['from_trials']} ({n['rule']})")
+    lines.append(f"   {'#':>4} " + "".join(f"{n:>10} " for n in names)
+                 + f"{'state':>9} {'val acc':>16} {'val loss':>9} {'train acc':>9} {'s':>6}")
     for r in rep["trials"]:
         acc = _fmt(r["val_acc"], ".4f") + (f" ± {r['val_acc_std']:.4f}"
                                            if r["val_acc"] is not None and rep["repeats"] > 1 else "")
         note = f"retry of #{r['retry_of']}" if r["retry_of"] is not None else (r["failure"] or "")
-        lines.append(f"   {r['number']:>4} {_fmt(r['lam'], '10.3e')} {r['state']:>9} {acc:>16} "
+        cells = "".join(f"{_cell(r['params'].get(n)):>10} " for n in names)
+        lines.append(f"   {r['number']:>4} {cells}{r['state']:>9} {acc:>16} "
                      f"{_fmt(r['val_loss'], '9.4f')} {_fmt(r['train_acc'], '9.4f')} "
                      f"{_fmt(r['seconds'], '6.1f')} {note}".rstrip())
     if rep["best"]:
         b = rep["best"]
-        lines.append(f"   best: #{b['number']} λ = {b['lam']:.4g}, val acc {b['val_acc']:.4f}")
-    if rep["warning"]:
-        lines.append(f"   warning: {rep['warning']}")
+        lines.append(f"   best: #{b['number']} {format_params(b['params'])}, "
+                     f"val acc {b['val_acc']:.4f}")
+    lines += [f"   warning: {w}" for w in rep["warnings"]]
     return "\n".join(lines)
 
 
@@ -107,25 +157,23 @@ def status_text(report):
 
 def phase_summary(study, spec, storage_label, seconds):
     best = best_row(study)
-    warning = border_warning(study, best)
-    if warning:
-        log.warning(warning)
+    warnings = border_warnings(study, best)
+    for w in warnings:
+        log.warning(w)
     return {"campaign": spec.campaign, "phase": spec.phase, "study": study.study_name,
             "storage": storage_label, "n_complete": len(finished_trials(study)),
-            "n_trials": spec.n_trials, "best": best,
-            "fine_range": study.user_attrs.get("fine_range"), "warning": warning,
-            "seconds": round(seconds, 2)}
+            "n_trials": spec.n_trials, "best": best, "space": study.user_attrs.get("space"),
+            "narrowed": narrowing(study), "warnings": warnings, "seconds": round(seconds, 2)}
 
 
 def summary_text(s):
     b = s["best"]
-    head = (f"{s['study']}: {s['n_complete']} complete trials; best λ = {b['lam']:.4g} "
-            f"(trial #{b['number']}), val acc {b['val_acc']:.4f}" if b else f"{s['study']}: no complete trial")
+    head = (f"{s['study']}: {s['n_complete']} complete trials; best {format_params(b['params'])}"
+            f" (trial #{b['number']}), val acc {b['val_acc']:.4f}" if b
+            else f"{s['study']}: no complete trial")
     extra = []
-    if s["fine_range"]:
-        extra.append(f"fine λ range [{s['fine_range']['low']:.3g}, {s['fine_range']['high']:.3g}] "
-                     f"({s['fine_range']['rule']})")
-    if s["warning"]:
-        extra.append("warning: " + s["warning"])
+    if s["narrowed"]:
+        extra.append(f"narrowed space {space_text(s['space'])} ({s['narrowed']['rule']})")
+    extra += ["warning: " + w for w in s["warnings"]]
     extra.append(f"storage {s['storage']}, {s['seconds']:.1f} s")
     return "\n".join([head] + extra)

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOME = Path("studies")
 DEFAULT_STORAGE = f"sqlite:///{DEFAULT_HOME}/studies.db"
-PHASES = ("coarse", "fine")
+PHASES = ("coarse", "fine")  # the phases of the releases before campaign files
 HEARTBEAT_INTERVAL = 5   # seconds between a running trial's heartbeats
 GRACE_PERIOD = 20        # a RUNNING trial silent this long belongs to a dead worker
 MAX_RETRY = 3            # a trial whose worker died is re-queued (same λ) at most this often
@@ -29,7 +29,7 @@ FINISHED = (TrialState.COMPLETE,)  # what --n-trials counts; pruned trials come 
 
 
 def study_name(campaign, phase):
-    """'<campaign>-coarse' or '<campaign>-fine': one storage holds many campaigns."""
+    """'<campaign>-<phase>', e.g. cifar10-coarse: one storage holds many campaigns."""
     return f"{campaign}-{phase}"
 
 
@@ -334,20 +334,42 @@ def load_study(storage, name, sampler=None, pruner=None):
 
 
 def campaign_studies(storage, campaign):
-    """The campaign's phase studies present in storage (coarse first); InputError if none."""
-    names = set(optuna.get_all_study_names(storage))
-    wanted = [study_name(campaign, ph) for ph in PHASES if study_name(campaign, ph) in names]
-    if not wanted:
+    """The campaign's phase studies in storage, in phase order; InputError if none.
+
+    A study belongs to the campaign its user attrs name (every release recorded it); a study
+    without them is found under the old names <campaign>-coarse / -fine."""
+    # the final run's study (search.final) is no search phase: its test accuracy must not be a pick
+    mine = [s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+            if _campaign_of(s) == campaign and s.user_attrs.get("phase") != "final"]
+    if not mine:
         have = ", ".join(campaigns(storage)) or "none"
         raise InputError(f"no campaign {campaign!r} in the storage (campaigns: {have}); "
                          "check --campaign or --storage")
-    return [optuna.load_study(study_name=n, storage=storage) for n in wanted]
+    mine.sort(key=lambda s: (s.user_attrs.get("phase_index", _old_index(s.study_name)),
+                             s.study_name))
+    return [optuna.load_study(study_name=s.study_name, storage=storage) for s in mine]
+
+
+def _campaign_of(frozen):
+    if "campaign" in frozen.user_attrs:
+        return frozen.user_attrs["campaign"]
+    head, _, phase = frozen.study_name.rpartition("-")
+    return head if phase in PHASES else None
+
+
+def _old_index(name):
+    phase = name.rpartition("-")[2]
+    return PHASES.index(phase) if phase in PHASES else len(PHASES)
 
 
 def campaigns(storage):
     """Campaign names that have at least one phase study in the storage."""
-    names = optuna.get_all_study_names(storage)
-    return sorted({n.rsplit("-", 1)[0] for n in names if n.rsplit("-", 1)[-1] in PHASES})
+    return sorted({c for s in optuna.get_all_study_summaries(storage, include_best_trial=False) if (c := _campaign_of(s))})
+
+
+def named_study(storage, name):
+    """[the study called name] (status and dashboard of any study); InputError if none."""
+    return [load_study(storage, name)]
 
 
 def finished_trials(study):

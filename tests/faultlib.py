@@ -203,10 +203,10 @@ def duplicated_lams(trials):
     which is FAIL, so any shared λ here is a trial run twice)."""
     seen, dups = set(), []
     for t in complete(trials):
-        lam = t.params["lam"]
-        if lam in seen:
-            dups.append(lam)
-        seen.add(lam)
+        values = tuple(sorted(t.params.items()))
+        if values in seen:
+            dups.append(values)
+        seen.add(values)
     return dups
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_space import BAD
 
 REPO = Path(__file__).resolve().parents[1]
 CAMPAIGN = "cli"  # the valid campaign every case's storage copy holds (coarse study, 3 trials)
@@ -54,6 +55,13 @@ FINAL = ["--n-val", "20", "--seeds", "1", "--n-s", "5", "--cycles", "1"]
 PIPELINE = ["--n-val", "20", "--coarse-trials", "3", "--fine-trials", "3", "--search-n-s", "5",
             "--search-cycles", "1", "--final-n-s", "5", "--final-cycles", "1", "--seeds", "1",
             "--workers", "1", "--pruner", "none"]
+
+
+# A bad campaign file per case of tests/test_space.py, and what its error must start with.
+BAD_CAMPAIGNS = {**BAD, "valid-one-phase": (
+    '[[phases]]\nname = "only"\nparams.lam = {low = 1e-5, high = 1e-1, log = true}\n', "")}
+CAMPAIGN_NEEDLES = {name: ("malformed TOML" if name in ("malformed", "duplicated-param") else needle)
+                    for name, (_, needle) in BAD.items()}
 
 
 class OneLineViolation(AssertionError):
@@ -180,6 +188,19 @@ CASES = [
          ["fine", "--campaign", CAMPAIGN, "--storage", "{db}", "--data-dir", "{data}", *SEARCH,
           "--values", ","], "--values"),
     case("search-unknown-phase", "search.py", ["bogus", "--storage", "{db}"], "bogus"),
+    case("pipeline-config-missing", "pipeline.py",
+         ["--config", "{case}/none.toml", "--storage", "{db}", "--data-dir", "{data}", *PIPELINE,
+          "--out-dir", "{out}/campaign"], "{case}/none.toml"),
+    case("search-values-on-a-phase-with-four-params", "search.py",
+         ["coarse", "--config", "example", "--campaign", "fresh", "--storage", "{db}",
+          "--data-dir", "{data}", *SEARCH, "--values", "1e-3,1e-2"], "--values"),
+    case("pipeline-phase-flag-not-in-campaign", "pipeline.py",
+         ["--config", "{bad}", "--storage", "{db}", "--data-dir", "{data}", *PIPELINE,
+          "--out-dir", "{out}/campaign"], "--coarse-trials", setup="campaign-valid-one-phase"),
+    *[case(f"pipeline-campaign-{name}", "pipeline.py",
+           ["--config", "{bad}", "--storage", "{db}", "--data-dir", "{data}", *PIPELINE,
+            "--out-dir", "{out}/campaign"], "{bad}: " + needle, setup=f"campaign-{name}")
+      for name, needle in CAMPAIGN_NEEDLES.items()],
     # ---- storage -------------------------------------------------------------------------------
     case("status-storage-malformed-url", "search.py",
          ["status", "--campaign", CAMPAIGN, "--storage", "notaurl://"], "notaurl"),
@@ -347,6 +368,10 @@ def hostile_batch(marker):
 def make_bad_data(kind, case_dir, tiny):
     """Build the broken data set of a case in case_dir/bad; return the path passed as {bad}."""
     bad = case_dir / "bad"
+    if kind.startswith("campaign-"):  # a bad campaign file (tests/test_space.py: BAD)
+        bad = case_dir / "bad.toml"
+        bad.write_text(BAD_CAMPAIGNS[kind.removeprefix("campaign-")][0])
+        return bad
     if kind == "empty":
         bad.mkdir()
         return bad

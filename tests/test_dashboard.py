@@ -52,7 +52,7 @@ def fake_final():
                 "train": {"acc": 0.1 + s / 100, "loss": 2.3 - s / 20, "cost": 2.4 - s / 20},
                 "val": {"acc": 0.1 + s / 120, "loss": 2.3 - s / 25, "cost": 2.4 - s / 25}}
                for s in range(0, 21, 5)]
-    metrics = {"lam": 1e-3, "source": {"study": "u-fine", "trial": 1, "phase": "fine"},
+    metrics = {"params": {"lam": 1e-3}, "source": {"study": "u-fine", "trial": 1, "phase": "fine"},
                "seeds": [{"seed": 0, "test_acc": 0.3}, {"seed": 1, "test_acc": 0.32}],
                "test_acc_mean": 0.31, "test_acc_std": 0.01}
     config = {"n_s": 10, "cycles": 1, "eta_min": 1e-5, "eta_max": 0.1}
@@ -292,3 +292,25 @@ def test_dashboard_screenshot_is_not_blank(browser_runs):
     # and a good part of the page is not the white background (plot areas are tinted)
     not_white = np.any(pixels < 245, axis=2).mean()
     assert not_white > 0.10, not_white
+
+
+def test_two_parameters_get_a_slice_each_on_their_scale_and_the_joint_figures(tmp_path):
+    from search.plots import study_figures
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    study = optuna.create_study(study_name="two-coarse", storage=storage, direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.set_user_attr("space", [{"name": "lam", "low": 1e-5, "high": 1e-1, "log": True},
+                                  {"name": "m", "low": 10, "high": 100, "step": 1, "log": False,
+                                   "type": "int"}])
+    study.optimize(lambda t: 0.4 + 0.01 * t.suggest_int("m", 10, 100) / 100
+                   - 0.01 * abs(np.log10(t.suggest_float("lam", 1e-5, 1e-1, log=True)) + 3),
+                   n_trials=6)
+    figs = dict(study_figures(study))
+    # one slice per parameter, λ on a log axis (it is searched log-uniformly), m on a linear one
+    assert figs["Validation accuracy over lam"].layout.xaxis.type == "log"
+    assert figs["Validation accuracy over m"].layout.xaxis.type in (None, "linear")
+    # with two parameters: Optuna's contour, parallel-coordinate and importance figures too
+    assert {"Contour", "Parallel coordinates", "Parameter importances"} <= set(figs)
+    assert len(figs) == STUDY_FIGURES - 1 + 2 + 3

@@ -187,19 +187,22 @@ def test_pipeline_end_to_end_then_resumes(cifar_subset, env, tmp_path):
     first = one_json(proc)
     # every stage ran and reported
     assert first["gradcheck"]["passed"] is True
-    assert first["coarse_best"] and first["fine_best"]
-    fr = first["fine_range"]
-    assert fr["coarse_study"] == "it-coarse" and 1e-5 <= fr["low"] < fr["high"] <= 1e-1
-    assert fr["low"] <= first["fine_best"]["lam"] <= fr["high"]  # fine searched its range
+    coarse, fine = first["phases"]
+    assert coarse["best"] and fine["best"]
+    assert fine["narrowed"]["from_study"] == "it-coarse"
+    (fr,) = fine["space"]
+    assert 1e-5 <= fr["low"] < fr["high"] <= 1e-1
+    assert fr["low"] <= fine["best"]["params"]["lam"] <= fr["high"]  # fine searched its range
     final = first["final"]
-    assert final["lam"] == first["fine_best"]["lam"]  # the final run trains the best fine λ
+    assert final["params"] == fine["best"]["params"]  # the final run trains the best fine λ
     assert len(final["test_acc"]) == 2  # --seeds 2
     assert final["test_acc_mean"] > 0.2, final  # learned on real images (chance: 0.10)
     assert np.isclose(final["test_acc_mean"], np.mean(final["test_acc"]))
     metrics_path = out / "final" / "metrics.json"
     assert metrics_path.is_file() and (out / "dashboard.html").is_file()
     metrics = json.loads(metrics_path.read_text())
-    assert metrics["lam"] == final["lam"] and metrics["test_acc_mean"] == final["test_acc_mean"]
+    assert metrics["params"] == final["params"]
+    assert metrics["test_acc_mean"] == final["test_acc_mean"]
     page = (out / "dashboard.html").read_text()
     assert "it-coarse" in page and "it-fine" in page and "Final run" in page
     trials = {p: trials_of(db, f"it-{p}") for p in ("coarse", "fine")}
@@ -214,7 +217,7 @@ def test_pipeline_end_to_end_then_resumes(cifar_subset, env, tmp_path):
     proc, second_seconds = run_script("pipeline.py", args, env)
     second = one_json(proc)
     # resume: the same λ and results, no new trial, and the final run was not redone
-    assert second["final"] == final and second["fine_best"] == first["fine_best"]
+    assert second["final"] == final and second["phases"] == first["phases"]
     assert {p: trials_of(db, f"it-{p}") for p in ("coarse", "fine")} == trials
     assert {p.name: file_state(p) for p in (out / "final").iterdir()} == final_files
     assert second_seconds < first_seconds, (first_seconds, second_seconds)

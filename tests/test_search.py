@@ -1,7 +1,7 @@
 """The search layer: the fine-range rule, the objective's trials, resume, seeds, divergence, and
 scripts/search.py (coarse → fine → status, bad input, parallel workers, PostgreSQL).
 
-In-process tests run search.phases.run_phase on the tiny synthetic data into a tmp_path SQLite
+In-process tests run search.phases.run_spec on the tiny synthetic data into a tmp_path SQLite
 file; script tests run scripts/search.py as users do, on the tiny CIFAR-10 (tests/conftest.py).
 Known bugs are xfail(strict=True) with the culprit in the reason: they fail today, and strict
 mode reports the day one is fixed.
@@ -21,14 +21,15 @@ from optuna.trial import TrialState
 import faultlib as fl
 from model.errors import ConfigError, InputError
 from model.train import TrainConfig
-from search.phases import PhaseSpec, create_or_resume, make_fine_spec, run_phase
+from search.phases import PhaseSpec, create_or_resume, run_spec
 from search.runner import trial_seed
-from search.space import COARSE_LAM, Param, fine_range, lam_space, on_border, parse_values
+from search.space import Float, narrow, on_border, parse_values
 from search.study import open_storage
 
 # A trial on tiny_data (53 × 20 train) takes a few milliseconds with this protocol.
 TINY_CONFIG = TrainConfig(m=10, n_batch=10, n_s=5, cycles=1, evals_per_cycle=2,
                           eval_train_samples=0, dtype="float64")
+LAM = Float("lam", 1e-5, 1e-1, log=True)  # the report's coarse λ space
 ATTRS = ("val_acc", "val_acc_std", "val_accs", "val_loss", "train_acc", "steps", "seconds", "seeds")
 
 
@@ -37,38 +38,37 @@ ATTRS = ("val_acc", "val_acc_std", "val_accs", "val_loss", "train_acc", "steps",
 
 
 @pytest.mark.parametrize("lams", [[1e-3, 1e-2], [3e-5], [1e-5, 1e-1], [2e-2, 1.1e-5, 7e-4]])
-def test_fine_range_lies_inside_the_coarse_bounds(lams):
-    low, high = fine_range(lams)
-    # the fine range never leaves the coarse range, and it is a real interval
-    assert COARSE_LAM[0] <= low < high <= COARSE_LAM[1]
+def test_narrowed_range_lies_inside_the_coarse_bounds(lams):
+    p = narrow(LAM, lams, 0.25)
+    # the narrowed range never leaves the coarse range, and it is a real interval
+    assert LAM.low <= p.low < p.high <= LAM.high
     # it covers every λ it was derived from
-    assert low <= min(lams) and max(lams) <= high
+    assert p.low <= min(lams) and max(lams) <= p.high
 
 
-def test_fine_range_spans_the_lams_with_the_margin():
-    low, high = fine_range([1e-2, 1e-3, 4e-3], margin=0.25)
+def test_narrowed_range_spans_the_lams_with_the_margin():
+    p = narrow(LAM, [1e-2, 1e-3, 4e-3], margin=0.25)
     # from the smallest to the largest λ, widened by exactly 0.25 decade on each side (log10)
-    assert math.log10(low) == pytest.approx(-3.25, abs=1e-12)
-    assert math.log10(high) == pytest.approx(-1.75, abs=1e-12)
+    assert math.log10(p.low) == pytest.approx(-3.25, abs=1e-12)
+    assert math.log10(p.high) == pytest.approx(-1.75, abs=1e-12)
     # one λ: a range of 2·margin decades centred on it
-    low, high = fine_range([1e-3], margin=0.5)
-    assert low == pytest.approx(10 ** -3.5, rel=1e-12)
-    assert high == pytest.approx(10 ** -2.5, rel=1e-12)
+    p = narrow(LAM, [1e-3], margin=0.5)
+    assert p.low == pytest.approx(10 ** -3.5, rel=1e-12)
+    assert p.high == pytest.approx(10 ** -2.5, rel=1e-12)
 
 
-def test_fine_range_is_clipped_to_the_bounds():
+def test_narrowed_range_is_clipped_to_the_bounds():
     # λ near both borders: the margin would leave [1e-5, 1e-1]; the ends are clipped to it
-    low, high = fine_range([2e-5, 6e-2], bounds=(1e-5, 1e-1), margin=0.5)
-    assert low == pytest.approx(1e-5, rel=1e-12) and high == pytest.approx(1e-1, rel=1e-12)
+    p = narrow(LAM, [2e-5, 6e-2], margin=0.5)
+    assert p.low == pytest.approx(1e-5, rel=1e-12) and p.high == pytest.approx(1e-1, rel=1e-12)
     # other bounds are honoured too, one side clipped and the other not
-    low, high = fine_range([1e-3], bounds=(1e-4, 1.1e-3), margin=0.25)
-    assert low == pytest.approx(10 ** -3.25, rel=1e-12) and high == pytest.approx(1.1e-3, rel=1e-12)
+    p = narrow(Float("lam", 1e-4, 1.1e-3, log=True), [1e-3], margin=0.25)
+    assert p.low == pytest.approx(10 ** -3.25, rel=1e-12) and p.high == pytest.approx(1.1e-3, rel=1e-12)
 
 
-@pytest.mark.parametrize("text", ["", ",", "a,b", "1e-3;2e-3", "1e-3,x", "0", "1e-3,-1e-4",
-                                  "nan", "1e-3,inf", "-inf"])
+@pytest.mark.parametrize("text", ["", ",", "a,b", "1e-3;2e-3", "1e-3,x", "nan", "1e-3,inf", "-inf"])
 def test_parse_values_rejects_malformed_lists(text):
-    # every malformed or non-positive list is a ConfigError (one line, exit 2 in the scripts) ...
+    # every malformed or non-finite list is a ConfigError (one line, exit 2 in the scripts) ...
     with pytest.raises(ConfigError) as e:
         parse_values(text)
     # ... whose message quotes the flag, so the user knows what to fix
@@ -83,37 +83,37 @@ def test_parse_values_sorts_and_deduplicates():
 def test_param_rejects_bad_bounds(low, high):
     # low ≤ 0 on a log scale, and low ≥ high, are refused at construction
     with pytest.raises(ConfigError):
-        Param("lam", low, high)
+        Float("lam", low, high, log=True)
 
 
 def test_param_accepts_a_valid_range():
-    assert Param("lam", 1e-5, 1e-1).low == 1e-5
-    assert Param("x", 0.0, 1.0, log=False).high == 1.0  # 0 is fine on a linear scale
+    assert Float("lam", 1e-5, 1e-1, log=True).low == 1e-5
+    assert Float("eta_max", 0.0, 1.0).high == 1.0  # 0 is fine on a linear scale
 
 
 def test_on_border():
-    low, high = 1e-5, 1e-1  # 4 decades: 5% is 0.2 decade
-    assert on_border(1e-5, low, high) and on_border(1e-1, low, high)  # the borders themselves
-    assert on_border(1.5e-5, low, high) and on_border(0.07, low, high)  # within 0.2 decade
-    assert not on_border(1e-3, low, high)  # the middle
-    assert not on_border(2e-5, low, high) and not on_border(0.05, low, high)  # 0.3 decade inside
+    # 4 decades: 5% is 0.2 decade
+    assert on_border(LAM, 1e-5) and on_border(LAM, 1e-1)  # the borders themselves
+    assert on_border(LAM, 1.5e-5) and on_border(LAM, 0.07)  # within 0.2 decade
+    assert not on_border(LAM, 1e-3)  # the middle
+    assert not on_border(LAM, 2e-5) and not on_border(LAM, 0.05)  # 0.3 decade inside
 
 
 # ---------------------------------------------------------------------------------------------
-# search.objective + search.phases.run_phase, in-process on tiny_data
+# search.objective + search.phases.run_spec, in-process on tiny_data
 
 
 def tiny_spec(campaign="t", n_trials=2, repeats=1, config=TINY_CONFIG, space=None, seed=0,
               pruner="none"):
     return PhaseSpec(campaign=campaign, phase="coarse", n_trials=n_trials, config=config,
-                     space=space or lam_space(), sampler="random", pruner=pruner,
+                     space=space or (LAM,), sampler="random", pruner=pruner,
                      repeats=repeats, seed=seed)
 
 
 def run_tiny(tmp_path, data, **kw):
     url = fl.sqlite_url(tmp_path / "s.db")
     spec = tiny_spec(**kw)
-    run_phase(spec, open_storage(url), url, data)
+    run_spec(spec, open_storage(url), data)
     return url, spec
 
 
@@ -132,7 +132,7 @@ def test_two_trial_study_records_its_attrs(tmp_path, tiny_data):
         assert t.user_attrs["steps"] == 2 * TINY_CONFIG.n_s * TINY_CONFIG.cycles
         assert np.isfinite(t.user_attrs["val_loss"]) and t.user_attrs["seconds"] >= 0
         # λ was drawn from the coarse space
-        assert COARSE_LAM[0] <= t.params["lam"] <= COARSE_LAM[1]
+        assert LAM.low <= t.params["lam"] <= LAM.high
     # the study records the protocol it was run with (what a resume is checked against)
     assert study_attrs["phase"] == "coarse" and study_attrs["repeats"] == 1
     assert study_attrs["config"]["n_s"] == TINY_CONFIG.n_s and "lam" not in study_attrs["config"]
@@ -203,7 +203,7 @@ def test_a_diverging_trial_fails_and_the_phase_completes(tmp_path, tiny_data):
     # and three complete.
     config = dataclasses.replace(TINY_CONFIG, eta_max=1e3, dtype="float32")
     url, spec = run_tiny(tmp_path, tiny_data, n_trials=3, config=config,
-                         space=lam_space(1e-3, 1e2), seed=6)
+                         space=(Float("lam", 1e-3, 1e2, log=True),), seed=6)
     trials, _ = fl.load_trials(url, spec.study_name)
     failed = [t for t in trials if t.state == TrialState.FAIL]
     # at least one trial diverged: it is FAIL, and its failure attr says why
@@ -216,7 +216,7 @@ def test_a_diverging_trial_fails_and_the_phase_completes(tmp_path, tiny_data):
 
 
 def _run_phase_in_step(url, spec, data, barrier):
-    """run_phase, but the worker loop starts only once every process has built its sampler:
+    """run_spec, but the worker loop starts only once every process has built its sampler:
     the deterministic form of "two processes load the study at the same moment"."""
     from search import runner
 
@@ -227,14 +227,14 @@ def _run_phase_in_step(url, spec, data, barrier):
         return original(*args, **kwargs)
 
     runner.work = work  # this forked child only
-    run_phase(spec, open_storage(url), url, data)
+    run_spec(spec, open_storage(url), data)
 
 
 @pytest.mark.timeout(60)
 def test_processes_joining_a_study_together_draw_distinct_lams(tmp_path, tiny_data):
     url = fl.sqlite_url(tmp_path / "s.db")
     spec = tiny_spec(n_trials=4)
-    run_phase(dataclasses.replace(spec, n_trials=1), open_storage(url), url, tiny_data)
+    run_spec(dataclasses.replace(spec, n_trials=1), open_storage(url), tiny_data)
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(2)
     procs = [ctx.Process(target=_run_phase_in_step, args=(url, spec, tiny_data, barrier))
@@ -252,7 +252,7 @@ def test_processes_joining_a_study_together_draw_distinct_lams(tmp_path, tiny_da
 
 
 def _run_phase_child(url, spec, data, opts):
-    run_phase(spec, open_storage(url, **opts), url, data, storage_opts=opts)
+    run_spec(spec, open_storage(url, **opts), data, storage_opts=opts)
 
 
 @pytest.mark.timeout(60)
@@ -412,9 +412,10 @@ def test_values_with_a_diverging_value_train_each_value_once(tmp_path, tiny_data
     # λ = 1e3 diverges at η_max 1e3 on tiny_data (float32), λ = 1e-4 does not
     config = dataclasses.replace(TINY_CONFIG, eta_max=1e3, dtype="float32")
     url = fl.sqlite_url(tmp_path / "s.db")
-    spec = make_fine_spec(open_storage(url), values=[1e-4, 1e3], campaign="g", config=config,
-                          pruner="none", repeats=1, seed=0)[0]
-    run_phase(spec, open_storage(url), url, tiny_data)
+    spec = PhaseSpec(campaign="g", phase="fine", n_trials=2, config=config,
+                     space=(Float("lam", 1e-4, 1e3, log=True),), sampler="grid",
+                     grid={"lam": [1e-4, 1e3]}, pruner="none")
+    run_spec(spec, open_storage(url), tiny_data)
     trials, _ = fl.load_trials(url, spec.study_name)
     # each listed λ ran exactly once: one COMPLETE, one FAIL (diverged)
     assert sorted(t.params["lam"] for t in trials) == [1e-4, 1e3], \
@@ -530,20 +531,21 @@ def test_coarse_then_fine_records_the_fine_range(campaign):
     coarse, _ = fl.load_trials(campaign["url"], "c-coarse")
     fine, fine_attrs = fl.load_trials(campaign["url"], "c-fine")
     assert len(fl.complete(coarse)) == 4 and len(fl.complete(fine)) == 3
-    fr = fine_attrs["fine_range"]
-    # the fine range is recorded in the fine study: bounds, source study and trials, rule
-    assert {"low", "high", "coarse_study", "from_trials", "rule"} <= set(fr)
-    assert fr["coarse_study"] == "c-coarse" and len(fr["from_trials"]) == 3
+    nr = fine_attrs["narrowed"]
+    # how the fine space was derived is recorded in the fine study: source study, trials, rule
+    assert {"from_study", "from_trials", "top_k", "margin", "rule"} <= set(nr)
+    assert nr["from_study"] == "c-coarse" and len(nr["from_trials"]) == 3
     # it is the rule applied to the 3 best coarse trials (not typed by hand)
     best3 = sorted(fl.complete(coarse), key=lambda t: -t.value)[:3]
-    assert sorted(fr["from_trials"]) == sorted(t.number for t in best3)
-    low, high = fine_range([t.params["lam"] for t in best3])
-    assert fr["low"] == pytest.approx(low, rel=1e-12)
-    assert fr["high"] == pytest.approx(high, rel=1e-12)
+    assert sorted(nr["from_trials"]) == sorted(t.number for t in best3)
+    expected = narrow(LAM, [t.params["lam"] for t in best3], 0.25)
+    (fr,) = fine_attrs["space"]
+    assert fr["low"] == pytest.approx(expected.low, rel=1e-12)
+    assert fr["high"] == pytest.approx(expected.high, rel=1e-12)
     # the fine trials searched inside it
     assert all(fr["low"] <= t.params["lam"] <= fr["high"] for t in fine)
     # and the fine run printed it
-    assert f"fine λ range [{fr['low']:.3g}, {fr['high']:.3g}]" in campaign["fine"].stdout
+    assert f"lam ∈ [{fr['low']:.4g}, {fr['high']:.4g}] (log)" in campaign["fine"].stdout
 
 
 @pytest.mark.timeout(180)
@@ -556,15 +558,15 @@ def test_status_json_lists_studies_best_and_trials(campaign):
         trials, _ = fl.load_trials(campaign["url"], s["name"])
         done = fl.complete(trials)
         best = max(done, key=lambda t: t.value)
-        # best is the highest validation accuracy of the study, with its λ
+        # best is the highest validation accuracy of the study, with its parameters
         assert s["best"]["val_acc"] == best.value
-        assert s["best"]["lam"] in {t.params["lam"] for t in done if t.value == best.value}
-        # every trial is listed once with number, state, λ and val acc, matching the storage
+        assert s["best"]["params"] in [t.params for t in done if t.value == best.value]
+        # every trial is listed once with number, state, params and val acc, matching the storage
         rows = {r["number"]: r for r in s["trials"]}
         assert sorted(rows) == [t.number for t in trials]
         for t in trials:
             r = rows[t.number]
-            assert (r["state"], r["lam"], r["val_acc"]) == (t.state.name, t.params["lam"], t.value)
+            assert (r["state"], r["params"], r["val_acc"]) == (t.state.name, t.params, t.value)
 
 
 @pytest.mark.timeout(180)
@@ -574,7 +576,7 @@ def test_fine_with_values_runs_exactly_those_lams(campaign):
     # a grid over the two listed values: each ran once, nothing else ran
     assert sorted(t.params["lam"] for t in trials) == [1e-4, 1e-3]
     assert all(t.state == TrialState.COMPLETE for t in trials)
-    assert attrs["sampler"] == "grid" and attrs["grid"] == [1e-4, 1e-3]
+    assert attrs["sampler"] == "grid" and attrs["grid"] == {"lam": [1e-4, 1e-3]}
     # status works on a fine-only campaign (no coarse study)
     report = json.loads(campaign["values_status"].stdout)
     assert [s["name"] for s in report["studies"]] == ["v-fine"]

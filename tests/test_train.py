@@ -37,6 +37,8 @@ def run(data, config, seed=0, on_eval=None):
     # outside 32 bits (Optuna's samplers refuse them, after the study was written)
     {"n_s": 5, "evals_per_cycle": 11}, {"evals_per_cycle": 300_000_000},
     {"seed": -1}, {"seed": 2**32},
+    # counts are whole numbers: a search that drew 77.2 hidden units must not train
+    {"m": 77.2}, {"m": 50.0}, {"n_batch": 99.5}, {"n_s": 800.5}, {"cycles": 2.5}, {"m": True},
 ])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ConfigError) as e:

@@ -1,0 +1,387 @@
+"""Campaigns: the phases of a search and its final run, read from a TOML file.
+
+A campaign file names its phases in order; each has a sampler, a pruner, a number of trials, its
+parameters (ranges or value lists) or a rule deriving them from an earlier phase (`narrow`), and
+TrainConfig overrides. `[config]` holds TrainConfig values shared by every phase and the final
+run, `[search]` those of every search phase (the search protocol), `[final]` the final run's (its
+seeds, an n_s rule such as "2 epochs", and TrainConfig values that win over the best parameters).
+The files in search/campaigns/ ship with the package; dd2424.toml is today's protocol. Every
+mistake in a file is a ConfigError naming the file, the key and the fix.
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import sys
+from importlib import resources
+from pathlib import Path
+
+from model.errors import ConfigError
+from model.schedule import step_size
+from model.train import TrainConfig
+from search.runner import make_pruner, make_sampler, pruner_label, sampler_label
+from search.space import Categorical, Float, Int, field_type, make_space, space_to_dict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+DEFAULT = "dd2424"
+KINDS = ("search",)  # phase kinds; a later "confirm" kind re-trains the best trials
+_CAMPAIGN_KEYS = ("name", "description", "seed", "config", "search", "phases", "final")
+_PHASE_KEYS = ("name", "kind", "n_trials", "sampler", "pruner", "repeats", "params", "config",
+               "narrow")
+_PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "values")
+_NARROW_KEYS = ("from", "top_k", "margin")
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One search phase, as its campaign defines it (before narrowing)."""
+
+    name: str
+    n_trials: int
+    space: tuple = ()           # search.space parameters; () for a narrowed phase
+    sampler: object = "random"  # a name, {name, **kwargs}, or an optuna sampler object
+    pruner: object = "median"   # likewise for optuna pruners
+    repeats: int = 1            # training seeds per trial (the objective is their mean)
+    config: tuple = ()          # (field, value) TrainConfig overrides of this phase
+    narrow: object = None       # {"from": phase, "top_k": k, "margin": m} or None
+    grid: object = None         # {param: [values]} for the grid sampler, or None
+    kind: str = "search"
+
+
+@dataclasses.dataclass(frozen=True)
+class Final:
+    """The final run: seeds, the n_s rule ("K epochs") or value, and TrainConfig values."""
+
+    seeds: int = 3
+    n_s: object = "2 epochs"
+    config: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Campaign:
+    name: str
+    phases: tuple
+    final: Final = Final()
+    seed: int = 0               # sampler seed of every phase's study
+    config: tuple = ()          # TrainConfig values of every phase and of the final run
+    search: tuple = ()          # TrainConfig values of every search phase
+    source: str = "<python>"    # the file it was read from
+
+    def phase(self, name):
+        for p in self.phases:
+            if p.name == name:
+                return p
+        raise ConfigError(f"campaign {self.name} has no phase {name!r} (phases: "
+                          f"{', '.join(p.name for p in self.phases)})")
+
+    def index(self, name):
+        return [p.name for p in self.phases].index(name)
+
+    def phase_config(self, phase):
+        """The TrainConfig of a phase's trials, before its parameters are applied."""
+        return TrainConfig(**{**dict(self.config), **dict(self.search), **dict(phase.config)})
+
+    def digest(self):
+        """A short hash of the resolved campaign (what the studies record of it)."""
+        text = json.dumps(to_dict(self), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def to_dict(campaign):
+    """The resolved campaign as plain data (spaces as dicts, samplers and pruners as labels)."""
+    phases = [{**dataclasses.asdict(p), "space": space_to_dict(p.space),
+               "sampler": sampler_label(p.sampler), "pruner": pruner_label(p.pruner),
+               "config": dict(p.config)} for p in campaign.phases]
+    return {"name": campaign.name, "seed": campaign.seed, "config": dict(campaign.config),
+            "search": dict(campaign.search), "phases": phases,
+            "final": {**dataclasses.asdict(campaign.final), "config": dict(campaign.final.config)}}
+
+
+def final_config(campaign, best, n_train):
+    """The final run's TrainConfig: the shared config, then the best parameters, then the final
+    section's own values; an n_s rule ("2 epochs") is evaluated last, with the n_batch in force."""
+    values = {**dict(campaign.config), **best, **dict(campaign.final.config)}
+    config = TrainConfig(**values)
+    return dataclasses.replace(config, n_s=final_n_s(campaign.final.n_s, n_train, config.n_batch))
+
+
+def final_n_s(rule, n_train, n_batch):
+    if isinstance(rule, int):
+        return rule
+    k = int(re.fullmatch(r"\s*(\d+)\s+epochs?\s*", rule).group(1))
+    return step_size(n_train, n_batch, k)
+
+
+# ---- reading files ------------------------------------------------------------------------------
+
+def shipped():
+    """Names of the campaign files that ship with the package."""
+    return sorted(p.name[:-5] for p in resources.files("search").joinpath("campaigns").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def locate(name_or_path):
+    """A campaign file's path: an existing file, else a shipped campaign by name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if name_or_path in shipped():
+        return Path(str(resources.files("search").joinpath("campaigns", f"{name_or_path}.toml")))
+    raise ConfigError(f"no campaign file {name_or_path!r}; give a .toml file or a shipped "
+                      f"campaign ({', '.join(shipped())})")
+
+
+def load_campaign(name_or_path=DEFAULT):
+    """The Campaign of a TOML file (or shipped name); ConfigError naming file, key and fix."""
+    path = locate(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        twice = any(w in str(e) for w in ("overwrite", "declare"))
+        fix = ("a key or table is given twice (a duplicated parameter?): give it once" if twice
+               else "fix the syntax there")
+        raise ConfigError(f"{path}: malformed TOML ({e}); {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the campaign file ({e}); check the path") from None
+    return parse_campaign(raw, str(path))
+
+
+def parse_campaign(raw, source="<dict>"):
+    """The Campaign of a dict shaped like a campaign file."""
+    where = _Where(source)
+    _known(raw, _CAMPAIGN_KEYS, where, "")
+    config = _config(raw.get("config", {}), where, "config")
+    search = _config(raw.get("search", {}), where, "search")
+    phases = raw.get("phases")
+    if not isinstance(phases, list) or not phases:
+        raise where.error("phases", "no phases; add at least one [[phases]] table")
+    parsed = []
+    for i, p in enumerate(phases):
+        parsed.append(_phase(p, where, f"phases[{i}]", parsed))
+    campaign = Campaign(name=where.get(raw, "name", str, "", "cifar10"), phases=tuple(parsed),
+                        final=_final(raw.get("final", {}), where),
+                        seed=where.get(raw, "seed", int, "", 0), config=config, search=search,
+                        source=source)
+    return validated(campaign)
+
+
+def validated(campaign):
+    """campaign, once every phase's config, sampler and pruner are known to work together
+    (checked again after a script's flags changed it)."""
+    where = _Where(campaign.source)
+    for i, phase in enumerate(campaign.phases):
+        key = f"phases[{i}]"
+        if phase.n_trials < 1 or phase.repeats < 1:
+            raise where.error(key, f"n_trials and repeats must be ≥ 1 (got {phase.n_trials}, "
+                              f"{phase.repeats})")
+        config = where.check(lambda: campaign.phase_config(phase), f"{key}.config")
+        fixed = {**dict(campaign.search), **dict(phase.config)}
+        for p in source_space(campaign, phase):
+            if p.name in fixed:
+                raise where.error(f"{key}.params.{p.name}", "both searched and fixed (in "
+                                  "[search] or the phase's config); drop one")
+        where.check(lambda: make_sampler(phase.sampler, campaign.seed, phase.grid),
+                    f"{key}.sampler")
+        if _is_grid(phase.sampler) and not phase.grid:
+            raise where.error(f"{key}.sampler", "the grid sampler needs values = [...] for "
+                              "every parameter")
+        where.check(lambda: make_pruner(phase.pruner, config), f"{key}.pruner")
+    return campaign
+
+
+def _is_grid(sampler):
+    return sampler in ("grid", "GridSampler") or (
+        isinstance(sampler, dict) and sampler.get("name") in ("grid", "GridSampler"))
+
+
+def with_phase(campaign, name, **changes):
+    """campaign with phase `name` changed (dataclasses.replace of the Phase)."""
+    campaign.phase(name)
+    return dataclasses.replace(campaign, phases=tuple(
+        dataclasses.replace(p, **changes) if p.name == name else p for p in campaign.phases))
+
+
+def with_config(config, **changes):
+    """A (field, value) overrides tuple with changes applied (None values ignored)."""
+    return tuple({**dict(config), **{k: v for k, v in changes.items() if v is not None}}.items())
+
+
+class _Where:
+    """Builds the one-line errors: '<file>: <key>: <problem>; <fix>'."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def error(self, key, message):
+        return ConfigError(f"{self.source}: {key}: {message}" if key else
+                           f"{self.source}: {message}")
+
+    def check(self, fn, key):
+        try:
+            return fn()
+        except ConfigError as e:
+            raise self.error(key, str(e)) from None
+
+    def get(self, table, key, kind, prefix, default):
+        value = table.get(key, default)
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if not ok:
+            raise self.error(f"{prefix}{key}", f"{value!r} is not a {kind.__name__}; "
+                             f"write e.g. {key} = {default!r}")
+        return value
+
+
+def _known(table, keys, where, prefix):
+    if not isinstance(table, dict):
+        raise where.error(prefix.rstrip("."), f"expected a table, got {table!r}")
+    for key in table:
+        if key not in keys:
+            raise where.error(f"{prefix}{key}", f"unknown key; use one of {', '.join(keys)}")
+
+
+def _config(table, where, prefix):
+    """TrainConfig overrides: known fields, values TrainConfig accepts."""
+    if not isinstance(table, dict):
+        raise where.error(prefix, f"expected a table of TrainConfig values, got {table!r}")
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in table:
+        if key not in fields:
+            raise where.error(f"{prefix}.{key}", f"unknown TrainConfig field; use one of "
+                              f"{', '.join(fields)}")
+    where.check(lambda: TrainConfig(**table), prefix)
+    return tuple(table.items())
+
+
+def _phase(raw, where, key, earlier):
+    _known(raw, _PHASE_KEYS, where, f"{key}.")
+    name = where.get(raw, "name", str, f"{key}.", f"phase{len(earlier)}")
+    if name in [p.name for p in earlier] or not re.fullmatch(r"[A-Za-z0-9_.]+", name):
+        raise where.error(f"{key}.name", f"{name!r} must be unique and made of letters, digits, "
+                          "_ and . (it ends the study's name)")
+    kind = where.get(raw, "kind", str, f"{key}.", "search")
+    if kind not in KINDS:
+        raise where.error(f"{key}.kind", f"unknown kind {kind!r}; use {', '.join(KINDS)}")
+    params = raw.get("params", {})
+    if not isinstance(params, dict):
+        raise where.error(f"{key}.params", "expected a table of parameters, e.g. params.lam = "
+                          "{low = 1e-5, high = 1e-1, log = true}")
+    narrow = _narrow(raw.get("narrow"), where, f"{key}.narrow", earlier)
+    if not params and narrow is None:
+        raise where.error(key, "an empty phase: give it params (e.g. params.lam = {low = 1e-5, "
+                          "high = 1e-1, log = true}) or a narrow rule")
+    if params and narrow is not None:
+        raise where.error(f"{key}.narrow", "a narrowed phase takes its params from the phase it "
+                          "narrows; drop its params or the narrow rule")
+    space, grid = _params(params, where, f"{key}.params")
+    sampler = raw.get("sampler", "grid" if grid else ("tpe" if narrow else "random"))
+    return Phase(name=name, kind=kind, n_trials=where.get(raw, "n_trials", int, f"{key}.", 10),
+                 space=space, sampler=sampler, pruner=raw.get("pruner", "median"),
+                 repeats=where.get(raw, "repeats", int, f"{key}.", 1),
+                 config=_config(raw.get("config", {}), where, f"{key}.config"),
+                 narrow=narrow, grid=grid)
+
+
+def _narrow(raw, where, key, earlier):
+    if raw is None:
+        return None
+    _known(raw, _NARROW_KEYS, where, f"{key}.")
+    source = raw.get("from")
+    if source not in [p.name for p in earlier]:
+        raise where.error(f"{key}.from", f"{source!r} names no earlier phase; use one of "
+                          f"{', '.join(p.name for p in earlier) or '(none: this is the first)'}")
+    rule = {"from": source, "top_k": where.get(raw, "top_k", int, f"{key}.", 3),
+            "margin": raw.get("margin", 0.25)}
+    if rule["top_k"] < 1 or not (isinstance(rule["margin"], (int, float))
+                                 and 0 < rule["margin"] < math.inf):
+        raise where.error(key, "top_k must be ≥ 1 and margin a finite number > 0 "
+                          "(e.g. {from = \"coarse\", top_k = 3, margin = 0.25})")
+    return rule
+
+
+def _params(table, where, key):
+    """(space, grid or None) of a phase's params table."""
+    params, grid = [], {}
+    for name, spec in table.items():
+        if not isinstance(spec, dict):
+            raise where.error(f"{key}.{name}", "give a table, e.g. {low = 1e-5, high = 1e-1, "
+                              "log = true} or {choices = [50, 100]}")
+        _known(spec, _PARAM_KEYS, where, f"{key}.{name}.")
+        param = where.check(lambda: param_from_spec(name, spec), f"{key}.{name}")
+        params.append(param)
+        if "values" in spec:
+            grid[name] = list(param.choices) if isinstance(param, Categorical) else spec["values"]
+    if grid and len(grid) != len(params):
+        raise where.error(key, "a grid phase lists values for every parameter; add values = "
+                          f"[…] to {', '.join(p.name for p in params if p.name not in grid)}")
+    return where.check(lambda: make_space(*params), key), grid or None
+
+
+def param_from_spec(name, spec):
+    """A parameter from {low, high, log, step, type} or {choices} or {values} (a grid)."""
+    spec = dict(spec)
+    values = spec.pop("values", None)
+    if "choices" in spec:
+        return Categorical(name, tuple(spec["choices"]))
+    kind = spec.pop("type", None) or ("int" if field_type(name) is int else "float")
+    if values is not None:
+        return grid_param(name, kind, values, spec.get("log", False))
+    if "low" not in spec or "high" not in spec:
+        raise ConfigError("give low and high (a range), choices = [...] or values = [...] (a grid)")
+    if kind == "float":
+        spec = {k: float(v) if k in ("low", "high") and isinstance(v, int)
+                and not isinstance(v, bool) else v for k, v in spec.items()}
+        return Float(name, **spec)
+    if kind == "int":
+        return Int(name, **spec)
+    raise ConfigError(f"unknown type {kind!r}; use float or int (or choices = [...])")
+
+
+def grid_param(name, kind, values, log=False):
+    """The parameter a grid over `values` suggests (numeric: their range; one value: a choice)."""
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"values must be a non-empty list (got {values!r})")
+    if len(set(values)) == 1 or not all(isinstance(v, (int, float)) for v in values):
+        return Categorical(name, tuple(dict.fromkeys(values)))
+    cls = {"float": Float, "int": Int}.get(kind)
+    if cls is None:
+        raise ConfigError(f"unknown type {kind!r}; use float or int")
+    if cls is Int and not all(float(v).is_integer() for v in values):
+        raise ConfigError(f"{name} is an int field: its values must be integers (got {values})")
+    low, high = min(values), max(values)
+    if cls is Int:
+        return Int(name, int(low), int(high), log=log)
+    return Float(name, float(low), float(high), log=log)
+
+
+def _final(raw, where):
+    _known(raw, ("seeds", "n_s") + tuple(f.name for f in dataclasses.fields(TrainConfig)), where,
+           "final.")
+    table = {k: v for k, v in raw.items() if k not in ("seeds", "n_s")}
+    n_s = raw.get("n_s", "2 epochs")
+    ok = (isinstance(n_s, int) and not isinstance(n_s, bool) and n_s > 0) or (
+        isinstance(n_s, str) and re.fullmatch(r"\s*[1-9]\d*\s+epochs?\s*", n_s))
+    if not ok:
+        raise where.error("final.n_s", f"{n_s!r} is neither a number of updates > 0 nor a rule "
+                          "such as \"2 epochs\"")
+    seeds = where.get(raw, "seeds", int, "final.", 3)
+    if seeds < 1:
+        raise where.error("final.seeds", "train at least one seed (e.g. seeds = 3)")
+    return Final(seeds=seeds, n_s=n_s, config=_config(table, where, "final"))
+
+
+def searched_names(campaign):
+    """The names of the parameters the campaign's phases search, in order of appearance."""
+    names = [p.name for phase in campaign.phases for p in source_space(campaign, phase)]
+    return list(dict.fromkeys(names))
+
+
+def source_space(campaign, phase):
+    """The space a phase starts from: its own, or (narrowed) that of the phase it narrows."""
+    while phase.narrow:
+        phase = campaign.phase(phase.narrow["from"])
+    return phase.space

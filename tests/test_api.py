@@ -1,0 +1,71 @@
+"""The Python API: the README's example, extracted from README.md and run as a user would (on the
+tiny CIFAR-10), and run_campaign on a campaign file."""
+import functools
+import re
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import faultlib as fl
+from model import data as data_module
+from search.api import run_campaign
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_example():
+    """The README's Python example: the ```python block of "Search your own hyperparameters"."""
+    section = README.read_text().split("## Search your own hyperparameters", 1)[1]
+    blocks = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], re.S)
+    assert len(blocks) == 1, "the section holds one Python example"
+    return blocks[0]
+
+
+@pytest.mark.timeout(300)
+def test_readme_example_runs_with_the_users_sampler(tmp_path, cifar_tiny_dir, monkeypatch):
+    code = readme_example()
+    assert 10 <= len(code.strip().splitlines()) <= 15  # a short script, as promised
+    made = []
+
+    class SpyTPE(optuna.samplers.TPESampler):  # the user's sampler class, watched
+        def before_trial(self, study, trial):
+            made.append(trial.number)
+            super().before_trial(study, trial)
+    monkeypatch.setattr(optuna.samplers, "TPESampler", SpyTPE)
+    # the tiny data set has 200 training images: 20 of them validate
+    monkeypatch.setattr(data_module, "load_cifar10",
+                        functools.partial(data_module.load_cifar10, n_val=20))
+    monkeypatch.setenv("CIFAR10_DIR", str(cifar_tiny_dir.batches))
+    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the example, verbatim
+    study = scope["study"]
+    trials = study.get_trials()
+    # the example ran to its 8 complete trials, searching both parameters
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 8
+    assert all(set(t.params) == {"lam", "eta_max"} for t in trials)
+    # and every one of them was sampled by the user's own sampler object
+    assert sorted(made) == [t.number for t in trials]
+    assert (tmp_path / "studies" / "studies.db").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_run_campaign_runs_every_phase_of_a_file(tmp_path, tiny_data):
+    path = tmp_path / "c.toml"
+    path.write_text('name = "api"\n[search]\nm = 10\nn_batch = 10\nn_s = 5\ncycles = 1\n'
+                    'evals_per_cycle = 2\neval_train_samples = 0\ndtype = "float64"\n'
+                    '[[phases]]\nname = "a"\nn_trials = 3\npruner = "none"\n'
+                    'params.eta_max = { low = 0.01, high = 0.2, log = true }\n'
+                    '[[phases]]\nname = "b"\nn_trials = 2\npruner = "none"\n'
+                    'narrow = { from = "a", top_k = 2 }\n')
+    studies = run_campaign(str(path), tiny_data, fl.sqlite_url(tmp_path / "s.db"))
+    assert [s.study_name for s in studies] == ["api-a", "api-b"]
+    a, b = studies
+    best2 = sorted((t for t in a.trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)[:2]
+    # the second phase searched η_max alone, inside the range derived from the first's best two
+    (space,) = b.user_attrs["space"]
+    assert space["low"] <= min(t.params["eta_max"] for t in best2)
+    assert all(set(t.params) == {"eta_max"} for t in a.trials + b.trials)
