@@ -53,8 +53,10 @@ def narrowing(study):
     if "narrowed" in attrs:
         return attrs["narrowed"]
     old = attrs.get("fine_range")
-    return old and {"from_study": old["coarse_study"], "from_trials": old["from_trials"],
-                    "rule": old["rule"]}
+    if not isinstance(old, dict):
+        return None
+    return {"from_study": old.get("coarse_study"), "from_trials": old.get("from_trials"),
+            "rule": old.get("rule")}
 
 
 def border_warnings(study, best):

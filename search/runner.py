@@ -104,7 +104,9 @@ def split_spec(spec, what):
 
 def _build(cls, kwargs, what):
     try:
-        return cls(**kwargs)
+        with warnings.catch_warnings():  # chosen in a campaign: Optuna's notice would repeat in
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # every worker
+            return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{what} {cls.__name__}: bad arguments ({e}); see optuna's "
                           f"documentation of {cls.__name__}") from None

@@ -53,7 +53,8 @@ def hostile_campaign(storage):
 def hostile_final():
     final = fake_final()
     final["metrics"]["source"] = {"study": HOSTILE, "trial": HOSTILE, "phase": HOSTILE}
-    final["metrics"]["lam"] = HOSTILE
+    final["metrics"]["lam"] = HOSTILE  # a results folder of the releases before campaign files
+    final["metrics"]["params"] = {HOSTILE: HOSTILE, "lam": HOSTILE}
     final["metrics"]["seeds"][0]["seed"] = HOSTILE
     final["metrics"]["seeds"][1]["test_acc"] = HOSTILE
     final["metrics"]["test_acc_std"] = HOSTILE
