@@ -23,6 +23,7 @@ from model.errors import ConfigError, DivergedError
 from model.gradcheck import gradcheck_report
 from model.resources import check_memory, check_writable
 from model.outputs import check_page, check_results_dir
+from search.confirm import run_confirm
 from search.campaign import final_config, searched_names, validated, with_config, with_phase
 from search.final import read_final, run_final
 from search.phases import campaign_best, phase_spec, run_spec
@@ -102,6 +103,16 @@ def search_phases(args, c, storage, data):
     studies = []
     n = len(c.phases) + 3
     for i, phase in enumerate(c.phases, start=2):
+        if phase.kind == "confirm":
+            rule = phase.confirm
+            log.info("[%d/%d] %s-%s: the best %d configurations of %s on %d paired seeds", i, n,
+                     c.name, phase.name, rule["top_k"], ", ".join(rule["from"]), rule["seeds"])
+            with _common.trial_bar(phase.n_trials, f"{c.name}-{phase.name}", args) as progress:
+                study, verdict = run_confirm(c, phase.name, storage, data, workers=args.workers,
+                                             progress=progress)
+            log.info("[%d/%d] verdict: %s", i, n, verdict["sentence"])
+            studies.append(study)
+            continue
         spec = phase_spec(c, phase.name, storage)
         log.info("[%d/%d] %s: %d trials in %s", i, n, spec.study_name, spec.n_trials,
                  space_text(spec.attrs()["space"]))
@@ -161,6 +172,8 @@ def summary_text(s):
         b = ph["best"]
         lines.append(f"  {ph['study']}: {space_text(ph['space'])}; best "
                      + (f"{format_params(b['params'])}, val acc {b['val_acc']:.4f}" if b else "—"))
+    if s["verdict"]:
+        lines.append(f"  verdict: {s['verdict']['sentence']}")
     lines += [f"  final {format_params(f['params'])}: test accuracy {f['test_acc_mean']:.4f} ± "
               f"{f['test_acc_std']:.4f} over {len(f['test_acc'])} seeds {f['test_acc']}",
               f"  outputs: {s['outputs']['final']}/ (params, histories, metrics, figures), "
@@ -195,6 +208,8 @@ def main():
         "campaign": c.name, "storage": mask_url(args.storage), "gradcheck": check,
         "phases": [{"study": st.study_name, "space": st.user_attrs.get("space"),
                     "narrowed": narrowing(st), "best": best_row(st)} for st in studies],
+        "verdict": next((st.user_attrs["verdict"] for st in studies
+                         if isinstance(st.user_attrs.get("verdict"), dict)), None),
         "final": {"params": metrics["params"], "source": metrics["source"],
                   "test_acc": [s["test_acc"] for s in metrics["seeds"]],
                   "test_acc_mean": metrics["test_acc_mean"], "test_acc_std": metrics["test_acc_std"]},

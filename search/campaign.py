@@ -29,10 +29,12 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 DEFAULT = "dd2424"
-KINDS = ("search",)  # phase kinds; a later "confirm" kind re-trains the best trials
+KINDS = ("search", "confirm")  # confirm: re-train the best configurations on paired seeds
 _CAMPAIGN_KEYS = ("name", "description", "seed", "config", "search", "phases", "final")
 _PHASE_KEYS = ("name", "kind", "n_trials", "sampler", "pruner", "repeats", "params", "config",
-               "narrow")
+               "narrow", "from", "top_k", "seeds")
+_CONFIRM_KEYS = ("name", "kind", "from", "top_k", "seeds", "config")
+CONFIRM_TOP_K, CONFIRM_SEEDS = 3, 5
 _PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "values")
 _NARROW_KEYS = ("from", "top_k", "margin")
 
@@ -51,6 +53,7 @@ class Phase:
     narrow: object = None       # {"from": phase, "top_k": k, "margin": m} or None
     grid: object = None         # {param: [values]} for the grid sampler, or None
     kind: str = "search"
+    confirm: object = None      # kind confirm: {"from": [phases], "top_k": k, "seeds": R}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +269,11 @@ def _phase(raw, where, key, earlier):
     kind = where.get(raw, "kind", str, f"{key}.", "search")
     if kind not in KINDS:
         raise where.error(f"{key}.kind", f"unknown kind {kind!r}; use {', '.join(KINDS)}")
+    if kind == "confirm":
+        return _confirm_phase(raw, where, key, name, earlier)
+    for k in ("from", "top_k", "seeds"):
+        if k in raw:
+            raise where.error(f"{key}.{k}", "belongs to a phase of kind = \"confirm\"")
     params = raw.get("params", {})
     if not isinstance(params, dict):
         raise where.error(f"{key}.params", "expected a table of parameters, e.g. params.lam = "
@@ -284,6 +292,26 @@ def _phase(raw, where, key, earlier):
                  repeats=where.get(raw, "repeats", int, f"{key}.", 1),
                  config=_config(raw.get("config", {}), where, f"{key}.config"),
                  narrow=narrow, grid=grid)
+
+
+def _confirm_phase(raw, where, key, name, earlier):
+    """A confirm phase: the best top_k configurations of earlier search phases ("from", default
+    all of them), re-trained under the search protocol on `seeds` paired seeds (search.confirm)."""
+    _known(raw, _CONFIRM_KEYS, where, f"{key}.")
+    searches = [p.name for p in earlier if p.kind == "search"]
+    sources = raw.get("from", searches)
+    sources = [sources] if isinstance(sources, str) else sources
+    if not sources or not isinstance(sources, list) or any(s not in searches for s in sources):
+        raise where.error(f"{key}.from", f"{sources!r} must name earlier search phases (of "
+                          f"{', '.join(searches) or 'none: add a search phase before it'})")
+    top_k = where.get(raw, "top_k", int, f"{key}.", CONFIRM_TOP_K)
+    seeds = where.get(raw, "seeds", int, f"{key}.", CONFIRM_SEEDS)
+    if top_k < 2 or not 2 <= seeds <= 100:
+        raise where.error(key, "top_k must be ≥ 2 (configurations to compare) and seeds in "
+                          f"2..100 (got top_k = {top_k}, seeds = {seeds})")
+    return Phase(name=name, kind="confirm", n_trials=top_k * seeds, sampler="random",
+                 pruner="none", config=_config(raw.get("config", {}), where, f"{key}.config"),
+                 confirm={"from": list(sources), "top_k": top_k, "seeds": seeds})
 
 
 def _narrow(raw, where, key, earlier):
@@ -381,7 +409,10 @@ def searched_names(campaign):
 
 
 def source_space(campaign, phase):
-    """The space a phase starts from: its own, or (narrowed) that of the phase it narrows."""
+    """The space a phase starts from: its own, or (narrowed) that of the phase it narrows (a
+    confirm phase: that of the first phase it confirms)."""
+    if phase.confirm:
+        phase = campaign.phase(phase.confirm["from"][0])
     while phase.narrow:
         phase = campaign.phase(phase.narrow["from"])
     return phase.space

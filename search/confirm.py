@@ -17,7 +17,17 @@ import dataclasses
 import math
 
 import numpy as np
+from optuna.trial import TrialState
 from scipy import stats
+
+from model.errors import InputError, WorkersFailed
+from search.campaign import source_space
+from search.objective import Objective
+from search.phases import create_or_resume, phase_spec
+from search.runner import (is_diverged, make_pruner, make_sampler, n_done, recover_trials,
+                           run_workers)
+from search.space import format_params
+from search.study import finished_trials, load_study, study_name
 
 CONFIDENCE = 0.95
 ALPHA_DROP = 0.01   # one-sided p below which a configuration is dropped (tested at every round)
@@ -124,3 +134,102 @@ def sentence(v, label):
         return f"{label(v['pick'])} is better than {label(v['runner_up'])} by {pct}"
     return (f"{label(v['pick'])} and {label(v['runner_up'])} are not distinguishable (difference "
             f"{pct}): any of these is as good")
+
+
+# ---- the confirm phase of a campaign -------------------------------------------------------------
+
+_PENDING = (TrialState.WAITING, TrialState.RUNNING)
+SEED_BASE = 1000  # confirm seeds are 1000, 1001, …: never the searches' training seeds (0 + repeats)
+
+
+def candidates(storage, campaign_name, sources, top_k):
+    """The best top_k distinct configurations among the complete trials of the studies of the
+    phases `sources`: [{"params", "study", "trial", "val_acc"}], best first."""
+    found = []
+    for phase in sources:
+        study = load_study(storage, study_name(campaign_name, phase))
+        found += [(t, study.study_name) for t in finished_trials(study)]
+    found.sort(key=lambda item: item[0].value, reverse=True)
+    out = []
+    for t, source in found:
+        if all(c["params"] != t.params for c in out):
+            out.append({"params": dict(t.params), "study": source, "trial": t.number,
+                        "val_acc": t.value})
+        if len(out) == top_k:
+            break
+    if len(out) < 2:
+        raise InputError(f"the confirm phase compares {top_k} configurations but "
+                         f"{', '.join(sources)} hold {len(out)} distinct complete trial(s): run "
+                         "or resume the search phases first")
+    return out
+
+
+def run_confirm(campaign, name, storage, data, workers=1, storage_opts=None, progress=None):
+    """Run (or resume) the confirm phase `name` of campaign: race its candidates (recorded in
+    the study when it is created) over paired seeds; every (candidate, seed) is one trial, queued
+    with its parameters and seed. Records the verdict in the study's user attrs and returns
+    (study, verdict)."""
+    phase = campaign.phase(name)
+    rule = phase.confirm
+    spec = dataclasses.replace(phase_spec(campaign, name, storage),
+                               space=source_space(campaign, phase))
+    study = create_or_resume(storage, spec)
+    if "candidates" not in study.user_attrs:
+        cands = candidates(storage, campaign.name, rule["from"], rule["top_k"])
+        seeds = [SEED_BASE + r for r in range(rule["seeds"])]
+        for key, value in {"kind": "confirm", "candidates": cands, "confirm_seeds": seeds}.items():
+            study.set_user_attr(key, value)
+    cands, seeds = study.user_attrs["candidates"], study.user_attrs["confirm_seeds"]
+    objective = Objective(data, spec.config, spec.space, queued_only=True)
+
+    def evaluate_round(alive, seed):
+        have = round_values(study)
+        missing = [c for c in alive if (c, seed) not in have]
+        if missing:
+            queued = {(t.user_attrs.get("candidate"), t.user_attrs.get("confirm_seed"))
+                      for t in study.get_trials(deepcopy=False, states=_PENDING)}
+            for c in missing:
+                if (c, seed) not in queued:
+                    study.enqueue_trial(cands[c]["params"], skip_if_exists=False,
+                                        user_attrs={"candidate": c, "confirm_seed": seed})
+            recover_trials(study)
+            target = n_done(study, count_diverged=True) + len(missing)
+            storage.remove_session()
+            storage.engine.dispose()  # forked workers open their own connections
+            run_workers(workers, progress=(lambda: progress(n_done(study, True)))
+                        if progress else None, storage_url=storage.url,
+                        study_name=spec.study_name, objective=objective, target=target,
+                        pruner=make_pruner("none", spec.config),
+                        make_sampler=lambda: make_sampler("random", spec.seed),
+                        storage_opts=storage_opts, count_diverged=True)
+            have = round_values(study)
+        lost = [c for c in alive if (c, seed) not in have]
+        if lost:
+            raise WorkersFailed(f"{spec.study_name}: seed {seed} of configuration(s) {lost} did "
+                                "not finish; re-run the same command to resume")
+        return [have[(c, seed)] for c in alive]
+
+    state = race(len(cands), seeds, evaluate_round)
+    v = verdict(state)
+    v.update(sentence=sentence(v, lambda c: format_params(cands[c]["params"])),
+             params=cands[v["pick"]]["params"],
+             scores={str(c): s for c, s in state.scores.items()},
+             dropped={str(c): r for c, r in state.dropped.items()},
+             means={str(c): state.mean(c) for c in state.scores if state.scores[c]})
+    study.set_user_attr("verdict", v)
+    return study, v
+
+
+def round_values(study):
+    """{(candidate, seed): validation accuracy} of the confirm study's finished trials (a diverged
+    training counts as accuracy 0: a configuration that diverges loses)."""
+    values = {}
+    for t in study.get_trials(deepcopy=False):
+        key = (t.user_attrs.get("candidate"), t.user_attrs.get("confirm_seed"))
+        if key[0] is None:
+            continue
+        if t.state == TrialState.COMPLETE:
+            values[key] = t.value
+        elif is_diverged(t):
+            values.setdefault(key, 0.0)
+    return values

@@ -23,25 +23,31 @@ class Objective:
     cycle when evals_per_cycle = 2) and is pruned when the pruner says so.
     """
 
-    def __init__(self, data, base_config, space, repeats=1):
+    def __init__(self, data, base_config, space, repeats=1, queued_only=False):
         self.data = data
         self.base_config = base_config
         self.space = space
         self.seeds = [base_config.seed + r for r in range(repeats)]
+        self.queued_only = queued_only  # the confirm phase: trials carry their seed (confirm_seed)
 
     def __call__(self, trial):
+        seeds = self.seeds
+        if "confirm_seed" in trial.user_attrs:
+            seeds = [trial.user_attrs["confirm_seed"]]
+        elif self.queued_only:  # a trial the sampler made: this phase trains queued ones only
+            raise RuntimeError(f"trial {trial.number} was not queued by the confirm phase")
         config = dataclasses.replace(self.base_config, **suggest(trial, self.space))
-        trial.set_user_attr("seeds", self.seeds)
+        trial.set_user_attr("seeds", seeds)
         start = time.perf_counter()
         finals = [self._train_one(trial, dataclasses.replace(config, seed=seed), first=(i == 0))
-                  for i, seed in enumerate(self.seeds)]
+                  for i, seed in enumerate(seeds)]
         attrs = summarise(finals)
         attrs.update(steps=config.total_steps, seconds=round(time.perf_counter() - start, 3))
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         log.info("trial %d: %s val acc %.4f%s in %.1f s", trial.number,
                  format_params(trial.params), attrs["val_acc"],
-                 f" ± {attrs['val_acc_std']:.4f}" if len(self.seeds) > 1 else "", attrs["seconds"])
+                 f" ± {attrs['val_acc_std']:.4f}" if len(seeds) > 1 else "", attrs["seconds"])
         return attrs["val_acc"]
 
     def _train_one(self, trial, config, first):

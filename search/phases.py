@@ -189,8 +189,14 @@ def campaign_best(storage, campaign):
     trial. source = {"study", "phase", "trial", "val_acc"}. InputError for an unknown campaign
     or one without a complete trial."""
     for study in reversed(campaign_studies(storage, campaign)):
+        verdict = study.user_attrs.get("verdict")
+        if study.user_attrs.get("kind") == "confirm" and isinstance(verdict, dict):
+            return dict(verdict["params"]), {"study": study.study_name,
+                                             "phase": study.user_attrs.get("phase"),
+                                             "trial": None, "val_acc": verdict["means"][
+                                                 str(verdict["pick"])]}
         done = finished_trials(study)
-        if done:
+        if done and study.user_attrs.get("kind") != "confirm":
             return dict(done[0].params), {"study": study.study_name,
                                           "phase": study.user_attrs.get("phase"),
                                           "trial": done[0].number, "val_acc": done[0].value}

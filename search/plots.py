@@ -167,9 +167,14 @@ def study_section(page, study):
     rep = study_report(study)
     page.text(f"<h2>{_esc(rep['name'])}</h2>")
     best = rep["best"]
+    which = "confirmed" if best and best["number"] is None else f"trial #{_esc(best and best['number'])}"
     page.text(f"<p>{_esc(rep['n_complete'])} complete trials in {_esc(space_text(rep['space']))}"
-              + (f"; best {_esc(format_params(best['params']))} (trial #{_esc(best['number'])}), "
+              + (f"; best {_esc(format_params(best['params']))} ({which}), "
                  f"validation accuracy {_num(best['val_acc'], '.4f')}" if best else "") + "</p>")
+    confirm = rep.get("confirm")
+    if confirm and confirm["sentence"]:
+        page.text(f"<p class=verdict><b>Verdict:</b> {_esc(confirm['sentence'])} — the interval "
+                  "covers seed noise on the one fixed validation set.</p>")
     n = rep["narrowed"]
     if isinstance(n, dict):
         page.text(f"<p class=range>Narrowed from {_esc(n.get('from_study'))} trials "

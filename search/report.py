@@ -4,6 +4,7 @@ Every table has one column per searched parameter, named as the study's trials n
 """
 import logging
 
+import numpy as np
 from optuna.trial import TrialState
 
 from search.runner import SURPLUS
@@ -33,6 +34,12 @@ def _fail_reason(t):
 
 
 def best_row(study):
+    """The best trial as a dict; of a confirm study, its verdict's pick (mean over its seeds)."""
+    verdict = study.user_attrs.get("verdict")
+    if study.user_attrs.get("kind") == "confirm" and isinstance(verdict, dict):
+        scores = verdict["scores"][str(verdict["pick"])]
+        return {"number": None, "params": dict(verdict["params"]),
+                "val_acc": float(np.mean(scores)), "val_acc_std": float(np.std(scores))}
     done = finished_trials(study)
     if not done:
         return None
@@ -87,7 +94,23 @@ def study_report(study):
             "n_surplus": len(surplus),
             "repeats": study.user_attrs.get("repeats", 1),
             "narrowed": narrowing(study),
-            "warnings": border_warnings(study, best)}
+            "warnings": border_warnings(study, best),
+            "confirm": confirm_summary(study)}
+
+
+def _trial_ref(best):
+    """'#12 ' for a trial, '' for a confirm phase's pick (a mean over seeds, not one trial)."""
+    return "" if best["number"] is None else f"#{best['number']} "
+
+
+def confirm_summary(study):
+    """A confirm study's candidates, per-seed means and verdict (its sentence), else None."""
+    attrs = study.user_attrs
+    if attrs.get("kind") != "confirm" or not isinstance(attrs.get("candidates"), list):
+        return None
+    verdict = attrs.get("verdict") if isinstance(attrs.get("verdict"), dict) else None
+    return {"candidates": attrs["candidates"], "seeds": attrs.get("confirm_seeds"),
+            "verdict": verdict, "sentence": verdict and verdict.get("sentence")}
 
 
 def param_names(study, trials):
@@ -147,9 +170,12 @@ def study_text(rep):
                      f"{_fmt(r['seconds'], '6.1f')} {note}".rstrip())
     if rep["best"]:
         b = rep["best"]
-        lines.append(f"   best: #{b['number']} {format_params(b['params'])}, "
+        lines.append(f"   best: {_trial_ref(b)}{format_params(b['params'])}, "
                      f"val acc {b['val_acc']:.4f}")
     lines += [f"   warning: {w}" for w in rep["warnings"]]
+    if rep.get("confirm") and rep["confirm"]["sentence"]:
+        lines.append(f"   verdict: {rep['confirm']['sentence']} (seed noise on the one "
+                     "validation set)")
     return "\n".join(lines)
 
 
@@ -171,7 +197,8 @@ def phase_summary(study, spec, storage_label, seconds):
 def summary_text(s):
     b = s["best"]
     head = (f"{s['study']}: {s['n_complete']} complete trials; best {format_params(b['params'])}"
-            f" (trial #{b['number']}), val acc {b['val_acc']:.4f}" if b
+            f" ({'confirmed' if b['number'] is None else 'trial #' + str(b['number'])}), val acc "
+            f"{b['val_acc']:.4f}" if b
             else f"{s['study']}: no complete trial")
     extra = []
     if s["narrowed"]:
