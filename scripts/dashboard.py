@@ -15,7 +15,7 @@ import _common
 from model.checkpoint import save_page
 from model.errors import InputError
 from model.outputs import check_page
-from search.final import read_final
+from search.final import artifact_dir, read_final
 from search.plots import dashboard_html
 from search.study import campaign_studies, mask_url, named_study, open_storage
 
@@ -34,15 +34,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def serve(args, storage):
+def serve(args, storage, artifacts):
+    """optuna-dashboard on the storage, showing the final run's files (artifacts) when there are."""
     try:
         from optuna_dashboard import run_server
     except ImportError:
         raise InputError("optuna-dashboard is not installed: pip install "
                          "'clr-lambda-search[dashboard]' (or use the page without --serve)") from None
+    store = None
+    if artifacts.is_dir():
+        from optuna.artifacts import FileSystemArtifactStore
+
+        store = FileSystemArtifactStore(str(artifacts))
     print(f"optuna-dashboard on http://{args.host}:{args.port}/ for {mask_url(args.storage)} "
-          "(Ctrl-C stops)", flush=True)
-    run_server(storage, host=args.host, port=args.port)
+          + (f"with the artifacts in {artifacts} " if store else "") + "(Ctrl-C stops)", flush=True)
+    run_server(storage, host=args.host, port=args.port, artifact_store=store)
     return 0
 
 
@@ -55,10 +61,11 @@ def main():
     if not args.serve:
         check_page(out, protect)
     storage = open_storage(args.storage, create=False)
+    final_dir = Path(args.final_dir or f"studies/{name}/final")
     if args.serve:
-        return serve(args, storage)
+        return serve(args, storage, artifact_dir(final_dir))
     studies = named_study(storage, args.study) if args.study else campaign_studies(storage, name)
-    final = read_final(args.final_dir or f"studies/{name}/final")
+    final = read_final(final_dir)
     page = dashboard_html(name, mask_url(args.storage), studies, final)
     save_page(out, page, protect)
     _common.emit({"out": str(out), "studies": [s.study_name for s in studies],

@@ -16,10 +16,10 @@ from model.data import load_cifar10
 from model.outputs import check_results_dir
 from model.resources import check_memory, check_writable
 from search.campaign import final_config, searched_names, with_config
-from search.final import run_final
+from search.final import check_final_study, run_final
 from search.phases import campaign_best
 from search.space import format_params
-from search.study import load_study, open_storage
+from search.study import open_storage
 
 N_TRAIN = 49_000  # to check the flags before the data is loaded; the real count replaces it
 
@@ -34,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes the seeds train in, at once (default: cores)")
     p.add_argument("--out", default=None, help="results folder (default studies/<campaign>/final)")
+    p.add_argument("--force-final", action="store_true",
+                   help="replace a recorded final run whose pick differs from this one")
     _common.add_train_args(p, None, skip=("seed",))
     _common.add_data_args(p)
     _common.add_common_args(p)
@@ -79,11 +81,12 @@ def main():
     config = dataclasses.replace(final_config(c, params, len(data.train.y)), seed=args.seed)
     trained = {k: getattr(config, k) for k in searched_names(c)}
     seeds = [args.seed + k for k in range(c.final.seeds)]
-    study = load_study(storage, source["study"]) if storage is not None else None
+    if storage is not None:
+        check_final_study(storage, c.name, trained, force=args.force_final)
     with _common.single_blas_thread(), _common.progress_bar(
             config.total_steps * len(seeds), "final run", args, "update") as progress:
-        metrics, runs = run_final(data, config, seeds, trained, source, out, study, args.workers,
-                                  protect=protect, progress=progress)
+        metrics, runs = run_final(data, config, seeds, trained, source, out, storage, c.name,
+                                  workers=args.workers, protect=protect, progress=progress)
     summary = {"params": trained, "source": source, "test_acc": [r["test"]["acc"] for r in runs],
                "test_acc_mean": metrics["test_acc_mean"], "test_acc_std": metrics["test_acc_std"],
                "seeds": seeds, "out": str(out)}

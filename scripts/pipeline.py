@@ -25,11 +25,11 @@ from model.resources import check_memory, check_writable
 from model.outputs import check_page, check_results_dir
 from search.confirm import run_confirm
 from search.campaign import final_config, searched_names, validated, with_config, with_phase
-from search.final import read_final, run_final
+from search.final import check_final_study, read_final, run_final
 from search.phases import campaign_best, phase_spec, run_spec
 from search.report import best_row, narrowing, space_text
 from search.space import format_params
-from search.study import campaign_studies, check_storage, load_study, mask_url, open_storage
+from search.study import campaign_studies, check_storage, mask_url, open_storage
 
 log = logging.getLogger("pipeline")
 N_TRAIN = 49_000  # to check the final settings before the data is loaded
@@ -54,6 +54,8 @@ def parse_args(argv=None):
                    help="final: CLR half cycle (dd2424: 2 epochs, 2·⌊n_train/n_batch⌋ = 980)")
     p.add_argument("--final-cycles", type=int, default=None, help="final: cycles")
     p.add_argument("--out-dir", default=None, help="results folder (default studies/<campaign>)")
+    p.add_argument("--force-final", action="store_true",
+                   help="replace a recorded final run whose pick differs from the search's")
     _common.add_data_args(p)
     _common.add_common_args(p)
     args = p.parse_args(argv)
@@ -126,6 +128,7 @@ def final_phase(args, c, storage, data, out, protect, on_cpu_free=None):
     best, source = campaign_best(storage, c.name)
     config = final_config(c, best, len(data.train.y))
     params = {k: getattr(config, k) for k in searched_names(c)}
+    check_final_study(storage, c.name, params, force=args.force_final)
     seeds = list(range(c.final.seeds))
     step = f"[{len(c.phases) + 2}/{len(c.phases) + 3}] final run"
     done = read_final(out)
@@ -137,9 +140,9 @@ def final_phase(args, c, storage, data, out, protect, on_cpu_free=None):
              source["study"], len(seeds), config.total_steps)
     with _common.progress_bar(config.total_steps * len(seeds), "final run", args,
                               "update") as progress:
-        metrics, _ = run_final(data, config, seeds, params, source, out,
-                               load_study(storage, source["study"]), workers=args.workers,
-                               on_cpu_free=on_cpu_free, protect=protect, progress=progress)
+        metrics, _ = run_final(data, config, seeds, params, source, out, storage, c.name,
+                               workers=args.workers, on_cpu_free=on_cpu_free, protect=protect,
+                               progress=progress)
     return metrics
 
 

@@ -157,20 +157,26 @@ def final_metrics(runs, params, source):
     }
 
 
-def run_final(data, config, seeds, params, source, out, study=None, workers=1, on_cpu_free=None,
-              protect=(), progress=None):
+def run_final(data, config, seeds, params, source, out, storage=None, campaign=None, workers=1,
+              on_cpu_free=None, protect=(), progress=None):
     """Train and test every seed, publish the results folder `out` (atomically; see
-    model.outputs.publish_dir for `protect`), and record the summary in `study`'s user attrs when
-    given. Returns (metrics, runs). on_cpu_free, progress: see run_seeds."""
+    model.outputs.publish_dir for `protect`), and, given a storage, record the run as the study
+    <campaign>-final with its files as artifacts beside `out` (record_final_study).
+    Returns (metrics, runs). on_cpu_free, progress: see run_seeds."""
     runs = run_seeds(data, config, seeds, workers, on_cpu_free, progress)
     metrics = final_metrics(runs, params, source)
     tagged = [(f"_seed{r['seed']}", r["params"], r["history"]) for r in runs]
     publish_dir(out, lambda folder: save_run(folder, config, metrics, tagged,
                                              {"data": data.source, "seeds": list(seeds)}),
                 protect)
-    if study is not None:
-        study.set_user_attr("final", {**metrics, "out": str(out)})
+    if storage is not None:
+        record_final_study(storage, campaign, params, config, runs, out, artifact_dir(out))
     return metrics, runs
+
+
+def artifact_dir(out):
+    """Where the final run's artifacts go: beside its results folder (studies/<campaign>/)."""
+    return Path(out).parent / "artifacts"
 
 
 def read_final(folder):

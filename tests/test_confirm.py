@@ -88,3 +88,63 @@ def test_paired_statistics_agree_with_scipy():
     mean, half = paired_interval(a, b)
     low, high = stats.t.interval(0.95, 5, loc=np.mean(a - b), scale=stats.sem(a - b))
     assert (mean - half, mean + half) == pytest.approx((low, high))
+
+
+# ---- the confirm phase of a campaign, on tiny data ------------------------------------------------
+
+def tiny_campaign(**confirm):
+    from search.campaign import parse_campaign
+
+    tiny = {"m": 10, "n_batch": 10, "n_s": 5, "cycles": 1, "evals_per_cycle": 2,
+            "eval_train_samples": 0, "dtype": "float64"}
+    return parse_campaign({"name": "t", "search": tiny, "phases": [
+        {"name": "coarse", "n_trials": 5, "pruner": "none",
+         "params": {"lam": {"low": 1e-4, "high": 1.0, "log": True}}},
+        {"name": "confirm", "kind": "confirm", **confirm}]})
+
+
+def test_the_confirm_phase_races_the_best_configurations_and_resumes(tmp_path, tiny_data):
+    from search.confirm import SEED_BASE, run_confirm
+    from search.phases import campaign_best, phase_spec, run_spec
+    from search.study import finished_trials, open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    c = tiny_campaign(top_k=3, seeds=4)
+    coarse = run_spec(phase_spec(c, "coarse", storage), storage, tiny_data)
+    best3 = [t.params for t in finished_trials(coarse)[:3]]
+    study, v = run_confirm(c, "confirm", storage, tiny_data)
+    cands = study.user_attrs["candidates"]
+    assert [x["params"] for x in cands] == best3  # the top 3 of coarse, best first
+    trials = study.get_trials()
+    # every trial is one (candidate, seed) with the candidate's parameters, each pair once
+    pairs = [(t.user_attrs["candidate"], t.user_attrs["confirm_seed"]) for t in trials]
+    assert len(pairs) == len(set(pairs)) <= 3 * 4
+    for t in trials:
+        assert t.params == cands[t.user_attrs["candidate"]]["params"]
+        assert t.user_attrs["seeds"] == [t.user_attrs["confirm_seed"]]
+        assert SEED_BASE <= t.user_attrs["confirm_seed"] < SEED_BASE + 4  # not the search's seed
+    # the verdict's numbers are the trials' values
+    for c_index, scores in v["scores"].items():
+        mine = sorted((t.user_attrs["confirm_seed"], t.value) for t in trials
+                      if t.user_attrs["candidate"] == int(c_index))
+        assert [value for _, value in mine] == scores
+    assert v["params"] == cands[v["pick"]]["params"]
+    assert campaign_best(storage, "t")[0] == v["params"]  # the final run trains the pick
+    # resumed: nothing is trained again, the verdict is the same
+    again, v2 = run_confirm(c, "confirm", storage, tiny_data)
+    assert len(again.get_trials()) == len(trials) and v2 == v
+
+
+def test_confirm_phases_in_campaign_files_are_checked():
+    from model.errors import ConfigError
+    from search.campaign import parse_campaign
+
+    base = {"name": "x", "phases": [{"name": "coarse", "params": {"lam": {"low": 1e-4,
+                                                                           "high": 1.0}}}]}
+    for bad, key in (({"top_k": 1}, "top_k"), ({"seeds": 1}, "seeds"), ({"from": "nope"}, "from"),
+                     ({"params": {}}, "params")):
+        with pytest.raises(ConfigError, match=key):
+            parse_campaign({**base, "phases": base["phases"] + [
+                {"name": "confirm", "kind": "confirm", **bad}]})
+    with pytest.raises(ConfigError, match="from"):  # nothing to confirm before it
+        parse_campaign({"name": "x", "phases": [{"name": "confirm", "kind": "confirm"}]})
