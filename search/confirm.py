@@ -20,6 +20,7 @@ import numpy as np
 from optuna.trial import TrialState
 from scipy import stats
 
+from model.data import fingerprint
 from model.errors import InputError, WorkersFailed
 from search.campaign import source_space
 from search.objective import Objective
@@ -173,7 +174,7 @@ def run_confirm(campaign, name, storage, data, workers=1, storage_opts=None, pro
     rule = phase.confirm
     spec = dataclasses.replace(phase_spec(campaign, name, storage),
                                space=source_space(campaign, phase))
-    study = create_or_resume(storage, spec)
+    study = create_or_resume(storage, spec, fingerprint(data))
     if "candidates" not in study.user_attrs:
         cands = candidates(storage, campaign.name, rule["from"], rule["top_k"])
         seeds = [SEED_BASE + r for r in range(rule["seeds"])]

@@ -5,6 +5,7 @@ import warnings
 
 import optuna
 
+from model.data import fingerprint
 from model.errors import InputError, WorkersFailed
 from model.train import TrainConfig
 from search.campaign import load_campaign, source_space
@@ -119,12 +120,21 @@ def derive(storage, campaign, phase):
     return space, info
 
 
-def create_or_resume(storage, spec):
-    """Create the phase's study (recording spec) or check that an existing one matches it."""
+def create_or_resume(storage, spec, data_fingerprint=None):
+    """Create the phase's study (recording spec and the data's fingerprint) or check that an
+    existing one is ours and matches them: trials scored on other data, or by another program,
+    must never be ranked with this phase's."""
+    check_foreign(storage, spec.study_name)
     study = optuna.create_study(study_name=spec.study_name, storage=storage, direction="maximize",
                                 load_if_exists=True)
     recorded = study.user_attrs
     wanted = spec.attrs()
+    if data_fingerprint:
+        wanted["data_fingerprint"] = data_fingerprint
+        if recorded.get("data_fingerprint", data_fingerprint) != data_fingerprint:
+            raise InputError(f"study {spec.study_name} was run on other data (another data set, "
+                             "split or --n-val: its data fingerprint differs); resume with the same "
+                             "data or use a new --campaign")
     for key in _PINNED:
         # a key not there yet may be being written by a process that created the study just now
         if key in recorded and not _same(key, recorded[key], wanted[key]):
@@ -139,6 +149,23 @@ def create_or_resume(storage, spec):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([METRIC])
     return study
+
+
+def check_foreign(storage, name):
+    """InputError when a study of this name exists but is not one of ours: another direction or
+    several objectives, or trials without the attrs every phase of ours records. (A study just
+    created by a concurrent worker has neither trials nor attrs yet: it is ours.)"""
+    if name not in optuna.get_all_study_names(storage):
+        return
+    study = optuna.load_study(study_name=name, storage=storage)
+    fix = "it was made by another program or another tool; use a new --campaign (or --storage)"
+    if len(study.directions) != 1 or study.directions[0] != optuna.study.StudyDirection.MAXIMIZE:
+        raise InputError(f"study {name} exists with direction(s) "
+                         f"{[d.name.lower() for d in study.directions]}, not one maximised "
+                         f"validation accuracy: {fix}")
+    if "phase" not in study.user_attrs and study.get_trials(deepcopy=False):
+        raise InputError(f"study {name} exists and holds trials, but not this project's records: "
+                         f"{fix}")
 
 
 def _same(key, recorded, wanted):
@@ -160,7 +187,7 @@ def run_spec(spec, storage, data, workers=1, storage_opts=None, progress=None):
     open storage.url themselves. progress: optional callable(n_complete) for a progress bar.
     Returns the study.
     """
-    study = create_or_resume(storage, spec)
+    study = create_or_resume(storage, spec, fingerprint(data))
     recover_trials(study)  # once, before the workers: they would all re-queue the same trials
     storage.remove_session()
     storage.engine.dispose()  # forked workers must open their own connections
