@@ -23,6 +23,13 @@ def relu_backward(dout, cache):
     return dout * (cache > 0)
 
 
+def dropout_mask(uniform, p):
+    """Inverted dropout's mask from uniform draws in [0, 1): 0 where a draw is below p (the unit is
+    dropped, with probability p), else 1/(1 − p), so that the layer's expected output is unchanged
+    and evaluation needs no mask. The training step draws and compares the same way."""
+    return np.where(uniform >= p, 1.0 / (1.0 - p), 0.0)
+
+
 def softmax(scores):
     """Row-wise softmax of scores (N, K), shifted by the row max so exp never overflows."""
     shifted = scores - scores.max(axis=1, keepdims=True)

@@ -34,17 +34,23 @@ def scores(params, X):
     return H @ params["W2"] + params["b2"]
 
 
-def loss_and_grads(params, X, y, lam):
+def loss_and_grads(params, X, y, lam, mask=None):
     """Reference forward and backward pass on X (N, D), y (N,).
 
+    mask: None, or inverted dropout's fixed mask (N, m) on the hidden layer (layers.dropout_mask:
+      0 for a dropped unit, 1/(1 − p) for a kept one); the hidden activations are multiplied by it.
     Returns (cost, loss, grads) with grads keyed like params. Training uses the fused step of
     model.step; this composition of layers is what the gradient check and the tests trust.
     """
     a1, c1 = affine_forward(X, params["W1"], params["b1"])
     h, c_relu = relu_forward(a1)
+    if mask is not None:
+        h = h * mask
     s, c2 = affine_forward(h, params["W2"], params["b2"])
     loss, ds = softmax_cross_entropy(s, y)
     dh, dW2, db2 = affine_backward(ds, c2)
+    if mask is not None:
+        dh = dh * mask  # the mask is a constant factor of h: the same factor on its gradient
     _, dW1, db1 = affine_backward(relu_backward(dh, c_relu), c1)
     grads = {"W1": dW1 + 2 * lam * params["W1"], "b1": db1,
              "W2": dW2 + 2 * lam * params["W2"], "b2": db2}

@@ -25,15 +25,16 @@ _WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota
 
 def training_bytes(config, n_features, n_classes, n_train):
     """Bytes one training run allocates besides the data (an upper bound): two copies of the
-    params (the run's and the one it returns), the step's workspace of n_batch rows, an evaluation
-    block, the epoch's permutation and the history's records."""
+    params (the run's and the one it returns) and one per cycle (the snapshots a final run keeps
+    for its ensemble), the step's workspace of n_batch rows (with dropout's 16-bit draws), an
+    evaluation block, the epoch's permutation and the history's records."""
     item = np.dtype(config.dtype).itemsize
     m, k = config.m, n_classes
     params = (n_features * m + m + m * k + k) * item
-    workspace = config.n_batch * (n_features + 2 * m + k) * item
+    workspace = config.n_batch * ((n_features + 2 * m + k) * item + 2 * m)
     evaluation = EVAL_BLOCK * (2 * m * item + 3 * k * 8)
     history = (config.cycles * config.evals_per_cycle + 1) * RECORD_BYTES
-    return 2 * params + workspace + evaluation + 8 * n_train + history
+    return (2 + config.cycles) * params + workspace + evaluation + 8 * n_train + history
 
 
 def check_memory(config, n_features=None, n_train=50_000, processes=1):

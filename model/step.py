@@ -36,15 +36,39 @@ from model.blas import gemm
 from model.errors import DivergedError
 
 
-def make_workspace(n_batch, D, m, K, dtype):
-    """Buffers for one step of at most n_batch samples, and the pending scale of W1 (see settle)."""
+def make_workspace(n_batch, D, m, K, dtype, dropout=0.0, flip=False, shift=0):
+    """Buffers for one step of at most n_batch samples, the pending scale of W1 (see settle), and
+    the random draws of the regularisers the run asks for (see draw_noise): inverted dropout of
+    the hidden units with probability `dropout`, images flipped at random (`flip`) and translated
+    by up to `shift` pixels."""
+    augment = bool(flip or shift)
     return {
         "X": np.empty((n_batch, D), dtype=dtype),   # gathered batch
         "H": np.empty((n_batch, m), dtype=dtype),   # hidden activations
         "S": np.empty((n_batch, K), dtype=dtype),   # scores, then η/B·(P − Y)
         "dH": np.empty((n_batch, m), dtype=dtype),
         "w1_scale": np.ones(1),                     # W1 = w1_scale · params["W1"]
+        "dropout": float(dropout), "flip": bool(flip), "shift": int(shift),
+        # uniform draws in [0, 1): hidden unit j of sample i is dropped where keep[i, j] < dropout
+        # (ones until drawn: nothing dropped); empty without dropout
+        "keep": np.ones((n_batch if dropout else 0, m), dtype=dtype),
+        # per sample (flip 0/1, dx, dy) of the augmentation (zeros until drawn), or None
+        "moves": np.zeros((n_batch, 3), dtype=np.int64) if augment else None,
     }
+
+
+def draw_noise(ws, B, rng):
+    """Draw the next step's augmentation moves and dropout draws for B samples from rng into ws,
+    in that order; draws nothing when the workspace has neither, so that a run without them
+    takes exactly the random numbers it took before they existed."""
+    if ws["moves"] is not None:
+        moves = ws["moves"][:B]
+        if ws["flip"]:
+            moves[:, 0] = rng.integers(0, 2, B)
+        if ws["shift"]:
+            moves[:, 1:] = rng.integers(-ws["shift"], ws["shift"] + 1, (B, 2))
+    if ws["dropout"]:
+        rng.random(out=ws["keep"][:B])
 
 
 def sgd_step(params, X, y, idx, eta, lam, ws, pixels=None):
@@ -55,12 +79,13 @@ def sgd_step(params, X, y, idx, eta, lam, ws, pixels=None):
     settles before it evaluates or returns; the other params are always exact).
     idx must hold valid row numbers 0 <= i < len(X) (train() passes slices of a permutation).
     pixels: X's model.data.Pixels or None (see gather_batch).
+    Dropout and augmentation use the draws in ws as they are: draw_noise fills them first.
     Raises DivergedError when the scores stop being finite (params are then left unchanged).
     """
     Xb = ws["X"][:len(idx)]
-    gather_batch(X, idx, Xb, pixels)
+    gather_batch(X, idx, Xb, pixels, ws["moves"])
     if not _step(Xb, y, idx, params["W1"], params["b1"], params["W2"], params["b2"], eta, lam,
-                 ws["w1_scale"], ws["H"], ws["S"], ws["dH"]):
+                 ws["w1_scale"], ws["H"], ws["S"], ws["dH"], ws["keep"], ws["dropout"]):
         raise DivergedError("non-finite scores")
 
 
@@ -69,10 +94,18 @@ def settle(params, ws):
     _rescale(params["W1"], ws["w1_scale"])
 
 
-def gather_batch(X, idx, out, pixels=None):
+def gather_batch(X, idx, out, pixels=None, moves=None):
     """out ← X[idx]. From X's pixels (model.data.Pixels) when given and they normalise into out's
-    dtype: the same rows, bit for bit, from a quarter of the bytes; else from X itself."""
-    if pixels is not None and pixels.scale.dtype == out.dtype:
+    dtype: the same rows, bit for bit, from a quarter of the bytes; else from X itself.
+
+    moves: None, or per sample (flip, dx, dy) (see draw_noise and moved_image): the images are
+    flipped and translated while gathered. This needs the pixels, in out's dtype, of 32×32 RGB
+    images (rows of 3072: model.train checks it before training)."""
+    if moves is not None:
+        if not can_augment(X, pixels, out.dtype):
+            raise ValueError("augmentation moves the pixels of 32×32×3 images in out's dtype")
+        _gather_moved(pixels.raw, idx, pixels.scale, pixels.shift, moves, out)
+    elif pixels is not None and pixels.scale.dtype == out.dtype:
         _gather_normalised(pixels.raw, idx, pixels.scale, pixels.shift, out)
     elif X.dtype == out.dtype:
         # mode="clip" because with the default mode="raise" NumPy gathers into a temporary and
@@ -82,10 +115,21 @@ def gather_batch(X, idx, out, pixels=None):
         out[...] = X[idx]  # data in another dtype than the params: cast (np.take warns doing so)
 
 
+def can_augment(X, pixels, dtype):
+    """Whether the batches of X can be augmented: its rows are 32×32 RGB images and its pixels
+    (model.data.Pixels) normalise into dtype."""
+    return (X.shape[1] == IMAGE_D and pixels is not None
+            and pixels.scale.dtype == np.dtype(dtype))
+
+
 @njit(cache=True)
-def _step(Xb, y, idx, W1, b1, W2, b2, eta, lam, w1_scale, H, S, dH):
+def _step(Xb, y, idx, W1, b1, W2, b2, eta, lam, w1_scale, H, S, dH, keep, p):
     """Everything after the gather, in place. Returns False, changing no parameter, if a score is
     not finite.
+
+    Inverted dropout when p > 0: hidden unit j of sample i is dropped where keep[i, j] < p, the
+    others are scaled by 1/(1 − p); its backward pass is the same factor on dH. With p = 0 the
+    loops are the ones of the step before dropout existed (bit-identical runs).
 
     W1 is kept as c·V (c = w1_scale[0], V = the array W1): the decay W1 ← (1 − 2ηλ)·W1 then costs
     nothing, c shrinks instead, and the backward GEMM adds −η∇W1 / c straight into V (BLAS β = 1).
@@ -98,11 +142,10 @@ def _step(Xb, y, idx, W1, b1, W2, b2, eta, lam, w1_scale, H, S, dH):
     decay = 1.0 - 2.0 * eta * lam           # the L2 term
     c = w1_scale[0]
     gemm(Xb, W1, H, c, 0.0)                 # X_b W1
-    for i in range(B):                      # H ← relu(H + b1), NaN kept (max() would drop it)
-        h = H[i]
-        for j in range(h.shape[0]):
-            v = h[j] + b1[j]
-            h[j] = 0.0 if v < 0.0 else v
+    if p > 0.0:
+        _relu_dropout(H, b1, keep, p)
+    else:
+        _relu(H, b1)
     gemm(H, W2, S, 1.0, 0.0)
     finite = True
     for i in range(B):                      # S ← scale·(softmax(H W2 + b2) − onehot(y))
@@ -125,9 +168,15 @@ def _step(Xb, y, idx, W1, b1, W2, b2, eta, lam, w1_scale, H, S, dH):
     if not finite:
         return False
     gemm(S, W2, dH, 1.0, 0.0, trans_b=True)  # through W2 (before it changes) and the ReLU
-    for i in range(B):
-        for j in range(dH.shape[1]):
-            dH[i, j] = dH[i, j] if H[i, j] > 0.0 else 0.0
+    if p > 0.0:                             # a dropped unit has H = 0: no gradient either
+        kept = 1.0 / (1.0 - p)
+        for i in range(B):
+            for j in range(dH.shape[1]):
+                dH[i, j] = dH[i, j] * kept if H[i, j] > 0.0 else 0.0
+    else:
+        for i in range(B):
+            for j in range(dH.shape[1]):
+                dH[i, j] = dH[i, j] if H[i, j] > 0.0 else 0.0
     for k in range(b2.shape[0]):
         b2[k] -= S[:, k].sum()
     for j in range(b1.shape[0]):
@@ -144,6 +193,29 @@ def _step(Xb, y, idx, W1, b1, W2, b2, eta, lam, w1_scale, H, S, dH):
 
 
 _RESCALE_BELOW = 1e-4  # keeps V = W1 / c and the GEMM's α = 1/c far from float32's range limits
+
+
+@njit(cache=True)
+def _relu(H, b1):
+    """H ← relu(H + b1), NaN kept (max() would drop it)."""
+    for i in range(H.shape[0]):
+        h = H[i]
+        for j in range(h.shape[0]):
+            v = h[j] + b1[j]
+            h[j] = 0.0 if v < 0.0 else v
+
+
+@njit(cache=True)
+def _relu_dropout(H, b1, keep, p):
+    """H ← relu(H + b1)·mask, the mask 0 where keep < p and 1/(1 − p) elsewhere; a NaN stays NaN
+    (NaN·0 is NaN), so that a diverged W1 still reaches the scores."""
+    kept = 1.0 / (1.0 - p)
+    for i in range(H.shape[0]):
+        h, u = H[i], keep[i]
+        for j in range(h.shape[0]):
+            v = h[j] + b1[j]
+            v = 0.0 if v < 0.0 else v
+            h[j] = v * kept if u[j] >= p else v * 0.0
 
 
 @njit(cache=True)
@@ -180,6 +252,52 @@ def _gather_normalised(raw, idx, scale, shift, out):
                 o_[d] = _normalised(r[d], sc[d], sh[d])
         for d in range(whole_lines, D):
             o[d] = _normalised(row[d], scale[d], shift[d])
+
+
+@njit(cache=True)
+def _gather_moved(raw, idx, scale, shift, moves, out):
+    """out[i] = the image raw[idx[i]] flipped left-right if moves[i, 0], then translated by
+    moves[i, 1] columns (right) and moves[i, 2] rows (down), borders reflected (_reflect); then
+    normalised, each pixel with the scale and shift of the position it moves to (the statistics
+    are per position, and augmentation makes new images). The next image's cache lines are
+    requested while this one is converted, as in _gather_normalised."""
+    flat = raw.reshape(raw.size)
+    D = raw.shape[1]
+    cols = np.empty(_SIDE, np.int64)
+    for i in range(idx.shape[0]):
+        row, o = raw[idx[i]], out[i]
+        ahead = idx[i + 1] * D if i + 1 < idx.shape[0] else -1
+        flip, dx, dy = moves[i, 0], moves[i, 1], moves[i, 2]
+        for c in range(_SIDE):              # the source column of each output column
+            source = _reflect(c - dx)
+            cols[c] = _SIDE - 1 - source if flip else source
+        for line in range(_CHANNELS * _SIDE):  # one row of one colour plane: 32 pixels
+            if ahead >= 0 and line % 2 == 0:   # two of them make a cache line
+                _prefetch(flat, ahead + line * _SIDE)
+            plane = line - line % _SIDE
+            src = (plane + _reflect(line - plane - dy)) * _SIDE
+            dst = line * _SIDE
+            for c in range(_SIDE):
+                o[dst + c] = _normalised(row[src + cols[c]], scale[dst + c], shift[dst + c])
+
+
+@njit(inline="always")
+def _reflect(i):
+    """Index i of a row or column reflected into 0..31 at the borders (no edge repeated, as
+    np.pad's "reflect"): −1 → 1, 32 → 30; valid for −31 ≤ i ≤ 62.
+
+    Reflection, not zeros: a zero pixel is black, an edge no real image has and, normalised, a
+    strong input of its own; reflected pixels keep the image's statistics up to the border (the
+    reference check in DESIGN.md used it too)."""
+    if i < 0:
+        return -i
+    if i >= _SIDE:
+        return 2 * (_SIDE - 1) - i
+    return i
+
+
+_SIDE, _CHANNELS = 32, 3        # a CIFAR-10 row: 3 colour planes (R, G, B) of 32×32, row-major
+IMAGE_D = _CHANNELS * _SIDE * _SIDE
 
 
 @njit(inline="always")

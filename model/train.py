@@ -7,10 +7,11 @@ import numpy as np
 
 from model.data import K
 from model.errors import ConfigError, DivergedError
-from model.network import init_params, l2_penalty
+from model.layers import softmax
+from model.network import init_params, l2_penalty, scores
 from model.resources import check_memory
 from model.schedule import cyclic_lr
-from model.step import make_workspace, settle, sgd_step
+from model.step import IMAGE_D, can_augment, draw_noise, make_workspace, settle, sgd_step
 
 log = logging.getLogger(__name__)
 DTYPES = ("float32", "float64")
@@ -34,6 +35,16 @@ class TrainConfig:
     eval_train_samples: int = 10_000  # train metrics on this fixed prefix of the train split
     seed: int = 0                     # init and shuffling
     dtype: str = "float32"            # float32 (fast) or float64 (gradient-check precision)
+    # Regularisers beyond the report's protocol, off by default (the base runs are bit-identical
+    # to the ones before they existed). Their random draws come from the run's rng (model.step).
+    dropout: float = 0.0              # inverted dropout of the hidden units in training, p in [0, 1)
+    flip: bool = False                # flip each training image left-right with probability 1/2
+    shift: int = 0                    # translate each training image by up to this many pixels
+
+    @property
+    def augment(self):
+        """Whether training images are moved (flipped or translated) as they are gathered."""
+        return self.flip or self.shift > 0
 
     def __post_init__(self):
         for name, ok, fix in _CHECKS:
@@ -74,6 +85,11 @@ _CHECKS = [
     ("eval_train_samples", lambda c: c.eval_train_samples >= 0, "use 0 or more samples"),
     ("seed", lambda c: 0 <= c.seed < SEED_LIMIT, f"seeds are integers in 0..{SEED_LIMIT - 1}"),
     ("dtype", lambda c: c.dtype in DTYPES, f"choose one of {', '.join(DTYPES)}"),
+    ("dropout", lambda c: 0 <= c.dropout < 1,
+     "the probability of dropping a hidden unit lies in [0, 1) (e.g. --dropout 0.3; 0: none)"),
+    ("flip", lambda c: c.flip in (True, False), "flip is True or False (--flip / --no-flip)"),
+    ("shift", lambda c: isinstance(c.shift, (int, np.integer)) and 0 <= c.shift < 32,
+     "translations of a 32-pixel image lie in 0..31 pixels (e.g. --shift 3; 0: none)"),
 ]
 
 
@@ -95,16 +111,35 @@ def evaluate(params, X, y, lam, block=8192):
     return {"loss": loss, "cost": loss + l2_penalty(params, lam), "acc": correct / len(y)}
 
 
-def fit(data, config, on_eval=None, train_curve=True):
-    """Train fresh params on data with config -> (params, history).
+def evaluate_ensemble(snapshots, X, y, block=8192):
+    """Loss and accuracy of an ensemble of params (a snapshot ensemble: fit(snapshots=True)) on X
+    (N, D), y (N,): the mean of the members' softmax probabilities, in float64. Its loss is the
+    cross-entropy of those mean probabilities; there is no cost (the members' L2 terms differ)."""
+    total_nll, correct = 0.0, 0
+    for start in range(0, len(y), block):
+        Xb, yb = X[start:start + block], y[start:start + block]
+        P = sum(softmax(scores(p, Xb).astype(np.float64)) for p in snapshots) / len(snapshots)
+        total_nll -= float(np.sum(np.log(np.maximum(P[np.arange(len(yb)), yb], 1e-300))))
+        correct += int(np.sum(P.argmax(axis=1) == yb))
+    return {"loss": total_nll / len(y), "acc": correct / len(y), "members": len(snapshots)}
 
-    One np.random.default_rng(config.seed) draws the init and then shuffles every epoch, so one
-    config gives bit-identical params and history.
+
+def fit(data, config, on_eval=None, train_curve=True, snapshots=False):
+    """Train fresh params on data with config -> (params, history), or with snapshots=True
+    (params, history, snapshots): copies of the params at the end of every cycle (the CLR's
+    minimum; the last one equals params), for evaluate_ensemble.
+
+    One np.random.default_rng(config.seed) draws the init and then shuffles every epoch (and draws
+    dropout masks and augmentation moves, when config asks for them), so one config gives
+    bit-identical params and history.
     """
     # a ConfigError now, not a MemoryError at the first allocation
     check_memory(config, data.train.X.shape[1], len(data.train.y))
     rng = np.random.default_rng(config.seed)
-    return train(_initial_params(data, config, rng), data, config, rng, on_eval, train_curve)
+    kept = [] if snapshots else None
+    params, history = train(_initial_params(data, config, rng), data, config, rng, on_eval,
+                            train_curve, kept)
+    return (params, history, kept) if snapshots else (params, history)
 
 
 def _initial_params(data, config, rng):
@@ -124,7 +159,7 @@ def warm_up(data, config):
         pass  # compiled all the same; the real runs will report it
 
 
-def train(params, data, config, rng, on_eval=None, train_curve=True):
+def train(params, data, config, rng, on_eval=None, train_curve=True, snapshots=None):
     """Mini-batch GD with a triangular CLR from step 0 to config.total_steps, params updated in place.
 
     Args:
@@ -137,14 +172,18 @@ def train(params, data, config, rng, on_eval=None, train_curve=True):
       train_curve: evaluate the train subset at every evaluation point (False: at the last one only,
         for a run whose curves nobody draws; the history's other records then have "train": None).
         The validation split is evaluated at every point either way.
+      snapshots: None, or a list that receives a copy of params at the end of every cycle.
     Returns:
       (params, history): history is a list of records {step, lr, epoch, train: {...}, val: {...}}.
     Raises:
-      DivergedError when the loss stops being finite.
+      DivergedError when the loss stops being finite; ConfigError when config asks for
+      augmentation that these data cannot take.
     """
     X, y = data.train.X, data.train.y
     N, D = X.shape
-    ws = make_workspace(config.n_batch, D, config.m, params["b2"].shape[0], params["W1"].dtype)
+    _check_augmentation(data, config, params["W1"].dtype)
+    ws = make_workspace(config.n_batch, D, config.m, params["b2"].shape[0], params["W1"].dtype,
+                        config.dropout, config.flip, config.shift)
     eval_at = set(config.eval_steps())  # looked up after every step
     history = [evaluation_record(params, data, config, 0, train_curve)]
     _report(history[-1], on_eval)
@@ -154,9 +193,10 @@ def train(params, data, config, rng, on_eval=None, train_curve=True):
         epoch += 1
         for start in range(0, N, config.n_batch):  # the last, smaller batch included
             eta = cyclic_lr(t, config.eta_min, config.eta_max, config.n_s)
+            idx = perm[start:start + config.n_batch]
+            draw_noise(ws, len(idx), rng)
             try:
-                sgd_step(params, X, y, perm[start:start + config.n_batch], eta, config.lam, ws,
-                         data.train.pixels)
+                sgd_step(params, X, y, idx, eta, config.lam, ws, data.train.pixels)
             except DivergedError:
                 settle(params, ws)
                 raise DivergedError(_diverged_message(config, t + 1)) from None
@@ -165,10 +205,22 @@ def train(params, data, config, rng, on_eval=None, train_curve=True):
                 settle(params, ws)
                 history.append(evaluation_record(params, data, config, t, train_curve, epoch))
                 _report(history[-1], on_eval)
+            if snapshots is not None and t % (2 * config.n_s) == 0:  # a cycle's end
+                settle(params, ws)
+                snapshots.append({k: v.copy() for k, v in params.items()})
             if t == config.total_steps:
                 break
     settle(params, ws)  # already done if, as now, the last step is an evaluation point
     return params, history
+
+
+def _check_augmentation(data, config, dtype):
+    if config.augment and not can_augment(data.train.X, data.train.pixels, dtype):
+        what = (f"rows of {data.train.X.shape[1]} values" if data.train.X.shape[1] != IMAGE_D
+                else "no uint8 training pixels in the training dtype")
+        raise ConfigError(f"flip = {config.flip!r}, shift = {config.shift!r} move the pixels of "
+                          f"32×32 RGB images (rows of {IMAGE_D} uint8 pixels), but these data "
+                          f"have {what}: train without --flip and --shift")
 
 
 def evaluation_record(params, data, config, t, train_curve=True, epoch=0):

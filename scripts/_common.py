@@ -42,6 +42,9 @@ TRAIN_FLAG_HELP = {
     "eval_train_samples": "train metrics on this many training samples (0 = all)",
     "seed": "seed of init and shuffling",
     "dtype": "float32 (fast) or float64",
+    "dropout": "inverted dropout: probability of dropping a hidden unit in training, in [0, 1)",
+    "flip": "flip each training image left-right with probability 1/2",
+    "shift": "translate each training image by up to this many pixels (borders reflected), 0..31",
 }
 
 
@@ -193,8 +196,10 @@ def add_train_args(parser, defaults=TrainConfig(), skip=()):
         if field.name in skip:
             continue
         default = getattr(defaults, field.name) if defaults else None
-        parser.add_argument("--" + field.name.replace("_", "-"),
-                            type=type(getattr(TrainConfig(), field.name)), default=default,
+        kind = type(getattr(TrainConfig(), field.name))
+        # a bool is a switch, --flip / --no-flip: type=bool would take "--flip False" as True
+        parse = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        parser.add_argument("--" + field.name.replace("_", "-"), default=default, **parse,
                             help=f"{TRAIN_FLAG_HELP[field.name]} (default "
                                  f"{default if defaults else 'from the campaign'})")
 
@@ -290,9 +295,14 @@ def progress_bar(total, desc, args, unit):
 
 def single_blas_thread():
     """Pin BLAS to one thread: these GEMMs are too small for two (see DESIGN.md, Speed)."""
+    return blas_threads(1)
+
+
+def blas_threads(n):
+    """Limit BLAS to n threads (the step's kernels call the same BLAS: model.blas)."""
     from threadpoolctl import threadpool_limits
 
-    return threadpool_limits(limits=1, user_api="blas")
+    return threadpool_limits(limits=n, user_api="blas")
 
 
 def _terminate(signum, frame):
