@@ -41,18 +41,23 @@ def relative_error(a, n, eps=1e-12, negligible=NEGLIGIBLE):
     return float(np.max(err))
 
 
-def check_gradients(X, y, params, lam, h=1e-5):
+def check_gradients(X, y, params, lam, h=1e-5, mask=None):
     """Max relative error per key between loss_and_grads and centred differences of the cost.
+
+    mask: None, or a fixed inverted-dropout mask (N, m) on the hidden layer (layers.dropout_mask),
+    the same for both sides: with the mask fixed the cost is a smooth function of the params.
 
     The analytic gradients are computed in the params' dtype (float64). The differences are taken
     in extended precision (np.longdouble: 80-bit on x86) so that their rounding error,
     ~eps·|cost|/h, stays far below the gradients' smallest entries: in float64 it is ~1e-10 and
     gives relative errors up to ~3e-7 on tiny entries whatever the quality of the gradients.
     """
-    _, _, analytic = loss_and_grads(params, X, y, lam)
+    _, _, analytic = loss_and_grads(params, X, y, lam, mask)
     X_ext = X.astype(np.longdouble)
     params_ext = {k: v.astype(np.longdouble) for k, v in params.items()}
-    numeric = numerical_grads(lambda p: loss_and_grads(p, X_ext, y, lam)[0], params_ext, h)
+    mask_ext = None if mask is None else mask.astype(np.longdouble)
+    numeric = numerical_grads(lambda p: loss_and_grads(p, X_ext, y, lam, mask_ext)[0],
+                              params_ext, h)
     return {k: relative_error(analytic[k], numeric[k]) for k in PARAM_KEYS}
 
 

@@ -68,7 +68,8 @@ def draw_noise(ws, B, rng):
         if ws["shift"]:
             moves[:, 1:] = rng.integers(-ws["shift"], ws["shift"] + 1, (B, 2))
     if ws["dropout"]:
-        rng.random(out=ws["keep"][:B])
+        keep = ws["keep"][:B]
+        rng.random(dtype=keep.dtype, out=keep)
 
 
 def sgd_step(params, X, y, idx, eta, lam, ws, pixels=None):
