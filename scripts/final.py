@@ -89,13 +89,15 @@ def main():
                                   workers=args.workers, protect=protect, progress=progress)
     summary = {"params": trained, "source": source, "test_acc": [r["test"]["acc"] for r in runs],
                "test_acc_mean": metrics["test_acc_mean"], "test_acc_std": metrics["test_acc_std"],
+               "test_acc_ensemble_mean": metrics["test_acc_ensemble_mean"],
                "seeds": seeds, "out": str(out)}
     where = (f"{source['study']} trial #{source['trial']}" if source["study"] else "the flags")
     per_seed = ", ".join(f"seed {r['seed']}: {r['test']['acc']:.4f}" for r in runs)
     _common.emit(summary, args,
                  f"{format_params(trained)} (from {where}); test accuracy "
                  f"{metrics['test_acc_mean']:.4f} ± {metrics['test_acc_std']:.4f} over "
-                 f"{len(seeds)} seeds ({per_seed}) -> {out}")
+                 f"{len(seeds)} seeds ({per_seed}); snapshot ensembles "
+                 f"{metrics['test_acc_ensemble_mean']:.4f} -> {out}")
     return 0
 
 

@@ -12,7 +12,7 @@ from model.checkpoint import save_run
 from model.data import load_cifar10
 from model.outputs import check_results_dir, publish_dir
 from model.resources import check_memory, check_writable
-from model.train import evaluate, fit
+from model.train import evaluate, evaluate_ensemble, fit
 
 
 def parse_args(argv=None):
@@ -20,8 +20,13 @@ def parse_args(argv=None):
     _common.add_train_args(p)
     _common.add_data_args(p)
     p.add_argument("--out", default=None, help="results folder (default studies/runs/lam<λ>-seed<seed>)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="BLAS threads of this run (default 1; 2 uses both cores for one wide run, "
+                        "see docs/threads.md)")
     _common.add_common_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    p.require_positive(args, "threads")
+    return args
 
 
 def main():
@@ -35,22 +40,26 @@ def main():
     check_memory(config)
     data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=config.dtype)
     start = time.perf_counter()
-    with _common.single_blas_thread(), \
+    with _common.blas_threads(args.threads), \
             _common.progress_bar(config.total_steps, "training", args, "update") as progress:
-        params, history = fit(data, config,
-                              on_eval=(lambda r: progress(r["step"])) if progress else None)
+        params, history, snapshots = fit(
+            data, config, on_eval=(lambda r: progress(r["step"])) if progress else None,
+            snapshots=True)
         test = evaluate(params, data.test.X, data.test.y, config.lam)
+        ensemble = evaluate_ensemble(snapshots, data.test.X, data.test.y)  # one per cycle end
     seconds = time.perf_counter() - start
     last = history[-1]
     metrics = {"lam": config.lam, "train_acc": last["train"]["acc"], "val_acc": last["val"]["acc"],
                "test_acc": test["acc"], "test_loss": test["loss"], "test_cost": test["cost"],
-               "steps": config.total_steps, "seconds": round(seconds, 2)}
+               "test_acc_ensemble": ensemble["acc"], "steps": config.total_steps,
+               "seconds": round(seconds, 2), "threads": args.threads}
     publish_dir(out, lambda folder: save_run(folder, config, metrics, [("", params, history)],
                                                      {"data": data.source}), protect)
     summary = {**metrics, "out": str(out)}
     _common.emit(summary, args,
                  f"λ={config.lam:g}: train acc {metrics['train_acc']:.4f}, val acc "
-                 f"{metrics['val_acc']:.4f}, test acc {metrics['test_acc']:.4f} after "
+                 f"{metrics['val_acc']:.4f}, test acc {metrics['test_acc']:.4f} (snapshot "
+                 f"ensemble of {len(snapshots)}: {ensemble['acc']:.4f}) after "
                  f"{config.total_steps} updates in {seconds:.1f} s -> {out}")
     return 0
 

@@ -16,7 +16,7 @@ import optuna
 from model.checkpoint import load_json, save_run
 from model.errors import InputError
 from model.outputs import publish_dir
-from model.train import evaluate, fit, warm_up
+from model.train import evaluate, evaluate_ensemble, fit, warm_up
 from search.processes import die_with_parent, exit_code, stop_processes
 
 log = logging.getLogger(__name__)
@@ -134,25 +134,33 @@ def _seed_worker(data, config, seed, train_curve, queue, cpus, parent_pid, step_
 def _run_seed(data, config, seed, train_curve=True, on_eval=None):
     cfg = dataclasses.replace(config, seed=seed)
     start = time.perf_counter()
-    params, history = fit(data, cfg, on_eval=on_eval, train_curve=train_curve)
+    params, history, snapshots = fit(data, cfg, on_eval=on_eval, train_curve=train_curve,
+                                     snapshots=True)
     test = evaluate(params, data.test.X, data.test.y, cfg.lam)
-    log.info("final seed %d: val acc %.4f, test acc %.4f", seed, history[-1]["val"]["acc"],
-             test["acc"])
+    # the snapshot ensemble of the cycle ends (the last one is params): one test pass per cycle
+    ensemble = evaluate_ensemble(snapshots, data.test.X, data.test.y)
+    log.info("final seed %d: val acc %.4f, test acc %.4f (snapshot ensemble of %d: %.4f)", seed,
+             history[-1]["val"]["acc"], test["acc"], len(snapshots), ensemble["acc"])
     return {"seed": seed, "params": params, "history": history, "train": history[-1]["train"],
-            "val": history[-1]["val"], "test": test, "seconds": round(time.perf_counter() - start, 2)}
+            "val": history[-1]["val"], "test": test, "test_ensemble": ensemble,
+            "seconds": round(time.perf_counter() - start, 2)}
 
 
 def final_metrics(runs, params, source):
     """metrics.json: the chosen parameters and where they came from, per-seed accuracies, test
-    mean ± std. (config.json holds the whole TrainConfig that was trained.)"""
+    mean ± std, and the test accuracy of each seed's snapshot ensemble (one member per cycle)
+    and their mean. (config.json holds the whole TrainConfig that was trained.)"""
     test = [r["test"]["acc"] for r in runs]
+    ensemble = [r["test_ensemble"]["acc"] for r in runs]
     return {
         "params": params, "source": source,
         "seeds": [{"seed": r["seed"], "train_acc": r["train"]["acc"], "val_acc": r["val"]["acc"],
                    "test_acc": r["test"]["acc"], "test_loss": r["test"]["loss"],
+                   "test_acc_ensemble": r["test_ensemble"]["acc"],
                    "seconds": r["seconds"]} for r in runs],
         "val_acc_mean": float(np.mean([r["val"]["acc"] for r in runs])),
         "test_acc_mean": float(np.mean(test)), "test_acc_std": float(np.std(test)),
+        "test_acc_ensemble_mean": float(np.mean(ensemble)),
         "seconds": round(sum(r["seconds"] for r in runs), 2),
     }
 

@@ -1,11 +1,12 @@
 """search.final: the final seeds, serial or in processes sharing a number of CPUs."""
+import dataclasses
 import os
 import time
 
 import numpy as np
 import pytest
 
-from model.train import TrainConfig
+from model.train import TrainConfig, evaluate_ensemble, fit
 from search import final
 from search.final import _shared_cpus, run_seeds
 
@@ -166,3 +167,19 @@ def test_a_final_run_of_another_pick_is_refused_unless_forced(tiny_data, tmp_pat
     assert "c-final" in optuna.get_all_study_names(storage)
     check_final_study(storage, "c", {"lam": 0.02}, force=True)
     assert "c-final" not in optuna.get_all_study_names(storage)
+
+
+def test_final_metrics_report_the_snapshot_ensemble(tiny_data):
+    """Each seed's test accuracy of its snapshot ensemble (one member per cycle end, the last
+    being the final params) beside the last model's, and their mean over the seeds."""
+    config = dataclasses.replace(CONFIG, cycles=3)
+    runs = run_seeds(tiny_data, config, [0, 5], workers=1)
+    metrics = final.final_metrics(runs, config.lam, {"study": None})
+    for r, m in zip(runs, metrics["seeds"]):
+        _, _, snapshots = fit(tiny_data, dataclasses.replace(config, seed=r["seed"]),
+                              snapshots=True)
+        expected = evaluate_ensemble(snapshots, tiny_data.test.X, tiny_data.test.y)
+        assert r["test_ensemble"] == expected and expected["members"] == 3
+        assert m["test_acc_ensemble"] == expected["acc"]
+    assert metrics["test_acc_ensemble_mean"] == pytest.approx(
+        np.mean([m["test_acc_ensemble"] for m in metrics["seeds"]]))

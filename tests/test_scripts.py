@@ -33,7 +33,16 @@ BAD_INPUT = {
     "unknown-flag": ("train.py", ["--no-such-flag"], "--no-such-flag"),
     "gradcheck-lam-zero": ("gradcheck.py", ["--lam", "0"], "--lam"),
     "negative-seed": ("train.py", ["--seed", "-1"], "seed"),
+    "dropout-negative": ("train.py", ["--dropout", "-0.1"], "dropout"),
+    "dropout-one": ("train.py", ["--dropout", "1.0"], "dropout"),
+    "shift-negative": ("train.py", ["--shift", "-1"], "shift"),
+    "shift-32": ("train.py", ["--shift", "32"], "shift"),
+    "flip-takes-no-value": ("train.py", ["--flip", "False"], "False"),
+    "threads-zero": ("train.py", ["--threads", "0"], "--threads"),
 }
+# dropout, augmentation, 2 cycles (a snapshot ensemble of 2) and both cores, on real-format images
+REGULARISED = ["--m", "20", "--dropout", "0.3", "--flip", "--shift", "3", "--cycles", "2",
+               "--threads", "2"]
 
 
 def script_env(tmp):
@@ -67,6 +76,8 @@ def runs(cifar_tiny_dir, tmp_path_factory):
         "gradcheck": (start("gradcheck.py", data + ["--n-val", "20", "--json"], env), base),
         "train": (start("train.py", data + TINY_TRAIN + ["--out", str(base / "train" / "run"),
                                                           "--json"], env), base / "train"),
+        "regularised": (start("train.py", data + TINY_TRAIN + REGULARISED + [
+            "--out", str(base / "regularised" / "run"), "--json"], env), base / "regularised"),
         "diverged": (start("train.py", data + TINY_TRAIN + [
             "--eta-max", "1e4", "--lam", "10", "--out", str(base / "diverged" / "run")], env),
             base / "diverged"),
@@ -137,6 +148,18 @@ def test_train_script_writes_a_complete_run(runs, cifar_tiny_dir):
             "W1": (3072, 50), "b1": (50,), "W2": (50, 10), "b2": (10,)}
     # nothing else next to the run folder: no temporary or old folders left behind
     assert [p.name for p in case_dir.iterdir()] == ["run"]
+
+
+def test_train_script_with_dropout_augmentation_and_two_threads(runs):
+    code, out, err, case_dir = runs["regularised"]
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["steps"] == 20 and summary["threads"] == 2
+    assert 0.0 <= summary["test_acc_ensemble"] <= 1.0
+    config = json.loads((case_dir / "run" / "config.json").read_text())
+    assert (config["m"], config["dropout"], config["flip"], config["shift"]) == (20, 0.3, True, 3)
+    metrics = json.loads((case_dir / "run" / "metrics.json").read_text())
+    assert metrics["test_acc_ensemble"] == summary["test_acc_ensemble"]
 
 
 def check_bad_input(runs, case, expected):
