@@ -7,6 +7,7 @@ the centred difference measures the kink instead of the gradient.
 """
 import numpy as np
 
+from model.layers import dropout_mask
 from model.network import PARAM_KEYS, init_params, loss_and_grads
 
 
@@ -76,10 +77,14 @@ def informative_dims(rows, dims):
     return np.sort(order[:dims])
 
 
-def gradcheck_report(X, y, rng, lams=(0.0, 0.1), dims=20, samples=5, m=10, tol=1e-5):
-    """{"checks": [{"lam", "max_rel_error": {key: err}}], "passed"} on a float64 slice of X, y."""
+def gradcheck_report(X, y, rng, lams=(0.0, 0.1), dims=20, samples=5, m=10, tol=1e-5,
+                     dropout=0.0):
+    """{"checks": [{"lam", "max_rel_error": {key: err}}], "passed"} on a float64 slice of X, y.
+    dropout > 0: through inverted dropout with one fixed mask drawn from rng (after the params)."""
     X_small, y_small, params = gradcheck_slice(X, y, rng, dims=dims, samples=samples, m=m)
-    checks = [{"lam": lam, "max_rel_error": check_gradients(X_small, y_small, params, lam)}
+    mask = dropout_mask(rng.random((samples, m)), dropout) if dropout else None
+    checks = [{"lam": lam, "max_rel_error": check_gradients(X_small, y_small, params, lam,
+                                                            mask=mask)}
               for lam in lams]
     passed = all(e < tol for c in checks for e in c["max_rel_error"].values())
     return {"checks": checks, "passed": passed}

@@ -25,6 +25,8 @@ def parse_args(argv=None):
     p.add_argument("--dims", type=int, default=20, help="input dimensions of the slice")
     p.add_argument("--samples", type=int, default=5, help="images in the slice")
     p.add_argument("--m", type=int, default=10, help="hidden units")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="check through inverted dropout with one fixed mask of this rate, in [0, 1)")
     p.add_argument("--tol", type=float, default=1e-5, help="pass below this relative error")
     p.add_argument("--seed", type=int, default=0, help="seed of the params")
     _common.add_common_args(p)
@@ -37,6 +39,8 @@ def parse_args(argv=None):
     if not (0 < args.dims <= 3072 and 0 < args.samples <= 1000 and 0 < args.m <= MAX_M):
         p.error(f"--dims must be in 1..3072, --samples in 1..1000 and --m in 1..{MAX_M}")
     p.require_seed(args, "seed")
+    if not 0 <= args.dropout < 1:
+        p.error(f"--dropout must lie in [0, 1) (got {args.dropout})")
     return args
 
 
@@ -46,7 +50,8 @@ def table(report, args):
              for c in report["checks"]]
     verdict = "PASS" if report["passed"] else "FAIL"
     rows.append(f"{verdict}: max relative error {'<' if report['passed'] else '≥'} {args.tol:g} "
-                f"(float64, {args.samples} images × {args.dims} dims, m={args.m})")
+                f"(float64, {args.samples} images × {args.dims} dims, m={args.m}"
+                f"{f', dropout {args.dropout:g}' if args.dropout else ''})")
     return "\n".join(rows)
 
 
@@ -56,7 +61,7 @@ def main():
     data = load_cifar10(args.data_dir, n_val=args.n_val)
     report = gradcheck_report(data.train.X, data.train.y, np.random.default_rng(args.seed),
                               lams=(0.0, args.lam), dims=args.dims, samples=args.samples, m=args.m,
-                              tol=args.tol)
+                              tol=args.tol, dropout=args.dropout)
     _common.emit(report, args, table(report, args))
     return 0 if report["passed"] else 1
 

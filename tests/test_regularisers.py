@@ -205,6 +205,15 @@ def test_gradient_check_with_a_fixed_dropout_mask_and_a_wide_layer(tiny_data, la
     assert (mask == 0).any()
 
 
+def test_gradcheck_report_through_dropout_at_m_above_50(tiny_data):
+    from model.gradcheck import gradcheck_report
+
+    report = gradcheck_report(tiny_data.train.X, tiny_data.train.y, np.random.default_rng(0),
+                              dims=12, samples=4, m=60, dropout=0.5)
+    assert report["passed"]
+    assert max(e for c in report["checks"] for e in c["max_rel_error"].values()) < 1e-7
+
+
 def test_gradient_check_catches_a_mask_the_gradients_ignore(tiny_data, monkeypatch):
     import model.gradcheck
 

@@ -39,6 +39,7 @@ BAD_INPUT = {
     "shift-32": ("train.py", ["--shift", "32"], "shift"),
     "flip-takes-no-value": ("train.py", ["--flip", "False"], "False"),
     "threads-zero": ("train.py", ["--threads", "0"], "--threads"),
+    "gradcheck-dropout-one": ("gradcheck.py", ["--dropout", "1"], "--dropout"),
 }
 # dropout, augmentation, 2 cycles (a snapshot ensemble of 2) and both cores, on real-format images
 REGULARISED = ["--m", "20", "--dropout", "0.3", "--flip", "--shift", "3", "--cycles", "2",
