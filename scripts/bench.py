@@ -2,18 +2,28 @@
 
     python scripts/bench.py [--data-dir DIR] [--quick] [--json]
 
-Everything runs with one BLAS thread and float32, and every figure is a ratio to a floor measured
-in the same run, like for like. Floor, step and evaluation are the CPU time of the calling thread
-(one BLAS thread computes in the caller), best of many short interleaved blocks, so that other
-processes on the machine shift them little. Trials and the pipeline are long runs in wall time, as
-a search sees them; on a shared machine a long run is slower than its best 50-step block (here the
-median step of a trial is ~1.3× its best one), so they are divided by a floor measured the same
-way: 3,200 GEMM pairs back to back, wall time, run before each timed trial (the ratios to the
-best-of-blocks floor_ms are printed too, as *_over_best_floor):
+Everything runs in float32 with one BLAS thread (but the figures named for two threads), and
+every figure is a ratio to a floor measured in the same run, like for like. Floor, step and
+evaluation are the CPU time of the calling thread (one BLAS thread computes in the caller), best
+of many short interleaved blocks, so that other processes on the machine shift them little.
+Trials and the pipeline are long runs in wall time, as a search sees them; on a shared machine a
+long run is slower than its best 50-step block (here the median step of a trial is ~1.3× its
+best one), so they are divided by a floor measured the same way: 3,200 GEMM pairs back to back,
+wall time, run before each timed trial (the ratios to the best-of-blocks floor_ms are printed
+too, as *_over_best_floor):
   floor_ms                the two GEMMs a step cannot avoid, X_b W1 (100×3072 · 3072×50) and
                           X_bᵀ dH (3072×100 · 100×50), best of the repeats
   step_ms                 model.step.sgd_step on batches gathered by random indices from the
                           49,000-row training pixels, as train() does, best of the same repeats
+  *_m1024                 the same at m = 1024 with dropout 0.5, flips and ±4-pixel translations
+                          (each step draws its mask and moves from the rng, as train() does), the
+                          floor's GEMMs at m = 1024 too; 10 calls per block
+  *_m1024_t2              the same with two BLAS threads, floor and step in wall time (the
+                          CPU time of the calling thread misses the second thread's work)
+  wide_procs_over_threads steps per second of m = 1024 (dropout and augmentation on) in two
+                          processes of one BLAS thread each ÷ one process of two threads, wall
+                          time, the runs in the order 2×1, 1×2, 1×2, 2×1 (2×1, 1×2 with --quick):
+                          > 1 means two one-thread workers search faster than one two-thread one
   floor_sustained_ms      the floor of 3,200 GEMM pairs back to back (wall), best of 3 (1 with
                           --quick), each run just before a timed trial
   trial_over_floor        a coarse-protocol trial (dd2424's coarse phase, 3,200 steps and
@@ -36,7 +46,9 @@ function called from main() and its rows in ROWS.
 """
 import dataclasses
 import json
+import multiprocessing
 import os
+from queue import Empty
 import subprocess
 import sys
 import tempfile
@@ -52,7 +64,7 @@ from model.data import load_cifar10, split_and_normalise
 from model.errors import WorkersFailed
 from model.network import init_params
 from model.schedule import cyclic_lr
-from model.step import gather_batch, make_workspace, sgd_step
+from model.step import draw_noise, gather_batch, make_workspace, sgd_step
 from model.train import evaluation_record
 from search.objective import Objective
 from search.phases import phase_spec
@@ -71,7 +83,12 @@ SIZES = {                      # --quick | full
     "worker_trials": (4, 8),   # trials per run of the workers
     "worker_order": ((1, 2), (1, 2, 2, 1)),  # worker counts, one run each
     "worker_n_s": (200, 400),  # half cycle of those trials (one cycle each)
+    "wide_repeats": (8, 20),   # timed blocks of floor, gather and step at m = 1024
+    "wide_steps": (60, 200),   # steps per process of the processes-vs-threads runs
+    "wide_order": ((2, 1), (2, 1, 1, 2)),  # processes of those runs (threads: 2 / processes)
 }
+WIDE = {"m": 1024, "dropout": 0.5, "flip": True, "shift": 4}  # the wide network's step
+WIDE_ITERS = 10                # calls per timed block at m = 1024 (a step is ~15 ms)
 
 # (key, label, unit) of the table, in order; a measurement adds its keys to the results.
 ROWS = [
@@ -79,6 +96,16 @@ ROWS = [
     ("gather_ms", "  batch gather alone", "ms"),
     ("step_ms", "training step (sgd_step)", "ms"),
     ("step_over_floor", "step / floor", "×"),
+    ("floor_ms_m1024", "GEMM floor at m = 1024", "ms"),
+    ("gather_ms_m1024", "  gather with flips and translations", "ms"),
+    ("step_ms_m1024", "step, m = 1024, dropout + augmentation", "ms"),
+    ("step_over_floor_m1024", "step / floor at m = 1024", "×"),
+    ("floor_ms_m1024_t2", "GEMM floor at m = 1024, 2 threads (wall)", "ms"),
+    ("step_ms_m1024_t2", "step, m = 1024, 2 threads (wall)", "ms"),
+    ("step_over_floor_m1024_t2", "step / floor at m = 1024, 2 threads", "×"),
+    ("wide_procs_steps_per_s", "m = 1024: 2 processes × 1 thread", "steps/s"),
+    ("wide_threads_steps_per_s", "m = 1024: 1 process × 2 threads", "steps/s"),
+    ("wide_procs_over_threads", "2 × 1 thread / 1 × 2 threads", "×"),
     ("eval_ms", "one evaluation (train subset + val)", "ms"),
     ("floor_sustained_ms", "GEMM floor, 3,200 pairs back to back", "ms"),
     ("trial_s", "coarse trial (3,200 steps)", "s"),
@@ -126,44 +153,116 @@ def get_data(args, rng):
     return data, "synthetic uniform pixels"
 
 
-def block_ms(fn, iters):
-    """Mean CPU ms of this thread per call of fn() over one block of iters calls."""
-    start = time.thread_time()
+def block_ms(fn, iters, clock=time.thread_time):
+    """Mean ms per call of fn() over one block of iters calls, by clock (default: the CPU time
+    of this thread)."""
+    start = clock()
     for _ in range(iters):
         fn()
-    return (time.thread_time() - start) / iters * 1e3
+    return (clock() - start) / iters * 1e3
 
 
-def measure_step(data, size, rng):
-    """floor_ms, gather_ms, step_ms: interleaved timed blocks, best of the repeats each."""
+def measure_step(data, size, rng, config=SEARCH_CONFIG, repeats=None, iters=None, suffix="",
+                 clock=time.thread_time):
+    """floor_ms, gather_ms, step_ms (+ suffix) of config's m and regularisers: interleaved timed
+    blocks, best of the repeats each. A step draws its dropout mask and moves first, as in
+    train(); the gather is timed with the moves of the last draw."""
     X, y = data.train.X, data.train.y
-    config = SEARCH_CONFIG
     params = init_params(D, config.m, K, rng, dtype=np.float32)
-    ws = make_workspace(config.n_batch, D, config.m, K, X.dtype)
+    ws = make_workspace(config.n_batch, D, config.m, K, X.dtype, config.dropout, config.flip,
+                        config.shift)
     batches = _batches(len(y), config.n_batch, rng)
     state = {"t": 0}
-    floor = _gemm_pair(rng, X[:config.n_batch])
+    floor = _gemm_pair(rng, X[:config.n_batch], config.m)
 
     def gather():
-        gather_batch(X, next(batches), ws["X"], data.train.pixels)
+        gather_batch(X, next(batches), ws["X"], data.train.pixels, ws["moves"])
 
     def step():  # the CLR schedule of the coarse protocol, as in training
         t = state["t"] = state["t"] + 1
         eta = cyclic_lr(t, config.eta_min, config.eta_max, config.n_s)
-        sgd_step(params, X, y, next(batches), eta, TRIAL_LAM, ws, data.train.pixels)
+        idx = next(batches)
+        draw_noise(ws, len(idx), rng)
+        sgd_step(params, X, y, idx, eta, TRIAL_LAM, ws, data.train.pixels)
 
+    step()  # compiles the kernels of these regularisers outside the timed blocks
     times = {"floor_ms": [], "gather_ms": [], "step_ms": []}
-    for _ in range(size["repeats"]):
+    for _ in range(repeats or size["repeats"]):
         for key, fn in (("floor_ms", floor), ("gather_ms", gather), ("step_ms", step)):
-            times[key].append(block_ms(fn, size["iters"]))
-    out = {key: min(v) for key, v in times.items()}
-    out["step_over_floor"] = out["step_ms"] / out["floor_ms"]
+            times[key].append(block_ms(fn, iters or size["iters"], clock))
+    out = {key + suffix: min(v) for key, v in times.items()}
+    out["step_over_floor" + suffix] = out["step_ms" + suffix] / out["floor_ms" + suffix]
     return out
 
 
-def _gemm_pair(rng, Xb=None):
-    """A function running the floor's two GEMMs once, on a batch (random unless given)."""
-    B, m = SEARCH_CONFIG.n_batch, SEARCH_CONFIG.m
+def measure_wide(data, size, rng):
+    """The *_m1024 figures with one BLAS thread (CPU time of this thread) and with two (wall)."""
+    config = dataclasses.replace(SEARCH_CONFIG, **WIDE)
+    out = {}
+    for threads, suffix, clock in ((1, "_m1024", time.thread_time),
+                                   (2, "_m1024_t2", time.perf_counter)):
+        with _common.blas_threads(threads):
+            out.update(measure_step(data, size, rng, config, size["wide_repeats"], WIDE_ITERS,
+                                    suffix, clock))
+    return out
+
+
+def measure_procs_vs_threads(data, size):
+    """wide_*: steps per second at m = 1024 (dropout, augmentation) of two processes with one
+    BLAS thread each and of one process with two threads, in wall time, the same steps per
+    process. Forked processes share the data; the kernels were compiled before (measure_wide)."""
+    ctx = multiprocessing.get_context("fork")
+    seconds = {1: [], 2: []}
+    for procs in size["wide_order"]:
+        queue = ctx.Queue()
+        workers = [ctx.Process(target=_wide_steps,
+                               args=(data, size["wide_steps"], 2 // procs, seed, queue))
+                   for seed in range(procs)]
+        for w in workers:
+            w.start()
+        try:  # (start, end) of each process's steps, read before join
+            spans = [queue.get(timeout=600) for _ in workers]
+        except Empty:
+            spans = [None]
+        for w in workers:
+            w.join()
+        if any(w.exitcode for w in workers) or None in spans:
+            raise WorkersFailed("a benchmark process of the wide step failed")
+        seconds[procs].append(max(e for _, e in spans) - min(b for b, _ in spans))
+    rate = {n: n * size["wide_steps"] * len(s) / sum(s) for n, s in seconds.items()}
+    return {"wide_procs_steps_per_s": rate[2], "wide_threads_steps_per_s": rate[1],
+            "wide_procs_over_threads": rate[2] / rate[1]}
+
+
+def _wide_steps(data, steps, threads, seed, queue):
+    """In a forked process: `steps` wide steps with `threads` BLAS threads -> queue (start, end)
+    in time.time(), comparable across processes (or None on failure)."""
+    try:
+        rng = np.random.default_rng(seed)
+        config = dataclasses.replace(SEARCH_CONFIG, **WIDE)
+        X, y = data.train.X, data.train.y
+        params = init_params(D, config.m, K, rng, dtype=np.float32)
+        ws = make_workspace(config.n_batch, D, config.m, K, X.dtype, config.dropout, config.flip,
+                            config.shift)
+        batches = _batches(len(y), config.n_batch, rng)
+        with _common.blas_threads(threads):
+            start = time.time()
+            for t in range(steps):
+                idx = next(batches)
+                draw_noise(ws, len(idx), rng)
+                sgd_step(params, X, y, idx, cyclic_lr(t, config.eta_min, config.eta_max,
+                                                      config.n_s), TRIAL_LAM, ws,
+                         data.train.pixels)
+            queue.put((start, time.time()))
+    except BaseException:
+        queue.put(None)
+        raise
+
+
+def _gemm_pair(rng, Xb=None, m=SEARCH_CONFIG.m):
+    """A function running the floor's two GEMMs once at hidden size m, on a batch (random unless
+    given)."""
+    B = SEARCH_CONFIG.n_batch
     Xb = rng.standard_normal((B, D), dtype=np.float32) if Xb is None else Xb.copy()
     W1 = init_params(D, m, K, rng, dtype=np.float32)["W1"]
     H, dW1 = np.empty((B, m), np.float32), np.empty_like(W1)
@@ -318,7 +417,8 @@ def _trained_steps(storage, campaign):
 
 
 def table(results):
-    head = (f"data: {results['data']}; one BLAS thread, float32{'; --quick' if results['quick'] else ''}"
+    head = (f"data: {results['data']}; one BLAS thread (but where 2 are named), float32"
+            f"{'; --quick' if results['quick'] else ''}"
             f"\nthe step's BLAS: {results['blas']} (the floor's: NumPy's)")
     lines = [f"{label:<38} {results[key]:>9.3f} {unit}" for key, label, unit in ROWS if key in results]
     return "\n".join([head, *lines])
@@ -337,6 +437,8 @@ def main():
         results.update(measure_trial(data, size, rng, results["eval_ms"]))
         results["trial_over_best_floor"] = results["trial_s"] * 1e3 / (
             SEARCH_CONFIG.total_steps * results["floor_ms"])
+    results.update(measure_wide(data, size, rng))  # one thread, then two
+    results.update(measure_procs_vs_threads(data, size))
     results.update(measure_workers(data, size, rng))  # each worker pins its own BLAS threads
     if not args.quick and data.source != "synthetic":
         results.update(measure_pipeline(args, rng))

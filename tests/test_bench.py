@@ -15,7 +15,9 @@ import pytest
 from model import blas
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = ("floor_ms", "step_ms", "step_over_floor", "trial_over_floor", "workers2_over_workers1")
+KEYS = ("floor_ms", "step_ms", "step_over_floor", "trial_over_floor", "workers2_over_workers1",
+        "floor_ms_m1024", "step_ms_m1024", "step_over_floor_m1024", "floor_ms_m1024_t2",
+        "step_ms_m1024_t2", "step_over_floor_m1024_t2", "wide_procs_over_threads")
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +49,8 @@ def test_bench_ratios_are_the_quotients_of_its_figures(quick_bench):
         b["trial_s"] * 1e3 / (3200 * b["floor_ms"]), rel=1e-3)
     assert b["workers2_over_workers1"] == pytest.approx(
         b["workers2_trials_per_min"] / b["workers1_trials_per_min"], rel=1e-3)
+    for suffix in ("_m1024", "_m1024_t2"):
+        assert b["step_over_floor" + suffix] == pytest.approx(
+            b["step_ms" + suffix] / b["floor_ms" + suffix], rel=1e-3)
+    assert b["wide_procs_over_threads"] == pytest.approx(
+        b["wide_procs_steps_per_s"] / b["wide_threads_steps_per_s"], rel=1e-3)
