@@ -22,6 +22,13 @@ shapes); fastmath in the kernel (with it, the finiteness check stopped catching 
 prefetching the whole next batch at once (the prefetch instructions stall as long as the loads
 they save).
 
+Dropout and augmentation (off by default; with them off the step computes and draws exactly
+what it did before they existed): inverted dropout is two more branches of the kernel's loops
+over H and dH, its uniform draws filled into the workspace from the run's rng by draw_noise (a
+seed still gives bit-identical runs); augmentation moves each image's pixels (flip, translation
+with reflected borders) while the gather reads them, so it costs no pass of its own. At m = 1024
+they add ~5% to the two-GEMM floor, most of it the draws (scripts/bench.py, *_m1024).
+
 Float order: the kernel sums in another order than the NumPy calls it replaced, and W1 is
 c·V rounded; a run's figures move at the float32 round-off level, a seed still gives
 bit-identical runs (tests/test_train.py), and the step equals the reference to round-off
@@ -34,6 +41,9 @@ from numba.extending import intrinsic
 
 from model.blas import gemm
 from model.errors import DivergedError
+
+_SIDE, _CHANNELS = 32, 3        # a CIFAR-10 row: 3 colour planes (R, G, B) of 32×32, row-major
+IMAGE_D = _CHANNELS * _SIDE * _SIDE  # the row length augmentation needs
 
 
 def make_workspace(n_batch, D, m, K, dtype, dropout=0.0, flip=False, shift=0):
@@ -99,7 +109,7 @@ def gather_batch(X, idx, out, pixels=None, moves=None):
     """out ← X[idx]. From X's pixels (model.data.Pixels) when given and they normalise into out's
     dtype: the same rows, bit for bit, from a quarter of the bytes; else from X itself.
 
-    moves: None, or per sample (flip, dx, dy) (see draw_noise and moved_image): the images are
+    moves: None, or per sample (flip, dx, dy) (see draw_noise and _gather_moved): the images are
     flipped and translated while gathered. This needs the pixels, in out's dtype, of 32×32 RGB
     images (rows of 3072: model.train checks it before training)."""
     if moves is not None:
@@ -296,9 +306,6 @@ def _reflect(i):
         return 2 * (_SIDE - 1) - i
     return i
 
-
-_SIDE, _CHANNELS = 32, 3        # a CIFAR-10 row: 3 colour planes (R, G, B) of 32×32, row-major
-IMAGE_D = _CHANNELS * _SIDE * _SIDE
 
 
 @njit(inline="always")
