@@ -10,7 +10,8 @@ from model.errors import ConfigError
 from model.gradcheck import check_gradients
 from model.layers import dropout_mask, softmax
 from model.network import PARAM_KEYS, init_params, loss_and_grads, scores
-from model.step import IMAGE_D, draw_noise, gather_batch, make_workspace, settle, sgd_step
+from model.step import (DRAW_LEVELS, IMAGE_D, draw_noise, gather_batch, make_workspace, settle,
+                        sgd_step)
 from model.train import TrainConfig, evaluate, evaluate_ensemble, fit
 
 SIDE = 32
@@ -123,6 +124,18 @@ def test_draw_noise_draws_flips_and_shifts_in_range_from_the_rng():
 
 # ---- dropout ------------------------------------------------------------------------------------
 
+def test_draw_noise_draws_uniform_16_bit_levels_for_the_batch_only():
+    ws = make_workspace(120, 20, 500, 10, np.float32, dropout=0.3)
+    draw_noise(ws, 100, np.random.default_rng(0))
+    u = ws["draws"][:100] / DRAW_LEVELS
+    assert abs(u.mean() - 0.5) < 0.005 and u.min() < 0.001 and u.max() > 0.999
+    assert abs(np.mean(u < 0.3) - 0.3) < 4 * np.sqrt(0.21 / u.size)
+    assert (ws["draws"][100:] == DRAW_LEVELS - 1).all()  # rows beyond the batch: never dropped
+    again = make_workspace(120, 20, 500, 10, np.float32, dropout=0.3)
+    draw_noise(again, 100, np.random.default_rng(0))
+    np.testing.assert_array_equal(again["draws"], ws["draws"])  # the rng is the only source
+
+
 def test_dropout_mask_rate_and_scaling():
     u = np.random.default_rng(0).random((400, 500))
     for p in (0.1, 0.5, 0.8):
@@ -161,7 +174,7 @@ def test_step_drops_hidden_units_at_rate_p_and_scales_the_rest(p):
     pre = data.train.X[idx] @ before["W1"] + before["b1"]
     assert (pre > 0).all()
     dropped = H == 0
-    np.testing.assert_array_equal(dropped, ws["keep"] < p)
+    np.testing.assert_array_equal(dropped, ws["draws"] / DRAW_LEVELS < p)
     assert abs(dropped.mean() - p) < 4 * np.sqrt(p * (1 - p) / H.size)
     np.testing.assert_allclose(H[~dropped], pre[~dropped] / (1 - p), rtol=1e-12)
 
@@ -181,7 +194,8 @@ def test_step_with_dropout_equals_the_reference_with_the_same_mask(tiny_data, m)
         idx = rng.permutation(len(y))[:10]
         draw_noise(ws, len(idx), rng)
         sgd_step(fused, X, y, idx, eta, lam, ws)
-        _, _, grads = loss_and_grads(ref, X[idx], y[idx], lam, mask=dropout_mask(ws["keep"], p))
+        mask = dropout_mask(ws["draws"][:len(idx)] / DRAW_LEVELS, p)
+        _, _, grads = loss_and_grads(ref, X[idx], y[idx], lam, mask=mask)
         ref = {k: ref[k] - eta * grads[k] for k in PARAM_KEYS}
     settle(fused, ws)
     without = {k: v.copy() for k, v in params.items()}
