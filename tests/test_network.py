@@ -29,8 +29,8 @@ def test_gradient_check_detects_a_wrong_gradient(tiny_data, rng, monkeypatch):
     """check_gradients is not vacuous: a halved L2 gradient is caught on W1 and W2 only."""
     import model.gradcheck as gc
 
-    def wrong(params, X, y, lam):
-        cost, loss, grads = loss_and_grads(params, X, y, lam)
+    def wrong(params, X, y, lam, mask=None):
+        cost, loss, grads = loss_and_grads(params, X, y, lam, mask)
         return cost, loss, {k: g - lam * params[k] if k.startswith("W") else g
                             for k, g in grads.items()}
 

@@ -352,7 +352,8 @@ def test_config_accepts_the_edges():
 @pytest.mark.parametrize("kw", [{"flip": True}, {"shift": 2}])
 def test_augmentation_of_rows_that_are_not_images_is_refused(tiny_data, kw):
     """tiny_data's rows have 20 values: one ConfigError naming the problem, before training."""
-    config = TrainConfig(m=5, n_batch=10, n_s=3, cycles=1, dtype="float64", **kw)
+    config = TrainConfig(m=5, n_batch=10, n_s=3, cycles=1, evals_per_cycle=2, dtype="float64",
+                         **kw)
     with pytest.raises(ConfigError, match="rows of 20 values"):
         fit(tiny_data, config)
     fit(tiny_data, dataclasses.replace(config, flip=False, shift=0, dropout=0.5))  # dropout is fine
