@@ -149,9 +149,13 @@ def _initial_params(data, config, rng):
 def warm_up(data, config):
     """Compile the step's kernels for these data and config now (numba also caches them on disk):
     processes forked afterwards inherit them instead of each compiling its own (~3 s the first
-    time, a load from the cache later). Trains one throwaway step; data is left unchanged."""
+    time, a load from the cache later), dropout's and augmentation's too when config has them.
+    Trains one throwaway step; data is left unchanged. Raises ConfigError as train() would for
+    augmentation these data cannot take (before any process is forked)."""
     params = _initial_params(data, config, np.random.default_rng(0))
-    ws = make_workspace(1, data.train.X.shape[1], config.m, K, params["W1"].dtype)
+    _check_augmentation(data, config, params["W1"].dtype)
+    ws = make_workspace(1, data.train.X.shape[1], config.m, K, params["W1"].dtype,
+                        config.dropout, config.flip, config.shift)
     try:
         sgd_step(params, data.train.X, data.train.y, np.arange(1), config.eta_min, config.lam, ws,
                  data.train.pixels)

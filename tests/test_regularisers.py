@@ -359,6 +359,30 @@ def test_augmentation_of_rows_that_are_not_images_is_refused(tiny_data, kw):
     fit(tiny_data, dataclasses.replace(config, flip=False, shift=0, dropout=0.5))  # dropout is fine
 
 
+def test_warm_up_with_the_regularisers_leaves_the_run_as_it_was():
+    """warm_up compiles the dropout and augmentation kernels too (forked final seeds inherit
+    them): a throwaway step that changes neither the data nor a run afterwards."""
+    from model.train import warm_up
+
+    data = pixel_data()
+    config = regularised_config()
+    before = fit(data, config)
+    X = data.train.X.copy()
+    warm_up(data, config)
+    np.testing.assert_array_equal(data.train.X, X)
+    after = fit(data, config)
+    for k in PARAM_KEYS:
+        np.testing.assert_array_equal(before[0][k], after[0][k], err_msg=k)
+
+
+def test_warm_up_refuses_augmentation_the_data_cannot_take(tiny_data):
+    from model.train import warm_up
+
+    with pytest.raises(ConfigError, match="rows of 20 values"):
+        warm_up(tiny_data, TrainConfig(m=5, n_batch=10, n_s=3, cycles=1, evals_per_cycle=2,
+                                       dtype="float64", shift=2))
+
+
 def test_augmentation_without_pixels_is_refused():
     data = pixel_data()
     without = dataclasses.replace(data, train=dataclasses.replace(data.train, pixels=None))
