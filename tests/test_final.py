@@ -174,7 +174,7 @@ def test_final_metrics_report_the_snapshot_ensemble(tiny_data):
     being the final params) beside the last model's, and their mean over the seeds."""
     config = dataclasses.replace(CONFIG, cycles=3)
     runs = run_seeds(tiny_data, config, [0, 5], workers=1)
-    metrics = final.final_metrics(runs, config.lam, {"study": None})
+    metrics = final.final_metrics(runs, {"lam": config.lam}, {"study": None})
     for r, m in zip(runs, metrics["seeds"]):
         _, _, snapshots = fit(tiny_data, dataclasses.replace(config, seed=r["seed"]),
                               snapshots=True)
