@@ -234,7 +234,8 @@ def test_a_study_of_the_previous_release_is_adopted(tmp_path):
 
 def test_dd2424_is_the_reports_protocol():
     c = load_campaign("dd2424")
-    assert c.name == "cifar10" and [p.name for p in c.phases] == ["coarse", "fine"]
+    assert c.name == "cifar10" and [p.name for p in c.phases] == ["coarse", "fine", "confirm"]
+    assert c.phase("confirm").confirm == {"from": ["coarse", "fine"], "top_k": 3, "seeds": 5}
     coarse = phase_spec(c, "coarse")
     # the search protocol of the releases before campaign files, field by field
     assert coarse.config == TrainConfig(n_s=800, cycles=2, evals_per_cycle=2,
