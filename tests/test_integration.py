@@ -187,14 +187,19 @@ def test_pipeline_end_to_end_then_resumes(cifar_subset, env, tmp_path):
     first = one_json(proc)
     # every stage ran and reported
     assert first["gradcheck"]["passed"] is True
-    coarse, fine = first["phases"]
-    assert coarse["best"] and fine["best"]
+    coarse, fine, confirm = first["phases"]
+    assert coarse["best"] and fine["best"] and confirm["best"]
     assert fine["narrowed"]["from_study"] == "it-coarse"
     (fr,) = fine["space"]
     assert 1e-5 <= fr["low"] < fr["high"] <= 1e-1
     assert fr["low"] <= fine["best"]["params"]["lam"] <= fr["high"]  # fine searched its range
     final = first["final"]
-    assert final["params"] == fine["best"]["params"]  # the final run trains the best fine λ
+    # the confirm phase raced the best 3 of coarse and fine; the final run trains its pick
+    verdict = first["verdict"]
+    assert final["params"] == verdict["params"] == confirm["best"]["params"]
+    assert verdict["sentence"] and len(verdict["scores"]) == 3
+    tried = [t[1] for t in trials_of(db, "it-coarse") + trials_of(db, "it-fine")]
+    assert verdict["params"]["lam"] in tried
     assert len(final["test_acc"]) == 2  # --seeds 2
     assert final["test_acc_mean"] > 0.2, final  # learned on real images (chance: 0.10)
     assert np.isclose(final["test_acc_mean"], np.mean(final["test_acc"]))
@@ -205,6 +210,7 @@ def test_pipeline_end_to_end_then_resumes(cifar_subset, env, tmp_path):
     assert metrics["test_acc_mean"] == final["test_acc_mean"]
     page = (out / "dashboard.html").read_text()
     assert "it-coarse" in page and "it-fine" in page and "Final run" in page
+    assert "Verdict:" in page and "it-confirm" in page
     trials = {p: trials_of(db, f"it-{p}") for p in ("coarse", "fine")}
     for phase, rows in trials.items():
         # exactly --coarse-trials / --fine-trials trained; any other trial is a surplus one
