@@ -217,8 +217,11 @@ def campaign(args):
     """The Campaign of --config, renamed by --campaign when given."""
     from search.campaign import load_campaign
 
+    from search.campaign import check_name
+
     c = load_campaign(args.config)
-    return dataclasses.replace(c, name=args.campaign) if args.campaign else c
+    return dataclasses.replace(c, name=check_name(args.campaign, "--campaign")) if args.campaign \
+        else c
 
 
 def given_train_flags(args, skip=()):

@@ -15,6 +15,7 @@ import _common
 from model.checkpoint import save_page
 from model.errors import InputError
 from model.outputs import check_page
+from search.campaign import check_name
 from search.final import artifact_dir, read_final
 from search.plots import dashboard_html
 from search.study import campaign_studies, mask_url, named_study, open_storage
@@ -56,6 +57,7 @@ def main():
     args = parse_args()
     _common.setup_logging(args)
     name = args.study or args.campaign or _common.campaign(args).name
+    check_name(name, "--study" if args.study else "--campaign")
     out = Path(args.out or f"studies/{name}/dashboard.html")
     protect = _common.protected_paths(args.storage)
     if not args.serve:

@@ -166,11 +166,25 @@ def parse_campaign(raw, source="<dict>"):
     parsed = []
     for i, p in enumerate(phases):
         parsed.append(_phase(p, where, f"phases[{i}]", parsed))
-    campaign = Campaign(name=where.get(raw, "name", str, "", "cifar10"), phases=tuple(parsed),
+    name = where.check(lambda: check_name(where.get(raw, "name", str, "", "cifar10")), "name")
+    campaign = Campaign(name=name, phases=tuple(parsed),
                         final=_final(raw.get("final", {}), where),
                         seed=where.get(raw, "seed", int, "", 0), config=config, search=search,
                         source=source)
     return validated(campaign)
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_name(name, flag="name"):
+    """name, if it can name studies and the folder studies/<name>/: letters, digits, '.', '_'
+    and '-', starting with a letter or digit (no '/', no '..'); else ConfigError."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"{flag} {name!r} must be 1–100 letters, digits, '.', '_' or '-', "
+                          "starting with a letter or digit: it names studies and the folder "
+                          "studies/<name>/")
+    return name
 
 
 def validated(campaign):

@@ -3,6 +3,7 @@
 Every table has one column per searched parameter, named as the study's trials name them.
 """
 import logging
+import re
 
 import numpy as np
 from optuna.trial import TrialState
@@ -180,7 +181,16 @@ def study_text(rep):
 
 
 def status_text(report):
-    return "\n\n".join(study_text(s) for s in report["studies"])
+    return terminal_safe("\n\n".join(study_text(s) for s in report["studies"]))
+
+
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text):
+    """text with every control character but the newline shown as '?': a storage's strings must
+    not move the cursor, retitle the window or hide lines in the user's terminal (ANSI escapes)."""
+    return _CONTROL.sub("?", text)
 
 
 def phase_summary(study, spec, storage_label, seconds):
@@ -205,4 +215,4 @@ def summary_text(s):
         extra.append(f"narrowed space {space_text(s['space'])} ({s['narrowed']['rule']})")
     extra += ["warning: " + w for w in s["warnings"]]
     extra.append(f"storage {s['storage']}, {s['seconds']:.1f} s")
-    return "\n".join([head] + extra)
+    return terminal_safe("\n".join([head] + extra))

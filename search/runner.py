@@ -257,6 +257,8 @@ def _guard_trial(objective, target, count_diverged):
     """objective, wrapped for the work loop: a surplus trial or a duplicate retry is pruned before
     it trains, and an error the objective did not explain becomes the trial's failure attr."""
     def guarded(trial):
+        if trial.user_attrs.get("failure") is not None:  # a retry inherits its original's attrs
+            trial.set_user_attr("failure", None)
         trials = trial.study.get_trials(deepcopy=False)
         before = [t for t in trials if t.number < trial.number
                   and (is_done(t, count_diverged) or t.state == TrialState.RUNNING)]
@@ -315,7 +317,7 @@ def _requeue_lost_retries(study):
     requeued = {retried_from(t) for t in trials}
     for t in trials:
         if (t.state == TrialState.FAIL
-                and t.user_attrs.get("failure", Terminated.FAILURE) == Terminated.FAILURE
+                and t.user_attrs.get("failure") in (None, Terminated.FAILURE)
                 and t.number not in requeued
                 and (max_retry is None or len(retry_chain(t)) < max_retry)):
             log.warning("trial %d died and was not re-queued: re-queued now", t.number)

@@ -115,3 +115,18 @@ def test_hostile_fields_reach_the_page_as_text(pages):
     assert "&lt;img src=x onerror=alert(document.domain)&gt;" in text  # but shown, escaped
     # the rendered page shows the text (no element was made of it)
     assert "<img src=\"x\"" not in pages["page"] and "<svg onload" not in pages["page"]
+
+
+def test_status_text_shows_control_characters_as_text(tmp_path):
+    from search.report import status_report, status_text
+
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    study = optuna.create_study(study_name="t-coarse", storage=storage, direction="maximize")
+    study.set_user_attr("phase", "coarse")
+    trial = study.ask()
+    trial.suggest_float("lam", 1e-5, 1e-1, log=True)
+    trial.set_user_attr("failure", "\x1b]0;owned\x07\x1b[2J\x1b[1A hidden")  # retitle, clear
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    text = status_text(status_report(storage, "t"))
+    assert "\x1b" not in text and "\x07" not in text
+    assert "?]0;owned??[2J?[1A hidden" in text

@@ -307,6 +307,7 @@ def test_sigterm_stops_every_process_and_its_trials_are_retried(sigterm_run):
     assert sorted(retries) == r["running"]
     for n, again in retries.items():
         assert [t.params["lam"] for t in again] == [by_number[n].params["lam"]]
+        assert again[0].user_attrs.get("failure") is None  # not its original's "terminated"
     assert len(fl.complete(r["final"])) == 3 and fl.unfinished(r["final"]) == []
     FIGURES["sigterm"] = "ok"
 

@@ -226,3 +226,14 @@ def test_the_array_cache_deletes_only_its_own_stale_entries(cifar_tiny_dir, tmp_
     load_cifar10(cifar_tiny_dir.batches, n_val=20, cache_dir=cache)
     assert (mine / "data.csv").read_text() == "a,b\n"
     assert len([p for p in (cache / "arrays").iterdir() if p.name != "project"]) == 1
+
+
+@pytest.mark.parametrize("name", ["../../outside", "a/b", "..", "-x"])
+def test_a_campaign_name_cannot_lead_outputs_out_of_studies(tmp_path, name):
+    proc = run("dashboard.py", ["--campaign", name, "--storage", f"sqlite:///{tmp_path / 's.db'}"],
+               tmp_path)
+    assert_refused(proc, "--campaign")
+    proc = run("pipeline.py", ["--campaign", name, "--storage", f"sqlite:///{tmp_path / 's.db'}"],
+               tmp_path)
+    assert_refused(proc, "--campaign")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
