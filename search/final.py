@@ -188,14 +188,17 @@ def artifact_dir(out):
 
 
 def read_final(folder):
-    """{"metrics", "config", "history" (of the first seed)} of a final results folder, or None."""
+    """{"metrics", "config", "history" (of the first seed), "histories" (every seed's, by seed)}
+    of a final results folder, or None."""
     folder = Path(folder)
     if not (folder / "metrics.json").is_file():
         return None
     metrics = load_json(folder / "metrics.json")
+    histories = {s["seed"]: load_json(folder / f"history_seed{s['seed']}.json")
+                 for s in metrics["seeds"] if (folder / f"history_seed{s['seed']}.json").is_file()}
     first = metrics["seeds"][0]["seed"]
     return {"metrics": metrics, "config": load_json(folder / "config.json"),
-            "history": load_json(folder / f"history_seed{first}.json")}
+            "history": histories[first], "histories": histories}
 
 
 def final_study_name(campaign):

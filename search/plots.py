@@ -11,6 +11,7 @@ import re
 
 import numpy as np
 import optuna.visualization as ov
+from optuna.trial import TrialState
 import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
@@ -44,8 +45,75 @@ def study_figures(study):
         fig = _figure(make, study)
         if fig is not None:
             fig.update_layout(title=title, height=380, margin=dict(l=60, r=20, t=50, b=50))
+            if title not in ("Empirical distribution of validation accuracy", "Timeline",
+                             "Parameter importances", "Contour", "Parallel coordinates"):
+                fig.update_yaxes(title_text="validation accuracy")  # not "Objective Value"
             figs.append((title, fig))
     return figs
+
+
+_PHASE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+
+
+def overview_figures(studies):
+    """[(title, go.Figure)]: validation accuracy against each searched parameter with every
+    phase overlaid in its colour (a confirm phase: each candidate's mean ± std over its seeds),
+    on a log axis where a phase searched the parameter on a log scale."""
+    names = list(dict.fromkeys(n for s in studies
+                               for n in param_names(s, s.get_trials(deepcopy=False))))
+    figs = []
+    for name in names:
+        fig = go.Figure()
+        for colour, study in zip(_PHASE_COLOURS * 3, studies):
+            x, y, err = _phase_points(study, name)
+            if x:
+                fig.add_trace(go.Scatter(x=x, y=y, mode="markers", name=study.study_name,
+                                         marker=dict(color=colour, size=8),
+                                         error_y=dict(type="data", array=err, visible=bool(err))))
+        log_axis = any(p.get("name") == name and p.get("log") for s in studies
+                       for p in (s.user_attrs.get("space") or []) if isinstance(p, dict))
+        fig.update_layout(title=f"Validation accuracy over {name}, every phase", height=380,
+                          xaxis_title=name, yaxis_title="validation accuracy",
+                          xaxis_type="log" if log_axis else None)
+        figs.append((name, fig))
+    return figs
+
+
+def _phase_points(study, name):
+    """(x, y, error bars or []) of a study's complete trials for parameter `name`; a confirm
+    study: one point per candidate, its mean over the seeds ± their std."""
+    verdict = study.user_attrs.get("verdict")
+    if study.user_attrs.get("kind") == "confirm" and isinstance(verdict, dict):
+        cands = study.user_attrs.get("candidates") or []
+        points = [(c["params"].get(name), np.mean(verdict["scores"][str(i)]),
+                   np.std(verdict["scores"][str(i)])) for i, c in enumerate(cands)
+                  if str(i) in verdict["scores"] and verdict["scores"][str(i)]]
+        points = [p for p in points if p[0] is not None]
+        return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if name in t.params]
+    return [t.params[name] for t in done], [t.value for t in done], []
+
+
+def confirm_figure(study):
+    """(title, go.Figure) of a confirm study: each candidate's validation accuracy on each paired
+    seed (lines join a candidate's seeds), or None for another study."""
+    attrs = study.user_attrs
+    verdict = attrs.get("verdict")
+    if attrs.get("kind") != "confirm" or not isinstance(verdict, dict):
+        return None
+    seeds = attrs.get("confirm_seeds") or []
+    fig = go.Figure()
+    for i, cand in enumerate(attrs.get("candidates") or []):
+        scores = verdict["scores"].get(str(i), [])
+        dropped = verdict["dropped"].get(str(i))
+        fig.add_trace(go.Scatter(
+            x=seeds[:len(scores)], y=scores, mode="lines+markers",
+            name=format_params(cand["params"]) + (f" (dropped after {dropped} seeds)"
+                                                   if dropped else "")))
+    fig.update_layout(title="Confirm phase: paired seeds", xaxis_title="training seed",
+                      yaxis_title="validation accuracy", height=380)
+    return "Confirm phase: paired seeds", fig
 
 
 def _figure(make, study):
@@ -61,19 +129,91 @@ def _figure(make, study):
 def curve_figures(history, config):
     """[(title, go.Figure)] of a training run: accuracy, loss, cost (train and val) and η."""
     figs = []
+    train = _train_label(config)
     for metric, title in (("acc", "Accuracy"), ("loss", "Loss"), ("cost", "Cost")):
         fig = go.Figure()
-        for split in ("train", "val"):
+        for split, label in (("train", train), ("val", "validation")):
             steps, values = curve(history, split, metric)
-            fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name=split))
-        fig.update_layout(title=title, xaxis_title="update step", yaxis_title=metric, height=340)
+            fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name=label))
+        fig.update_layout(title=title, xaxis_title="update step",
+                          yaxis_title={"acc": "accuracy", "loss": "loss (cross-entropy)",
+                                       "cost": "cost (loss + λ‖W‖²)"}[metric], height=340)
         figs.append((title, fig))
     t = list(range(0, 2 * config["n_s"] * config["cycles"] + 1, max(1, config["n_s"] // 50)))
     eta = [cyclic_lr(s, config["eta_min"], config["eta_max"], config["n_s"]) for s in t]
     fig = go.Figure([go.Scatter(x=t, y=eta, mode="lines", name="η")])
-    fig.update_layout(title="Cyclical learning rate η", xaxis_title="update step", height=340)
+    fig.update_layout(title="Cyclical learning rate η", xaxis_title="update step",
+                      yaxis_title="learning rate η", height=340)
     figs.append(("η", fig))
     return figs
+
+
+def _train_label(config):
+    n = config.get("eval_train_samples") if isinstance(config, dict) else None
+    return f"train ({n:,}-image subset)" if isinstance(n, int) and n > 0 else "train"
+
+
+def seeds_band_figure(histories, config):
+    """(title, go.Figure): the final seeds' validation accuracy as mean ± std over the seeds at
+    each evaluation point, with the first seed's train-subset accuracy."""
+    curves = [curve(h, "val", "acc") for h in histories.values()]
+    steps = curves[0][0]
+    values = np.array([v for s, v in curves if s == steps])
+    mean, std = values.mean(axis=0), values.std(axis=0)
+    fig = go.Figure([
+        go.Scatter(x=steps + steps[::-1], y=list(mean + std) + list((mean - std)[::-1]),
+                   fill="toself", line=dict(width=0), fillcolor="rgba(255,127,14,0.25)",
+                   name=f"validation, ± std over {len(values)} seeds", hoverinfo="skip"),
+        go.Scatter(x=steps, y=list(mean), mode="lines", line=dict(color="#ff7f0e"),
+                   name="validation, mean over the seeds")])
+    first = next(iter(histories.values()))
+    train_steps, train_acc = curve(first, "train", "acc")
+    fig.add_trace(go.Scatter(x=train_steps, y=train_acc, mode="lines",
+                             line=dict(color="#1f77b4"),
+                             name=f"{_train_label(config)}, seed {next(iter(histories))}"))
+    fig.update_layout(title="Final run: accuracy over the seeds", xaxis_title="update step",
+                      yaxis_title="accuracy", height=380)
+    return "Final run: accuracy over the seeds", fig
+
+
+def _seeds_table(metrics):
+    """The final seeds' validation, test and snapshot-ensemble accuracies, with mean ± std."""
+    rows = metrics.get("seeds") or []
+    cols = [("val_acc", "validation"), ("test_acc", "test"),
+            ("test_acc_ensemble", "test, snapshot ensemble")]
+    cols = [(k, t) for k, t in cols if all(k in r for r in rows)]
+    body = "".join("<tr><td>" + _esc(r.get("seed")) + "</td>"
+                   + "".join(f"<td>{_num(r[k], '.4f')}</td>" for k, _ in cols) + "</tr>"
+                   for r in rows)
+    stats = "".join(f"<td>{_num(float(np.mean([r[k] for r in rows])), '.4f')} ± "
+                    f"{_num(float(np.std([r[k] for r in rows])), '.4f')}</td>" for k, _ in cols
+                    if all(isinstance(r[k], (int, float)) for r in rows))
+    head = "<tr><th>seed</th>" + "".join(f"<th>{t}</th>" for _, t in cols) + "</tr>"
+    return f"<table>{head}{body}<tr><th>mean ± std</th>{stats}</tr></table>"
+
+
+def campaign_table(studies, final=None):
+    """The resolved campaign in a short table: each phase's study, kind, trials, sampler,
+    pruner, space and protocol, then the final run's settings."""
+    head = ("<tr><th>phase</th><th>kind</th><th>trials</th><th>sampler</th><th>pruner</th>"
+            "<th>space</th><th>protocol</th></tr>")
+    rows = []
+    for s in studies:
+        a = s.user_attrs
+        config = a.get("config") if isinstance(a.get("config"), dict) else {}
+        protocol = ", ".join(f"{k} {_esc(config[k])}" for k in ("n_s", "cycles", "m", "n_batch")
+                             if k in config)
+        rows.append(f"<tr><td>{_esc(s.study_name)}</td><td>{_esc(a.get('kind', 'search'))}</td>"
+                    f"<td>{len(s.get_trials(deepcopy=False))}</td><td>{_esc(a.get('sampler'))}</td>"
+                    f"<td>{_esc(a.get('pruner'))}</td><td>{_esc(space_text(a.get('space')))}</td>"
+                    f"<td>{protocol}</td></tr>")
+    if final:
+        c = final["config"]
+        rows.append(f"<tr><td>final</td><td>final</td><td>{len(final['metrics']['seeds'])} seeds"
+                    f"</td><td>—</td><td>—</td><td>{_esc(format_params(final['metrics'].get('params') or {}))}"
+                    f"</td><td>n_s {_esc(c.get('n_s'))}, cycles {_esc(c.get('cycles'))}, m "
+                    f"{_esc(c.get('m'))}</td></tr>")
+    return f"<h2>The campaign</h2><table>{head}{''.join(rows)}</table>"
 
 
 def _esc(x):
@@ -181,7 +321,9 @@ def study_section(page, study):
                   f"{_esc(n.get('from_trials'))}: {_esc(n.get('rule'))}</p>")
     for warning in rep["warnings"]:
         page.text(f"<p class=warn>Warning: {_esc(warning)}</p>")
-    page.figures(study_figures(study))
+    figs = study_figures(study)
+    confirm = confirm_figure(study)
+    page.figures([confirm, *figs] if confirm else figs)
     page.text(_table(rep))
 
 
@@ -197,7 +339,10 @@ def final_section(page, final):
               f"test accuracy <b>{_num(m['test_acc_mean'], '.4f')} ± "
               f"{_num(m['test_acc_std'], '.4f')}</b> ({seeds}); {_esc(final['config']['cycles'])} "
               f"cycle(s) of n_s = {_esc(final['config']['n_s'])}</p>")
-    page.figures(curve_figures(final["history"], final["config"]))
+    page.text(_seeds_table(m))
+    histories = final.get("histories") or {}
+    band = [seeds_band_figure(histories, final["config"])] if len(histories) > 1 else []
+    page.figures(band + curve_figures(final["history"], final["config"]))
 
 
 _STYLE = """body{font-family:sans-serif;margin:2em;max-width:1400px}
@@ -216,7 +361,10 @@ class Dashboard:
         self.header = (f"<h1>Hyperparameter search — campaign {_esc(campaign)}</h1>"
                        f"<p>storage {_esc(storage_label)}</p>")
         self.campaign = campaign
+        self.studies = studies
         page = _Page("study-fig")
+        if studies:
+            page.figures(overview_figures(studies))
         for study in studies:
             study_section(page, study)
         self.studies_part = page.parts
@@ -226,7 +374,8 @@ class Dashboard:
         page = _Page("final-fig")
         if final:
             final_section(page, final)
-        body = "\n".join([self.header, *page.parts, *self.studies_part])
+        summary = campaign_table(self.studies, final)
+        body = "\n".join([self.header, summary, *page.parts, *self.studies_part])
         return (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{PAGE_TAG}<title>search — "
                 f"{_esc(self.campaign)}</title><style>{_STYLE}</style>"
                 f"<script>{_PLOTLY_CONFIG}</script><script>{get_plotlyjs()}</script></head>"

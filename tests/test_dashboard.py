@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 STUDY_FIGURES = 5  # history, slice over λ, intermediate values, EDF, timeline
 FINAL_FIGURES = 4  # accuracy, loss, cost, η
+OVERVIEW_FIGURES = 1  # validation accuracy over λ with every phase overlaid (one per parameter)
+BAND_FIGURES = 1  # the final seeds' validation accuracy, mean ± std (two seeds or more)
 BUNDLE = re.compile(r"^\* plotly\.js v\d", re.MULTILINE)  # opens the plotly.js bundle
 FIG_DIV = re.compile(r'<div id="([^"]+)" class="plotly-graph-div"')
 NEW_PLOT = re.compile(r'Plotly\.newPlot\(\s*"([^"]+)"')
@@ -73,7 +75,7 @@ def test_page_holds_one_plotly_bundle_and_one_div_per_figure(small_campaign):
     studies = campaign_studies(small_campaign, "u")
     assert [s.study_name for s in studies] == ["u-coarse", "u-fine"]  # coarse first
     page = dashboard_html("u", "sqlite:///s.db", studies, fake_final())
-    n_figs = 2 * STUDY_FIGURES + FINAL_FIGURES
+    n_figs = OVERVIEW_FIGURES + 2 * STUDY_FIGURES + FINAL_FIGURES
     # plotly.js inlined exactly once (self-contained, opens offline; not once per figure)
     assert len(BUNDLE.findall(page)) == 1
     # no external script (a CDN): the page must open offline
@@ -91,7 +93,7 @@ def test_page_holds_one_plotly_bundle_and_one_div_per_figure(small_campaign):
 
 def test_page_without_final_run(small_campaign):
     page = dashboard_html("u", "sqlite:///s.db", campaign_studies(small_campaign, "u"))
-    assert len(FIG_DIV.findall(page)) == 2 * STUDY_FIGURES
+    assert len(FIG_DIV.findall(page)) == OVERVIEW_FIGURES + 2 * STUDY_FIGURES
     assert len(BUNDLE.findall(page)) == 1  # the first study figure carries the bundle then
     assert "Final run" not in page
 
@@ -194,7 +196,8 @@ def dashboard_page(tmp_path_factory, cifar_tiny_dir):
     summary = run_script("dashboard.py", [*common, "--out", str(base / "dashboard.html"),
                                           "--final-dir", str(base / "final")], env)
     assert summary["studies"] == ["b-coarse", "b-fine"] and summary["final"] is True
-    assert summary["figures"] == 2 * STUDY_FIGURES + FINAL_FIGURES
+    assert summary["figures"] == (OVERVIEW_FIGURES + 2 * STUDY_FIGURES + BAND_FIGURES
+                                  + FINAL_FIGURES)
     return base / "dashboard.html"
 
 
@@ -269,7 +272,7 @@ def test_dashboard_opens_without_errors_and_every_figure_has_data(browser_runs, 
     expected = FIG_DIV.findall(dashboard_page.read_text(encoding="utf-8"))
     # every figure div of the page was turned into a plot ...
     assert [f["id"] for f in v["figures"]] == expected
-    assert len(expected) == 2 * STUDY_FIGURES + FINAL_FIGURES
+    assert len(expected) == OVERVIEW_FIGURES + 2 * STUDY_FIGURES + BAND_FIGURES + FINAL_FIGURES
     for fig in v["figures"]:
         # ... with at least one trace, and at least one trace holding points
         assert fig["traces"] >= 1 and max(fig["points"]) > 0, fig
@@ -314,3 +317,21 @@ def test_two_parameters_get_a_slice_each_on_their_scale_and_the_joint_figures(tm
     # with two parameters: Optuna's contour, parallel-coordinate and importance figures too
     assert {"Contour", "Parallel coordinates", "Parameter importances"} <= set(figs)
     assert len(figs) == STUDY_FIGURES - 1 + 2 + 3
+
+
+def test_overview_overlays_every_phase_and_the_final_section_shows_the_seeds(small_campaign):
+    from search.plots import overview_figures
+
+    studies = campaign_studies(small_campaign, "u")
+    (name, fig), = overview_figures(studies)  # one figure per searched parameter
+    assert name == "lam" and fig.layout.xaxis.type == "log"
+    assert [t.name for t in fig.data] == ["u-coarse", "u-fine"]  # one trace (colour) per phase
+    assert [len(t.x) for t in fig.data] == [4, 4]
+    final = fake_final()
+    final["histories"] = {0: final["history"], 1: final["history"]}
+    final["metrics"]["seeds"] = [{"seed": 0, "val_acc": 0.3, "test_acc": 0.3},
+                                 {"seed": 1, "val_acc": 0.32, "test_acc": 0.32}]
+    page = dashboard_html("u", "sqlite:///s.db", studies, final)
+    assert "accuracy over the seeds" in page and "mean ± std" in page
+    assert "0.3100 ± 0.0100" in page  # the seeds table's test accuracy row
+    assert "<h2>The campaign</h2>" in page and "validation accuracy" in page
