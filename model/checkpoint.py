@@ -74,7 +74,8 @@ def save_run(folder, config, metrics, runs, extra_config=None):
     _, _, history = runs[0]
     suffix = f" — λ={config.lam:.3g}" + (f", seed {config.seed}" if len(runs) > 1 else "")
     for name, fig in training_figures(history, config, suffix).items():
-        fig.savefig(folder / f"{name}.png")
+        for ext in ("png", "svg"):
+            fig.savefig(folder / f"{name}.{ext}")
 
 
 def save_page(path, text, protect=()):

@@ -6,6 +6,7 @@ from model.schedule import cyclic_lr
 
 METRICS = ("cost", "loss", "acc")
 _TITLES = {"cost": "Cost (loss + L2)", "loss": "Loss (cross-entropy)", "acc": "Accuracy"}
+_YLABELS = {"cost": "cost (loss + λ‖W‖²)", "loss": "loss (cross-entropy)", "acc": "accuracy"}
 
 
 def curve(history, split, metric):
@@ -14,14 +15,14 @@ def curve(history, split, metric):
     return [s for s, _ in points], [v for _, v in points]
 
 
-def metric_figure(history, metric, title_suffix=""):
+def metric_figure(history, metric, title_suffix="", train_label="train"):
     """Train and val `metric` against update step."""
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()
-    for split, style in (("train", "-o"), ("val", "-s")):
-        ax.plot(*curve(history, split, metric), style, ms=3, label=split)
+    for split, style, label in (("train", "-o", train_label), ("val", "-s", "validation")):
+        ax.plot(*curve(history, split, metric), style, ms=3, label=label)
     ax.set_xlabel("update step")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(_YLABELS[metric])
     ax.set_title(_TITLES[metric] + title_suffix)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -30,14 +31,15 @@ def metric_figure(history, metric, title_suffix=""):
 
 
 def lr_figure(config):
-    """η against update step over the whole run: a triangle wave."""
-    t = np.arange(config.total_steps + 1)
+    """η against update step over the whole run: a triangle wave, drawn through its corners (one
+    point per half cycle, not per update: a long run's figure stays small)."""
+    t = np.arange(0, config.total_steps + 1, config.n_s)
     eta = [cyclic_lr(int(s), config.eta_min, config.eta_max, config.n_s) for s in t]
     fig = Figure(figsize=(6, 3), dpi=100)
     ax = fig.add_subplot()
     ax.plot(t, eta)
     ax.set_xlabel("update step")
-    ax.set_ylabel("η")
+    ax.set_ylabel("learning rate η")
     ax.set_title(f"Cyclical learning rate (n_s = {config.n_s})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -46,6 +48,9 @@ def lr_figure(config):
 
 def training_figures(history, config, title_suffix=""):
     """{file stem: Figure} for the run: cost, loss, accuracy and lr."""
-    figs = {m if m != "acc" else "accuracy": metric_figure(history, m, title_suffix) for m in METRICS}
+    n = config.eval_train_samples
+    train = f"train ({n:,}-image subset)" if n else "train"
+    figs = {m if m != "acc" else "accuracy": metric_figure(history, m, title_suffix, train)
+            for m in METRICS}
     figs["lr"] = lr_figure(config)
     return figs

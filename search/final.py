@@ -255,7 +255,7 @@ def record_final_study(storage, campaign, pick, config, runs, out, artifact_dir)
             trial.set_user_attr(key, value)
         files = [f"params_seed{r['seed']}.npz", f"history_seed{r['seed']}.json"]
         if k == 0:  # the figures are the first seed's
-            files += sorted(p.name for p in out.glob("*.png"))
+            files += sorted(p.name for ext in ("png", "svg") for p in out.glob(f"*.{ext}"))
         for file in files:  # artifacts attach to a running trial only
             if (out / file).is_file():
                 upload_artifact(artifact_store=store, file_path=str(out / file),

@@ -133,8 +133,10 @@ def test_train_script_writes_a_complete_run(runs, cifar_tiny_dir):
     for name in ("params.npz", "config.json", "history.json", "metrics.json",
                  "cost.png", "loss.png", "accuracy.png", "lr.png"):
         assert (run_dir / name).is_file(), name
-    for name in ("cost.png", "loss.png", "accuracy.png", "lr.png"):
-        assert (run_dir / name).read_bytes()[:8] == PNG_MAGIC, name  # real PNG files
+    for name in ("cost", "loss", "accuracy", "lr"):
+        assert (run_dir / f"{name}.png").read_bytes()[:8] == PNG_MAGIC, name  # real PNG files
+        svg = (run_dir / f"{name}.svg").read_text()  # and SVGs whose axes say what they show
+        assert svg.lstrip().startswith("<?xml") and "<svg" in svg, name
     # the saved files agree with the summary and with the settings that were asked for
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["n_s"], config["cycles"], config["lam"]) == (5, 1, 0.01)

@@ -306,3 +306,19 @@ def test_curves_skip_the_points_where_train_was_not_measured(tiny_data):
     lines = {line.get_label(): line for line in metric_figure(history, "acc").axes[0].lines}
     assert list(lines["train"].get_xdata()) == [config.total_steps]
     assert list(lines["val"].get_ydata()) == [r["val"]["acc"] for r in history]
+
+
+def test_the_figures_say_what_they_show():
+    from model.curves import training_figures
+
+    history = [{"step": s, "train": {"acc": 0.1, "loss": 2.0, "cost": 2.1},
+                "val": {"acc": 0.1, "loss": 2.0, "cost": 2.1}} for s in (0, 10, 20)]
+    config = TrainConfig(n_s=5, cycles=2, eval_train_samples=1000)
+    figs = training_figures(history, config)
+    ax = figs["accuracy"].axes[0]
+    assert ax.get_ylabel() == "accuracy" and ax.get_xlabel() == "update step"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "train (1,000-image subset)", "validation"]
+    assert figs["lr"].axes[0].get_ylabel() == "learning rate η"
+    # the η figure is drawn through the triangle's corners, not one point per update
+    assert list(figs["lr"].axes[0].lines[0].get_xdata()) == [0, 5, 10, 15, 20]
