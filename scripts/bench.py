@@ -48,12 +48,13 @@ import dataclasses
 import json
 import multiprocessing
 import os
-from queue import Empty
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from queue import Empty
 
 import numpy as np
 import optuna
@@ -61,15 +62,16 @@ import optuna
 import _common
 from model import blas
 from model.data import load_cifar10, split_and_normalise
-from model.errors import WorkersFailed
+from model.errors import ConfigError, WorkersFailed
 from model.network import init_params
 from model.schedule import cyclic_lr
 from model.step import draw_noise, gather_batch, make_workspace, sgd_step
 from model.train import evaluation_record
 from search.objective import Objective
+from search.campaign import DEFAULT, locate
 from search.phases import phase_spec
 from search.runner import make_pruner, make_sampler, run_workers
-from search.study import open_storage
+from search.study import campaign_studies, open_storage
 
 COARSE = phase_spec("dd2424", "coarse")  # the default campaign's coarse phase
 SEARCH_CONFIG = COARSE.config
@@ -123,6 +125,8 @@ ROWS = [
     ("pipeline_floor_ms", "  sustained floor before and after it", "ms"),
     ("pipeline_over_floor", "pipeline / (updates × that floor / 2)", "×"),
     ("pipeline_over_best_floor", "  the same / (updates × floor_ms / 2)", "×"),
+    ("pipeline_no_confirm_s", "the same pipeline without its confirm phase (wall)", "s"),
+    ("confirm_over_no_confirm", "pipeline with confirm / without", "×"),
 ]
 
 
@@ -387,27 +391,55 @@ def measure_pipeline(args, rng):
                "--json"] + (["--data-dir", args.data_dir] if args.data_dir else [])
         with _common.single_blas_thread():
             before = _sustained_floor_s(gemms)
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        seconds = time.perf_counter() - start
+        seconds, proc = _timed(cmd)
         with _common.single_blas_thread():
             after = _sustained_floor_s(gemms)
-        if proc.returncode != 0:
-            raise WorkersFailed(f"the pipeline failed: {proc.stderr.strip().splitlines()[-1:]}")
         seeds = len(json.loads(proc.stdout)["final"]["test_acc"])
         final = json.loads((Path(tmp) / "c" / "final" / "config.json").read_text())
         steps = _trained_steps(open_storage(url), "bench") + seeds * 2 * final["n_s"] * final["cycles"]
+        # the same pipeline without its confirm phase: what deciding with confidence costs
+        plain = Path(tmp) / "no-confirm.toml"
+        plain.write_text(without_confirm(load_campaign_text(DEFAULT)))
+        no_confirm_s, _ = _timed([*cmd[:cmd.index("--storage") + 1],
+                                  f"sqlite:///{Path(tmp) / 'plain.db'}", "--out-dir",
+                                  str(Path(tmp) / "p"), *cmd[cmd.index("--campaign"):],
+                                  "--config", str(plain)])
     floor_ms = (before + after) / 2 / SEARCH_CONFIG.total_steps * 1e3
     return {"pipeline_s": seconds, "pipeline_steps": steps, "pipeline_floor_ms": floor_ms,
-            "pipeline_over_floor": seconds / (steps * floor_ms / 1000 / 2)}
+            "pipeline_over_floor": seconds / (steps * floor_ms / 1000 / 2),
+            "pipeline_no_confirm_s": no_confirm_s,
+            "confirm_over_no_confirm": seconds / no_confirm_s}
+
+
+def _timed(cmd):
+    """(wall seconds, CompletedProcess) of a pipeline command; WorkersFailed if it failed."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise WorkersFailed(f"the pipeline failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return seconds, proc
+
+
+def load_campaign_text(name):
+    return locate(name).read_text(encoding="utf-8")
+
+
+def without_confirm(text):
+    """A campaign file's text without its confirm phases (the [[phases]] tables of kind
+    "confirm"); ConfigError if that leaves it unchanged (nothing to compare)."""
+    tables = re.split(r"(?m)^(?=\[\[phases\]\]|\[final\])", text)
+    kept = [t for t in tables if not re.search(r'(?m)^kind\s*=\s*"confirm"', t)]
+    if len(kept) == len(tables):
+        raise ConfigError("the campaign has no confirm phase to leave out")
+    return "".join(kept)
 
 
 def _trained_steps(storage, campaign):
-    """Updates trained by the campaign's search trials: all of a complete trial's, a pruned
-    trial's up to its last report."""
+    """Updates trained by the campaign's search and confirm trials: all of a complete trial's, a
+    pruned trial's up to its last report."""
     steps = 0
-    for phase in ("coarse", "fine"):
-        study = optuna.load_study(study_name=f"{campaign}-{phase}", storage=storage)
+    for study in campaign_studies(storage, campaign):
         for t in study.trials:
             if t.state == optuna.trial.TrialState.COMPLETE:
                 steps += t.user_attrs["steps"] * len(t.user_attrs["seeds"])

@@ -54,3 +54,17 @@ def test_bench_ratios_are_the_quotients_of_its_figures(quick_bench):
             b["step_ms" + suffix] / b["floor_ms" + suffix], rel=1e-3)
     assert b["wide_procs_over_threads"] == pytest.approx(
         b["wide_procs_steps_per_s"] / b["wide_threads_steps_per_s"], rel=1e-3)
+
+
+def test_the_bench_leaves_out_exactly_the_confirm_phase():
+    import tomllib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from bench import load_campaign_text, without_confirm
+    from search.campaign import DEFAULT, load_campaign, parse_campaign
+
+    text = load_campaign_text(DEFAULT)
+    plain = parse_campaign(tomllib.loads(without_confirm(text)))
+    full = load_campaign(DEFAULT)
+    assert [p.name for p in full.phases] == [p.name for p in plain.phases] + ["confirm"]
+    assert plain.final == full.final and plain.phases == full.phases[:-1]
