@@ -91,7 +91,8 @@ def main():
                "test_acc_mean": metrics["test_acc_mean"], "test_acc_std": metrics["test_acc_std"],
                "test_acc_ensemble_mean": metrics["test_acc_ensemble_mean"],
                "seeds": seeds, "out": str(out)}
-    where = (f"{source['study']} trial #{source['trial']}" if source["study"] else "the flags")
+    where = ("the flags" if not source["study"] else f"{source['study']}, confirmed"
+             if source["trial"] is None else f"{source['study']} trial #{source['trial']}")
     per_seed = ", ".join(f"seed {r['seed']}: {r['test']['acc']:.4f}" for r in runs)
     _common.emit(summary, args,
                  f"{format_params(trained)} (from {where}); test accuracy "

@@ -332,7 +332,9 @@ def final_section(page, final):
     m = final["metrics"]
     seeds = ", ".join(f"seed {_esc(s['seed'])}: {_num(s['test_acc'], '.4f')}" for s in m["seeds"])
     src = m["source"]
-    where = f"{src['study']} trial #{src['trial']}" if src.get("study") else "given on the command line"
+    where = ("given on the command line" if not src.get("study") else
+             f"{src['study']}, confirmed" if src.get("trial") is None else
+             f"{src['study']} trial #{src['trial']}")
     params = m.get("params")  # a results folder of the releases before campaign files has none
     page.text(f"<h2>Final run</h2><p class=final>"
               f"{_esc(format_params(params)) if isinstance(params, dict) else ''} ({_esc(where)}); "
@@ -374,7 +376,11 @@ class Dashboard:
         page = _Page("final-fig")
         if final:
             final_section(page, final)
-        summary = campaign_table(self.studies, final)
+        summary = campaign_table(self.studies, final) + "".join(
+            f"<p class=verdict><b>Verdict of {_esc(s.study_name)}:</b> "
+            f"{_esc(s.user_attrs['verdict'].get('sentence'))} (seed noise on the one fixed "
+            "validation set)</p>" for s in self.studies
+            if isinstance(s.user_attrs.get("verdict"), dict))
         body = "\n".join([self.header, summary, *page.parts, *self.studies_part])
         return (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{PAGE_TAG}<title>search — "
                 f"{_esc(self.campaign)}</title><style>{_STYLE}</style>"
