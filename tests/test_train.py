@@ -305,7 +305,7 @@ def test_curves_skip_the_points_where_train_was_not_measured(tiny_data):
     assert curve(history, "val", "loss")[0] == config.eval_steps()
     lines = {line.get_label(): line for line in metric_figure(history, "acc").axes[0].lines}
     assert list(lines["train"].get_xdata()) == [config.total_steps]
-    assert list(lines["val"].get_ydata()) == [r["val"]["acc"] for r in history]
+    assert list(lines["validation"].get_ydata()) == [r["val"]["acc"] for r in history]
 
 
 def test_the_figures_say_what_they_show():
