@@ -17,6 +17,7 @@ from model.data import load_cifar10
 from model.errors import ConfigError
 from model.resources import check_memory
 from search.campaign import grid_param, source_space, validated, with_config, with_phase
+from search.confirm import run_confirm
 from search.phases import phase_spec, run_spec
 from search.report import phase_summary, status_report, status_text, summary_text
 from search.runner import PRUNERS, SAMPLERS
@@ -156,6 +157,24 @@ def status(args):
     return 0
 
 
+def confirm(args, c, phase, storage_opts):
+    """A confirm phase: race the best configurations of the phases it draws from (which must
+    exist), then print the verdict."""
+    storage = open_storage(args.storage, create=False, **storage_opts)
+    config = c.phase_config(phase)
+    check_memory(config, processes=args.workers)
+    data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=config.dtype)
+    start = time.perf_counter()
+    with _common.trial_bar(phase.n_trials, f"{c.name}-{phase.name}", args) as progress:
+        study, verdict = run_confirm(c, phase.name, storage, data, workers=args.workers,
+                                     storage_opts=storage_opts, progress=progress)
+    summary = {"campaign": c.name, "phase": phase.name, "study": study.study_name,
+               "storage": mask_url(args.storage), "verdict": verdict,
+               "seconds": round(time.perf_counter() - start, 2)}
+    _common.emit(summary, args, f"{study.study_name}: {verdict['sentence']}")
+    return 0
+
+
 def main():
     args = parse_args()
     _common.setup_logging(args)
@@ -164,6 +183,8 @@ def main():
     storage_opts = {"heartbeat_interval": args.heartbeat_interval, "grace_period": args.grace_period}
     c = build_campaign(args)
     phase = c.phase(args.phase)
+    if phase.kind == "confirm":
+        return confirm(args, c, phase, storage_opts)
     if not phase.narrow:  # data before the storage: a bad data dir must leave no storage
         spec = phase_spec(c, phase.name)
         check_storage(args.storage)

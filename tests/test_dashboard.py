@@ -22,6 +22,7 @@ STUDY_FIGURES = 5  # history, slice over λ, intermediate values, EDF, timeline
 FINAL_FIGURES = 4  # accuracy, loss, cost, η
 OVERVIEW_FIGURES = 1  # validation accuracy over λ with every phase overlaid (one per parameter)
 BAND_FIGURES = 1  # the final seeds' validation accuracy, mean ± std (two seeds or more)
+CONFIRM_FIGURES = 1  # the confirm phase's candidates over its paired seeds
 BUNDLE = re.compile(r"^\* plotly\.js v\d", re.MULTILINE)  # opens the plotly.js bundle
 FIG_DIV = re.compile(r'<div id="([^"]+)" class="plotly-graph-div"')
 NEW_PLOT = re.compile(r'Plotly\.newPlot\(\s*"([^"]+)"')
@@ -191,13 +192,14 @@ def dashboard_page(tmp_path_factory, cifar_tiny_dir):
                              "--pruner", "none"], env)
     run_script("search.py", ["fine", *common, *data, *TINY, "--n-trials", "3",
                              "--pruner", "none"], env)
+    run_script("search.py", ["confirm", *common, *data, *TINY], env)
     run_script("final.py", [*common, *data, *TINY, "--seeds", "2", "--out", str(base / "final")],
                env)
     summary = run_script("dashboard.py", [*common, "--out", str(base / "dashboard.html"),
                                           "--final-dir", str(base / "final")], env)
-    assert summary["studies"] == ["b-coarse", "b-fine"] and summary["final"] is True
-    assert summary["figures"] == (OVERVIEW_FIGURES + 2 * STUDY_FIGURES + BAND_FIGURES
-                                  + FINAL_FIGURES)
+    assert summary["studies"] == ["b-coarse", "b-fine", "b-confirm"] and summary["final"] is True
+    assert summary["figures"] == (OVERVIEW_FIGURES + 3 * STUDY_FIGURES + CONFIRM_FIGURES
+                                  + BAND_FIGURES + FINAL_FIGURES)
     return base / "dashboard.html"
 
 
@@ -272,7 +274,8 @@ def test_dashboard_opens_without_errors_and_every_figure_has_data(browser_runs, 
     expected = FIG_DIV.findall(dashboard_page.read_text(encoding="utf-8"))
     # every figure div of the page was turned into a plot ...
     assert [f["id"] for f in v["figures"]] == expected
-    assert len(expected) == OVERVIEW_FIGURES + 2 * STUDY_FIGURES + BAND_FIGURES + FINAL_FIGURES
+    assert len(expected) == (OVERVIEW_FIGURES + 3 * STUDY_FIGURES + CONFIRM_FIGURES
+                             + BAND_FIGURES + FINAL_FIGURES)
     for fig in v["figures"]:
         # ... with at least one trace, and at least one trace holding points
         assert fig["traces"] >= 1 and max(fig["points"]) > 0, fig
