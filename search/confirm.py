@@ -1,9 +1,10 @@
 """Deciding with confidence: race the best configurations of a search over paired seeds, drop the
 clear losers early, and say how sure the pick is.
 
-Every configuration is trained with the same seeds (paired: a seed's luck is shared), one round
-of seeds at a time. From `min_seeds` rounds on, a configuration whose mean is below the leader's
-and whose paired one-sided t-test against the leader gives p < alpha is dropped. When the seeds
+Every configuration is trained with the same seeds (paired: a seed's luck is shared), in blocks
+of seeds (the first `min_seeds`, then two at a time, each block trained at once). At the end of a
+block, a configuration whose mean is below the leader's and whose paired one-sided t-test against
+the leader gives p < alpha is dropped. When the seeds
 are spent (or one configuration is left) the pick is the best mean among the survivors; it is
 compared with the runner-up (the next survivor, else the last configuration dropped) by a paired
 t interval on their common seeds. The interval covers seed noise on one fixed validation set,
@@ -33,6 +34,7 @@ from search.study import finished_trials, load_study, study_name
 CONFIDENCE = 0.95
 ALPHA_DROP = 0.01   # one-sided p below which a configuration is dropped (tested at every round)
 MIN_SEEDS = 3       # rounds before anything is dropped
+BLOCK = 2           # seeds trained between two drop tests after the first min_seeds
 
 
 @dataclasses.dataclass
@@ -52,14 +54,24 @@ class Race:
         return float(np.mean(self.scores[c]))
 
 
-def race(n_configs, seeds, evaluate_round, min_seeds=MIN_SEEDS, alpha=ALPHA_DROP):
-    """Run the race: evaluate_round(configs, seed) -> [value per config] for each seed in turn
-    (the caller may train them in parallel); returns the Race."""
+def race(n_configs, seeds, evaluate_round, min_seeds=MIN_SEEDS, alpha=ALPHA_DROP, block=BLOCK,
+         prefetch=None):
+    """Run the race: evaluate_round(configs, seed) -> [value per config] for each seed in turn;
+    returns the Race. Seeds come in blocks (the first min_seeds, then `block` at a time) and the
+    losers are dropped at the end of a block: prefetch(configs, block_seeds), when given, is
+    called before each block so that the caller can train all of it at once (its trials keep
+    every worker busy; a round of 3 trials on 2 workers leaves one idle half the time)."""
     state = Race(n_configs, {c: [] for c in range(n_configs)})
-    for r, seed in enumerate(seeds, start=1):
+    blocks = [seeds[:min_seeds]] + [seeds[i:i + block] for i in range(min_seeds, len(seeds), block)]
+    r = 0
+    for seeds_of_block in blocks:
         alive = state.survivors
-        for c, value in zip(alive, evaluate_round(alive, seed)):
-            state.scores[c].append(float(value))
+        if prefetch:
+            prefetch(alive, seeds_of_block)
+        for seed in seeds_of_block:
+            for c, value in zip(alive, evaluate_round(alive, seed)):
+                state.scores[c].append(float(value))
+        r += len(seeds_of_block)
         if r >= min_seeds:
             drop_losers(state, r, alpha)
         if len(state.survivors) == 1:
@@ -183,16 +195,17 @@ def run_confirm(campaign, name, storage, data, workers=1, storage_opts=None, pro
     cands, seeds = study.user_attrs["candidates"], study.user_attrs["confirm_seeds"]
     objective = Objective(data, spec.config, spec.space, queued_only=True)
 
-    def evaluate_round(alive, seed):
+    def train(alive, block_seeds):
+        """Queue and train every (candidate, seed) of the block that has no result yet."""
         have = round_values(study)
-        missing = [c for c in alive if (c, seed) not in have]
+        missing = [(c, s) for s in block_seeds for c in alive if (c, s) not in have]
         if missing:
             queued = {(t.user_attrs.get("candidate"), t.user_attrs.get("confirm_seed"))
                       for t in study.get_trials(deepcopy=False, states=_PENDING)}
-            for c in missing:
-                if (c, seed) not in queued:
+            for c, s in missing:
+                if (c, s) not in queued:
                     study.enqueue_trial(cands[c]["params"], skip_if_exists=False,
-                                        user_attrs={"candidate": c, "confirm_seed": seed})
+                                        user_attrs={"candidate": c, "confirm_seed": s})
             recover_trials(study)
             target = n_done(study, count_diverged=True) + len(missing)
             storage.remove_session()
@@ -203,14 +216,17 @@ def run_confirm(campaign, name, storage, data, workers=1, storage_opts=None, pro
                         pruner=make_pruner("none", spec.config),
                         make_sampler=lambda: make_sampler("random", spec.seed),
                         storage_opts=storage_opts, count_diverged=True)
-            have = round_values(study)
+
+    def evaluate_round(alive, seed):
+        train(alive, [seed])  # nothing to do when the block was trained (prefetch)
+        have = round_values(study)
         lost = [c for c in alive if (c, seed) not in have]
         if lost:
             raise WorkersFailed(f"{spec.study_name}: seed {seed} of configuration(s) {lost} did "
                                 "not finish; re-run the same command to resume")
         return [have[(c, seed)] for c in alive]
 
-    state = race(len(cands), seeds, evaluate_round)
+    state = race(len(cands), seeds, evaluate_round, prefetch=train)
     v = verdict(state)
     v.update(sentence=sentence(v, lambda c: format_params(cands[c]["params"])),
              params=cands[v["pick"]]["params"],
