@@ -18,6 +18,7 @@ from model.errors import InputError
 from model.outputs import publish_dir
 from model.train import evaluate, evaluate_ensemble, fit, warm_up
 from search.processes import die_with_parent, exit_code, stop_processes
+from search.study import study_name
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def read_final(folder):
 def final_study_name(campaign):
     """The study that records a campaign's final run: no search ever reads it (test accuracy
     must not leak into a pick)."""
-    return f"{campaign}-final"
+    return study_name(campaign, "final")
 
 
 def check_final_study(storage, campaign, pick, force=False):

@@ -302,8 +302,8 @@ def recover_trials(study):
 
 def _requeue_lost_retries(study):
     """Re-queue the FAIL trials that died without a word (no failure attr: their worker was
-    killed) or were terminated (SIGTERM: a preempted job) and were never re-queued. Failing a dead worker's trial and re-queuing it are two
-    commits (Optuna's, and _fail_orphans'): a worker killed between them would leave the trial
+    killed) or were terminated (SIGTERM: a preempted job) and were never re-queued. Failing a
+    dead worker's trial and re-queuing it are two commits (Optuna's, and _fail_orphans'): a worker killed between them would leave the trial
     FAIL with no retry. Re-queuing twice is harmless: the later copy is pruned on pickup
     (_is_duplicate_retry), and the callback itself stops after max_retry retries."""
     rdb = _rdb(study)

@@ -34,11 +34,11 @@ def study_name(campaign, phase):
 
 
 # Query keys whose values are secrets (libpq's password and sslpassword, tokens, keys).
-_SECRET_KEY = re.compile(r"pass|pwd|secret|token|key|credential", re.IGNORECASE)
+_SECRET_WORDS = r"pass|pwd|secret|token|key|credential"
+_SECRET_KEY = re.compile(_SECRET_WORDS, re.IGNORECASE)
 # The same, for a string SQLAlchemy cannot parse: user:password@ and key=value pairs.
 _USERINFO = re.compile(r"(://[^/?#@:\s]*:)([^@/?#\s]*)(@)")
-_PAIR = re.compile(r"([?&;\s]([A-Za-z_]*(?:pass|pwd|secret|token|key|credential)[A-Za-z_]*)=)([^&;\s]*)",
-                   re.IGNORECASE)
+_PAIR = re.compile(rf"([?&;\s]([A-Za-z_]*(?:{_SECRET_WORDS})[A-Za-z_]*)=)([^&;\s]*)", re.IGNORECASE)
 
 
 def mask_url(url):
@@ -115,8 +115,9 @@ def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError,
             ValueError) as e:
         e = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) else e
-        if storage_failure(e):
-            raise InputError(f"cannot open storage {mask_url(url)}: {storage_failure(e)}") from None
+        failure = storage_failure(e)
+        if failure:
+            raise InputError(f"cannot open storage {mask_url(url)}: {failure}") from None
         reason = redact(str(getattr(e, "orig", None) or e).splitlines()[0], url)
         if not create and _NO_TABLES in reason:
             raise InputError(f"storage {mask_url(url)} holds no Optuna studies (it has no "
@@ -236,7 +237,7 @@ def storage_failure(error):
     """The one-line cause of a storage write failure (disk full, read-only, I/O error), or None
     when the error is not one of them."""
     kind = storage_failure_kind(error)
-    return None if kind is None else _STORAGE_FAILURES[kind][1]
+    return None if kind is None else storage_failure_message(kind)
 
 
 def storage_failure_kind(error):
