@@ -25,9 +25,8 @@ from model.data import fingerprint
 from model.errors import InputError, WorkersFailed
 from search.campaign import source_space
 from search.objective import Objective
-from search.phases import create_or_resume, phase_spec
-from search.runner import (is_diverged, make_pruner, make_sampler, n_done, recover_trials,
-                           run_workers)
+from search.phases import create_or_resume, phase_spec, run_to
+from search.runner import is_diverged, n_done
 from search.space import format_params
 from search.study import finished_trials, load_study, study_name
 
@@ -184,8 +183,11 @@ def run_confirm(campaign, name, storage, data, workers=1, storage_opts=None, pro
     (study, verdict)."""
     phase = campaign.phase(name)
     rule = phase.confirm
+    # every queued trial trains to its end (a pruned one would leave its pair without a value),
+    # whatever pruner a flag set for every phase
     spec = dataclasses.replace(phase_spec(campaign, name, storage),
-                               space=source_space(campaign, phase))
+                               space=source_space(campaign, phase), sampler="random",
+                               pruner="none", grid=None)
     study = create_or_resume(storage, spec, fingerprint(data))
     if "candidates" not in study.user_attrs:
         cands = candidates(storage, campaign.name, rule["from"], rule["top_k"])
@@ -206,16 +208,9 @@ def run_confirm(campaign, name, storage, data, workers=1, storage_opts=None, pro
                 if (c, s) not in queued:
                     study.enqueue_trial(cands[c]["params"], skip_if_exists=False,
                                         user_attrs={"candidate": c, "confirm_seed": s})
-            recover_trials(study)
             target = n_done(study, count_diverged=True) + len(missing)
-            storage.remove_session()
-            storage.engine.dispose()  # forked workers open their own connections
-            run_workers(workers, progress=(lambda: progress(n_done(study, True)))
-                        if progress else None, storage_url=storage.url,
-                        study_name=spec.study_name, objective=objective, target=target,
-                        pruner=make_pruner("none", spec.config),
-                        make_sampler=lambda: make_sampler("random", spec.seed),
-                        storage_opts=storage_opts, count_diverged=True)
+            run_to(study, spec, storage, objective, target, workers, storage_opts, progress,
+                   count_diverged=True)
 
     def evaluate_round(alive, seed):
         train(alive, [seed])  # nothing to do when the block was trained (prefetch)

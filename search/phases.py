@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 METRIC = "val_acc"  # the objective's name in Optuna's tools (our own figures: validation accuracy)
 # Settings that must match when a study is resumed: changing them would mix incomparable trials.
-_PINNED = ("space", "config", "repeats")
+_PINNED = ("space", "config", "repeats", "data_fingerprint")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,16 +131,11 @@ def create_or_resume(storage, spec, data_fingerprint=None):
     wanted = spec.attrs()
     if data_fingerprint:
         wanted["data_fingerprint"] = data_fingerprint
-        if recorded.get("data_fingerprint", data_fingerprint) != data_fingerprint:
-            raise InputError(f"study {spec.study_name} was run on other data (another data set, "
-                             "split or --n-val: its data fingerprint differs); resume with the same "
-                             "data or use a new --campaign")
     for key in _PINNED:
         # a key not there yet may be being written by a process that created the study just now
-        if key in recorded and not _same(key, recorded[key], wanted[key]):
-            raise InputError(f"study {spec.study_name} was started with other {key} settings "
-                             f"({recorded[key]}); resume with the same settings or use a new "
-                             "--campaign")
+        # (or, the fingerprint, by a release before fingerprints: it is recorded below)
+        if key in recorded and key in wanted and not _same(key, recorded[key], wanted[key]):
+            raise InputError(_changed(spec.study_name, key, recorded[key]))
     for key, value in wanted.items():
         if key not in recorded:
             study.set_user_attr(key, value)
@@ -168,6 +163,15 @@ def check_foreign(storage, name):
                          f"{fix}")
 
 
+def _changed(name, key, recorded):
+    """The one line refusing to resume study `name` whose pinned setting `key` differs."""
+    if key == "data_fingerprint":
+        return (f"study {name} was run on other data (another data set, split or --n-val: its "
+                "data fingerprint differs); resume with the same data or use a new --campaign")
+    return (f"study {name} was started with other {key} settings ({recorded}); resume with the "
+            "same settings or use a new --campaign")
+
+
 def _same(key, recorded, wanted):
     """Whether a recorded setting equals the wanted one. A config recorded before TrainConfig
     gained a field had that field's default; spaces compare as parameters (the releases that
@@ -188,21 +192,30 @@ def run_spec(spec, storage, data, workers=1, storage_opts=None, progress=None):
     Returns the study.
     """
     study = create_or_resume(storage, spec, fingerprint(data))
-    recover_trials(study)  # once, before the workers: they would all re-queue the same trials
-    storage.remove_session()
-    storage.engine.dispose()  # forked workers must open their own connections
     is_grid = spec.grid is not None  # every value is tried once: a diverged one counts as tried
-    codes = run_workers(
-        workers, progress=(lambda: progress(n_done(study, is_grid))) if progress else None,
-        storage_url=storage.url, study_name=spec.study_name,
-        objective=Objective(data, spec.config, spec.space, repeats=spec.repeats),
-        target=spec.n_trials, pruner=make_pruner(spec.pruner, spec.config),
-        make_sampler=lambda: make_sampler(spec.sampler, spec.seed, spec.grid),
-        storage_opts=storage_opts, count_diverged=is_grid)
+    codes = run_to(study, spec, storage, Objective(data, spec.config, spec.space,
+                                                   repeats=spec.repeats),
+                   spec.n_trials, workers, storage_opts, progress, count_diverged=is_grid)
     if any(codes) or n_done(study, is_grid) < spec.n_trials:
         raise WorkersFailed(f"{spec.study_name}: workers exited with codes {codes} before "
                             f"{spec.n_trials} complete trials; re-run the same command to resume")
     return study
+
+
+def run_to(study, spec, storage, objective, target, workers=1, storage_opts=None, progress=None,
+           count_diverged=False):
+    """Run workers on study (with spec's sampler and pruner) until it holds `target` done trials
+    (search.runner.work); returns their exit codes. Dead and terminated trials are re-queued once
+    here, before the workers: they would all re-queue the same trials."""
+    recover_trials(study)
+    storage.remove_session()
+    storage.engine.dispose()  # forked workers must open their own connections
+    return run_workers(
+        workers, progress=(lambda: progress(n_done(study, count_diverged))) if progress else None,
+        storage_url=storage.url, study_name=study.study_name, objective=objective, target=target,
+        pruner=make_pruner(spec.pruner, spec.config),
+        make_sampler=lambda: make_sampler(spec.sampler, spec.seed, spec.grid),
+        storage_opts=storage_opts, count_diverged=count_diverged)
 
 
 def best_params(study):
