@@ -30,7 +30,7 @@ too, as *_over_best_floor):
                           its evaluations) through Objective into an SQLite study ÷ 3,200
                           sustained floors, best of 3 trials (1 with --quick)
   workers2_over_workers1  trials per minute of 2 worker processes ÷ 1 worker, through
-                          search.runner.run_workers (runs of 8 trials of one cycle of n_s 400
+                          search.workers.run_workers (runs of 8 trials of one cycle of n_s 400
                           each, in the order 1, 2, 2, 1 workers; 4 trials of n_s 200 and the
                           order 1, 2 with --quick)
   pipeline_over_floor     the whole default pipeline (scripts/pipeline.py --workers 2: gradcheck,
@@ -70,8 +70,9 @@ from model.train import evaluation_record
 from search.objective import Objective
 from search.campaign import DEFAULT, locate
 from search.phases import phase_spec
-from search.runner import make_pruner, make_sampler, run_workers
+from search.samplers import make_pruner, make_sampler
 from search.study import campaign_studies, open_storage
+from search.workers import run_workers
 
 COARSE = phase_spec("dd2424", "coarse")  # the default campaign's coarse phase
 SEARCH_CONFIG = COARSE.config

@@ -20,7 +20,7 @@ from search.campaign import grid_param, source_space, validated, with_config, wi
 from search.confirm import run_confirm
 from search.phases import phase_spec, run_spec
 from search.report import phase_summary, status_report, status_text, summary_text
-from search.runner import PRUNERS, SAMPLERS
+from search.samplers import PRUNERS, SAMPLERS
 from search.space import Categorical, Int, parse_values
 from search.study import (GRACE_PERIOD, HEARTBEAT_INTERVAL, check_storage, mask_url,
                           open_storage)

@@ -20,7 +20,7 @@ from pathlib import Path
 from model.errors import ConfigError
 from model.schedule import step_size
 from model.train import TrainConfig
-from search.runner import make_pruner, make_sampler, pruner_label, sampler_label
+from search.samplers import make_pruner, make_sampler, pruner_label, sampler_label
 from search.space import Categorical, Float, Int, field_type, make_space, space_to_dict
 
 if sys.version_info >= (3, 11):

@@ -26,7 +26,7 @@ from model.errors import InputError, WorkersFailed
 from search.campaign import source_space
 from search.objective import Objective
 from search.phases import create_or_resume, phase_spec, run_to
-from search.runner import is_diverged, n_done
+from search.workers import is_diverged, n_done
 from search.space import format_params
 from search.study import finished_trials, load_study, study_name
 

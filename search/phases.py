@@ -10,10 +10,11 @@ from model.errors import InputError, WorkersFailed
 from model.train import TrainConfig
 from search.campaign import load_campaign, source_space
 from search.objective import Objective
-from search.runner import (make_pruner, make_sampler, n_done, pruner_label, recover_trials,
-                           run_workers, sampler_label)
+from search.recovery import recover_trials
+from search.samplers import make_pruner, make_sampler, pruner_label, sampler_label
 from search.space import is_typed, narrow, space_from_dict, space_to_dict
 from search.study import campaign_studies, finished_trials, load_study, study_name
+from search.workers import n_done, run_workers
 
 log = logging.getLogger(__name__)
 

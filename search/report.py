@@ -8,7 +8,7 @@ import re
 import numpy as np
 from optuna.trial import TrialState
 
-from search.runner import SURPLUS
+from search.workers import SURPLUS
 from search.space import Categorical, format_params, format_value, on_border, space_from_dict
 from search.study import campaign_studies, finished_trials, named_study, retried_from
 

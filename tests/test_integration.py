@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from model.data import TEST_FILE, TRAIN_FILES, load_batch
-from search.runner import SURPLUS
+from search.workers import SURPLUS
 
 pytestmark = pytest.mark.integration
 

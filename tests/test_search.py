@@ -22,7 +22,7 @@ import faultlib as fl
 from model.errors import ConfigError, InputError
 from model.train import TrainConfig
 from search.phases import PhaseSpec, create_or_resume, run_spec
-from search.runner import trial_seed
+from search.samplers import trial_seed
 from search.space import Float, narrow, on_border, parse_values
 from search.study import open_storage
 
@@ -218,15 +218,15 @@ def test_a_diverging_trial_fails_and_the_phase_completes(tmp_path, tiny_data):
 def _run_phase_in_step(url, spec, data, barrier):
     """run_spec, but the worker loop starts only once every process has built its sampler:
     the deterministic form of "two processes load the study at the same moment"."""
-    from search import runner
+    from search import workers
 
-    original = runner.work
+    original = workers.work
 
     def work(*args, **kwargs):
         barrier.wait(timeout=60)
         return original(*args, **kwargs)
 
-    runner.work = work  # this forked child only
+    workers.work = work  # this forked child only
     run_spec(spec, open_storage(url), data)
 
 
@@ -302,7 +302,7 @@ def _lam_objective(trial):
 
 
 def test_a_dead_trial_that_was_not_requeued_is_requeued_once(tmp_path):
-    from search.runner import recover_trials
+    from search.recovery import recover_trials
     from search.study import retried_from
 
     study = _study_with_a_dead_trial(tmp_path)
@@ -313,7 +313,7 @@ def test_a_dead_trial_that_was_not_requeued_is_requeued_once(tmp_path):
 
 
 def test_a_trial_that_failed_for_a_reason_is_not_requeued(tmp_path):
-    from search.runner import recover_trials
+    from search.recovery import recover_trials
 
     study = _study_with_a_dead_trial(tmp_path, failure="interrupted (Ctrl-C)")
     recover_trials(study)
@@ -321,7 +321,7 @@ def test_a_trial_that_failed_for_a_reason_is_not_requeued(tmp_path):
 
 
 def test_a_terminated_trial_is_requeued_once_with_its_lam(tmp_path):
-    from search.runner import recover_trials
+    from search.recovery import recover_trials
     from search.study import retried_from
 
     study = _study_with_a_dead_trial(tmp_path, failure="terminated")  # SIGTERM: retried
@@ -371,7 +371,7 @@ def test_a_dead_trial_requeued_twice_runs_once(tmp_path):
     and the phase still ends with its target of COMPLETE trials."""
     import optuna
 
-    from search.runner import DUPLICATE_RETRY, work
+    from search.workers import DUPLICATE_RETRY, work
     from search.study import retried_from
 
     study = _study_with_a_dead_trial(tmp_path)
@@ -392,7 +392,7 @@ def test_an_objective_error_is_recorded_as_the_failure(tmp_path):
     """A trial that fails by an exception says so: only a silent FAIL means "the worker died"."""
     import optuna
 
-    from search.runner import _guard_trial
+    from search.workers import _guard_trial
 
     study = optuna.create_study(storage=open_storage(fl.sqlite_url(tmp_path / "s.db")))
 

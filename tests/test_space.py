@@ -14,7 +14,7 @@ from model.train import TrainConfig
 from search import objective as objective_module
 from search.campaign import final_config, load_campaign, parse_campaign, shipped
 from search.phases import PhaseSpec, create_or_resume, phase_spec, run_spec
-from search.runner import MarginMedianPruner, make_pruner, make_sampler
+from search.samplers import MarginMedianPruner, make_pruner, make_sampler
 from search.space import (Categorical, Float, Int, make_space, narrow, space_from_dict,
                           space_to_dict, suggest)
 from search.study import open_storage

@@ -1,0 +1,177 @@
+"""Samplers and pruners by name, and the trial seeding of every sampler.
+
+Samplers draw from a random state seeded by (study seed, trial number) before every trial: the λ
+of a trial does not depend on which worker or process runs it, parallel and resumed workers never
+replay one λ sequence (optuna #3255), and a random phase is reproducible trial by trial.
+"""
+import importlib.util
+import inspect
+import warnings
+
+import numpy as np
+import optuna
+# no public module exports it; see _reseed
+from optuna.samplers._lazy_random_state import LazyRandomState
+from optuna.trial import TrialState
+
+from model.errors import ConfigError
+
+# Short names of the samplers and pruners the scripts offer; any optuna.samplers / optuna.pruners
+# class is nameable too, as {name = "TPESampler", multivariate = true} in a campaign file.
+SAMPLERS = {"random": ("RandomSampler", {}), "tpe": ("TPESampler", {"n_startup_trials": 4}),
+            "grid": ("GridSampler", {})}
+PRUNERS = ("none", "median", "hyperband")
+# Optional dependencies some of Optuna's samplers import only once they sample: checked up front.
+_NEEDS = {"GPSampler": ("torch",), "CmaEsSampler": ("cmaes",)}
+
+
+def trial_seed(study_seed, number):
+    """The seed of trial `number`'s random draws."""
+    return int(np.random.SeedSequence([study_seed, number]).generate_state(1)[0])
+
+
+def _reseed(sampler, seed):
+    """Seed the random states of sampler and of the samplers it holds (TPE's startup sampler,
+    CMA-ES's independent sampler, …). Optuna has no public API for it (reseed_rng draws a fresh
+    random seed): we set their private LazyRandomState, which every optuna.samplers class keeps
+    its draws in (tested for each class in tests/test_space.py)."""
+    for value in vars(sampler).values():
+        if isinstance(value, LazyRandomState):
+            value.rng.seed(seed)
+        elif isinstance(value, optuna.samplers.BaseSampler):
+            _reseed(value, seed)
+
+
+_SEEDED_CLASSES = {}
+
+
+def _seeded_class(cls):
+    """cls with a before_trial that first reseeds from (study seed, trial number). A direct
+    subclass: Python lets an object's class be swapped only for one with the same layout."""
+    if cls not in _SEEDED_CLASSES:
+        def before_trial(self, study, trial):
+            _reseed(self, trial_seed(self.study_seed, trial.number))
+            cls.before_trial(self, study, trial)
+        _SEEDED_CLASSES[cls] = type(f"TrialSeeded{cls.__name__}", (cls,),
+                                    {"before_trial": before_trial, "trial_seeded": True})
+    return _SEEDED_CLASSES[cls]
+
+
+def trial_seeded(sampler, study_seed):
+    """The sampler, its draws now seeded from (study_seed, trial number) before every trial.
+
+    Works for any sampler object, a user's included: its class is swapped for a subclass that
+    adds the reseeding (isinstance checks and the object's state are kept)."""
+    if not getattr(sampler, "trial_seeded", False):
+        sampler.__class__ = _seeded_class(type(sampler))
+    sampler.study_seed = study_seed
+    return sampler
+
+
+def split_spec(spec, what):
+    """(name, kwargs) of a sampler or pruner given as a name or as {name = …, **kwargs}."""
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, dict) and isinstance(spec.get("name"), str):
+        kwargs = dict(spec)
+        return kwargs.pop("name"), kwargs
+    raise ConfigError(f"a {what} is a name or a table with a name, e.g. {{name = \"TPESampler\", "
+                      f"multivariate = true}} (got {spec!r})")
+
+
+def _build(cls, kwargs, what):
+    try:
+        with warnings.catch_warnings():  # chosen in a campaign: Optuna's notice would repeat in
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # every worker
+            return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{what} {cls.__name__}: bad arguments ({e}); see optuna's "
+                          f"documentation of {cls.__name__}") from None
+
+
+def make_sampler(spec, seed, grid=None):
+    """A trial-seeded sampler: a short name (random, tpe, grid), any optuna.samplers class by name
+    (with keyword arguments: {name = "TPESampler", multivariate = true}), or a sampler object.
+
+    Named classes get seed=seed when they take one; grid: {param: values} for GridSampler.
+    """
+    if isinstance(spec, optuna.samplers.BaseSampler):
+        return trial_seeded(spec, seed)
+    name, kwargs = split_spec(spec, "sampler")
+    cls_name, defaults = SAMPLERS.get(name, (name, {}))
+    cls = getattr(optuna.samplers, cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, optuna.samplers.BaseSampler)
+            and not inspect.isabstract(cls)):
+        raise ConfigError(f"unknown sampler {name!r}; use {', '.join(SAMPLERS)} or an "
+                          "optuna.samplers class such as TPESampler or QMCSampler")
+    missing = [m for m in _NEEDS.get(cls_name, ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"sampler {cls_name} needs {', '.join(missing)}, which is not "
+                          f"installed: pip install {' '.join(missing)}, or choose another sampler")
+    kwargs = {**defaults, **kwargs}
+    if cls is optuna.samplers.GridSampler:
+        kwargs.setdefault("search_space", grid or {})
+    if "seed" in inspect.signature(cls).parameters:
+        kwargs.setdefault("seed", seed)
+    return trial_seeded(_build(cls, kwargs, "sampler"), seed)
+
+
+def sampler_label(spec):
+    """What a study records of its sampler: the spec, or an object's class name."""
+    if isinstance(spec, optuna.samplers.BaseSampler):
+        return type(spec).__name__.removeprefix("TrialSeeded")
+    return spec
+
+
+class MarginMedianPruner(optuna.pruners.BasePruner):
+    """Median pruning that tolerates the noise of the validation accuracy.
+
+    A plain median rule prunes half of the trials whose λ are equally good, on noise alone (the
+    accuracy of a 1,000-image validation set has a std of ~1.6 points). This one prunes a trial
+    only when its value at a step is more than `margin` below the median of the completed trials'
+    values at that step: it stops λ that are clearly too large, not the lucky draw's neighbours.
+    """
+
+    def __init__(self, margin=0.02, n_startup_trials=5, n_warmup_steps=0):
+        self.margin = margin
+        self.n_startup_trials = n_startup_trials
+        self.n_warmup_steps = n_warmup_steps
+
+    def prune(self, study, trial):
+        step = trial.last_step
+        if step is None or step <= self.n_warmup_steps:
+            return False
+        others = [t.intermediate_values[step] for t in
+                  study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                  if step in t.intermediate_values]
+        if len(others) < self.n_startup_trials:
+            return False
+        return trial.intermediate_values[step] < float(np.median(others)) - self.margin
+
+
+def make_pruner(spec, config):
+    """A pruner: none, median (MarginMedianPruner, judging from the first full cycle on: the first
+    half cycle ends at η_max, where accuracy is noisy), hyperband (resources in updates), any
+    optuna.pruners class or MarginMedianPruner by name with keyword arguments, or a pruner object.
+    Pruners see the first seed's validation accuracy at every half cycle (step = update)."""
+    if isinstance(spec, optuna.pruners.BasePruner):
+        return spec
+    name, kwargs = split_spec(spec, "pruner")
+    short = {"none": (optuna.pruners.NopPruner, {}),
+             "median": (MarginMedianPruner, {"n_startup_trials": 5,
+                                             "n_warmup_steps": config.n_s}),
+             "hyperband": (optuna.pruners.HyperbandPruner,
+                           {"min_resource": config.n_s, "max_resource": config.total_steps,
+                            "reduction_factor": 3})}
+    cls, defaults = short.get(name, (getattr(optuna.pruners, name, None), {}))
+    if name == MarginMedianPruner.__name__:
+        cls = MarginMedianPruner
+    if not (isinstance(cls, type) and issubclass(cls, optuna.pruners.BasePruner)
+            and not inspect.isabstract(cls)):
+        raise ConfigError(f"unknown pruner {name!r}; use {', '.join(PRUNERS)}, "
+                          "MarginMedianPruner or an optuna.pruners class such as MedianPruner")
+    return _build(cls, {**defaults, **kwargs}, "pruner")
+
+
+def pruner_label(spec):
+    return type(spec).__name__ if isinstance(spec, optuna.pruners.BasePruner) else spec
