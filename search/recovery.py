@@ -8,6 +8,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from model.errors import Terminated
+from search.optuna_internals import heartbeat_trial_ids, max_retry, rdb_storage, trial_id
 from search.study import retried_from, retry_chain
 
 log = logging.getLogger(__name__)
@@ -28,56 +29,43 @@ def _requeue_lost_retries(study):
     dead worker's trial and re-queuing it are two commits (Optuna's, and _fail_orphans'): a worker killed between them would leave the trial
     FAIL with no retry. Re-queuing twice is harmless: the later copy is pruned on pickup
     (workers._is_duplicate_retry), and the callback itself stops after max_retry retries."""
-    rdb = _rdb(study)
+    rdb = rdb_storage(study)
     callback = getattr(rdb, "get_heartbeat_stale_trial_callback", lambda: None)()
     if callback is None:
         return
-    # Optuna has no public accessor for the callback's max_retry (open_storage set it); a storage
-    # opened elsewhere has its own, so it is read back here. Tested in test_search.py.
-    max_retry = getattr(callback, "_max_retry", None)  # the callback skips longer chains itself
+    # open_storage set the callback's max_retry, but a storage opened elsewhere has its own, so it
+    # is read back here. Tested in test_search.py.
+    limit = max_retry(callback)  # the callback skips longer chains itself
     trials = study.get_trials(deepcopy=False)
     requeued = {retried_from(t) for t in trials}
     for t in trials:
         if (t.state == TrialState.FAIL
                 and t.user_attrs.get("failure") in (None, Terminated.FAILURE)
                 and t.number not in requeued
-                and (max_retry is None or len(retry_chain(t)) < max_retry)):
+                and (limit is None or len(retry_chain(t)) < limit)):
             log.warning("trial %d died and was not re-queued: re-queued now", t.number)
             callback(study, t)
-
-
-def _rdb(study):
-    """The RDBStorage behind a study. Optuna wraps it in a private caching layer and a Study has
-    no public accessor for its storage; the heartbeat settings and queries below need it."""
-    return getattr(study._storage, "_backend", study._storage)
 
 
 def _fail_orphans(study):
     """Fail and re-queue RUNNING trials that never sent a heartbeat and are older than three grace
     periods: their worker died between creating the trial and its first heartbeat, a case
     Optuna's stale-trial check skips (it only looks at trials with a heartbeat)."""
-    from optuna.storages._rdb import models  # no public API lists the heartbeats
-
-    rdb = _rdb(study)
+    rdb = rdb_storage(study)
     if not hasattr(rdb, "scoped_session") or rdb.get_heartbeat_interval() is None:
         return
     old = datetime.timedelta(seconds=3 * (rdb.grace_period or 2 * rdb.heartbeat_interval))
-    session = rdb.scoped_session()
-    try:
-        beating = {tid for (tid,) in session.query(models.TrialHeartbeatModel.trial_id)}
-    finally:
-        rdb.scoped_session.remove()
+    beating = heartbeat_trial_ids(rdb)
     now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        # trial ids (FrozenTrial._trial_id, private) are what the storage's methods take
-        if t._trial_id in beating or t.datetime_start is None or now - t.datetime_start < old:
+        if trial_id(t) in beating or t.datetime_start is None or now - t.datetime_start < old:
             continue
         try:
-            if not rdb.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+            if not rdb.set_trial_state_values(trial_id(t), state=TrialState.FAIL):
                 continue
         except UpdateFinishedTrialError:
             continue
         log.warning("trial %d never sent a heartbeat (its worker died at once): re-queued", t.number)
         callback = rdb.get_heartbeat_stale_trial_callback()
         if callback is not None:
-            callback(study, rdb.get_trial(t._trial_id))
+            callback(study, rdb.get_trial(trial_id(t)))

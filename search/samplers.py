@@ -10,11 +10,10 @@ import warnings
 
 import numpy as np
 import optuna
-# no public module exports it; see _reseed
-from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.trial import TrialState
 
 from model.errors import ConfigError
+from search.optuna_internals import reseed
 
 # Short names of the samplers and pruners the scripts offer; any optuna.samplers / optuna.pruners
 # class is nameable too, as {name = "TPESampler", multivariate = true} in a campaign file.
@@ -30,18 +29,6 @@ def trial_seed(study_seed, number):
     return int(np.random.SeedSequence([study_seed, number]).generate_state(1)[0])
 
 
-def _reseed(sampler, seed):
-    """Seed the random states of sampler and of the samplers it holds (TPE's startup sampler,
-    CMA-ES's independent sampler, …). Optuna has no public API for it (reseed_rng draws a fresh
-    random seed): we set their private LazyRandomState, which every optuna.samplers class keeps
-    its draws in (tested for each class in tests/test_space.py)."""
-    for value in vars(sampler).values():
-        if isinstance(value, LazyRandomState):
-            value.rng.seed(seed)
-        elif isinstance(value, optuna.samplers.BaseSampler):
-            _reseed(value, seed)
-
-
 _SEEDED_CLASSES = {}
 
 
@@ -50,7 +37,7 @@ def _seeded_class(cls):
     subclass: Python lets an object's class be swapped only for one with the same layout."""
     if cls not in _SEEDED_CLASSES:
         def before_trial(self, study, trial):
-            _reseed(self, trial_seed(self.study_seed, trial.number))
+            reseed(self, trial_seed(self.study_seed, trial.number))
             cls.before_trial(self, study, trial)
         _SEEDED_CLASSES[cls] = type(f"TrialSeeded{cls.__name__}", (cls,),
                                     {"before_trial": before_trial, "trial_seeded": True})

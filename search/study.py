@@ -1,6 +1,5 @@
 """Storage and studies: open an RDB storage safely, name a campaign's studies, read results."""
 import contextlib
-import datetime
 import logging
 import os
 import re
@@ -16,6 +15,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from model.errors import InputError
+from search.optuna_internals import claim_waiting
 
 log = logging.getLogger(__name__)
 
@@ -135,29 +135,14 @@ class ClaimingRDBStorage(RDBStorage):
     run the trial, and the second to finish fails ("Cannot tell a COMPLETE trial"). A retried
     trial is queued, so SIGTERM or a kill followed by a run with several workers hit this almost
     every time. Here the claim is one conditional UPDATE, atomic on every database. Overriding a
-    public storage method; the table model is Optuna's private one (no public API updates a
-    trial's state conditionally). Tested in tests/test_search.py.
+    public storage method; the UPDATE is search.optuna_internals.claim_waiting (no public API
+    updates a trial's state conditionally). Tested in tests/test_search.py.
     """
 
     def set_trial_state_values(self, trial_id, state, values=None):
         if state != TrialState.RUNNING or values is not None:
             return super().set_trial_state_values(trial_id, state, values)
-        from optuna.storages._rdb import models
-
-        session = self.scoped_session()
-        try:
-            claimed = session.query(models.TrialModel).filter(
-                models.TrialModel.trial_id == trial_id,
-                models.TrialModel.state == TrialState.WAITING,
-            ).update({"state": TrialState.RUNNING, "datetime_start": datetime.datetime.now()},
-                     synchronize_session=False)
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            self.scoped_session.remove()
-        if claimed:
+        if claim_waiting(self, trial_id):
             return True
         self.check_trial_is_updatable(trial_id, self.get_trial(trial_id).state)  # finished: raises
         return False  # another worker took it

@@ -101,8 +101,8 @@ SAMPLERS = ["RandomSampler", "TPESampler", "QMCSampler", "NSGAIISampler", "NSGAI
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_named_samplers_are_reseeded_per_trial(name):
     """Whatever a sampler drew before, trial n's draw depends on (study seed, n) only: workers
-    that ran other trials never replay or skew one sequence (runner._reseed reaches into each
-    class's private random state)."""
+    that ran other trials never replay or skew one sequence (optuna_internals.reseed reaches into
+    each class's private random state)."""
     def first_draw(history):
         sampler = make_sampler(name, 0)
         if history:  # the same sampler object has drawn for other trials first

@@ -1,0 +1,75 @@
+"""Every use of Optuna's private modules and attributes, in one place.
+
+Each function says why no public API does its job. tests/test_optuna_internals.py exercises each
+one against the installed Optuna and names the version when one breaks.
+"""
+import datetime
+
+import optuna
+# no public module exports it; see reseed
+from optuna.samplers._lazy_random_state import LazyRandomState
+from optuna.trial import TrialState
+
+
+def reseed(sampler, seed):
+    """Seed the random states of sampler and of the samplers it holds (TPE's startup sampler,
+    CMA-ES's independent sampler, …). Optuna has no public API for it (reseed_rng draws a fresh
+    random seed): we set their private LazyRandomState, which every optuna.samplers class keeps
+    its draws in (tested for each class in tests/test_space.py)."""
+    for value in vars(sampler).values():
+        if isinstance(value, LazyRandomState):
+            value.rng.seed(seed)
+        elif isinstance(value, optuna.samplers.BaseSampler):
+            reseed(value, seed)
+
+
+def rdb_storage(study):
+    """The RDBStorage behind a study. Optuna wraps it in a private caching layer and a Study has
+    no public accessor for its storage; the heartbeat settings and queries need it."""
+    return getattr(study._storage, "_backend", study._storage)
+
+
+def trial_id(trial):
+    """The storage's id of a FrozenTrial (private FrozenTrial._trial_id): the storage's methods
+    take it, and no public attribute holds it (number counts within a study only)."""
+    return trial._trial_id
+
+
+def max_retry(callback):
+    """The max_retry of a RetryHeartbeatStaleTrialCallback (None when it has none): Optuna has no
+    public accessor for it, and a storage opened elsewhere has its own."""
+    return getattr(callback, "_max_retry", None)
+
+
+def heartbeat_trial_ids(rdb):
+    """The ids of the trials of an RDBStorage that have sent a heartbeat: no public API lists the
+    heartbeats, so this reads Optuna's private table model."""
+    from optuna.storages._rdb import models
+
+    session = rdb.scoped_session()
+    try:
+        return {tid for (tid,) in session.query(models.TrialHeartbeatModel.trial_id)}
+    finally:
+        rdb.scoped_session.remove()
+
+
+def claim_waiting(rdb, trial_id):
+    """Set trial_id of an RDBStorage from WAITING to RUNNING in one conditional UPDATE, atomic on
+    every database; whether this call claimed it (False: it was not WAITING). No public API updates
+    a trial's state conditionally, so this goes through Optuna's private table model."""
+    from optuna.storages._rdb import models
+
+    session = rdb.scoped_session()
+    try:
+        claimed = session.query(models.TrialModel).filter(
+            models.TrialModel.trial_id == trial_id,
+            models.TrialModel.state == TrialState.WAITING,
+        ).update({"state": TrialState.RUNNING, "datetime_start": datetime.datetime.now()},
+                 synchronize_session=False)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        rdb.scoped_session.remove()
+    return bool(claimed)

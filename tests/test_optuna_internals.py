@@ -1,0 +1,112 @@
+"""Each use of Optuna's private modules (search/optuna_internals.py), exercised directly: when an
+Optuna upgrade moves or changes one, the failure names the Optuna version and the use."""
+import importlib
+
+import optuna
+import pytest
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from search.study import open_storage
+
+pytestmark = [pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning"),
+              pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
+
+
+def changed(what):
+    return (f"Optuna {optuna.__version__} changed a private API that search/optuna_internals.py "
+            f"relies on: {what}")
+
+
+@pytest.mark.parametrize("module, names", [
+    ("optuna.samplers._lazy_random_state", ["LazyRandomState"]),
+    ("optuna.storages._rdb.models", ["TrialModel", "TrialHeartbeatModel"]),
+])
+def test_the_private_modules_still_exist(module, names):
+    try:
+        found = importlib.import_module(module)
+    except ImportError as e:
+        pytest.fail(changed(f"module {module} is gone ({e})"))
+    for name in names:
+        assert hasattr(found, name), changed(f"{module}.{name} is gone")
+
+
+@pytest.fixture
+def storage(tmp_path):
+    return open_storage(f"sqlite:///{tmp_path / 's.db'}")
+
+
+@pytest.mark.parametrize("cls", [optuna.samplers.RandomSampler, optuna.samplers.TPESampler])
+def test_reseed_sets_the_samplers_draws(cls):
+    from search.optuna_internals import LazyRandomState, reseed
+
+    def draw(construction_seed):
+        sampler = cls(seed=construction_seed)
+        reseed(sampler, 42)
+        return optuna.create_study(sampler=sampler).ask().suggest_float("x", 0, 1)
+    states = [v for v in vars(cls(seed=0)).values() if isinstance(v, LazyRandomState)]
+    nested = [v for v in vars(cls(seed=0)).values() if isinstance(v, optuna.samplers.BaseSampler)]
+    assert states or nested, changed(f"{cls.__name__} keeps no LazyRandomState attribute")
+    # two samplers built with other seeds draw alike once reseeded alike: reseed reached the draws
+    assert draw(1) == draw(2), changed(f"reseeding {cls.__name__}'s LazyRandomState has no effect")
+
+
+def test_rdb_storage_is_the_storage_behind_a_study(storage):
+    from search.optuna_internals import rdb_storage
+
+    study = optuna.create_study(storage=storage)
+    assert rdb_storage(study) is storage, changed(
+        "Study._storage (a _CachedStorage with ._backend) no longer leads to the RDBStorage")
+
+
+def test_trial_id_is_what_the_storage_takes(storage):
+    from search.optuna_internals import trial_id
+
+    study = optuna.create_study(storage=storage)
+    study.ask()
+    frozen = study.get_trials(deepcopy=False)[0]
+    try:
+        tid = trial_id(frozen)
+    except AttributeError:
+        pytest.fail(changed("FrozenTrial._trial_id is gone"))
+    assert storage.get_trial(tid).number == frozen.number, changed(
+        "FrozenTrial._trial_id is not the storage's trial id")
+
+
+def test_max_retry_reads_the_callbacks_setting():
+    from search.optuna_internals import max_retry
+
+    # None would mean "no limit" to the caller: a renamed attribute must fail here, not there
+    assert max_retry(RetryHeartbeatStaleTrialCallback(max_retry=3)) == 3, changed(
+        "RetryHeartbeatStaleTrialCallback._max_retry is gone")
+
+
+def test_heartbeat_trial_ids_lists_the_trials_that_beat(storage):
+    from search.optuna_internals import heartbeat_trial_ids, trial_id
+
+    study = optuna.create_study(storage=storage)
+    study.ask(), study.ask()
+    silent, beating = (trial_id(t) for t in study.get_trials(deepcopy=False))
+    assert heartbeat_trial_ids(storage) == set()
+    storage.record_heartbeat(beating)
+    assert heartbeat_trial_ids(storage) == {beating}, changed(
+        "the trial_heartbeats table model (TrialHeartbeatModel.trial_id) reads otherwise")
+    assert silent != beating
+
+
+def test_claim_waiting_claims_a_queued_trial_once(storage):
+    from search.optuna_internals import claim_waiting, trial_id
+
+    assert isinstance(storage, RDBStorage)
+    study = optuna.create_study(storage=storage)
+    study.enqueue_trial({"x": 1.0})
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert len(waiting) == 1
+    tid = trial_id(waiting[0])
+    assert claim_waiting(storage, tid) is True, changed("the conditional UPDATE of TrialModel "
+                                                        "from WAITING to RUNNING claimed nothing")
+    claimed = storage.get_trial(tid)
+    assert claimed.state == TrialState.RUNNING and claimed.datetime_start is not None, changed(
+        "a claimed trial is not RUNNING with a start time (TrialModel.state / datetime_start)")
+    # the claim is conditional: a RUNNING trial is not claimed again
+    assert claim_waiting(storage, tid) is False, changed("a RUNNING trial was claimed again")
