@@ -1,70 +1,12 @@
-"""Analytic vs numerical gradients of the network, at λ = 0 and at a λ that matters.
+"""Launcher of search.cli.gradcheck (its docstring and --help say what it does)."""
+import sys
+from pathlib import Path
 
-    python scripts/gradcheck.py [--data-dir DIR] [--lam 0.1] [--json]
+# sys.path[0] is this folder, where search.py would shadow the search package: drop it
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-Runs in float64 on a slice of the normalised CIFAR-10 training split (first --dims dimensions of
---samples images, a hidden layer of --m units); passes when every key's max relative error is
-below --tol (exit 0, else 1).
-"""
-import numpy as np
-
-import _common
-from model.data import load_cifar10
-from model.gradcheck import gradcheck_report
-from model.network import PARAM_KEYS
-
-# Centred differences cost two forward passes per parameter: with 3072 dims, m = 1000 would be 3M
-# parameters × 2 passes (hours), and m = 10⁹ would not fit in memory. A check needs a small net.
-MAX_M = 1000
-
-
-def parse_args(argv=None):
-    p = _common.Parser(description=__doc__.splitlines()[0])
-    _common.add_data_args(p)
-    p.add_argument("--lam", type=float, default=0.1, help="the λ > 0 checked besides 0")
-    p.add_argument("--dims", type=int, default=20, help="input dimensions of the slice")
-    p.add_argument("--samples", type=int, default=5, help="images in the slice")
-    p.add_argument("--m", type=int, default=10, help="hidden units")
-    p.add_argument("--dropout", type=float, default=0.0,
-                   help="check through inverted dropout with one fixed mask of this rate, in [0, 1)")
-    p.add_argument("--tol", type=float, default=1e-5, help="pass below this relative error")
-    p.add_argument("--seed", type=int, default=0, help="seed of the params")
-    _common.add_common_args(p)
-    args = p.parse_args(argv)
-    p.require_finite(args, "lam", "tol")
-    if not args.lam > 0:
-        p.error(f"--lam must be > 0 (got {args.lam}); λ = 0 is always checked too")
-    if not args.tol > 0:
-        p.error(f"--tol must be > 0 (got {args.tol})")
-    if not (0 < args.dims <= 3072 and 0 < args.samples <= 1000 and 0 < args.m <= MAX_M):
-        p.error(f"--dims must be in 1..3072, --samples in 1..1000 and --m in 1..{MAX_M}")
-    p.require_seed(args, "seed")
-    if not 0 <= args.dropout < 1:
-        p.error(f"--dropout must lie in [0, 1) (got {args.dropout})")
-    return args
-
-
-def table(report, args):
-    rows = [f"{'λ':>8} " + " ".join(f"{k:>10}" for k in PARAM_KEYS)]
-    rows += [f"{c['lam']:>8g} " + " ".join(f"{c['max_rel_error'][k]:10.2e}" for k in PARAM_KEYS)
-             for c in report["checks"]]
-    verdict = "PASS" if report["passed"] else "FAIL"
-    rows.append(f"{verdict}: max relative error {'<' if report['passed'] else '≥'} {args.tol:g} "
-                f"(float64, {args.samples} images × {args.dims} dims, m={args.m}"
-                f"{f', dropout {args.dropout:g}' if args.dropout else ''})")
-    return "\n".join(rows)
-
-
-def main():
-    args = parse_args()
-    _common.setup_logging(args)
-    data = load_cifar10(args.data_dir, n_val=args.n_val)
-    report = gradcheck_report(data.train.X, data.train.y, np.random.default_rng(args.seed),
-                              lams=(0.0, args.lam), dims=args.dims, samples=args.samples, m=args.m,
-                              tol=args.tol, dropout=args.dropout)
-    _common.emit(report, args, table(report, args))
-    return 0 if report["passed"] else 1
-
+from search.cli.errors import run  # noqa: E402
+from search.cli.gradcheck import main  # noqa: E402
 
 if __name__ == "__main__":
-    _common.run(main)
+    run(main)

@@ -1,68 +1,12 @@
-"""Train the network once and evaluate it on the test set.
+"""Launcher of search.cli.train (its docstring and --help say what it does)."""
+import sys
+from pathlib import Path
 
-    python scripts/train.py --lam 0.01 --cycles 3 --n-s 980 [--data-dir DIR] [--out DIR] [--json]
+# sys.path[0] is this folder, where search.py would shadow the search package: drop it
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-Writes params.npz, config.json, history.json, metrics.json and the figures (cost, loss, accuracy,
-lr .png) into --out (default studies/runs/lam<λ>-seed<seed>).
-"""
-import time
-
-import _common
-from model.checkpoint import save_run
-from model.data import load_cifar10
-from model.outputs import check_results_dir, publish_dir
-from model.resources import check_memory, check_writable
-from model.train import evaluate, evaluate_ensemble, fit
-
-
-def parse_args(argv=None):
-    p = _common.Parser(description=__doc__.splitlines()[0])
-    _common.add_train_args(p)
-    _common.add_data_args(p)
-    p.add_argument("--out", default=None, help="results folder (default studies/runs/lam<λ>-seed<seed>)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="BLAS threads of this run (default 1; 2 uses both cores for one wide run, "
-                        "see docs/threads.md)")
-    _common.add_common_args(p)
-    args = p.parse_args(argv)
-    p.require_positive(args, "threads")
-    return args
-
-
-def main():
-    args = parse_args()
-    _common.setup_logging(args)
-    config = _common.train_config(args)
-    out = args.out or f"studies/runs/lam{config.lam:g}-seed{config.seed}"
-    protect = _common.protected_paths(_common.storage_url())
-    check_results_dir(out, protect)
-    check_writable(out)
-    check_memory(config)
-    data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=config.dtype)
-    start = time.perf_counter()
-    with _common.blas_threads(args.threads), \
-            _common.progress_bar(config.total_steps, "training", args, "update") as progress:
-        params, history, snapshots = fit(
-            data, config, on_eval=(lambda r: progress(r["step"])) if progress else None,
-            snapshots=True)
-        test = evaluate(params, data.test.X, data.test.y, config.lam)
-        ensemble = evaluate_ensemble(snapshots, data.test.X, data.test.y)  # one per cycle end
-    seconds = time.perf_counter() - start
-    last = history[-1]
-    metrics = {"lam": config.lam, "train_acc": last["train"]["acc"], "val_acc": last["val"]["acc"],
-               "test_acc": test["acc"], "test_loss": test["loss"], "test_cost": test["cost"],
-               "test_acc_ensemble": ensemble["acc"], "steps": config.total_steps,
-               "seconds": round(seconds, 2), "threads": args.threads}
-    publish_dir(out, lambda folder: save_run(folder, config, metrics, [("", params, history)],
-                                                     {"data": data.source}), protect)
-    summary = {**metrics, "out": str(out)}
-    _common.emit(summary, args,
-                 f"λ={config.lam:g}: train acc {metrics['train_acc']:.4f}, val acc "
-                 f"{metrics['val_acc']:.4f}, test acc {metrics['test_acc']:.4f} (snapshot "
-                 f"ensemble of {len(snapshots)}: {ensemble['acc']:.4f}) after "
-                 f"{config.total_steps} updates in {seconds:.1f} s -> {out}")
-    return 0
-
+from search.cli.errors import run  # noqa: E402
+from search.cli.train import main  # noqa: E402
 
 if __name__ == "__main__":
-    _common.run(main)
+    run(main)

@@ -59,8 +59,7 @@ def test_bench_ratios_are_the_quotients_of_its_figures(quick_bench):
 def test_the_bench_leaves_out_exactly_the_confirm_phase():
     import tomllib
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from bench import load_campaign_text, without_confirm
+    from search.cli.bench import load_campaign_text, without_confirm
     from search.campaign import DEFAULT, load_campaign, parse_campaign
 
     text = load_campaign_text(DEFAULT)

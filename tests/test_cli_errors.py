@@ -653,13 +653,9 @@ def test_snapshot_sees_changes(tmp_path):
 # ---- forks without bound (issue 15): parsed in-process, so that a regression forks nothing ----
 
 def load_script(name):
-    """scripts/<name>.py as a module (its main() is not run)."""
-    import importlib.util
-    sys.path.insert(0, str(REPO / "scripts"))  # for `import _common`, which then removes it
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The code of scripts/<name>.py, search.cli.<name>, as a module (its main() is not run)."""
+    import importlib
+    return importlib.import_module(f"search.cli.{name}")
 
 
 @pytest.mark.parametrize("script, argv, flag", [

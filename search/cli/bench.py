@@ -1,0 +1,490 @@
+"""Speed benchmark: the training step, a search trial and parallel workers against the GEMM floor.
+
+    python scripts/bench.py [--data-dir DIR] [--quick] [--json]
+
+Everything runs in float32 with one BLAS thread (but the figures named for two threads), and
+every figure is a ratio to a floor measured in the same run, like for like. Floor, step and
+evaluation are the CPU time of the calling thread (one BLAS thread computes in the caller), best
+of many short interleaved blocks, so that other processes on the machine shift them little.
+Trials and the pipeline are long runs in wall time, as a search sees them; on a shared machine a
+long run is slower than its best 50-step block (here the median step of a trial is ~1.3× its
+best one), so they are divided by a floor measured the same way: 3,200 GEMM pairs back to back,
+wall time, run before each timed trial (the ratios to the best-of-blocks floor_ms are printed
+too, as *_over_best_floor):
+  floor_ms                the two GEMMs a step cannot avoid, X_b W1 (100×3072 · 3072×50) and
+                          X_bᵀ dH (3072×100 · 100×50), best of the repeats
+  step_ms                 model.step.sgd_step on batches gathered by random indices from the
+                          49,000-row training pixels, as train() does, best of the same repeats
+  *_m1024                 the same at m = 1024 with dropout 0.5, flips and ±4-pixel translations
+                          (each step draws its mask and moves from the rng, as train() does), the
+                          floor's GEMMs at m = 1024 too; 10 calls per block
+  *_m1024_t2              the same with two BLAS threads, floor and step in wall time (the
+                          CPU time of the calling thread misses the second thread's work)
+  wide_procs_over_threads steps per second of m = 1024 (dropout and augmentation on) in two
+                          processes of one BLAS thread each ÷ one process of two threads, wall
+                          time, the runs in the order 2×1, 1×2, 1×2, 2×1 (2×1, 1×2 with --quick):
+                          > 1 means two one-thread workers search faster than one two-thread one
+  floor_sustained_ms      the floor of 3,200 GEMM pairs back to back (wall), best of 3 (1 with
+                          --quick), each run just before a timed trial
+  trial_over_floor        a coarse-protocol trial (dd2424's coarse phase, 3,200 steps and
+                          its evaluations) through Objective into an SQLite study ÷ 3,200
+                          sustained floors, best of 3 trials (1 with --quick)
+  workers2_over_workers1  trials per minute of 2 worker processes ÷ 1 worker, through
+                          search.workers.run_workers (runs of 8 trials of one cycle of n_s 400
+                          each, in the order 1, 2, 2, 1 workers; 4 trials of n_s 200 and the
+                          order 1, 2 with --quick)
+  pipeline_over_floor     the whole default pipeline (scripts/pipeline.py --workers 2: gradcheck,
+                          10 coarse + 12 fine trials, 3 final seeds, dashboard) in a temporary
+                          storage, wall time ÷ (updates it trained × sustained floor ÷ 2
+                          workers), the floor the mean of one just before and one just after
+                          the pipeline; needs CIFAR-10 (--data-dir), skipped with --quick
+The output also names the BLAS library the step's kernels call (blas: model.blas.SOURCE); the
+floor's np.matmul calls NumPy's, the same one unless that is not OpenBLAS.
+Without --data-dir (or $CIFAR10_DIR) the data are synthetic uniform pixels of CIFAR-10's
+shapes, which time the same; the output says which were used. A new figure is one more measure_*
+function called from main() and its rows in ROWS.
+"""
+import dataclasses
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from queue import Empty
+
+import numpy as np
+import optuna
+
+from model import blas
+from model.data import load_cifar10, split_and_normalise
+from model.errors import ConfigError, WorkersFailed
+from model.network import init_params
+from model.schedule import cyclic_lr
+from model.step import draw_noise, gather_batch, make_workspace, sgd_step
+from model.train import evaluation_record
+from search.campaign import DEFAULT, locate
+from search.cli.args import Parser, add_common_args
+from search.cli.errors import run
+from search.cli.output import emit, setup_logging
+from search.cli.threads import blas_threads, single_blas_thread
+from search.objective import Objective
+from search.phases import phase_spec
+from search.samplers import make_pruner, make_sampler
+from search.study import campaign_studies, open_storage
+from search.workers import run_workers
+
+COARSE = phase_spec("dd2424", "coarse")  # the default campaign's coarse phase
+PIPELINE = Path(__file__).resolve().parents[2] / "scripts" / "pipeline.py"  # its launcher
+SEARCH_CONFIG = COARSE.config
+
+N_TRAIN, N_VAL, D, K = 49_000, 1_000, 3072, 10
+TRIAL_LAM = 1e-3               # the λ of the timed trial: any value of the coarse range times the same
+SIZES = {                      # --quick | full
+    "repeats": (20, 60),       # timed blocks of floor, gather and step, interleaved
+    "iters": (50, 50),         # calls per timed block
+    "trials": (1, 3),          # coarse trials timed
+    "worker_trials": (4, 8),   # trials per run of the workers
+    "worker_order": ((1, 2), (1, 2, 2, 1)),  # worker counts, one run each
+    "worker_n_s": (200, 400),  # half cycle of those trials (one cycle each)
+    "wide_repeats": (8, 20),   # timed blocks of floor, gather and step at m = 1024
+    "wide_steps": (60, 200),   # steps per process of the processes-vs-threads runs
+    "wide_order": ((2, 1), (2, 1, 1, 2)),  # processes of those runs (threads: 2 / processes)
+}
+WIDE = {"m": 1024, "dropout": 0.5, "flip": True, "shift": 4}  # the wide network's step
+WIDE_ITERS = 10                # calls per timed block at m = 1024 (a step is ~15 ms)
+
+# (key, label, unit) of the table, in order; a measurement adds its keys to the results.
+ROWS = [
+    ("floor_ms", "GEMM floor (X_b W1 + X_bᵀ dH)", "ms"),
+    ("gather_ms", "  batch gather alone", "ms"),
+    ("step_ms", "training step (sgd_step)", "ms"),
+    ("step_over_floor", "step / floor", "×"),
+    ("floor_ms_m1024", "GEMM floor at m = 1024", "ms"),
+    ("gather_ms_m1024", "  gather with flips and translations", "ms"),
+    ("step_ms_m1024", "step, m = 1024, dropout + augmentation", "ms"),
+    ("step_over_floor_m1024", "step / floor at m = 1024", "×"),
+    ("floor_ms_m1024_t2", "GEMM floor at m = 1024, 2 threads (wall)", "ms"),
+    ("step_ms_m1024_t2", "step, m = 1024, 2 threads (wall)", "ms"),
+    ("step_over_floor_m1024_t2", "step / floor at m = 1024, 2 threads", "×"),
+    ("wide_procs_steps_per_s", "m = 1024: 2 processes × 1 thread", "steps/s"),
+    ("wide_threads_steps_per_s", "m = 1024: 1 process × 2 threads", "steps/s"),
+    ("wide_procs_over_threads", "2 × 1 thread / 1 × 2 threads", "×"),
+    ("eval_ms", "one evaluation (train subset + val)", "ms"),
+    ("floor_sustained_ms", "GEMM floor, 3,200 pairs back to back", "ms"),
+    ("trial_s", "coarse trial (3,200 steps)", "s"),
+    ("trial_cpu_s", "  its CPU time (wall − CPU: waiting)", "s"),
+    ("trial_train_s", "  training, evaluations included", "s"),
+    ("trial_evals_s", f"    evaluations ({len(SEARCH_CONFIG.eval_steps())} × one)", "s"),
+    ("trial_optuna_s", "  Optuna and the storage", "s"),
+    ("trial_over_floor", "trial / (3,200 × sustained floor)", "×"),
+    ("trial_over_best_floor", "  the same / (3,200 × floor_ms)", "×"),
+    ("workers1_trials_per_min", "1 worker", "trials/min"),
+    ("workers2_trials_per_min", "2 workers", "trials/min"),
+    ("workers2_over_workers1", "2 workers / 1 worker", "×"),
+    ("pipeline_s", "default pipeline, --workers 2 (wall)", "s"),
+    ("pipeline_steps", "  updates it trained", ""),
+    ("pipeline_floor_ms", "  sustained floor before and after it", "ms"),
+    ("pipeline_over_floor", "pipeline / (updates × that floor / 2)", "×"),
+    ("pipeline_over_best_floor", "  the same / (updates × floor_ms / 2)", "×"),
+    ("pipeline_no_confirm_s", "the same pipeline without its confirm phase (wall)", "s"),
+    ("confirm_over_no_confirm", "pipeline with confirm / without", "×"),
+]
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="fewer repeats and fewer, shorter worker trials (about half the run time)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, params and batches")
+    p.add_argument("--data-dir", default=None,
+                   help="CIFAR-10: a cifar-10-batches-py folder, a folder holding it, or "
+                        "cifar-10-python.tar.gz (default: $CIFAR10_DIR, else synthetic arrays of "
+                        "the same shapes; the benchmark never downloads)")
+    p.add_argument("--n-val", type=int, default=N_VAL, help="validation images of CIFAR-10")
+    add_common_args(p)
+    return p.parse_args(argv)
+
+
+def get_data(args, rng):
+    """(Dataset, description): CIFAR-10 if a source is given, else synthetic arrays of its shapes."""
+    if args.data_dir or os.environ.get("CIFAR10_DIR"):
+        data = load_cifar10(args.data_dir, n_val=args.n_val, dtype="float32")
+        return data, f"CIFAR-10 ({data.source})"
+
+    def pixels(n):
+        return rng.integers(0, 256, (n, D), dtype=np.uint8), rng.integers(0, K, n)
+    data = split_and_normalise(*pixels(N_TRAIN + N_VAL), *pixels(N_VAL), N_VAL, "float32",
+                               "synthetic")
+    return data, "synthetic uniform pixels"
+
+
+def block_ms(fn, iters, clock=time.thread_time):
+    """Mean ms per call of fn() over one block of iters calls, by clock (default: the CPU time
+    of this thread)."""
+    start = clock()
+    for _ in range(iters):
+        fn()
+    return (clock() - start) / iters * 1e3
+
+
+def measure_step(data, size, rng, config=SEARCH_CONFIG, repeats=None, iters=None, suffix="",
+                 clock=time.thread_time):
+    """floor_ms, gather_ms, step_ms (+ suffix) of config's m and regularisers: interleaved timed
+    blocks, best of the repeats each. A step draws its dropout mask and moves first, as in
+    train(); the gather is timed with the moves of the last draw."""
+    X, y = data.train.X, data.train.y
+    params = init_params(D, config.m, K, rng, dtype=np.float32)
+    ws = make_workspace(config.n_batch, D, config.m, K, X.dtype, config.dropout, config.flip,
+                        config.shift)
+    batches = _batches(len(y), config.n_batch, rng)
+    state = {"t": 0}
+    floor = _gemm_pair(rng, X[:config.n_batch], config.m)
+
+    def gather():
+        gather_batch(X, next(batches), ws["X"], data.train.pixels, ws["moves"])
+
+    def step():  # the CLR schedule of the coarse protocol, as in training
+        t = state["t"] = state["t"] + 1
+        eta = cyclic_lr(t, config.eta_min, config.eta_max, config.n_s)
+        idx = next(batches)
+        draw_noise(ws, len(idx), rng)
+        sgd_step(params, X, y, idx, eta, TRIAL_LAM, ws, data.train.pixels)
+
+    step()  # compiles the kernels of these regularisers outside the timed blocks
+    times = {"floor_ms": [], "gather_ms": [], "step_ms": []}
+    for _ in range(repeats or size["repeats"]):
+        for key, fn in (("floor_ms", floor), ("gather_ms", gather), ("step_ms", step)):
+            times[key].append(block_ms(fn, iters or size["iters"], clock))
+    out = {key + suffix: min(v) for key, v in times.items()}
+    out["step_over_floor" + suffix] = out["step_ms" + suffix] / out["floor_ms" + suffix]
+    return out
+
+
+def measure_wide(data, size, rng):
+    """The *_m1024 figures with one BLAS thread (CPU time of this thread) and with two (wall)."""
+    config = dataclasses.replace(SEARCH_CONFIG, **WIDE)
+    out = {}
+    for threads, suffix, clock in ((1, "_m1024", time.thread_time),
+                                   (2, "_m1024_t2", time.perf_counter)):
+        with blas_threads(threads):
+            out.update(measure_step(data, size, rng, config, size["wide_repeats"], WIDE_ITERS,
+                                    suffix, clock))
+    return out
+
+
+def measure_procs_vs_threads(data, size):
+    """wide_*: steps per second at m = 1024 (dropout, augmentation) of two processes with one
+    BLAS thread each and of one process with two threads, in wall time, the same steps per
+    process. Forked processes share the data; the kernels were compiled before (measure_wide)."""
+    ctx = multiprocessing.get_context("fork")
+    seconds = {1: [], 2: []}
+    for procs in size["wide_order"]:
+        queue = ctx.Queue()
+        workers = [ctx.Process(target=_wide_steps,
+                               args=(data, size["wide_steps"], 2 // procs, seed, queue))
+                   for seed in range(procs)]
+        for w in workers:
+            w.start()
+        try:  # (start, end) of each process's steps, read before join
+            spans = [queue.get(timeout=600) for _ in workers]
+        except Empty:
+            spans = [None]
+        for w in workers:
+            w.join()
+        if any(w.exitcode for w in workers) or None in spans:
+            raise WorkersFailed("a benchmark process of the wide step failed")
+        seconds[procs].append(max(e for _, e in spans) - min(b for b, _ in spans))
+    rate = {n: n * size["wide_steps"] * len(s) / sum(s) for n, s in seconds.items()}
+    return {"wide_procs_steps_per_s": rate[2], "wide_threads_steps_per_s": rate[1],
+            "wide_procs_over_threads": rate[2] / rate[1]}
+
+
+def _wide_steps(data, steps, threads, seed, queue):
+    """In a forked process: `steps` wide steps with `threads` BLAS threads -> queue (start, end)
+    in time.time(), comparable across processes (or None on failure)."""
+    try:
+        rng = np.random.default_rng(seed)
+        config = dataclasses.replace(SEARCH_CONFIG, **WIDE)
+        X, y = data.train.X, data.train.y
+        params = init_params(D, config.m, K, rng, dtype=np.float32)
+        ws = make_workspace(config.n_batch, D, config.m, K, X.dtype, config.dropout, config.flip,
+                            config.shift)
+        batches = _batches(len(y), config.n_batch, rng)
+        with blas_threads(threads):
+            start = time.time()
+            for t in range(steps):
+                idx = next(batches)
+                draw_noise(ws, len(idx), rng)
+                sgd_step(params, X, y, idx, cyclic_lr(t, config.eta_min, config.eta_max,
+                                                      config.n_s), TRIAL_LAM, ws,
+                         data.train.pixels)
+            queue.put((start, time.time()))
+    except BaseException:
+        queue.put(None)
+        raise
+
+
+def _gemm_pair(rng, Xb=None, m=SEARCH_CONFIG.m):
+    """A function running the floor's two GEMMs once at hidden size m, on a batch (random unless
+    given)."""
+    B = SEARCH_CONFIG.n_batch
+    Xb = rng.standard_normal((B, D), dtype=np.float32) if Xb is None else Xb.copy()
+    W1 = init_params(D, m, K, rng, dtype=np.float32)["W1"]
+    H, dW1 = np.empty((B, m), np.float32), np.empty_like(W1)
+    dH = rng.standard_normal((B, m), dtype=np.float32)
+
+    def gemms():
+        np.matmul(Xb, W1, out=H)
+        np.matmul(Xb.T, dH, out=dW1)
+    return gemms
+
+
+def _batches(N, B, rng):
+    """Consecutive batches of a fresh permutation per epoch, like train()."""
+    while True:
+        perm = rng.permutation(N)
+        for start in range(0, N, B):
+            yield perm[start:start + B]
+
+
+def measure_eval(data, size, rng):
+    """eval_ms: one evaluation point of the coarse protocol (train subset and val)."""
+    params = init_params(D, SEARCH_CONFIG.m, K, rng, dtype=np.float32)
+    config = dataclasses.replace(SEARCH_CONFIG, lam=TRIAL_LAM)
+
+    def one():
+        evaluation_record(params, data, config, config.n_s)
+    return {"eval_ms": min(block_ms(one, 1) for _ in range(max(3, size["repeats"] // 3)))}
+
+
+def measure_trial(data, size, rng, eval_ms):
+    """trial_s and trial_over_floor: coarse trials (same λ), study and storage included, each
+    after a sustained floor (3,200 GEMM pairs back to back); best of the repeats of each, so
+    that both sides of the ratio are long runs measured under the same machine load. The best
+    trial is split into training (the Objective's own clock) and the rest.
+
+    trial_cpu_s, the trial's CPU time, tells how much of the wall time a busy machine took away.
+    """
+    trials, floors = [], []
+    gemms = _gemm_pair(rng)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        storage = open_storage(f"sqlite:///{Path(tmp) / 'trial.db'}")
+        study = optuna.create_study(study_name="bench-trial", storage=storage, direction="maximize",
+                                    pruner=make_pruner("median", SEARCH_CONFIG))
+        objective = Objective(data, SEARCH_CONFIG, COARSE.space)
+        for _ in range(size["trials"]):
+            floors.append(_sustained_floor_s(gemms))
+            study.enqueue_trial({"lam": TRIAL_LAM})
+            start, cpu = time.perf_counter(), time.thread_time()
+            study.optimize(objective, n_trials=1)
+            trials.append((time.perf_counter() - start, study.trials[-1].user_attrs["seconds"],
+                           time.thread_time() - cpu))
+        storage.engine.dispose()
+    wall, train_s, cpu_s = min(trials)
+    floor_s = min(floors)
+    return {"floor_sustained_ms": floor_s / SEARCH_CONFIG.total_steps * 1e3,
+            "trial_s": wall, "trial_cpu_s": cpu_s, "trial_train_s": train_s,
+            "trial_evals_s": len(SEARCH_CONFIG.eval_steps()) * eval_ms / 1e3,
+            "trial_optuna_s": wall - train_s, "trial_over_floor": wall / floor_s}
+
+
+def _sustained_floor_s(gemms):
+    """Wall seconds of a coarse trial's worth of floors: 3,200 GEMM pairs back to back."""
+    start = time.perf_counter()
+    for _ in range(SEARCH_CONFIG.total_steps):
+        gemms()
+    return time.perf_counter() - start
+
+
+def measure_workers(data, size, rng):
+    """Trials per minute with 1 and with 2 worker processes, each run on a fresh SQLite study.
+
+    The counts run in the order 1, 2, 2, 1 (1, 2 with --quick) and each count's rate is its
+    trials over the sum of its runs' spans, so that a drift of the machine's speed over the
+    minute this takes falls on both counts alike. A span runs from the first trial's start to the
+    last one's end, as the study records them: process start-up and the runner's polling interval
+    stay out of it.
+    """
+    config = dataclasses.replace(SEARCH_CONFIG, n_s=size["worker_n_s"], cycles=1)
+    n_trials = size["worker_trials"]
+    spans = {1: [], 2: []}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for run, n_workers in enumerate(size["worker_order"]):
+            url = f"sqlite:///{Path(tmp) / f'workers{run}.db'}"
+            name = f"bench-workers{run}"
+            storage = open_storage(url)
+            optuna.create_study(study_name=name, storage=storage, direction="maximize")
+            storage.remove_session()
+            storage.engine.dispose()  # forked workers open their own connections
+            codes = run_workers(
+                n_workers, storage_url=url, study_name=name,
+                objective=Objective(data, config, COARSE.space), target=n_trials,
+                pruner=optuna.pruners.NopPruner(), make_sampler=lambda: make_sampler("random", 0))
+            if any(codes):
+                raise WorkersFailed(f"benchmark workers exited with codes {codes}")
+            study = optuna.load_study(study_name=name, storage=open_storage(url))
+            spans[n_workers].append(_span_s(study, n_trials))
+    rates = {n: n_trials * len(s) / sum(s) * 60 for n, s in spans.items()}
+    return {"workers1_trials_per_min": rates[1], "workers2_trials_per_min": rates[2],
+            "workers2_over_workers1": rates[2] / rates[1]}
+
+
+def _span_s(study, n_trials):
+    """Seconds from the first complete trial's start to the last one's end."""
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE][:n_trials]
+    if len(done) < n_trials:
+        raise WorkersFailed(f"{study.study_name}: {len(done)} of {n_trials} trials complete")
+    span = max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)
+    return span.total_seconds()
+
+
+def measure_pipeline(args, rng):
+    """pipeline_s, pipeline_steps, pipeline_over_floor: scripts/pipeline.py with its defaults and
+    --workers 2 in a temporary storage; the updates are counted from the studies it wrote. The
+    floor it is divided by is the mean of two sustained floors, one just before the pipeline and
+    one just after: the machine's speed drifts over minutes here, and a floor taken at another
+    time (the trials') moved the ratio by up to ±10%."""
+    gemms = _gemm_pair(rng)
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        url = f"sqlite:///{Path(tmp) / 'studies.db'}"
+        cmd = [sys.executable, str(PIPELINE), "--workers", "2",
+               "--storage", url, "--out-dir", str(Path(tmp) / "c"), "--campaign", "bench", "-q",
+               "--json"] + (["--data-dir", args.data_dir] if args.data_dir else [])
+        with single_blas_thread():
+            before = _sustained_floor_s(gemms)
+        seconds, proc = _timed(cmd)
+        with single_blas_thread():
+            after = _sustained_floor_s(gemms)
+        seeds = len(json.loads(proc.stdout)["final"]["test_acc"])
+        final = json.loads((Path(tmp) / "c" / "final" / "config.json").read_text())
+        steps = _trained_steps(open_storage(url), "bench") + seeds * 2 * final["n_s"] * final["cycles"]
+        # the same pipeline without its confirm phase: what deciding with confidence costs
+        plain = Path(tmp) / "no-confirm.toml"
+        plain.write_text(without_confirm(load_campaign_text(DEFAULT)))
+        no_confirm_s, _ = _timed([*cmd[:cmd.index("--storage") + 1],
+                                  f"sqlite:///{Path(tmp) / 'plain.db'}", "--out-dir",
+                                  str(Path(tmp) / "p"), *cmd[cmd.index("--campaign"):],
+                                  "--config", str(plain)])
+    floor_ms = (before + after) / 2 / SEARCH_CONFIG.total_steps * 1e3
+    return {"pipeline_s": seconds, "pipeline_steps": steps, "pipeline_floor_ms": floor_ms,
+            "pipeline_over_floor": seconds / (steps * floor_ms / 1000 / 2),
+            "pipeline_no_confirm_s": no_confirm_s,
+            "confirm_over_no_confirm": seconds / no_confirm_s}
+
+
+def _timed(cmd):
+    """(wall seconds, CompletedProcess) of a pipeline command; WorkersFailed if it failed."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise WorkersFailed(f"the pipeline failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return seconds, proc
+
+
+def load_campaign_text(name):
+    return locate(name).read_text(encoding="utf-8")
+
+
+def without_confirm(text):
+    """A campaign file's text without its confirm phases (the [[phases]] tables of kind
+    "confirm"); ConfigError if that leaves it unchanged (nothing to compare)."""
+    tables = re.split(r"(?m)^(?=\[\[phases\]\]|\[final\])", text)
+    kept = [t for t in tables if not re.search(r'(?m)^kind\s*=\s*"confirm"', t)]
+    if len(kept) == len(tables):
+        raise ConfigError("the campaign has no confirm phase to leave out")
+    return "".join(kept)
+
+
+def _trained_steps(storage, campaign):
+    """Updates trained by the campaign's search and confirm trials: all of a complete trial's, a
+    pruned trial's up to its last report."""
+    steps = 0
+    for study in campaign_studies(storage, campaign):
+        for t in study.trials:
+            if t.state == optuna.trial.TrialState.COMPLETE:
+                steps += t.user_attrs["steps"] * len(t.user_attrs["seeds"])
+            elif t.state == optuna.trial.TrialState.PRUNED and t.last_step is not None:
+                steps += t.last_step
+    return steps
+
+
+def table(results):
+    head = (f"data: {results['data']}; one BLAS thread (but where 2 are named), float32"
+            f"{'; --quick' if results['quick'] else ''}"
+            f"\nthe step's BLAS: {results['blas']} (the floor's: NumPy's)")
+    lines = [f"{label:<38} {results[key]:>9.3f} {unit}" for key, label, unit in ROWS if key in results]
+    return "\n".join([head, *lines])
+
+
+def main():
+    args = parse_args()
+    setup_logging(args)
+    size = {k: v[0 if args.quick else 1] for k, v in SIZES.items()}
+    rng = np.random.default_rng(args.seed)
+    data, described = get_data(args, rng)
+    results = {"data": described, "quick": args.quick, "blas": blas.SOURCE}
+    with single_blas_thread():
+        results.update(measure_step(data, size, rng))
+        results.update(measure_eval(data, size, rng))
+        results.update(measure_trial(data, size, rng, results["eval_ms"]))
+        results["trial_over_best_floor"] = results["trial_s"] * 1e3 / (
+            SEARCH_CONFIG.total_steps * results["floor_ms"])
+    results.update(measure_wide(data, size, rng))  # one thread, then two
+    results.update(measure_procs_vs_threads(data, size))
+    results.update(measure_workers(data, size, rng))  # each worker pins its own BLAS threads
+    if not args.quick and data.source != "synthetic":
+        results.update(measure_pipeline(args, rng))
+        results["pipeline_over_best_floor"] = results["pipeline_s"] * 1e3 / (
+            results["pipeline_steps"] * results["floor_ms"] / 2)
+    emit({k: (round(v, 4) if isinstance(v, float) else v) for k, v in results.items()},
+                 args, table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

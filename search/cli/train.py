@@ -1,0 +1,73 @@
+"""Train the network once and evaluate it on the test set.
+
+    python scripts/train.py --lam 0.01 --cycles 3 --n-s 980 [--data-dir DIR] [--out DIR] [--json]
+
+Writes params.npz, config.json, history.json, metrics.json and the figures (cost, loss, accuracy,
+lr .png) into --out (default studies/runs/lam<λ>-seed<seed>).
+"""
+import time
+
+from model.checkpoint import save_run
+from model.data import load_cifar10
+from model.outputs import check_results_dir, publish_dir
+from model.resources import check_memory, check_writable
+from model.train import evaluate, evaluate_ensemble, fit
+from search.cli.args import Parser, add_common_args, add_data_args, add_train_args
+from search.cli.configs import train_config
+from search.cli.errors import run
+from search.cli.output import emit, progress_bar, setup_logging
+from search.cli.storage import protected_paths, storage_url
+from search.cli.threads import blas_threads
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.splitlines()[0])
+    add_train_args(p)
+    add_data_args(p)
+    p.add_argument("--out", default=None, help="results folder (default studies/runs/lam<λ>-seed<seed>)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="BLAS threads of this run (default 1; 2 uses both cores for one wide run, "
+                        "see docs/threads.md)")
+    add_common_args(p)
+    args = p.parse_args(argv)
+    p.require_positive(args, "threads")
+    return args
+
+
+def main():
+    args = parse_args()
+    setup_logging(args)
+    config = train_config(args)
+    out = args.out or f"studies/runs/lam{config.lam:g}-seed{config.seed}"
+    protect = protected_paths(storage_url())
+    check_results_dir(out, protect)
+    check_writable(out)
+    check_memory(config)
+    data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=config.dtype)
+    start = time.perf_counter()
+    with blas_threads(args.threads), \
+            progress_bar(config.total_steps, "training", args, "update") as progress:
+        params, history, snapshots = fit(
+            data, config, on_eval=(lambda r: progress(r["step"])) if progress else None,
+            snapshots=True)
+        test = evaluate(params, data.test.X, data.test.y, config.lam)
+        ensemble = evaluate_ensemble(snapshots, data.test.X, data.test.y)  # one per cycle end
+    seconds = time.perf_counter() - start
+    last = history[-1]
+    metrics = {"lam": config.lam, "train_acc": last["train"]["acc"], "val_acc": last["val"]["acc"],
+               "test_acc": test["acc"], "test_loss": test["loss"], "test_cost": test["cost"],
+               "test_acc_ensemble": ensemble["acc"], "steps": config.total_steps,
+               "seconds": round(seconds, 2), "threads": args.threads}
+    publish_dir(out, lambda folder: save_run(folder, config, metrics, [("", params, history)],
+                                                     {"data": data.source}), protect)
+    summary = {**metrics, "out": str(out)}
+    emit(summary, args,
+                 f"λ={config.lam:g}: train acc {metrics['train_acc']:.4f}, val acc "
+                 f"{metrics['val_acc']:.4f}, test acc {metrics['test_acc']:.4f} (snapshot "
+                 f"ensemble of {len(snapshots)}: {ensemble['acc']:.4f}) after "
+                 f"{config.total_steps} updates in {seconds:.1f} s -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
