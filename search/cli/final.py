@@ -15,7 +15,8 @@ from model.data import load_cifar10
 from model.outputs import check_results_dir
 from model.resources import check_memory, check_writable
 from search.campaign import final_config, searched_names, with_config
-from search.cli.args import Parser, add_campaign_args, add_common_args, add_data_args, add_train_args
+from search.cli.args import (Parser, add_campaign_args, add_common_args, add_data_args,
+                             add_train_args)
 from search.cli.configs import campaign, given_train_flags
 from search.cli.errors import run
 from search.cli.output import emit, progress_bar, setup_logging

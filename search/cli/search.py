@@ -16,7 +16,8 @@ from model.data import load_cifar10
 from model.errors import ConfigError
 from model.resources import check_memory
 from search.campaign import grid_param, source_space, validated, with_config, with_phase
-from search.cli.args import Parser, add_campaign_args, add_common_args, add_data_args, add_train_args
+from search.cli.args import (Parser, add_campaign_args, add_common_args, add_data_args,
+                             add_train_args)
 from search.cli.configs import campaign, given_train_flags
 from search.cli.errors import run
 from search.cli.output import emit, setup_logging, trial_bar
