@@ -1,0 +1,140 @@
+"""What a study stores about itself and its trials: one typed schema, read and written here only.
+
+Runners on several machines coordinate through the storage alone, so everything a later phase
+or another runner needs (the spec, the narrowed space, the candidates, the verdict, the final
+pick) lives in the study's user attrs; only large files (a final seed's parameters) are
+artifacts. The attrs keep the keys the releases before this schema wrote (a study of 03d5f40
+reads as version 1 and resumes); a study written now also records `record_version` and `kind`.
+"""
+import dataclasses
+import math
+
+from optuna.trial import TrialState
+
+VERSION = 2
+KINDS = ("search", "confirm", "final")
+
+# StudyRecord field -> user attr key (the keys of version 1, kept)
+_KEYS = {"campaign": "campaign", "phase": "phase", "kind": "kind", "index": "phase_index",
+         "config": "config", "space": "space", "sampler": "sampler", "grid": "grid",
+         "pruner": "pruner", "repeats": "repeats", "seed": "seed", "n_trials": "n_trials",
+         "digest": "campaign_digest", "narrowed": "narrowed", "fingerprint": "data_fingerprint",
+         "precision": "precision", "candidates": "candidates", "seeds": "confirm_seeds",
+         "verdict": "verdict", "pick": "pick", "derived_from": "derived_from",
+         "retired": "retired", "version": "record_version"}
+# Settings that must match when a study is resumed: changing them would mix incomparable trials.
+PINNED = ("space", "config", "repeats", "fingerprint", "precision")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyRecord:
+    """A phase's study, as it describes itself."""
+
+    campaign: str = None
+    phase: str = None
+    kind: str = "search"        # the phase type that wrote it (search.phases)
+    index: int = 0              # the phase's position in its campaign
+    config: dict = None         # TrainConfig of its trials (the searched fields left out)
+    space: list = None          # search.space.space_to_dict of its parameters
+    sampler: object = None      # labels (search.samplers)
+    grid: dict = None
+    pruner: object = None
+    repeats: int = 1
+    seed: int = 0               # the study seed its sampler draws from
+    n_trials: int = None        # the trials the phase ends with
+    digest: str = None          # of the resolved campaign
+    narrowed: dict = None       # how the space was derived from an earlier phase
+    fingerprint: str = None     # of the data its trials were scored on
+    precision: str = None       # the resolved GEMM precision (fp32, bf16) of its trials
+    candidates: list = None     # confirm: [{"params", "study", "trial", "val_acc"}]
+    seeds: list = None          # confirm: the paired seeds; final: the training seeds
+    verdict: dict = None        # confirm: search.confirm.verdict + sentence, params, scores
+    pick: dict = None           # final: the parameters trained
+    derived_from: list = None   # confirm: the (study, trial) of the top-k it was derived from
+    retired: bool = False       # set by `retire`: kept for the record, never read as a phase
+    version: int = VERSION
+
+    def attrs(self):
+        """The user attrs this record writes (None fields left out)."""
+        return {_KEYS[f.name]: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None}
+
+
+def read(study):
+    """The StudyRecord of a study (or a FrozenStudy / StudySummary): of any release."""
+    attrs = study.user_attrs
+    values = {field: attrs[key] for field, key in _KEYS.items() if key in attrs}
+    values.setdefault("version", 1)
+    if "kind" not in values:  # version 1 wrote it for confirm studies only
+        values["kind"] = ("final" if values.get("phase") == "final" and "pick" in attrs
+                          else "confirm" if "candidates" in attrs else "search")
+    if values.get("narrowed") is None and isinstance(attrs.get("fine_range"), dict):
+        old = attrs["fine_range"]  # the releases that searched λ alone
+        values["narrowed"] = {"from_study": old.get("coarse_study"),
+                              "from_trials": old.get("from_trials"), "rule": old.get("rule")}
+    return StudyRecord(**values)
+
+
+def write_missing(study, record):
+    """Record what the study does not hold yet (a resumed study keeps what it recorded, and a
+    key another runner wrote meanwhile is not overwritten); returns the record as stored."""
+    have = study.user_attrs
+    for key, value in record.attrs().items():
+        if key not in have:
+            study.set_user_attr(key, value)
+    return read(study)
+
+
+def update(study, **fields):
+    """Write these record fields (e.g. verdict=…), whatever the study held."""
+    for name, value in fields.items():
+        study.set_user_attr(_KEYS[name], value)
+
+
+def is_ours(study):
+    """Whether a study carries this project's record (a study without attrs and trials may have
+    been created a moment ago by another runner: that is ours too)."""
+    return "phase" in study.user_attrs or "campaign" in study.user_attrs
+
+
+# ---- trials ------------------------------------------------------------------------------------
+# Trial user attrs. A retried trial (a dead worker's, re-queued by Optuna) inherits its original's.
+FAILURE = "failure"            # why the trial did not complete (none: its worker died)
+CANDIDATE = "candidate"        # confirm: the index of the candidate it trains
+CONFIRM_SEED = "confirm_seed"  # confirm: the seed it trains with
+FINAL_SEED = "final_seed"      # final: the seed it trains with
+SURPLUS = "surplus: other workers completed the phase"
+DUPLICATE = "duplicate: an earlier trial trains the same"
+NOT_FINITE = "the objective returned a non-finite value"
+
+
+def failure(t):
+    return t.user_attrs.get(FAILURE)
+
+
+def set_failure(trial, why):
+    trial.set_user_attr(FAILURE, why if why is None else str(why)[:300])
+
+
+def is_bookkeeping(t):
+    """A trial that never trained: a surplus one or a duplicate (recorded as FAIL with why)."""
+    return t.state == TrialState.FAIL and failure(t) in (SURPLUS, DUPLICATE)
+
+
+def is_diverged(t):
+    return t.state == TrialState.FAIL and "diverged" in (failure(t) or "")
+
+
+def queue_key(t):
+    """What a queued trial trains ((candidate, seed) of a confirm trial, the seed of a final
+    one), or None for a trial the sampler made."""
+    attrs = t.user_attrs
+    if CANDIDATE in attrs:
+        return ("confirm", attrs[CANDIDATE], attrs.get(CONFIRM_SEED))
+    if FINAL_SEED in attrs:
+        return ("final", attrs[FINAL_SEED])
+    return None
+
+
+def finite(value):
+    return isinstance(value, (int, float)) and math.isfinite(value)
