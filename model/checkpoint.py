@@ -69,7 +69,8 @@ def save_run(folder, config, metrics, runs, extra_config=None):
     save_json(folder / "config.json", {**dataclasses.asdict(config), **(extra_config or {})})
     save_json(folder / "metrics.json", metrics)
     for tag, params, history in runs:
-        save_params(folder / f"params{tag}.npz", params)
+        if params is not None:  # a final seed trained on a machine whose artifacts are not here
+            save_params(folder / f"params{tag}.npz", params)
         save_json(folder / f"history{tag}.json", history)
     _, _, history = runs[0]
     suffix = f" — λ={config.lam:.3g}" + (f", seed {config.seed}" if len(runs) > 1 else "")

@@ -1,15 +1,46 @@
-"""Launching studies from Python: run a phase with your own space, sampler and pruner, or a whole
-campaign. Both resume, run parallel workers and retry the trials of dead workers as the scripts do.
+"""Launching studies from Python: a whole campaign (every phase, the final run, the outputs) or one
+search phase with your own space, sampler and pruner. Both resume, run parallel workers, share
+the work with other runners of the same storage and retry the trials of dead workers, as the
+scripts do (they call the same core, search.core).
 
-    from search.api import run_phase
-    study = run_phase("mine", (Float("lam", 1e-5, 1e-1, log=True),), data,
-                      "sqlite:///studies/mine.db", n_trials=20,
-                      sampler=optuna.samplers.TPESampler(multivariate=True))
+    from search.api import run_campaign
+    result = run_campaign("dd2424", data, "sqlite:///studies/studies.db",
+                          overrides={"phases.coarse.n_trials": 4, "final.seeds": 2})
+    print(result.pick, result.verdict["sentence"], result.test_acc)
 """
+import numbers
+
+from model.errors import ConfigError
 from model.train import TrainConfig
-from search.campaign import load_campaign
-from search.phases import PhaseSpec, phase_spec, run_spec
+from search import core, settings
+from search.campaign import Campaign, load_campaign, validated
+from search.phases import SearchPhase
+from search.space import is_typed, make_space
 from search.study import open_storage
+
+
+def run_campaign(campaign, data, storage, *, overrides=None, workers=1, out_dir=None,
+                 force_final=False, progress=None, dashboard=True):
+    """Run (or resume) a campaign: every phase in order, then the final run and its outputs;
+    returns a search.core.CampaignResult (pick, verdict, per-phase studies and summaries, final
+    metrics, where the files are).
+
+    campaign: a search.campaign.Campaign, a campaign file's path or a shipped campaign's name.
+    overrides: {dotted name: value} as on the command line's --set (search.settings), e.g.
+      {"search.n_s": 20, "phases.coarse.n_trials": 4, "final.seeds": 2}.
+    storage: an SQLAlchemy URL or a search.study.open_storage(...) storage.
+    out_dir: where the results folder and the dashboard go (default studies/<campaign>).
+    progress: optional callable(study_name, done, total, unit).
+    dashboard: write the campaign's dashboard page (plotly) beside the results.
+    Everything is checked before the storage is opened.
+    """
+    c = load_campaign(campaign) if isinstance(campaign, str) else campaign
+    c = settings.apply(c, overrides)
+    _check_workers(workers)
+    storage = open_storage(storage) if isinstance(storage, str) else storage
+    make = _dashboard_maker(c.name, storage) if dashboard else None
+    return core.run_campaign(c, data, storage, workers=workers, out_dir=out_dir,
+                             force_final=force_final, progress=progress, make_dashboard=make)
 
 
 def run_phase(name, space, data, storage, *, n_trials, config=TrainConfig(), sampler="random",
@@ -27,22 +58,41 @@ def run_phase(name, space, data, storage, *, n_trials, config=TrainConfig(), sam
         from (seed, trial number) before each trial, so parallel workers never replay draws.
       repeats: training seeds per trial (the objective is their mean).
       workers: processes on this machine (forked: the data is shared).
-      progress: optional callable(n_complete).
+      progress: optional callable(study_name, done, total, unit).
     """
+    for what, value in (("n_trials", n_trials), ("repeats", repeats)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{what} must be a whole number ≥ 1 (got {value!r})")
+    _check_workers(workers)
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"config must be a model.train.TrainConfig (got {type(config).__name__})")
+    if is_typed(space):
+        space = make_space(*space)
+    elif not callable(space):
+        raise ConfigError("space is a tuple of search.space parameters or a callable trial -> "
+                          "{field: value}")
+    phase = SearchPhase(name="search", study=name, n_trials=n_trials, space=space,
+                        sampler=sampler, pruner=pruner, repeats=repeats)
+    campaign = validated(Campaign(name=name, phases=(phase,), seed=seed,
+                                  config=tuple(vars(config).items())))
     storage = open_storage(storage) if isinstance(storage, str) else storage
-    spec = PhaseSpec(campaign=name, phase="search", name=name, n_trials=n_trials, config=config,
-                     space=space, sampler=sampler, pruner=pruner, repeats=repeats, seed=seed)
-    return run_spec(spec, storage, data, workers=workers, progress=progress)
+    study, _ = core.run_phase(campaign, "search", data, storage, workers=workers,
+                              progress=progress)
+    return study
 
 
-def run_campaign(campaign, data, storage, *, workers=1):
-    """Run (or resume) every search phase of a campaign in order; returns their studies.
+def _check_workers(workers):
+    if not isinstance(workers, numbers.Integral) or isinstance(workers, bool) or workers < 1:
+        raise ConfigError(f"workers must be a whole number ≥ 1 (got {workers!r})")
 
-    campaign: a search.campaign.Campaign, a campaign file's path or a shipped campaign's name.
-    The final run is scripts/final.py's (or search.final.run_final with
-    search.campaign.final_config and search.phases.campaign_best).
-    """
-    campaign = load_campaign(campaign) if isinstance(campaign, str) else campaign
-    storage = open_storage(storage) if isinstance(storage, str) else storage
-    return [run_spec(phase_spec(campaign, phase.name, storage), storage, data, workers=workers)
-            for phase in campaign.phases]
+
+def _dashboard_maker(name, storage):
+    import functools
+
+    @functools.cache
+    def make():
+        from search.plots import Dashboard
+        from search.study import campaign_studies, mask_url
+
+        return Dashboard(name, mask_url(storage.url), campaign_studies(storage, name))
+    return make

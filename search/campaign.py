@@ -18,10 +18,10 @@ from importlib import resources
 from pathlib import Path
 
 from model.errors import ConfigError
-from model.schedule import step_size
 from model.train import TrainConfig
-from search.samplers import make_pruner, make_sampler, pruner_label, sampler_label
-from search.space import Categorical, Float, Int, field_type, make_space, space_to_dict
+from search.final import FinalRun
+from search.phases import ConfirmPhase, SearchPhase
+from search.space import Categorical, Float, Int, field_type, is_typed, make_space
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,10 +29,9 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 DEFAULT = "dd2424"
-KINDS = ("search", "confirm")  # confirm: re-train the best configurations on paired seeds
 _CAMPAIGN_KEYS = ("name", "description", "seed", "config", "search", "phases", "final")
 _PHASE_KEYS = ("name", "kind", "n_trials", "sampler", "pruner", "repeats", "params", "config",
-               "narrow", "from", "top_k", "seeds")
+               "narrow", "max_pruned", "max_failed")
 _CONFIRM_KEYS = ("name", "kind", "from", "top_k", "seeds", "config")
 CONFIRM_TOP_K, CONFIRM_SEEDS = 3, 5
 _PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "values")
@@ -40,36 +39,10 @@ _NARROW_KEYS = ("from", "top_k", "margin")
 
 
 @dataclasses.dataclass(frozen=True)
-class Phase:
-    """One search phase, as its campaign defines it (before narrowing)."""
-
-    name: str
-    n_trials: int
-    space: tuple = ()           # search.space parameters; () for a narrowed phase
-    sampler: object = "random"  # a name, {name, **kwargs}, or an optuna sampler object
-    pruner: object = "median"   # likewise for optuna pruners
-    repeats: int = 1            # training seeds per trial (the objective is their mean)
-    config: tuple = ()          # (field, value) TrainConfig overrides of this phase
-    narrow: object = None       # {"from": phase, "top_k": k, "margin": m} or None
-    grid: object = None         # {param: [values]} for the grid sampler, or None
-    kind: str = "search"
-    confirm: object = None      # kind confirm: {"from": [phases], "top_k": k, "seeds": R}
-
-
-@dataclasses.dataclass(frozen=True)
-class Final:
-    """The final run: seeds, the n_s rule ("K epochs") or value, and TrainConfig values."""
-
-    seeds: int = 3
-    n_s: object = "2 epochs"
-    config: tuple = ()
-
-
-@dataclasses.dataclass(frozen=True)
 class Campaign:
     name: str
-    phases: tuple
-    final: Final = Final()
+    phases: tuple               # search.phases types, in order
+    final: FinalRun = FinalRun()
     seed: int = 0               # sampler seed of every phase's study
     config: tuple = ()          # TrainConfig values of every phase and of the final run
     search: tuple = ()          # TrainConfig values of every search phase
@@ -89,6 +62,20 @@ class Campaign:
         """The TrainConfig of a phase's trials, before its parameters are applied."""
         return TrainConfig(**{**dict(self.config), **dict(self.search), **dict(phase.config)})
 
+    def searched_names(self):
+        """The names of the parameters the phases search, in order of appearance."""
+        names = [p.name for phase in self.phases for p in phase.base_space(self)
+                 if is_typed(phase.base_space(self))]
+        return list(dict.fromkeys(names))
+
+    def downstream(self, name):
+        """The phases derived from phase `name`, directly or not, in order."""
+        out = []
+        for p in self.phases:
+            if any(u == name or u in out for u in p.upstream()):
+                out.append(p.name)
+        return out
+
     def digest(self):
         """A short hash of the resolved campaign (what the studies record of it)."""
         text = json.dumps(to_dict(self), sort_keys=True, default=str)
@@ -97,27 +84,9 @@ class Campaign:
 
 def to_dict(campaign):
     """The resolved campaign as plain data (spaces as dicts, samplers and pruners as labels)."""
-    phases = [{**dataclasses.asdict(p), "space": space_to_dict(p.space),
-               "sampler": sampler_label(p.sampler), "pruner": pruner_label(p.pruner),
-               "config": dict(p.config)} for p in campaign.phases]
     return {"name": campaign.name, "seed": campaign.seed, "config": dict(campaign.config),
-            "search": dict(campaign.search), "phases": phases,
-            "final": {**dataclasses.asdict(campaign.final), "config": dict(campaign.final.config)}}
-
-
-def final_config(campaign, best, n_train):
-    """The final run's TrainConfig: the shared config, then the best parameters, then the final
-    section's own values; an n_s rule ("2 epochs") is evaluated last, with the n_batch in force."""
-    values = {**dict(campaign.config), **best, **dict(campaign.final.config)}
-    config = TrainConfig(**values)
-    return dataclasses.replace(config, n_s=final_n_s(campaign.final.n_s, n_train, config.n_batch))
-
-
-def final_n_s(rule, n_train, n_batch):
-    if isinstance(rule, int):
-        return rule
-    k = int(re.fullmatch(r"\s*(\d+)\s+epochs?\s*", rule).group(1))
-    return step_size(n_train, n_batch, k)
+            "search": dict(campaign.search), "phases": [p.to_dict() for p in campaign.phases],
+            "final": campaign.final.to_dict()}
 
 
 # ---- reading files ------------------------------------------------------------------------------
@@ -188,32 +157,15 @@ def check_name(name, flag="name"):
 
 
 def validated(campaign):
-    """campaign, once every phase's config, sampler and pruner are known to work together
-    (checked again after a script's flags changed it)."""
+    """campaign, once every phase fits it (its config, sampler and pruner work together; checked
+    again after overrides changed it)."""
     where = _Where(campaign.source)
     for i, phase in enumerate(campaign.phases):
-        key = f"phases[{i}]"
-        if phase.n_trials < 1 or phase.repeats < 1:
-            raise where.error(key, f"n_trials and repeats must be ≥ 1 (got {phase.n_trials}, "
-                              f"{phase.repeats})")
-        config = where.check(lambda: campaign.phase_config(phase), f"{key}.config")
-        fixed = {**dict(campaign.search), **dict(phase.config)}
-        for p in source_space(campaign, phase):
-            if p.name in fixed:
-                raise where.error(f"{key}.params.{p.name}", "both searched and fixed (in "
-                                  "[search] or the phase's config); drop one")
-        where.check(lambda: make_sampler(phase.sampler, campaign.seed, phase.grid),
-                    f"{key}.sampler")
-        if _is_grid(phase.sampler) and not phase.grid:
-            raise where.error(f"{key}.sampler", "the grid sampler needs values = [...] for "
-                              "every parameter")
-        where.check(lambda: make_pruner(phase.pruner, config), f"{key}.pruner")
+        def fail(key, message, i=i):
+            raise where.error(f"phases[{i}]" + (f".{key}" if key else ""), message)
+        phase.validate(campaign, fail)
+    where.check(lambda: campaign.final.training_config(campaign, {}, 49_000), "final")
     return campaign
-
-
-def _is_grid(sampler):
-    return sampler in ("grid", "GridSampler") or (
-        isinstance(sampler, dict) and sampler.get("name") in ("grid", "GridSampler"))
 
 
 def with_phase(campaign, name, **changes):
@@ -275,16 +227,18 @@ def _config(table, where, prefix):
 
 
 def _phase(raw, where, key, earlier):
-    _known(raw, _PHASE_KEYS, where, f"{key}.")
+    _known(raw, _PHASE_KEYS + _CONFIRM_KEYS, where, f"{key}.")
     name = where.get(raw, "name", str, f"{key}.", f"phase{len(earlier)}")
     if name in [p.name for p in earlier] or not re.fullmatch(r"[A-Za-z0-9_.]+", name):
         raise where.error(f"{key}.name", f"{name!r} must be unique and made of letters, digits, "
                           "_ and . (it ends the study's name)")
     kind = where.get(raw, "kind", str, f"{key}.", "search")
-    if kind not in KINDS:
-        raise where.error(f"{key}.kind", f"unknown kind {kind!r}; use {', '.join(KINDS)}")
-    if kind == "confirm":
-        return _confirm_phase(raw, where, key, name, earlier)
+    if kind not in _PARSERS:
+        raise where.error(f"{key}.kind", f"unknown kind {kind!r}; use {', '.join(_PARSERS)}")
+    return _PARSERS[kind](raw, where, key, name, earlier)
+
+
+def _search_phase(raw, where, key, name, earlier):
     for k in ("from", "top_k", "seeds"):
         if k in raw:
             raise where.error(f"{key}.{k}", "belongs to a phase of kind = \"confirm\"")
@@ -301,31 +255,33 @@ def _phase(raw, where, key, earlier):
                           "narrows; drop its params or the narrow rule")
     space, grid = _params(params, where, f"{key}.params")
     sampler = raw.get("sampler", "grid" if grid else ("tpe" if narrow else "random"))
-    return Phase(name=name, kind=kind, n_trials=where.get(raw, "n_trials", int, f"{key}.", 10),
-                 space=space, sampler=sampler, pruner=raw.get("pruner", "median"),
-                 repeats=where.get(raw, "repeats", int, f"{key}.", 1),
-                 config=_config(raw.get("config", {}), where, f"{key}.config"),
-                 narrow=narrow, grid=grid)
+    _known(raw, _PHASE_KEYS, where, f"{key}.")
+    caps = {cap: where.get(raw, cap, int, f"{key}.", None) if cap in raw else None
+            for cap in ("max_pruned", "max_failed")}
+    return SearchPhase(name=name, n_trials=where.get(raw, "n_trials", int, f"{key}.", 10),
+                       space=space, sampler=sampler, pruner=raw.get("pruner", "median"),
+                       repeats=where.get(raw, "repeats", int, f"{key}.", 1),
+                       config=_config(raw.get("config", {}), where, f"{key}.config"),
+                       narrow=narrow, grid=grid, **caps)
 
 
 def _confirm_phase(raw, where, key, name, earlier):
     """A confirm phase: the best top_k configurations of earlier search phases ("from", default
     all of them), re-trained under the search protocol on `seeds` paired seeds (search.confirm)."""
     _known(raw, _CONFIRM_KEYS, where, f"{key}.")
-    searches = [p.name for p in earlier if p.kind == "search"]
+    searches = [p.name for p in earlier if p.confirmable]
     sources = raw.get("from", searches)
     sources = [sources] if isinstance(sources, str) else sources
     if not sources or not isinstance(sources, list) or any(s not in searches for s in sources):
         raise where.error(f"{key}.from", f"{sources!r} must name earlier search phases (of "
                           f"{', '.join(searches) or 'none: add a search phase before it'})")
-    top_k = where.get(raw, "top_k", int, f"{key}.", CONFIRM_TOP_K)
-    seeds = where.get(raw, "seeds", int, f"{key}.", CONFIRM_SEEDS)
-    if top_k < 2 or not 2 <= seeds <= 100:
-        raise where.error(key, "top_k must be ≥ 2 (configurations to compare) and seeds in "
-                          f"2..100 (got top_k = {top_k}, seeds = {seeds})")
-    return Phase(name=name, kind="confirm", n_trials=top_k * seeds, sampler="random",
-                 pruner="none", config=_config(raw.get("config", {}), where, f"{key}.config"),
-                 confirm={"from": list(sources), "top_k": top_k, "seeds": seeds})
+    return ConfirmPhase(name=name, sources=tuple(sources),
+                        top_k=where.get(raw, "top_k", int, f"{key}.", CONFIRM_TOP_K),
+                        seeds=where.get(raw, "seeds", int, f"{key}.", CONFIRM_SEEDS),
+                        config=_config(raw.get("config", {}), where, f"{key}.config"))
+
+
+_PARSERS = {SearchPhase.kind: _search_phase, ConfirmPhase.kind: _confirm_phase}
 
 
 def _narrow(raw, where, key, earlier):
@@ -413,20 +369,4 @@ def _final(raw, where):
     seeds = where.get(raw, "seeds", int, "final.", 3)
     if seeds < 1:
         raise where.error("final.seeds", "train at least one seed (e.g. seeds = 3)")
-    return Final(seeds=seeds, n_s=n_s, config=_config(table, where, "final"))
-
-
-def searched_names(campaign):
-    """The names of the parameters the campaign's phases search, in order of appearance."""
-    names = [p.name for phase in campaign.phases for p in source_space(campaign, phase)]
-    return list(dict.fromkeys(names))
-
-
-def source_space(campaign, phase):
-    """The space a phase starts from: its own, or (narrowed) that of the phase it narrows (a
-    confirm phase: that of the first phase it confirms)."""
-    if phase.confirm:
-        phase = campaign.phase(phase.confirm["from"][0])
-    while phase.narrow:
-        phase = campaign.phase(phase.narrow["from"])
-    return phase.space
+    return FinalRun(seeds=seeds, n_s=n_s, config=_config(table, where, "final"))

@@ -18,17 +18,7 @@ import dataclasses
 import math
 
 import numpy as np
-from optuna.trial import TrialState
 from scipy import stats
-
-from model.data import fingerprint
-from model.errors import InputError, WorkersFailed
-from search.campaign import source_space
-from search.objective import Objective
-from search.phases import create_or_resume, phase_spec, run_to
-from search.workers import is_diverged, n_done
-from search.space import format_params
-from search.study import finished_trials, load_study, study_name
 
 CONFIDENCE = 0.95
 ALPHA_DROP = 0.01   # one-sided p below which a configuration is dropped (tested at every round)
@@ -148,100 +138,4 @@ def sentence(v, label):
             f"{pct}): any of these is as good")
 
 
-# ---- the confirm phase of a campaign -------------------------------------------------------------
-
-_PENDING = (TrialState.WAITING, TrialState.RUNNING)
 SEED_BASE = 1000  # confirm seeds are 1000, 1001, …: never the searches' training seeds (0 + repeats)
-
-
-def candidates(storage, campaign_name, sources, top_k):
-    """The best top_k distinct configurations among the complete trials of the studies of the
-    phases `sources`: [{"params", "study", "trial", "val_acc"}], best first."""
-    found = []
-    for phase in sources:
-        study = load_study(storage, study_name(campaign_name, phase))
-        found += [(t, study.study_name) for t in finished_trials(study)]
-    found.sort(key=lambda item: item[0].value, reverse=True)
-    out = []
-    for t, source in found:
-        if all(c["params"] != t.params for c in out):
-            out.append({"params": dict(t.params), "study": source, "trial": t.number,
-                        "val_acc": t.value})
-        if len(out) == top_k:
-            break
-    if len(out) < 2:
-        raise InputError(f"the confirm phase compares {top_k} configurations but "
-                         f"{', '.join(sources)} hold {len(out)} distinct complete trial(s): run "
-                         "or resume the search phases first")
-    return out
-
-
-def run_confirm(campaign, name, storage, data, workers=1, storage_opts=None, progress=None):
-    """Run (or resume) the confirm phase `name` of campaign: race its candidates (recorded in
-    the study when it is created) over paired seeds; every (candidate, seed) is one trial, queued
-    with its parameters and seed. Records the verdict in the study's user attrs and returns
-    (study, verdict)."""
-    phase = campaign.phase(name)
-    rule = phase.confirm
-    # every queued trial trains to its end (a pruned one would leave its pair without a value),
-    # whatever pruner a flag set for every phase
-    spec = dataclasses.replace(phase_spec(campaign, name, storage),
-                               space=source_space(campaign, phase), sampler="random",
-                               pruner="none", grid=None)
-    study = create_or_resume(storage, spec, fingerprint(data))
-    if "candidates" not in study.user_attrs:
-        cands = candidates(storage, campaign.name, rule["from"], rule["top_k"])
-        seeds = [SEED_BASE + r for r in range(rule["seeds"])]
-        for key, value in {"kind": "confirm", "candidates": cands, "confirm_seeds": seeds}.items():
-            study.set_user_attr(key, value)
-    cands, seeds = study.user_attrs["candidates"], study.user_attrs["confirm_seeds"]
-    objective = Objective(data, spec.config, spec.space, queued_only=True)
-
-    def train(alive, block_seeds):
-        """Queue and train every (candidate, seed) of the block that has no result yet."""
-        have = round_values(study)
-        missing = [(c, s) for s in block_seeds for c in alive if (c, s) not in have]
-        if missing:
-            queued = {(t.user_attrs.get("candidate"), t.user_attrs.get("confirm_seed"))
-                      for t in study.get_trials(deepcopy=False, states=_PENDING)}
-            for c, s in missing:
-                if (c, s) not in queued:
-                    study.enqueue_trial(cands[c]["params"], skip_if_exists=False,
-                                        user_attrs={"candidate": c, "confirm_seed": s})
-            target = n_done(study, count_diverged=True) + len(missing)
-            run_to(study, spec, storage, objective, target, workers, storage_opts, progress,
-                   count_diverged=True)
-
-    def evaluate_round(alive, seed):
-        train(alive, [seed])  # nothing to do when the block was trained (prefetch)
-        have = round_values(study)
-        lost = [c for c in alive if (c, seed) not in have]
-        if lost:
-            raise WorkersFailed(f"{spec.study_name}: seed {seed} of configuration(s) {lost} did "
-                                "not finish; re-run the same command to resume")
-        return [have[(c, seed)] for c in alive]
-
-    state = race(len(cands), seeds, evaluate_round, prefetch=train)
-    v = verdict(state)
-    v.update(sentence=sentence(v, lambda c: format_params(cands[c]["params"])),
-             params=cands[v["pick"]]["params"],
-             scores={str(c): s for c, s in state.scores.items()},
-             dropped={str(c): r for c, r in state.dropped.items()},
-             means={str(c): state.mean(c) for c in state.scores if state.scores[c]})
-    study.set_user_attr("verdict", v)
-    return study, v
-
-
-def round_values(study):
-    """{(candidate, seed): validation accuracy} of the confirm study's finished trials (a diverged
-    training counts as accuracy 0: a configuration that diverges loses)."""
-    values = {}
-    for t in study.get_trials(deepcopy=False):
-        key = (t.user_attrs.get("candidate"), t.user_attrs.get("confirm_seed"))
-        if key[0] is None:
-            continue
-        if t.state == TrialState.COMPLETE:
-            values[key] = t.value
-        elif is_diverged(t):
-            values.setdefault(key, 0.0)
-    return values

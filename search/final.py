@@ -1,153 +1,193 @@
 """The final run: train the chosen parameters with the final protocol for several seeds, test once
-each."""
+each.
+
+The run is the Optuna study <campaign>-final (no search ever reads it: test accuracy must not
+leak into a pick). Its seeds are queued trials like any other phase's, claimed once each by
+whichever runner's worker takes them (a cluster finishes them faster); a trial's value is its
+seed's test accuracy, its user attrs the seed's metrics and history, its artifacts the seed's
+parameters (and, for the first seed, the figures). The results folder is written from the study
+and the artifacts by the runner that sees the last seed finish, and by any runner whose folder
+does not show that run yet.
+"""
 import dataclasses
 import logging
-import multiprocessing
-import os
-import signal
+import re
+import tempfile
 import time
+import typing
 import warnings
 from pathlib import Path
-from queue import Empty
 
 import numpy as np
 import optuna
+from optuna.trial import TrialState
 
-from model.checkpoint import load_json, save_run
+from model.checkpoint import load_json, load_params, save_json, save_params, save_run
 from model.errors import InputError
 from model.outputs import publish_dir
-from model.train import evaluate, evaluate_ensemble, fit, warm_up
-from search.processes import die_with_parent, exit_code, stop_processes
+from model.schedule import step_size
+from model.train import TrainConfig, evaluate, evaluate_ensemble, fit
+from search import record
+from search.lock import storage_lock
+from search.phases import Phase, open_study, queue, run_phase_workers
 from search.study import study_name
+from search.workers import QueuedTarget
 
 log = logging.getLogger(__name__)
 
 
-def run_seeds(data, config, seeds, workers=1, on_cpu_free=None, progress=None):
-    """Train config once per seed; evaluate the test set once, at the end of each run.
-
-    With workers > 1 every seed runs at once in a forked process (sharing the data, one BLAS
-    thread each); when there are more seeds than workers, the processes are confined to `workers`
-    CPUs and share them, so that 3 seeds on 2 workers finish together in 1.5 run times instead of
-    a third seed training alone for a whole run while a core idles.
-    Only the first seed's history has train metrics at every evaluation point: its curves are the
-    ones drawn (model.checkpoint.save_run); the others measure the train subset at the end only
-    (on the final protocol's 10,000 images that saves a fifth of their time) and val throughout.
-    on_cpu_free: optional callable run once, in this process, as soon as fewer seeds train than
-      there are workers while one still does: the first seed's curves make it the last to finish,
-      alone on one CPU for ~1.5 s, and the caller's own work (the pipeline's dashboard) uses the
-      other one then. Not called when the seeds run serially. Its failure costs no seed: it is
-      logged as a warning and the seeds go on (the pipeline makes its dashboard again later, and
-      fails there if it must).
-    progress: optional callable(updates done, summed over the seeds), called in this process at
-      every evaluation point of a serial seed, and about once a second while forked seeds train.
-    Returns a list of {seed, params, history, train, val, test, seconds} in the order of seeds.
-    """
-    if workers <= 1 or len(seeds) == 1:
-        return [_run_seed(data, config, seed, seed == seeds[0],
-                          _progress_from(progress, k * config.total_steps))
-                for k, seed in enumerate(seeds)]
-    warm_up(data, config)  # compiled once, inherited by every seed's process
-    ctx = multiprocessing.get_context("fork")
-    cpus = _shared_cpus(workers) if len(seeds) > workers else None
-    queue = ctx.Queue()
-    steps = ctx.Array("q", len(seeds), lock=False)  # each seed's last evaluated update
-    procs = [ctx.Process(target=_seed_worker, name=f"seed-{seed}",
-                         args=(data, config, seed, seed == seeds[0], queue, cpus, os.getpid(),
-                               (steps, k)))
-             for k, seed in enumerate(seeds)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in procs:  # read before join: a child blocks until its result is taken
-            run = _next_result(queue, progress, steps)
-            if isinstance(run, BaseException):
-                raise run
-            results[run["seed"]] = run
-            if on_cpu_free and len(procs) - len(results) < workers:
-                _side_work(on_cpu_free)
-                on_cpu_free = None
-    except BaseException:  # a seed failed, Ctrl-C or SIGTERM: no seed trains on, none waits
-        stop_processes(procs, signal.SIGTERM)
-        raise
-    for p in procs:
-        p.join()
-    if progress:
-        progress(sum(steps))
-    return [results[seed] for seed in seeds]
+def final_study_name(campaign):
+    return study_name(campaign, "final")
 
 
-def _next_result(queue, progress, steps):
-    """The next result a seed process sends; progress(sum of steps) about once a second meanwhile."""
-    if progress is None:
-        return queue.get()
-    while True:
-        try:
-            return queue.get(timeout=1.0)
-        except Empty:
-            progress(sum(steps))
+@dataclasses.dataclass(frozen=True)
+class FinalRun(Phase):
+    """The final run: seeds, the n_s rule ("K epochs") or value, and TrainConfig values that win
+    over the best parameters."""
+
+    name: str = "final"
+    seeds: int = 3
+    n_s: object = "2 epochs"
+    kind: typing.ClassVar[str] = "final"
+
+    @property
+    def trials(self):
+        return self.seeds
+
+    def training_config(self, campaign, best, n_train):
+        """The final TrainConfig: the shared config, then the best parameters, then the final
+        section's own values; an n_s rule ("2 epochs") is evaluated last, with the n_batch in
+        force."""
+        config = TrainConfig(**{**dict(campaign.config), **best, **dict(self.config)})
+        return dataclasses.replace(config, n_s=final_n_s(self.n_s, n_train, config.n_batch))
+
+    def to_dict(self):
+        return {"seeds": self.seeds, "n_s": self.n_s, "config": dict(self.config)}
+
+    # ---- running ----------------------------------------------------------------------------
+
+    def run(self, run, pick, source, out, first_seed=0, protect=(), force=False,
+            on_cpu_free=None):
+        """Train pick (the searched parameters' values; source: where they came from) on the
+        campaign's seeds, each once across runners, then publish the results folder `out`
+        (atomically; model.outputs.publish_dir for `protect`). Returns the metrics."""
+        config = self.training_config(run.campaign, pick, len(run.data.train.y))
+        seeds = [first_seed + k for k in range(self.seeds)]
+        study = self.open(run, pick, source, config, seeds, force)
+        log.info("%s: %s from %s, %d seeds × %d updates", study.study_name, pick,
+                 source.get("study") or "the flags", len(seeds), config.total_steps)
+        queue(run, study, [(_fixed(pick), {record.FINAL_SEED: s}) for s in seeds])
+        objective = FinalObjective(run.data, config, pick, seeds[0], artifact_dir(out))
+        run_phase_workers(run, study, objective, QueuedTarget([("final", s) for s in seeds]),
+                          len(seeds), count=_seeds_done, share_cpus=True,
+                          on_cpu_free=on_cpu_free)
+        return publish(run, study, out, protect)
+
+    def open(self, run, pick, source, config, seeds, force):
+        """The final study of this pick and config. One trained with another pick is kept
+        (refused, or with force retired to a study of its own, never deleted); one of the same
+        pick with other settings is retired and trained again."""
+        name = final_study_name(run.campaign.name)
+        wanted = record.StudyRecord(
+            campaign=run.campaign.name, phase="final", kind=self.kind,
+            index=len(run.campaign.phases), config={**dataclasses.asdict(config), "seed": None},
+            pick=pick, seeds=seeds, n_trials=len(seeds), digest=run.campaign.digest(),
+            fingerprint=run.fingerprint, precision=run.precision,
+            candidates=[source])
+        with storage_lock(run.storage, name):
+            if name in optuna.get_all_study_names(run.storage):
+                old = record.read(optuna.load_study(study_name=name, storage=run.storage))
+                if old.pick is not None and old.pick != pick and not force:
+                    raise InputError(
+                        f"campaign {run.campaign.name!r} has a final run of {old.pick}, and its "
+                        f"pick is now {pick}; use a new --campaign to keep both, or "
+                        "--force-final to retire that final run (kept as a study of its own)")
+                if (old.pick, old.config, old.seeds, old.fingerprint) != (
+                        wanted.pick, wanted.config, wanted.seeds, wanted.fingerprint):
+                    from search.core import retire_study
+
+                    log.warning("%s: the final run of %s with other settings is retired", name,
+                                old.pick)
+                    retire_study(run.storage, name)
+            return open_study(run, name, wanted)
 
 
-def _progress_from(progress, offset):
-    """An on_eval callback reporting offset + the record's step to progress (None: no callback)."""
-    if progress is None:
-        return None
-    return lambda record: progress(offset + record["step"])
+def _fixed(pick):
+    return dict(pick)
 
 
-def _side_work(fn):
-    try:
-        fn()
-    except Exception as e:
-        log.warning("work done beside the last seed failed (%s: %s); the seeds go on",
-                    type(e).__name__, e)
+def _seeds_done(trials):
+    return sum(t.state == TrialState.COMPLETE and record.FINAL_SEED in t.user_attrs
+               for t in trials)
 
 
-def _shared_cpus(workers):
-    """The first `workers` CPUs this process may run on; None when the workers fill them anyway
-    or where affinity is not available (the seeds then share the whole machine)."""
-    if not hasattr(os, "sched_getaffinity"):
-        return None
-    allowed = sorted(os.sched_getaffinity(0))
-    return set(allowed[:workers]) if len(allowed) > workers else None
+def final_n_s(rule, n_train, n_batch):
+    if isinstance(rule, int):
+        return rule
+    k = int(re.fullmatch(r"\s*(\d+)\s+epochs?\s*", rule).group(1))
+    return step_size(n_train, n_batch, k)
 
 
-def _seed_worker(data, config, seed, train_curve, queue, cpus, parent_pid, step_slot):
-    from threadpoolctl import threadpool_limits
+class FinalObjective:
+    """Callable(trial) -> the test accuracy of the seed the trial was queued with; the seed's
+    metrics and history go to its user attrs, its parameters (and history) to its artifacts."""
 
-    try:
-        die_with_parent(parent_pid)
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-        with threadpool_limits(limits=1, user_api="blas"):
-            steps, k = step_slot
-            queue.put(_run_seed(data, config, seed, train_curve,
-                                lambda record: steps.__setitem__(k, record["step"])))
-        queue.close()
-        queue.join_thread()  # here, not at exit: a SIGTERM while the result is sent is caught below
-    except KeyboardInterrupt as e:  # stopped by the parent, or orphaned: nobody reads a result
-        os._exit(exit_code(e))
-    except BaseException as e:  # the parent re-raises it
-        queue.put(e)
+    def __init__(self, data, config, pick, first_seed, artifacts):
+        self.data = data
+        self.base_config = config
+        self.pick = pick
+        self.first_seed = first_seed
+        self.artifacts = Path(artifacts)
+        self.slot = None  # search.workers sets it: the worker's place in progress_steps
+
+    def __call__(self, trial):
+        seed = trial.user_attrs[record.FINAL_SEED]
+        for name, value in self.pick.items():  # recorded as the trial's params
+            trial.suggest_categorical(name, [value])
+        r = train_seed(self.data, dataclasses.replace(self.base_config, seed=seed),
+                       train_curve=seed == self.first_seed)
+        for key, value in {"val_acc": r["val"]["acc"], "val_loss": r["val"]["loss"],
+                           "train_acc": r["train"]["acc"], "test_loss": r["test"]["loss"],
+                           "test_acc_ensemble": r["test_ensemble"]["acc"],
+                           "steps": self.base_config.total_steps, "seconds": r["seconds"],
+                           "history": r["history"]}.items():
+            trial.set_user_attr(key, value)
+        self._upload(trial, seed, r)
+        return r["test"]["acc"]
+
+    def _upload(self, trial, seed, r):
+        from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        store = FileSystemArtifactStore(str(self.artifacts))
+        with tempfile.TemporaryDirectory() as tmp:
+            files = [Path(tmp) / f"params_seed{seed}.npz", Path(tmp) / f"history_seed{seed}.json"]
+            save_params(files[0], r["params"])
+            save_json(files[1], r["history"])
+            for file in files:
+                upload_artifact(artifact_store=store, file_path=str(file), study_or_trial=trial)
 
 
-def _run_seed(data, config, seed, train_curve=True, on_eval=None):
-    cfg = dataclasses.replace(config, seed=seed)
+def train_seed(data, config, train_curve=True, on_eval=None):
+    """Train one seed of the final protocol and test it once (and its snapshot ensemble of the
+    cycle ends): {seed, params, history, train, val, test, test_ensemble, seconds}. Only the
+    first seed measures the train subset at every evaluation point (its curves are drawn); the
+    others at the end only (on 10,000 images that saves a fifth of their time)."""
     start = time.perf_counter()
-    params, history, snapshots = fit(data, cfg, on_eval=on_eval, train_curve=train_curve,
+    params, history, snapshots = fit(data, config, on_eval=on_eval, train_curve=train_curve,
                                      snapshots=True)
-    test = evaluate(params, data.test.X, data.test.y, cfg.lam)
-    # the snapshot ensemble of the cycle ends (the last one is params): one test pass per cycle
+    test = evaluate(params, data.test.X, data.test.y, config.lam)
     ensemble = evaluate_ensemble(snapshots, data.test.X, data.test.y)
-    log.info("final seed %d: val acc %.4f, test acc %.4f (snapshot ensemble of %d: %.4f)", seed,
-             history[-1]["val"]["acc"], test["acc"], len(snapshots), ensemble["acc"])
-    return {"seed": seed, "params": params, "history": history, "train": history[-1]["train"],
-            "val": history[-1]["val"], "test": test, "test_ensemble": ensemble,
-            "seconds": round(time.perf_counter() - start, 2)}
+    log.info("final seed %d: val acc %.4f, test acc %.4f (snapshot ensemble of %d: %.4f)",
+             config.seed, history[-1]["val"]["acc"], test["acc"], len(snapshots), ensemble["acc"])
+    return {"seed": config.seed, "params": params, "history": history,
+            "train": history[-1]["train"], "val": history[-1]["val"], "test": test,
+            "test_ensemble": ensemble, "seconds": round(time.perf_counter() - start, 2)}
 
 
-def final_metrics(runs, params, source):
+# ---- the results folder -------------------------------------------------------------------------
+
+def final_metrics(runs, params, source, trials=None):
     """metrics.json: the chosen parameters and where they came from, per-seed accuracies, test
     mean ± std, and the test accuracy of each seed's snapshot ensemble (one member per cycle)
     and their mean. (config.json holds the whole TrainConfig that was trained.)"""
@@ -163,24 +203,81 @@ def final_metrics(runs, params, source):
         "test_acc_mean": float(np.mean(test)), "test_acc_std": float(np.std(test)),
         "test_acc_ensemble_mean": float(np.mean(ensemble)),
         "seconds": round(sum(r["seconds"] for r in runs), 2),
+        **({"trials": trials} if trials is not None else {}),
     }
 
 
-def run_final(data, config, seeds, params, source, out, storage=None, campaign=None, workers=1,
-              on_cpu_free=None, protect=(), progress=None):
-    """Train and test every seed, publish the results folder `out` (atomically; see
-    model.outputs.publish_dir for `protect`), and, given a storage, record the run as the study
-    <campaign>-final with its files as artifacts beside `out` (record_final_study).
-    Returns (metrics, runs). on_cpu_free, progress: see run_seeds."""
-    runs = run_seeds(data, config, seeds, workers, on_cpu_free, progress)
-    metrics = final_metrics(runs, params, source)
-    tagged = [(f"_seed{r['seed']}", r["params"], r["history"]) for r in runs]
-    publish_dir(out, lambda folder: save_run(folder, config, metrics, tagged,
-                                             {"data": data.source, "seeds": list(seeds)}),
-                protect)
-    if storage is not None:
-        record_final_study(storage, campaign, params, config, runs, out, artifact_dir(out))
-    return metrics, runs
+def publish(run, study, out, protect=()):
+    """Write the results folder `out` from the final study (once: a folder that already shows
+    these trials is kept) and attach its figures to the first seed's trial; returns the
+    metrics."""
+    with storage_lock(run.storage, f"{study.study_name}.publish"):
+        rec = record.read(study)
+        trials = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                        key=lambda t: rec.seeds.index(t.user_attrs[record.FINAL_SEED]))
+        numbers = [t.number for t in trials]
+        shown = read_final(out)
+        if shown and shown["metrics"].get("trials") == numbers \
+                and shown["metrics"].get("params") == rec.pick:
+            return shown["metrics"]
+        store = _store(artifact_dir(out))
+        runs = [_run_of(t, store, run.storage) for t in trials]
+        metrics = final_metrics(runs, rec.pick, (rec.candidates or [None])[0], numbers)
+        config = TrainConfig(**{k: v for k, v in rec.config.items() if k != "seed"})
+        tagged = [(f"_seed{r['seed']}", r["params"], r["history"]) for r in runs]
+        config = dataclasses.replace(config, seed=rec.seeds[0])
+        publish_dir(out, lambda folder: save_run(folder, config, metrics, tagged, {
+            "data": run.data.source, "seeds": rec.seeds}), protect)
+        _attach_figures(trials[0], store, out, run.storage)
+        return metrics
+
+
+def _store(folder):
+    from optuna.artifacts import FileSystemArtifactStore
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(folder))
+
+
+def _run_of(t, store, storage):
+    """A seed's run, rebuilt from its trial (and its parameters from the artifact store: None
+    when this runner cannot reach it, e.g. another machine's local folder)."""
+    a = t.user_attrs
+    history = a["history"]
+    return {"seed": a[record.FINAL_SEED], "params": _params_artifact(t, store, storage),
+            "history": history, "train": history[-1]["train"], "val": history[-1]["val"],
+            "test": {"acc": t.value, "loss": a["test_loss"]},
+            "test_ensemble": {"acc": a["test_acc_ensemble"]}, "seconds": a["seconds"]}
+
+
+def _params_artifact(t, store, storage):
+    from optuna.artifacts import download_artifact, get_all_artifact_meta
+
+    for meta in get_all_artifact_meta(t, storage=storage):
+        if meta.filename.startswith("params_seed"):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / meta.filename
+                try:
+                    download_artifact(artifact_store=store, file_path=str(path),
+                                      artifact_id=meta.artifact_id)
+                except Exception as e:  # another machine's local store: the folder goes without
+                    log.warning("parameters of final trial %d not reachable here (%s)", t.number, e)
+                    return None
+                return load_params(path)
+    return None
+
+
+def _attach_figures(trial, store, out, storage):
+    """The first seed's figures as artifacts of its trial (optuna-dashboard shows them), once."""
+    from optuna.artifacts import get_all_artifact_meta, upload_artifact
+
+    have = {m.filename for m in get_all_artifact_meta(trial, storage=storage)}
+    for path in sorted(p for ext in ("png", "svg") for p in Path(out).glob(f"*.{ext}")):
+        if path.name not in have:
+            with warnings.catch_warnings():  # a finished trial: Optuna warns, the upload works
+                warnings.simplefilter("ignore", UserWarning)
+                upload_artifact(artifact_store=store, file_path=str(path),
+                                study_or_trial=trial, storage=storage)
 
 
 def artifact_dir(out):
@@ -200,66 +297,3 @@ def read_final(folder):
     first = metrics["seeds"][0]["seed"]
     return {"metrics": metrics, "config": load_json(folder / "config.json"),
             "history": histories[first], "histories": histories}
-
-
-def final_study_name(campaign):
-    """The study that records a campaign's final run: no search ever reads it (test accuracy
-    must not leak into a pick)."""
-    return study_name(campaign, "final")
-
-
-def check_final_study(storage, campaign, pick, force=False):
-    """Before a final run: InputError when the campaign's recorded final run trained another pick
-    (force: the old final study is deleted instead). pick: the searched parameters' values."""
-    name = final_study_name(campaign)
-    if name not in optuna.get_all_study_names(storage):
-        return
-    recorded = optuna.load_study(study_name=name, storage=storage).user_attrs.get("pick")
-    if recorded is None or recorded == pick:
-        return
-    if not force:
-        raise InputError(f"campaign {campaign!r} has a final run of {recorded}, and its pick is now "
-                         f"{pick}; use a new --campaign to keep both, or --force-final to replace "
-                         "the final run")
-    log.warning("replacing the final run of %s (--force-final)", recorded)
-    optuna.delete_study(study_name=name, storage=storage)
-
-
-def record_final_study(storage, campaign, pick, config, runs, out, artifact_dir):
-    """The final run as the Optuna study <campaign>-final: one COMPLETE trial per seed whose value
-    is the test accuracy (attrs: validation accuracy and loss, steps, seconds, the config), with
-    the seed's params, history and the figures of the results folder `out` attached as artifacts
-    in a FileSystemArtifactStore at artifact_dir. A re-run of the same pick replaces it."""
-    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
-
-    name = final_study_name(campaign)
-    if name in optuna.get_all_study_names(storage):
-        optuna.delete_study(study_name=name, storage=storage)  # same pick (check_final_study)
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(["test_acc"])
-    for key, value in {"campaign": campaign, "phase": "final", "pick": pick,
-                       "config": {**dataclasses.asdict(config), "seed": None}}.items():
-        study.set_user_attr(key, value)
-    Path(artifact_dir).mkdir(parents=True, exist_ok=True)
-    store = FileSystemArtifactStore(str(artifact_dir))
-    out = Path(out)
-    for k, r in enumerate(runs):
-        with warnings.catch_warnings():  # a recorded run, not a trial to heartbeat
-            warnings.simplefilter("ignore", UserWarning)
-            trial = study.ask()
-        for key, value in {"seed": r["seed"], "val_acc": r["val"]["acc"],
-                           "val_loss": r["val"]["loss"], "test_loss": r["test"]["loss"],
-                           "train_acc": r["train"]["acc"], "steps": config.total_steps,
-                           "seconds": r["seconds"]}.items():
-            trial.set_user_attr(key, value)
-        files = [f"params_seed{r['seed']}.npz", f"history_seed{r['seed']}.json"]
-        if k == 0:  # the figures are the first seed's
-            files += sorted(p.name for ext in ("png", "svg") for p in out.glob(f"*.{ext}"))
-        for file in files:  # artifacts attach to a running trial only
-            if (out / file).is_file():
-                upload_artifact(artifact_store=store, file_path=str(out / file),
-                                study_or_trial=trial)
-        study.tell(trial, r["test"]["acc"])
-    return study

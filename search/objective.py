@@ -8,6 +8,7 @@ import optuna
 
 from model.errors import DivergedError, Terminated
 from model.train import fit
+from search import record
 from search.space import format_params, suggest
 
 log = logging.getLogger(__name__)
@@ -23,19 +24,16 @@ class Objective:
     cycle when evals_per_cycle = 2) and is pruned when the pruner says so.
     """
 
-    def __init__(self, data, base_config, space, repeats=1, queued_only=False):
+    def __init__(self, data, base_config, space, repeats=1):
         self.data = data
         self.base_config = base_config
         self.space = space
         self.seeds = [base_config.seed + r for r in range(repeats)]
-        self.queued_only = queued_only  # the confirm phase: trials carry their seed (confirm_seed)
 
     def __call__(self, trial):
-        seeds = self.seeds
-        if "confirm_seed" in trial.user_attrs:
-            seeds = [trial.user_attrs["confirm_seed"]]
-        elif self.queued_only:  # a trial the sampler made: this phase trains queued ones only
-            raise RuntimeError(f"trial {trial.number} was not queued by the confirm phase")
+        # a confirm trial carries its paired seed
+        seeds = [trial.user_attrs.get(record.CONFIRM_SEED)] if record.CONFIRM_SEED in \
+            trial.user_attrs else self.seeds
         config = dataclasses.replace(self.base_config, **suggest(trial, self.space))
         trial.set_user_attr("seeds", seeds)
         start = time.perf_counter()
@@ -54,14 +52,14 @@ class Objective:
         try:
             _, history = fit(self.data, config, on_eval=_reporter(trial) if first else None)
         except DivergedError as e:
-            trial.set_user_attr("failure", str(e))
+            record.set_failure(trial, e)
             log.warning("trial %d: %s", trial.number, e)
             raise
         except Terminated:
-            trial.set_user_attr("failure", Terminated.FAILURE)  # retried by the next run
+            record.set_failure(trial, Terminated.FAILURE)  # retried by the next run
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr("failure", "interrupted (Ctrl-C)")
+            record.set_failure(trial, "interrupted (Ctrl-C)")
             raise
         return history[-1]
 

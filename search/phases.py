@@ -1,145 +1,474 @@
-"""A campaign's phases: their resolved specs, their studies, narrowing, running, the best trial."""
+"""The phase types of a campaign: a search phase and a confirm phase (the final run is
+search.final.FinalRun). Each knows how to validate, run (or resume) and summarise itself; a new
+phase kind is one new type registered in KINDS. Nothing outside these types branches on a
+phase's kind: callers use their methods, and read studies through search.record.
+
+Runners of one campaign coordinate through the storage alone: a phase's study is created and its
+space derived under the study's storage lock (search.lock), once; a later runner that finds a
+phase finished skips it; a narrowed or confirm phase whose source changed after it was derived
+refuses to go on (StalePhase) until it is retired (search.core.retire).
+"""
 import dataclasses
 import logging
+import typing
 import warnings
 
 import optuna
 
-from model.data import fingerprint
-from model.errors import InputError, WorkersFailed
+from model.errors import ConfigError, InputError, WorkersFailed
 from model.train import TrainConfig
-from search.campaign import load_campaign, source_space
+from search import record
+from search.confirm import SEED_BASE, race, sentence, verdict
+from search.lock import storage_lock
 from search.objective import Objective
-from search.recovery import recover_trials
 from search.samplers import make_pruner, make_sampler, pruner_label, sampler_label
-from search.space import is_typed, narrow, space_from_dict, space_to_dict
-from search.study import campaign_studies, finished_trials, load_study, study_name
-from search.workers import n_done, run_workers
+from search.space import format_params, is_typed, narrow, space_from_dict, space_to_dict
+from search.study import finished_trials, load_study, study_name
+from search.workers import QueuedTarget, TrialTarget, n_done, run_workers
 
 log = logging.getLogger(__name__)
 
 METRIC = "val_acc"  # the objective's name in Optuna's tools (our own figures: validation accuracy)
-# Settings that must match when a study is resumed: changing them would mix incomparable trials.
-_PINNED = ("space", "config", "repeats", "data_fingerprint")
+
+
+class StalePhase(InputError):
+    """A phase was derived from an earlier phase whose best trials have changed since."""
+
+
+@dataclasses.dataclass
+class PhaseRun:
+    """What a phase runs with: the campaign, the storage, the data and the workers."""
+
+    campaign: object
+    storage: object
+    data: object = None
+    workers: int = 1
+    storage_opts: dict = None
+    progress: object = None      # callable(study_name, done, total, unit) or None
+    fingerprint: str = None      # of the data (model.dataset.fingerprint)
+    precision: str = None        # the resolved GEMM precision, pinned in every study
+
+    def report(self, name, done, total, unit="trial"):
+        if self.progress:
+            self.progress(name, done, total, unit)
 
 
 @dataclasses.dataclass(frozen=True)
-class PhaseSpec:
-    """A phase, resolved: what its study runs and records."""
+class Phase:
+    """What every phase type has: a name and TrainConfig overrides."""
 
-    campaign: str
-    phase: str
-    n_trials: int                 # COMPLETE trials the phase ends with (values tried, for a grid)
-    config: TrainConfig           # training protocol of every trial (the space's fields overridden)
-    space: object                 # search.space parameters, or a define-by-run callable
-    sampler: object = "random"    # see search.runner.make_sampler
-    grid: object = None           # {param: values} for the grid sampler
-    pruner: object = "median"     # see search.runner.make_pruner
-    repeats: int = 1              # seeds per trial
-    seed: int = 0                 # sampler seed of the study
-    index: int = 0                # the phase's position in its campaign
-    digest: str = None            # of the resolved campaign
-    narrowed: dict = None         # how the space was derived from an earlier phase
-    name: str = None              # the study's name (default <campaign>-<phase>)
+    name: str
+    config: tuple = ()          # (field, value) TrainConfig overrides of this phase
+    kind: typing.ClassVar[str] = None
+
+    def study_name(self, campaign_name):
+        return study_name(campaign_name, self.name)
+
+    def upstream(self):
+        """The names of the earlier phases this one is derived from."""
+        return ()
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchPhase(Phase):
+    """An Optuna search of its space (or of a range narrowed from an earlier phase)."""
+
+    n_trials: int = 10          # COMPLETE trials the phase ends with (values tried, for a grid)
+    space: tuple = ()           # search.space parameters; () for a narrowed phase
+    sampler: object = "random"  # a name, {name, **kwargs}, or an optuna sampler object
+    pruner: object = "median"   # likewise for optuna pruners
+    repeats: int = 1            # training seeds per trial (the objective is their mean)
+    narrow: object = None       # {"from": phase, "top_k": k, "margin": m} or None
+    grid: object = None         # {param: [values]} for the grid sampler, or None
+    max_pruned: int = None      # stop once this many trials were pruned (default 5 × n_trials)
+    max_failed: int = None      # stop once this many failed (default max(5, n_trials))
+    study: str = None           # the study's name (default <campaign>-<name>)
+    kind: typing.ClassVar[str] = "search"
+    confirmable: typing.ClassVar[bool] = True  # a confirm phase may race its best trials
+    settings: typing.ClassVar[tuple] = ("n_trials", "repeats", "sampler", "pruner", "max_pruned",
+                                        "max_failed", "narrow.top_k", "narrow.margin")
+
+    def study_name(self, campaign_name):
+        return self.study or super().study_name(campaign_name)
+
+    def upstream(self):
+        return (self.narrow["from"],) if self.narrow else ()
+
+    def base_space(self, campaign):
+        """The space the phase starts from: its own, or that of the phase it narrows."""
+        return campaign.phase(self.narrow["from"]).base_space(campaign) if self.narrow \
+            else self.space
 
     @property
-    def study_name(self):
-        return self.name or study_name(self.campaign, self.phase)
+    def trials(self):
+        return self.n_trials
 
-    def attrs(self):
-        """What the study records about itself (user attrs): the phase's resolved spec."""
-        config = dataclasses.asdict(self.config)
-        for name in searched(self.space):
-            config.pop(name)
-        attrs = {"campaign": self.campaign, "phase": self.phase, "phase_index": self.index,
-                 "config": config, "space": space_to_dict(self.space),
-                 "sampler": sampler_label(self.sampler), "grid": self.grid,
-                 "pruner": pruner_label(self.pruner), "repeats": self.repeats, "seed": self.seed}
-        if self.digest:
-            attrs["campaign_digest"] = self.digest
-        if self.narrowed:
-            attrs["narrowed"] = self.narrowed
-        return attrs
+    def validate(self, campaign, fail):
+        """Check the phase against its campaign; fail(key, message) raises."""
+        if self.n_trials < 1 or self.repeats < 1:
+            fail("", f"n_trials and repeats must be ≥ 1 (got {self.n_trials}, {self.repeats})")
+        for cap in ("max_pruned", "max_failed"):
+            if getattr(self, cap) is not None and getattr(self, cap) < 1:
+                fail(cap, f"must be ≥ 1 (got {getattr(self, cap)})")
+        config = campaign.phase_config(self)
+        fixed = {**dict(campaign.search), **dict(self.config)}
+        for p in _params(self.base_space(campaign)):
+            if p.name in fixed:
+                fail(f"params.{p.name}", "both searched and fixed (in [search] or the phase's "
+                     "config); drop one")
+        _check(lambda: make_sampler(self.sampler, campaign.seed, self.grid), "sampler", fail)
+        if _is_grid(self.sampler) and not self.grid:
+            fail("sampler", "the grid sampler needs values = [...] for every parameter")
+        _check(lambda: make_pruner(self.pruner, config), "pruner", fail)
+
+    def to_dict(self):
+        return {"name": self.name, "kind": self.kind, "n_trials": self.n_trials,
+                "space": space_to_dict(self.space), "sampler": sampler_label(self.sampler),
+                "pruner": pruner_label(self.pruner), "repeats": self.repeats,
+                "config": dict(self.config), "narrow": self.narrow, "grid": self.grid,
+                "max_pruned": self.max_pruned, "max_failed": self.max_failed}
+
+    # ---- running ----------------------------------------------------------------------------
+
+    def open(self, run):
+        """The phase's study, created with its record (its space derived once, under the
+        study's lock) or resumed after checking the record matches."""
+        name = self.study_name(run.campaign.name)
+        with storage_lock(run.storage, name):
+            space, narrowed = self._space(run, name)
+            study = open_study(run, name, self._record(run, space, narrowed))
+        self._check_fresh(run, study)
+        return study
+
+    def run(self, run):
+        """Run (or resume) the phase until its study holds n_trials done trials; the study."""
+        study = self.open(run)
+        rec = record.read(study)
+        space = space_from_dict(rec.space) if rec.space is not None else self.space
+        config = run.campaign.phase_config(self)
+        goal = TrialTarget(self.n_trials, count_diverged=self.grid is not None,
+                           max_pruned=self.max_pruned, max_failed=self.max_failed,
+                           pruner=pruner_label(self.pruner))
+        log.info("%s: %d trials in %s", study.study_name, self.n_trials, _space_text(rec.space))
+        run_phase_workers(run, study, Objective(run.data, config, space, repeats=self.repeats),
+                          goal, self.n_trials, sampler=lambda: make_sampler(
+                              self.sampler, run.campaign.seed, self.grid),
+                          pruner=make_pruner(self.pruner, config),
+                          count=lambda trials: sum(goal.done([t]) for t in trials))
+        return study
+
+    def _space(self, run, name):
+        """(space, narrowed): the recorded one of a resumed study, else the phase's own or the
+        one derived from the phase it narrows (which must be finished)."""
+        if name in optuna.get_all_study_names(run.storage):
+            recorded = record.read(optuna.load_study(study_name=name, storage=run.storage))
+            if recorded.space is not None:
+                return space_from_dict(recorded.space), recorded.narrowed
+        if not self.narrow:
+            return self.space, None
+        return derive(run.storage, run.campaign, self)
+
+    def _record(self, run, space, narrowed):
+        config = dataclasses.asdict(run.campaign.phase_config(self))
+        for p in _params(space):
+            config.pop(p.name)
+        c = run.campaign
+        return record.StudyRecord(
+            campaign=c.name, phase=self.name, kind=self.kind, index=c.index(self.name),
+            config=config, space=space_to_dict(space), sampler=sampler_label(self.sampler),
+            grid=self.grid, pruner=pruner_label(self.pruner), repeats=self.repeats, seed=c.seed,
+            n_trials=self.n_trials, digest=c.digest(), narrowed=narrowed,
+            fingerprint=run.fingerprint, precision=run.precision)
+
+    def _check_fresh(self, run, study):
+        rec = record.read(study)
+        if not (self.narrow and rec.narrowed and rec.narrowed.get("from_trials") is not None):
+            return
+        source = run.campaign.phase(self.narrow["from"])
+        now = [t.number for t in finished_trials(load_study(
+            run.storage, source.study_name(run.campaign.name)))[:self.narrow["top_k"]]]
+        if now != rec.narrowed["from_trials"]:
+            raise StalePhase(
+                f"phase {self.name} was narrowed from trials {rec.narrowed['from_trials']} of "
+                f"phase {source.name}, whose best {self.narrow['top_k']} are now {now} (it "
+                f"changed since); retire {self.name} to derive it again (scripts/search.py "
+                f"retire {self.name} --campaign {run.campaign.name}), or use a new --campaign")
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def best(self, study):
+        """(params, source) of the study's best complete trial, or None."""
+        done = finished_trials(study)
+        if not done:
+            return None
+        return dict(done[0].params), {"study": study.study_name, "phase": self.name,
+                                      "trial": done[0].number, "val_acc": done[0].value}
 
 
-def searched(space):
-    """The names a typed space sets (none known for a define-by-run callable)."""
-    return [p.name for p in space] if is_typed(space) else []
+@dataclasses.dataclass(frozen=True)
+class ConfirmPhase(Phase):
+    """The best top_k configurations of earlier search phases, raced on paired seeds
+    (search.confirm); every (candidate, seed) is one queued trial, trained once."""
+
+    sources: tuple = ()         # the search phases it confirms
+    top_k: int = 3
+    seeds: int = 5
+    kind: typing.ClassVar[str] = "confirm"
+    confirmable: typing.ClassVar[bool] = False
+    settings: typing.ClassVar[tuple] = ("top_k", "seeds")
+    sampler: typing.ClassVar[str] = "random"   # every trial is queued with its parameters
+    pruner: typing.ClassVar[str] = "none"      # a pruned trial would leave its pair without a value
+    repeats: typing.ClassVar[int] = 1
+
+    @property
+    def trials(self):
+        return self.top_k * self.seeds
+
+    n_trials = trials
+
+    def upstream(self):
+        return tuple(self.sources)
+
+    def base_space(self, campaign):
+        return campaign.phase(self.sources[0]).base_space(campaign)
+
+    def validate(self, campaign, fail):
+        if self.top_k < 2 or not 2 <= self.seeds <= 100:
+            fail("", "top_k must be ≥ 2 (configurations to compare) and seeds in 2..100 (got "
+                 f"top_k = {self.top_k}, seeds = {self.seeds})")
+        _check(lambda: campaign.phase_config(self), "config", fail)
+
+    def to_dict(self):
+        return {"name": self.name, "kind": self.kind, "from": list(self.sources),
+                "top_k": self.top_k, "seeds": self.seeds, "config": dict(self.config)}
+
+    # ---- running ----------------------------------------------------------------------------
+
+    def open(self, run):
+        """The confirm study, with its candidates and seeds recorded once (under its lock)."""
+        name = self.study_name(run.campaign.name)
+        with storage_lock(run.storage, name):
+            study = open_study(run, name, self._record(run))
+            if record.read(study).candidates is None:
+                cands = candidates(run, self)
+                record.update(study, candidates=cands,
+                              seeds=[SEED_BASE + r for r in range(self.seeds)],
+                              derived_from=[[c["study"], c["trial"]] for c in cands])
+        self._check_fresh(run, study)
+        return study
+
+    def run(self, run):
+        """Race the candidates (resuming what is done); records the verdict; the study."""
+        study = self.open(run)
+        rec = record.read(study)
+        cands, seeds = rec.candidates, rec.seeds
+        config = run.campaign.phase_config(self)
+        objective = Objective(run.data, config, self.base_space(run.campaign))
+        log.info("%s: the best %d configurations of %s on %d paired seeds", study.study_name,
+                 len(cands), ", ".join(self.sources), len(seeds))
+
+        def train(alive, block_seeds):
+            keys = [("confirm", c, s) for s in block_seeds for c in alive]
+            queue(run, study, [(cands[c]["params"], {record.CANDIDATE: c,
+                                                     record.CONFIRM_SEED: s})
+                               for _, c, s in keys])
+            run_phase_workers(run, study, objective, QueuedTarget(keys), self.trials,
+                              count=lambda trials: len(round_values(trials)))
+
+        def evaluate_round(alive, seed):
+            train(alive, [seed])  # nothing to do when the block was trained (prefetch)
+            have = round_values(study.get_trials(deepcopy=False))
+            return [have[(c, seed)] for c in alive]
+
+        state = race(len(cands), seeds, evaluate_round, prefetch=train)
+        v = verdict(state)
+        v.update(sentence=sentence(v, lambda c: format_params(cands[c]["params"])),
+                 params=cands[v["pick"]]["params"],
+                 scores={str(c): s for c, s in state.scores.items()},
+                 dropped={str(c): r for c, r in state.dropped.items()},
+                 means={str(c): state.mean(c) for c in state.scores if state.scores[c]})
+        record.update(study, verdict=v)
+        log.info("%s: %s", study.study_name, v["sentence"])
+        return study
+
+    def _record(self, run):
+        c = run.campaign
+        config = dataclasses.asdict(c.phase_config(self))
+        space = self.base_space(c)
+        for p in space:
+            config.pop(p.name)
+        return record.StudyRecord(
+            campaign=c.name, phase=self.name, kind=self.kind, index=c.index(self.name),
+            config=config, space=space_to_dict(space), sampler=self.sampler, pruner=self.pruner,
+            repeats=1, seed=c.seed, n_trials=self.trials, digest=c.digest(),
+            fingerprint=run.fingerprint, precision=run.precision)
+
+    def _check_fresh(self, run, study):
+        rec = record.read(study)
+        if not rec.derived_from:
+            return  # recorded by a release that did not record them: nothing to compare
+        now = [[c["study"], c["trial"]] for c in candidates(run, self)]
+        if now != rec.derived_from:
+            raise StalePhase(
+                f"phase {self.name} confirms trials {_refs(rec.derived_from)}, but the best "
+                f"{self.top_k} of {', '.join(self.sources)} are now {_refs(now)} (they changed "
+                f"since); retire {self.name} to derive it again (scripts/search.py retire "
+                f"{self.name} --campaign {run.campaign.name}), or use a new --campaign")
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def best(self, study):
+        """(params, source) of the verdict's pick, or None before the race ended."""
+        v = record.read(study).verdict
+        if not isinstance(v, dict):
+            return None
+        return dict(v["params"]), {"study": study.study_name, "phase": self.name,
+                                   "trial": None, "val_acc": v["means"][str(v["pick"])]}
 
 
-def phase_spec(campaign, name, storage=None):
-    """The PhaseSpec of campaign's phase `name` (a Campaign, or a file / shipped name).
+KINDS = {cls.kind: cls for cls in (SearchPhase, ConfirmPhase)}
 
-    A narrowed phase takes the space recorded by an earlier run of its study (a resumed phase
-    keeps its ranges), else derives it from the phase it narrows (InputError when that study is
-    missing or has too few complete trials).
-    """
-    campaign = load_campaign(campaign) if isinstance(campaign, str) else campaign
+
+def _params(space):
+    """The parameters of a typed space (none known for a define-by-run callable)."""
+    return space if is_typed(space) else ()
+
+
+def _refs(pairs):
+    return ", ".join(f"{s}#{n}" for s, n in pairs)
+
+
+def _is_grid(sampler):
+    return sampler in ("grid", "GridSampler") or (
+        isinstance(sampler, dict) and sampler.get("name") in ("grid", "GridSampler"))
+
+
+def _check(fn, key, fail):
+    try:
+        return fn()
+    except ConfigError as e:
+        fail(key, str(e))
+
+
+def _space_text(items):
+    from search.report import space_text  # report reads studies; it never imports phases
+
+    return space_text(items)
+
+
+# ---- shared by the phase types ------------------------------------------------------------------
+
+def finished(storage, campaign, phase):
+    """Whether the phase's study holds its n_trials done trials."""
+    name = phase.study_name(campaign.name)
+    if name not in optuna.get_all_study_names(storage):
+        return False
+    return n_done(optuna.load_study(study_name=name, storage=storage)) >= phase.trials
+
+
+def require_finished(storage, campaign, name, needed_by):
     phase = campaign.phase(name)
-    spec = PhaseSpec(campaign=campaign.name, phase=name, n_trials=phase.n_trials,
-                     config=campaign.phase_config(phase), space=phase.space,
-                     sampler=phase.sampler, grid=phase.grid, pruner=phase.pruner,
-                     repeats=phase.repeats, seed=campaign.seed, index=campaign.index(name),
-                     digest=campaign.digest())
-    if not phase.narrow:
-        return spec
-    recorded = recorded_space(storage, spec.study_name)
-    if recorded is not None:
-        return dataclasses.replace(spec, space=recorded)
-    space, info = derive(storage, campaign, phase)
-    return dataclasses.replace(spec, space=space, narrowed=info)
-
-
-def recorded_space(storage, name):
-    """The space an existing study recorded, or None."""
-    if storage is None or name not in optuna.get_all_study_names(storage):
-        return None
-    items = optuna.load_study(study_name=name, storage=storage).user_attrs.get("space")
-    return space_from_dict(items) if items else None
+    if not finished(storage, campaign, phase):
+        study = phase.study_name(campaign.name)
+        have = (n_done(optuna.load_study(study_name=study, storage=storage))
+                if study in optuna.get_all_study_names(storage) else 0)
+        raise InputError(f"phase {needed_by} is derived from phase {name}, which is not finished "
+                         f"({have} of {phase.trials} complete trials in {study}): run or resume "
+                         f"phase {name} first")
 
 
 def derive(storage, campaign, phase):
     """The narrowed space of `phase` and how it was derived: for each parameter of the phase it
     narrows, the span of that study's best top_k trials, widened by the margin (search.space.
-    narrow) and clipped to that study's own range."""
+    narrow) and clipped to that study's own range. The source phase must be finished, so that
+    every runner derives the same range."""
     rule = phase.narrow
-    source = study_name(campaign.name, rule["from"])
-    if storage is None:
-        raise InputError(f"phase {phase.name} narrows {source}, which needs the storage")
-    study = load_study(storage, source)
+    require_finished(storage, campaign, rule["from"], phase.name)
+    source = campaign.phase(rule["from"])
+    study = load_study(storage, source.study_name(campaign.name))
     best = finished_trials(study)[:rule["top_k"]]
     if len(best) < rule["top_k"]:
-        raise InputError(f"the study {source} has {len(best)} complete trials; phase "
+        raise InputError(f"the study {study.study_name} has {len(best)} complete trials; phase "
                          f"{phase.name} narrows the best {rule['top_k']}: run or resume "
-                         f"phase {rule['from']} first")
-    bounds = recorded_space(storage, source) or source_space(campaign, phase)
+                         f"phase {rule['from']} with more trials first")
+    recorded = record.read(study).space
+    bounds = space_from_dict(recorded) if recorded else source.base_space(campaign)
     space = tuple(narrow(p, [t.params[p.name] for t in best], rule["margin"]) for p in bounds)
-    info = {"from_study": source, "from_trials": [t.number for t in best],
+    info = {"from_study": study.study_name, "from_trials": [t.number for t in best],
             "top_k": rule["top_k"], "margin": rule["margin"],
-            "rule": f"span of the best {rule['top_k']} trials of {source}, ± {rule['margin']} "
-                    "decades (log) or × the span (linear), clipped to its range"}
+            "rule": f"span of the best {rule['top_k']} trials of {study.study_name}, ± "
+                    f"{rule['margin']} decades (log) or × the span (linear), clipped to its range"}
     return space, info
 
 
-def create_or_resume(storage, spec, data_fingerprint=None):
-    """Create the phase's study (recording spec and the data's fingerprint) or check that an
-    existing one is ours and matches them: trials scored on other data, or by another program,
-    must never be ranked with this phase's."""
-    check_foreign(storage, spec.study_name)
-    study = optuna.create_study(study_name=spec.study_name, storage=storage, direction="maximize",
+def candidates(run, phase):
+    """The best top_k distinct configurations among the complete trials of the confirm phase's
+    source studies (each finished): [{"params", "study", "trial", "val_acc"}], best first."""
+    found = []
+    for name in phase.sources:
+        require_finished(run.storage, run.campaign, name, phase.name)
+        study = load_study(run.storage, run.campaign.phase(name).study_name(run.campaign.name))
+        found += [(t, study.study_name) for t in finished_trials(study)]
+    found.sort(key=lambda item: item[0].value, reverse=True)
+    out = []
+    for t, source in found:
+        if all(c["params"] != t.params for c in out):
+            out.append({"params": dict(t.params), "study": source, "trial": t.number,
+                        "val_acc": t.value})
+        if len(out) == phase.top_k:
+            break
+    if len(out) < 2:
+        raise InputError(f"the confirm phase compares {phase.top_k} configurations but "
+                         f"{', '.join(phase.sources)} hold {len(out)} distinct complete trial(s): "
+                         "run or resume the search phases first")
+    return out
+
+
+def round_values(trials):
+    """{(candidate, seed): validation accuracy} of a confirm study's finished trials (a diverged
+    training counts as accuracy 0: a configuration that diverges loses)."""
+    values = {}
+    for t in trials:
+        key = record.queue_key(t)
+        if key is None or key[0] != "confirm":
+            continue
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            values[key[1:]] = t.value
+        elif record.is_diverged(t):
+            values.setdefault(key[1:], 0.0)
+    return values
+
+
+def queue(run, study, items):
+    """Queue each (params, attrs) whose key (search.record.queue_key) no trial holds yet, once
+    across runners (under the study's lock)."""
+    from search.recovery import recover_trials
+
+    with storage_lock(run.storage, study.study_name):
+        recover_trials(study)  # a dead worker's trial is re-queued, not queued anew
+        held = {record.queue_key(t) for t in study.get_trials(deepcopy=False)
+                if record.holds_key(t)}
+        for params, attrs in items:
+            if record.key_of(attrs) not in held:
+                study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
+                held.add(record.key_of(attrs))
+
+
+def open_study(run, name, wanted):
+    """Create the phase's study (recording `wanted`, a StudyRecord) or check that an existing one
+    is ours and matches it: trials scored on other data, or by another program, must never be
+    ranked with this phase's."""
+    check_foreign(run.storage, name)
+    study = optuna.create_study(study_name=name, storage=run.storage, direction="maximize",
                                 load_if_exists=True)
-    recorded = study.user_attrs
-    wanted = spec.attrs()
-    if data_fingerprint:
-        wanted["data_fingerprint"] = data_fingerprint
-    for key in _PINNED:
-        # a key not there yet may be being written by a process that created the study just now
-        # (or, the fingerprint, by a release before fingerprints: it is recorded below)
-        if key in recorded and key in wanted and not _same(key, recorded[key], wanted[key]):
-            raise InputError(_changed(spec.study_name, key, recorded[key]))
-    for key, value in wanted.items():
-        if key not in recorded:
-            study.set_user_attr(key, value)
+    recorded = record.read(study)
+    for key in record.PINNED:
+        have, want = getattr(recorded, key), getattr(wanted, key)
+        # a key not there yet may be being written by a runner that created the study just now
+        # (or was recorded by a release before it existed: it is recorded below)
+        if have is not None and want is not None and not _same(key, have, want):
+            raise InputError(_changed(name, key, have))
+    record.write_missing(study, wanted)
     if study.metric_names is None:
         with warnings.catch_warnings():  # experimental in Optuna 5.0
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -149,8 +478,7 @@ def create_or_resume(storage, spec, data_fingerprint=None):
 
 def check_foreign(storage, name):
     """InputError when a study of this name exists but is not one of ours: another direction or
-    several objectives, or trials without the attrs every phase of ours records. (A study just
-    created by a concurrent worker has neither trials nor attrs yet: it is ours.)"""
+    several objectives, or trials without the record every phase of ours writes."""
     if name not in optuna.get_all_study_names(storage):
         return
     study = optuna.load_study(study_name=name, storage=storage)
@@ -159,14 +487,14 @@ def check_foreign(storage, name):
         raise InputError(f"study {name} exists with direction(s) "
                          f"{[d.name.lower() for d in study.directions]}, not one maximised "
                          f"validation accuracy: {fix}")
-    if "phase" not in study.user_attrs and study.get_trials(deepcopy=False):
+    if not record.is_ours(study) and study.get_trials(deepcopy=False):
         raise InputError(f"study {name} exists and holds trials, but not this project's records: "
                          f"{fix}")
 
 
 def _changed(name, key, recorded):
     """The one line refusing to resume study `name` whose pinned setting `key` differs."""
-    if key == "data_fingerprint":
+    if key == "fingerprint":
         return (f"study {name} was run on other data (another data set, split or --n-val: its "
                 "data fingerprint differs); resume with the same data or use a new --campaign")
     return (f"study {name} was started with other {key} settings ({recorded}); resume with the "
@@ -181,65 +509,38 @@ def _same(key, recorded, wanted):
         defaults = dataclasses.asdict(TrainConfig())
         return {**{k: defaults[k] for k in wanted if k not in recorded}, **recorded} == wanted
     if key == "space":
-        return recorded is None or wanted is None or space_from_dict(recorded) == space_from_dict(wanted)
+        return space_from_dict(recorded) == space_from_dict(wanted)
     return recorded == wanted
 
 
-def run_spec(spec, storage, data, workers=1, storage_opts=None, progress=None):
-    """Run (or resume) the phase until its study holds spec.n_trials complete trials.
+def run_phase_workers(run, study, objective, goal, total, sampler=lambda: None, pruner=None,
+                      count=None, share_cpus=False, on_cpu_free=None):
+    """Run this runner's workers on study until goal is met (search.workers.work); the phase's
+    progress goes to run.report. A queued phase starts no more workers than it has queued
+    trials; share_cpus (the final run's seeds): one process per queued trial, confined to
+    run.workers CPUs, so that they finish together. Dead and terminated trials are re-queued
+    once here, before the workers start: they would all re-queue the same trials."""
+    from search.recovery import recover_trials
 
-    The study is created here, before any worker starts (concurrent creation races); workers
-    open storage.url themselves. progress: optional callable(n_complete) for a progress bar.
-    Returns the study.
-    """
-    study = create_or_resume(storage, spec, fingerprint(data))
-    is_grid = spec.grid is not None  # every value is tried once: a diverged one counts as tried
-    codes = run_to(study, spec, storage, Objective(data, spec.config, spec.space,
-                                                   repeats=spec.repeats),
-                   spec.n_trials, workers, storage_opts, progress, count_diverged=is_grid)
-    if any(codes) or n_done(study, is_grid) < spec.n_trials:
-        raise WorkersFailed(f"{spec.study_name}: workers exited with codes {codes} before "
-                            f"{spec.n_trials} complete trials; re-run the same command to resume")
-    return study
-
-
-def run_to(study, spec, storage, objective, target, workers=1, storage_opts=None, progress=None,
-           count_diverged=False):
-    """Run workers on study (with spec's sampler and pruner) until it holds `target` done trials
-    (search.runner.work); returns their exit codes. Dead and terminated trials are re-queued once
-    here, before the workers: they would all re-queue the same trials."""
     recover_trials(study)
-    storage.remove_session()
-    storage.engine.dispose()  # forked workers must open their own connections
-    return run_workers(
-        workers, progress=(lambda: progress(n_done(study, count_diverged))) if progress else None,
-        storage_url=storage.url, study_name=study.study_name, objective=objective, target=target,
-        pruner=make_pruner(spec.pruner, spec.config),
-        make_sampler=lambda: make_sampler(spec.sampler, spec.seed, spec.grid),
-        storage_opts=storage_opts, count_diverged=count_diverged)
+    waiting = sum(t.state == optuna.trial.TrialState.WAITING for t in study.get_trials(
+        deepcopy=False))
+    if isinstance(goal, TrialTarget):
+        workers = run.workers
+    elif share_cpus and run.workers > 1:
+        workers = max(1, waiting)
+    else:
+        workers = max(1, min(run.workers, waiting))
+    run.storage.remove_session()
+    run.storage.engine.dispose()  # forked workers must open their own connections
 
-
-def best_params(study):
-    """{name: value} of the study's best complete trial, or None."""
-    done = finished_trials(study)
-    return dict(done[0].params) if done else None
-
-
-def campaign_best(storage, campaign):
-    """(params, source) of the campaign's best trial: that of its last phase with a complete
-    trial. source = {"study", "phase", "trial", "val_acc"}. InputError for an unknown campaign
-    or one without a complete trial."""
-    for study in reversed(campaign_studies(storage, campaign)):
-        verdict = study.user_attrs.get("verdict")
-        if study.user_attrs.get("kind") == "confirm" and isinstance(verdict, dict):
-            return dict(verdict["params"]), {"study": study.study_name,
-                                             "phase": study.user_attrs.get("phase"),
-                                             "trial": None, "val_acc": verdict["means"][
-                                                 str(verdict["pick"])]}
-        done = finished_trials(study)
-        if done and study.user_attrs.get("kind") != "confirm":
-            return dict(done[0].params), {"study": study.study_name,
-                                          "phase": study.user_attrs.get("phase"),
-                                          "trial": done[0].number, "val_acc": done[0].value}
-    raise InputError(f"campaign {campaign!r} has no complete trial yet; run or resume its search "
-                     "first, or give the parameters (e.g. --lam)")
+    def progress():
+        run.report(study.study_name, count(study.get_trials(deepcopy=False)), total)
+    codes = run_workers(workers, progress=progress if run.progress and count else None,
+                        storage_url=run.storage.url, study_name=study.study_name,
+                        objective=objective, goal=goal, make_sampler=sampler, pruner=pruner,
+                        storage_opts=run.storage_opts, on_cpu_free=on_cpu_free,
+                        cpus=run.workers if share_cpus else None)
+    if any(codes) or not goal.done(study.get_trials(deepcopy=False)):
+        raise WorkersFailed(f"{study.study_name}: workers exited with codes {codes} before the "
+                            "phase was done; re-run the same command to resume")

@@ -11,6 +11,8 @@ import math
 
 from optuna.trial import TrialState
 
+from model.errors import Terminated
+
 VERSION = 2
 KINDS = ("search", "confirm", "final")
 
@@ -121,6 +123,14 @@ def is_bookkeeping(t):
     return t.state == TrialState.FAIL and failure(t) in (SURPLUS, DUPLICATE)
 
 
+def holds_key(t):
+    """Whether trial t has, or will have, its key's result: not a dead worker's (recovery
+    re-queues it), not a surplus or duplicate one (never trained)."""
+    if t.state == TrialState.FAIL:
+        return failure(t) not in (None, Terminated.FAILURE) and not is_bookkeeping(t)
+    return True
+
+
 def is_diverged(t):
     return t.state == TrialState.FAIL and "diverged" in (failure(t) or "")
 
@@ -128,7 +138,11 @@ def is_diverged(t):
 def queue_key(t):
     """What a queued trial trains ((candidate, seed) of a confirm trial, the seed of a final
     one), or None for a trial the sampler made."""
-    attrs = t.user_attrs
+    return key_of(t.user_attrs)
+
+
+def key_of(attrs):
+    """queue_key of the trial queued with these user attrs."""
     if CANDIDATE in attrs:
         return ("confirm", attrs[CANDIDATE], attrs.get(CONFIRM_SEED))
     if FINAL_SEED in attrs:

@@ -28,7 +28,7 @@ def _requeue_lost_retries(study):
     killed) or were terminated (SIGTERM: a preempted job) and were never re-queued. Failing a
     dead worker's trial and re-queuing it are two commits (Optuna's, and _fail_orphans'): a worker killed between them would leave the trial
     FAIL with no retry. Re-queuing twice is harmless: the later copy is pruned on pickup
-    (workers._is_duplicate_retry), and the callback itself stops after max_retry retries."""
+    (is_duplicate_retry), and the callback itself stops after max_retry retries."""
     rdb = rdb_storage(study)
     callback = getattr(rdb, "get_heartbeat_stale_trial_callback", lambda: None)()
     if callback is None:
@@ -69,3 +69,11 @@ def _fail_orphans(study):
         callback = rdb.get_heartbeat_stale_trial_callback()
         if callback is not None:
             callback(study, rdb.get_trial(trial_id(t)))
+
+
+def is_duplicate_retry(number, trials):
+    """Whether trial `number` re-runs a dead trial that a lower-numbered trial already re-runs:
+    two workers can both re-queue one dead trial (see _requeue_lost_retries); the first wins."""
+    of = {t.number: retried_from(t) for t in trials}
+    return of.get(number) is not None and any(
+        n < number and dead == of[number] for n, dead in of.items())

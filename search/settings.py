@@ -1,0 +1,136 @@
+"""Every setting of a campaign by its dotted name, and overrides of any of them.
+
+    apply(campaign, {"phases.coarse.n_trials": 4, "search.n_s": 20, "final.seeds": 5})
+
+The names follow the campaign file: `seed`, `config.<field>` and `search.<field>` (TrainConfig
+fields), `phases.<phase>.<key>` (n_trials, repeats, sampler, pruner, max_pruned, max_failed,
+narrow.top_k, narrow.margin, config.<field>; a confirm phase's top_k, seeds, config.<field>),
+`final.seeds`, `final.n_s` and `final.<field>`. Values go through the same checks as the file's
+(search.campaign.validated): an override is one more line of the file. Strings from a command
+line are read as TOML values ("4", "1e-3", "true", "\"tpe\"", "{name = \"TPESampler\"}"), and
+as plain strings when they are not TOML.
+"""
+import dataclasses
+import difflib
+import math
+import numbers
+import sys
+import typing
+
+from model.errors import ConfigError
+from model.train import TrainConfig
+from search.campaign import validated, with_config
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+_FIELD_TYPES = typing.get_type_hints(TrainConfig)
+# The kinds of value a key takes (a phase type's own keys: its `settings`); a TrainConfig field
+# takes its annotated type, and TrainConfig checks its range.
+COUNTS = ("n_trials", "repeats", "max_pruned", "max_failed", "top_k", "seeds", "narrow.top_k",
+          "seed")
+NUMBERS = ("narrow.margin",)
+_EXAMPLES = {"int": 4, "float": 0.01, "finite number": 0.25, "bool": "true", "str": '"float32"'}
+
+
+def keys(campaign):
+    """Every dotted name an override may set in this campaign."""
+    out = ["seed"] + [f"config.{f}" for f in FIELDS] + [f"search.{f}" for f in FIELDS]
+    for p in campaign.phases:
+        out += [f"phases.{p.name}.{k}" for k in p.settings
+                if not k.startswith("narrow.") or getattr(p, "narrow", None)]
+        out += [f"phases.{p.name}.config.{f}" for f in FIELDS]
+    out += ["final.seeds", "final.n_s"] + [f"final.{f}" for f in FIELDS if f != "n_s"]
+    return out
+
+
+def parse_value(text):
+    """A command line's value as TOML (a number, bool, string, table, list), else the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_pairs(pairs):
+    """{key: value} of ["key=value", …] (--set); ConfigError for one without '='."""
+    out = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: write key=value, e.g. --set phases.coarse.n_trials=4")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def apply(campaign, overrides):
+    """campaign with every override applied, validated; ConfigError naming an unknown key and
+    the closest valid one."""
+    if not overrides:
+        return campaign
+    valid = keys(campaign)
+    for key, value in overrides.items():
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else \
+                "; see the campaign file's keys (phases.<name>.n_trials, search.n_s, final.seeds …)"
+            raise ConfigError(f"unknown setting {key!r}{hint}")
+        _check_kind(key, value)
+        campaign = _set(campaign, key.split("."), value)
+    try:
+        return validated(campaign)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (after the overrides {', '.join(overrides)})") from None
+
+
+def _set(c, path, value):
+    head, rest = path[0], path[1:]
+    if head == "seed":
+        return dataclasses.replace(c, seed=value)
+    if head in ("config", "search"):
+        return dataclasses.replace(c, **{head: with_config(getattr(c, head), **{rest[0]: value})})
+    if head == "final":
+        final = c.final
+        if rest[0] in ("seeds", "n_s"):
+            final = dataclasses.replace(final, **{rest[0]: value})
+        else:
+            final = dataclasses.replace(final, config=with_config(final.config, **{rest[0]: value}))
+        return dataclasses.replace(c, final=final)
+    phase = c.phase(rest[0])
+    key = rest[1:]
+    if key[0] == "config":
+        changed = dataclasses.replace(phase, config=with_config(phase.config, **{key[1]: value}))
+    elif key[0] == "narrow":
+        changed = dataclasses.replace(phase, narrow={**phase.narrow, key[1]: value})
+    else:
+        changed = dataclasses.replace(phase, **{key[0]: value})
+    return dataclasses.replace(c, phases=tuple(changed if p.name == phase.name else p
+                                               for p in c.phases))
+
+
+def _check_kind(key, value):
+    """ConfigError when value is not of the kind key takes (its range is the file's checks')."""
+    last = key.split(".")[-1]
+    tail = ".".join(key.split(".")[-2:])
+    if key.startswith(("config.", "search.")) or ".config." in key or (
+            key.startswith("final.") and last in FIELDS):
+        want = _FIELD_TYPES[last]
+        ok = isinstance(value, bool) if want is bool else (
+            isinstance(value, str) if want is str else
+            isinstance(value, numbers.Integral) and not isinstance(value, bool) if want is int
+            else isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value))
+        kind = want.__name__
+    elif last in COUNTS or tail in COUNTS:
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "int"
+    elif tail in NUMBERS:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        kind = "finite number"
+    else:
+        ok, kind = True, None  # sampler, pruner, final.n_s: their own checks
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is not a {kind}; e.g. --set {key}="
+                          f"{_EXAMPLES.get(kind, 1)}")
