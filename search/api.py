@@ -16,7 +16,7 @@ from search import core, settings
 from search.campaign import Campaign, load_campaign, validated
 from search.phases import SearchPhase
 from search.space import is_typed, make_space
-from search.study import open_storage
+from search.study import mask_url, open_storage
 
 
 def run_campaign(campaign, data, storage, *, overrides=None, workers=1, out_dir=None,
@@ -38,7 +38,7 @@ def run_campaign(campaign, data, storage, *, overrides=None, workers=1, out_dir=
     c = settings.apply(c, overrides)
     _check_workers(workers)
     storage = open_storage(storage) if isinstance(storage, str) else storage
-    make = _dashboard_maker(c.name, storage) if dashboard else None
+    make = core.dashboard_maker(c.name, storage, mask_url(storage.url)) if dashboard else None
     return core.run_campaign(c, data, storage, workers=workers, out_dir=out_dir,
                              force_final=force_final, progress=progress, make_dashboard=make)
 
@@ -85,14 +85,3 @@ def _check_workers(workers):
     if not isinstance(workers, numbers.Integral) or isinstance(workers, bool) or workers < 1:
         raise ConfigError(f"workers must be a whole number ≥ 1 (got {workers!r})")
 
-
-def _dashboard_maker(name, storage):
-    import functools
-
-    @functools.cache
-    def make():
-        from search.plots import Dashboard
-        from search.study import campaign_studies, mask_url
-
-        return Dashboard(name, mask_url(storage.url), campaign_studies(storage, name))
-    return make

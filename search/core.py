@@ -9,6 +9,7 @@ against one storage at once: they share each phase's work and end with the same 
 runner (search.workers for the trials, search.lock for what must happen once).
 """
 import dataclasses
+import functools
 import logging
 import time
 from pathlib import Path
@@ -176,6 +177,20 @@ def result_of(run, metrics, out_dir, dashboard, check=None, seconds=None):
         outputs={"final": str(out_dir / "final"),
                  "dashboard": str(dashboard) if dashboard else None},
         gradcheck=check, seconds=None if seconds is None else round(seconds, 1))
+
+
+def dashboard_maker(name, storage, storage_text):
+    """A callable returning the campaign's search.plots.Dashboard, made (the studies' sections
+    rendered) at its first call. run_campaign calls it first while the final run's last seed
+    trains and a CPU is free: the plotting modules (~0.7 s to import, so imported only here) and
+    the studies' figures then cost no wall time. A call that failed is made again (and raises)
+    when the page is written, after the final run's results are saved."""
+    @functools.cache
+    def dashboard():
+        from search.plots import Dashboard
+
+        return Dashboard(name, storage_text, campaign_studies(storage, name))
+    return dashboard
 
 
 def write_dashboard(dashboard, out_dir, protect=()):

@@ -15,7 +15,6 @@ import re
 import tempfile
 import time
 import typing
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -228,7 +227,7 @@ def publish(run, study, out, protect=()):
         config = dataclasses.replace(config, seed=rec.seeds[0])
         publish_dir(out, lambda folder: save_run(folder, config, metrics, tagged, {
             "data": run.data.source, "seeds": rec.seeds}), protect)
-        _attach_figures(trials[0], store, out, run.storage)
+        _attach_figures(study, store, out)
         return metrics
 
 
@@ -267,17 +266,15 @@ def _params_artifact(t, store, storage):
     return None
 
 
-def _attach_figures(trial, store, out, storage):
-    """The first seed's figures as artifacts of its trial (optuna-dashboard shows them), once."""
+def _attach_figures(study, store, out):
+    """The results folder's figures (the first seed's curves) as artifacts of the final study,
+    once (optuna-dashboard shows them; a finished trial takes no artifact)."""
     from optuna.artifacts import get_all_artifact_meta, upload_artifact
 
-    have = {m.filename for m in get_all_artifact_meta(trial, storage=storage)}
+    have = {m.filename for m in get_all_artifact_meta(study)}
     for path in sorted(p for ext in ("png", "svg") for p in Path(out).glob(f"*.{ext}")):
         if path.name not in have:
-            with warnings.catch_warnings():  # a finished trial: Optuna warns, the upload works
-                warnings.simplefilter("ignore", UserWarning)
-                upload_artifact(artifact_store=store, file_path=str(path),
-                                study_or_trial=trial, storage=storage)
+            upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study)
 
 
 def artifact_dir(out):

@@ -513,7 +513,7 @@ def _same(key, recorded, wanted):
     return recorded == wanted
 
 
-def run_phase_workers(run, study, objective, goal, total, sampler=lambda: None, pruner=None,
+def run_phase_workers(run, study, objective, goal, total, sampler=None, pruner=None,
                       count=None, share_cpus=False, on_cpu_free=None):
     """Run this runner's workers on study until goal is met (search.workers.work); the phase's
     progress goes to run.report. A queued phase starts no more workers than it has queued
@@ -522,6 +522,9 @@ def run_phase_workers(run, study, objective, goal, total, sampler=lambda: None, 
     once here, before the workers start: they would all re-queue the same trials."""
     from search.recovery import recover_trials
 
+    # a queued trial's parameters are given, and it trains to its end
+    sampler = sampler or optuna.samplers.RandomSampler
+    pruner = pruner or optuna.pruners.NopPruner()
     recover_trials(study)
     waiting = sum(t.state == optuna.trial.TrialState.WAITING for t in study.get_trials(
         deepcopy=False))

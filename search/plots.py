@@ -19,6 +19,7 @@ from plotly.offline import get_plotlyjs
 from model.curves import curve
 from model.outputs import PAGE_TAG
 from model.schedule import cyclic_lr
+from search import record
 from search.report import param_names, space_text, study_report
 from search.space import format_params
 
@@ -71,7 +72,7 @@ def overview_figures(studies):
                                          marker=dict(color=colour, size=8),
                                          error_y=dict(type="data", array=err, visible=bool(err))))
         log_axis = any(p.get("name") == name and p.get("log") for s in studies
-                       for p in (s.user_attrs.get("space") or []) if isinstance(p, dict))
+                       for p in (record.read(s).space or []) if isinstance(p, dict))
         fig.update_layout(title=f"Validation accuracy over {name}, every phase", height=380,
                           xaxis_title=name, yaxis_title="validation accuracy",
                           xaxis_type="log" if log_axis else None)
@@ -82,9 +83,10 @@ def overview_figures(studies):
 def _phase_points(study, name):
     """(x, y, error bars or []) of a study's complete trials for parameter `name`; a confirm
     study: one point per candidate, its mean over the seeds ± their std."""
-    verdict = study.user_attrs.get("verdict")
-    if study.user_attrs.get("kind") == "confirm" and isinstance(verdict, dict):
-        cands = study.user_attrs.get("candidates") or []
+    rec = record.read(study)
+    verdict = rec.verdict
+    if isinstance(verdict, dict):
+        cands = rec.candidates or []
         points = [(c["params"].get(name), np.mean(verdict["scores"][str(i)]),
                    np.std(verdict["scores"][str(i)])) for i, c in enumerate(cands)
                   if str(i) in verdict["scores"] and verdict["scores"][str(i)]]
@@ -98,13 +100,13 @@ def _phase_points(study, name):
 def confirm_figure(study):
     """(title, go.Figure) of a confirm study: each candidate's validation accuracy on each paired
     seed (lines join a candidate's seeds), or None for another study."""
-    attrs = study.user_attrs
-    verdict = attrs.get("verdict")
-    if attrs.get("kind") != "confirm" or not isinstance(verdict, dict):
+    rec = record.read(study)
+    verdict = rec.verdict
+    if not isinstance(verdict, dict):
         return None
-    seeds = attrs.get("confirm_seeds") or []
+    seeds = rec.seeds or []
     fig = go.Figure()
-    for i, cand in enumerate(attrs.get("candidates") or []):
+    for i, cand in enumerate(rec.candidates or []):
         scores = verdict["scores"].get(str(i), [])
         dropped = verdict["dropped"].get(str(i))
         fig.add_trace(go.Scatter(
@@ -199,13 +201,13 @@ def campaign_table(studies, final=None):
             "<th>space</th><th>protocol</th></tr>")
     rows = []
     for s in studies:
-        a = s.user_attrs
-        config = a.get("config") if isinstance(a.get("config"), dict) else {}
+        a = record.read(s)
+        config = a.config if isinstance(a.config, dict) else {}
         protocol = ", ".join(f"{k} {_esc(config[k])}" for k in ("n_s", "cycles", "m", "n_batch")
                              if k in config)
-        rows.append(f"<tr><td>{_esc(s.study_name)}</td><td>{_esc(a.get('kind', 'search'))}</td>"
-                    f"<td>{len(s.get_trials(deepcopy=False))}</td><td>{_esc(a.get('sampler'))}</td>"
-                    f"<td>{_esc(a.get('pruner'))}</td><td>{_esc(space_text(a.get('space')))}</td>"
+        rows.append(f"<tr><td>{_esc(s.study_name)}</td><td>{_esc(a.kind)}</td>"
+                    f"<td>{len(s.get_trials(deepcopy=False))}</td><td>{_esc(a.sampler)}</td>"
+                    f"<td>{_esc(a.pruner)}</td><td>{_esc(space_text(a.space))}</td>"
                     f"<td>{protocol}</td></tr>")
     if final:
         c = final["config"]
@@ -378,9 +380,9 @@ class Dashboard:
             final_section(page, final)
         summary = campaign_table(self.studies, final) + "".join(
             f"<p class=verdict><b>Verdict of {_esc(s.study_name)}:</b> "
-            f"{_esc(s.user_attrs['verdict'].get('sentence'))} (seed noise on the one fixed "
+            f"{_esc(record.read(s).verdict.get('sentence'))} (seed noise on the one fixed "
             "validation set)</p>" for s in self.studies
-            if isinstance(s.user_attrs.get("verdict"), dict))
+            if isinstance(record.read(s).verdict, dict))
         body = "\n".join([self.header, summary, *page.parts, *self.studies_part])
         return (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{PAGE_TAG}<title>search — "
                 f"{_esc(self.campaign)}</title><style>{_STYLE}</style>"

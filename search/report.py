@@ -8,7 +8,7 @@ import re
 import numpy as np
 from optuna.trial import TrialState
 
-from search.workers import SURPLUS
+from search import record
 from search.space import Categorical, format_params, format_value, on_border, space_from_dict
 from search.study import campaign_studies, finished_trials, named_study, retried_from
 
@@ -36,8 +36,8 @@ def _fail_reason(t):
 
 def best_row(study):
     """The best trial as a dict; of a confirm study, its verdict's pick (mean over its seeds)."""
-    verdict = study.user_attrs.get("verdict")
-    if study.user_attrs.get("kind") == "confirm" and isinstance(verdict, dict):
+    verdict = record.read(study).verdict
+    if isinstance(verdict, dict):
         scores = verdict["scores"][str(verdict["pick"])]
         return {"number": None, "params": dict(verdict["params"]),
                 "val_acc": float(np.mean(scores)), "val_acc_std": float(np.std(scores))}
@@ -51,25 +51,18 @@ def best_row(study):
 
 def study_space(study):
     """The parameters the study recorded (none for a define-by-run space)."""
-    return space_from_dict(study.user_attrs.get("space") or [])
+    return space_from_dict(record.read(study).space or [])
 
 
 def narrowing(study):
     """How the study's space was derived from an earlier phase, or None. (Studies of the
     releases that searched λ alone recorded it as "fine_range".)"""
-    attrs = study.user_attrs
-    if "narrowed" in attrs:
-        return attrs["narrowed"]
-    old = attrs.get("fine_range")
-    if not isinstance(old, dict):
-        return None
-    return {"from_study": old.get("coarse_study"), "from_trials": old.get("from_trials"),
-            "rule": old.get("rule")}
+    return record.read(study).narrowed
 
 
 def border_warnings(study, best):
     """A sentence per numeric parameter whose best value sits on a border of its range."""
-    if best is None or study.user_attrs.get("grid"):
+    if best is None or record.read(study).grid:
         return []
     widen = ("raise the narrow margin (--margin)" if narrowing(study) else
              "widen its range in the campaign file (or --low/--high)")
@@ -85,15 +78,16 @@ def study_report(study):
     workers that raced for the last slot, never trained) are counted, not listed."""
     trials = sorted(study.get_trials(deepcopy=False),
                     key=lambda t: (t.state != TrialState.COMPLETE, -(t.value or 0), t.number))
-    surplus = [t for t in trials if t.user_attrs.get("failure") == SURPLUS]
-    trials = [t for t in trials if t.user_attrs.get("failure") != SURPLUS]
+    surplus = [t for t in trials if record.is_bookkeeping(t)]
+    trials = [t for t in trials if not record.is_bookkeeping(t)]
     best = best_row(study)
-    return {"name": study.study_name, "phase": study.user_attrs.get("phase"),
-            "params": param_names(study, trials), "space": study.user_attrs.get("space"),
+    rec = record.read(study)
+    return {"name": study.study_name, "phase": rec.phase,
+            "params": param_names(study, trials), "space": rec.space,
             "best": best, "trials": [trial_row(t) for t in trials],
             "n_complete": sum(t.state == TrialState.COMPLETE for t in trials),
             "n_surplus": len(surplus),
-            "repeats": study.user_attrs.get("repeats", 1),
+            "repeats": rec.repeats,
             "narrowed": narrowing(study),
             "warnings": border_warnings(study, best),
             "confirm": confirm_summary(study)}
@@ -106,11 +100,11 @@ def _trial_ref(best):
 
 def confirm_summary(study):
     """A confirm study's candidates, per-seed means and verdict (its sentence), else None."""
-    attrs = study.user_attrs
-    if attrs.get("kind") != "confirm" or not isinstance(attrs.get("candidates"), list):
+    rec = record.read(study)
+    if not isinstance(rec.candidates, list) or rec.pick is not None:
         return None
-    verdict = attrs.get("verdict") if isinstance(attrs.get("verdict"), dict) else None
-    return {"candidates": attrs["candidates"], "seeds": attrs.get("confirm_seeds"),
+    verdict = rec.verdict if isinstance(rec.verdict, dict) else None
+    return {"candidates": rec.candidates, "seeds": rec.seeds,
             "verdict": verdict, "sentence": verdict and verdict.get("sentence")}
 
 
@@ -124,7 +118,7 @@ def status_report(storage, campaign=None, study=None):
     """{"campaign", "studies": [study_report, ...]} of a campaign, or of the study named `study`;
     InputError for an unknown campaign or study."""
     studies = named_study(storage, study) if study else campaign_studies(storage, campaign)
-    return {"campaign": campaign if not study else studies[0].user_attrs.get("campaign"),
+    return {"campaign": campaign if not study else record.read(studies[0]).campaign,
             "studies": [study_report(s) for s in studies]}
 
 
@@ -200,7 +194,7 @@ def phase_summary(study, spec, storage_label, seconds):
         log.warning(w)
     return {"campaign": spec.campaign, "phase": spec.phase, "study": study.study_name,
             "storage": storage_label, "n_complete": len(finished_trials(study)),
-            "n_trials": spec.n_trials, "best": best, "space": study.user_attrs.get("space"),
+            "n_trials": spec.n_trials, "best": best, "space": record.read(study).space,
             "narrowed": narrowing(study), "warnings": warnings, "seconds": round(seconds, 2)}
 
 

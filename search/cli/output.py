@@ -39,10 +39,32 @@ def _finite(obj):
     return obj
 
 
-def trial_bar(total, desc, args):
-    """progress_bar of trials, for search.phases.run_phase: without a bar nobody polls the study
-    for one (a poll reads every trial, ~30 ms of the CPU the workers train on, once a second)."""
-    return progress_bar(total, desc, args, unit="trial")
+@contextlib.contextmanager
+def phase_bars(args):
+    """Yields the core's progress callback (study name, done, total, unit): one tqdm bar per
+    phase on stderr, or None with --quiet or when stderr is not a terminal (no bar: nobody polls
+    the study for one; a poll reads every trial, once a second)."""
+    from tqdm import tqdm
+
+    if args.quiet or not sys.stderr.isatty():
+        yield None
+        return
+    bars = {}
+
+    def progress(name, done, total, unit):
+        if name not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars[name] = tqdm(total=total, desc=name, unit=unit, leave=False)
+        bar = bars[name]
+        if min(done, total) != bar.n:  # polled every second: redraw only on change
+            bar.n = min(done, total)
+            bar.refresh()
+    try:
+        yield progress
+    finally:
+        for bar in bars.values():
+            bar.close()
 
 
 @contextlib.contextmanager

@@ -7,34 +7,25 @@ flags override it. Everything goes to one storage (default sqlite:///studies/stu
 studies/<campaign>/. Re-running resumes: finished phases are skipped, an interrupted phase
 continues where it stopped, and the final run is redone only if its settings changed.
 """
-import dataclasses
-import functools
 import logging
 import os
 import time
 from pathlib import Path
 
-import numpy as np
-
-from model.checkpoint import save_page
 from model.data import load_cifar10
-from model.errors import ConfigError, DivergedError
-from model.gradcheck import gradcheck_report
 from model.outputs import check_page, check_results_dir
 from model.resources import check_memory, check_writable
-from search.campaign import final_config, searched_names, validated, with_config, with_phase
+from search import settings
 from search.cli.args import Parser, add_campaign_args, add_common_args, add_data_args
 from search.cli.configs import campaign
 from search.cli.errors import run
-from search.cli.output import emit, progress_bar, setup_logging, trial_bar
+from search.cli.output import emit, phase_bars, setup_logging
 from search.cli.storage import protected_paths
 from search.cli.threads import single_blas_thread
-from search.confirm import run_confirm
-from search.final import check_final_study, read_final, run_final
-from search.phases import campaign_best, phase_spec, run_spec
-from search.report import best_row, narrowing, space_text
+from search.core import dashboard_maker, run_campaign
+from search.report import space_text
 from search.space import format_params
-from search.study import campaign_studies, check_storage, mask_url, open_storage
+from search.study import check_storage, mask_url, open_storage
 
 log = logging.getLogger("pipeline")
 N_TRAIN = 49_000  # to check the final settings before the data is loaded
@@ -60,7 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--final-cycles", type=int, default=None, help="final: cycles")
     p.add_argument("--out-dir", default=None, help="results folder (default studies/<campaign>)")
     p.add_argument("--force-final", action="store_true",
-                   help="replace a recorded final run whose pick differs from the search's")
+                   help="retire a recorded final run whose pick differs from the search's (it is "
+                        "kept as a study of its own) and train the new pick")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any setting of the campaign by its dotted name, e.g. "
+                        "phases.coarse.n_trials=4, search.n_s=20, final.seeds=5 (repeatable)")
     add_data_args(p)
     add_common_args(p)
     args = p.parse_args(argv)
@@ -73,103 +68,24 @@ def parse_args(argv=None):
     return args
 
 
+def overrides(args, c):
+    """{dotted name: value} of the flags (shortcuts of --set) and of --set (which wins)."""
+    out = {"search.n_s": args.search_n_s, "search.cycles": args.search_cycles,
+           "seed": args.seed, "final.seeds": args.seeds, "final.n_s": args.final_n_s,
+           "final.cycles": args.final_cycles,
+           "phases.coarse.n_trials": args.coarse_trials, "phases.fine.n_trials": args.fine_trials}
+    for phase in c.phases:  # --repeats and --pruner: every phase that has them
+        for key, value in (("repeats", args.repeats), ("pruner", args.pruner)):
+            if key in phase.settings:
+                out[f"phases.{phase.name}.{key}"] = value
+    out = {k: v for k, v in out.items() if v is not None}
+    return {**out, **settings.parse_pairs(args.set)}
+
+
 def build_campaign(args):
     """The campaign file with the flags applied; ConfigError when they do not fit it."""
     c = campaign(args)
-    search = with_config(c.search, n_s=args.search_n_s, cycles=args.search_cycles)
-    final = dataclasses.replace(
-        c.final, seeds=args.seeds or c.final.seeds,
-        n_s=c.final.n_s if args.final_n_s is None else args.final_n_s,
-        config=with_config(c.final.config, cycles=args.final_cycles))
-    c = dataclasses.replace(c, search=search, final=final,
-                            seed=c.seed if args.seed is None else args.seed)
-    for phase in c.phases:
-        c = with_phase(c, phase.name, **{k: v for k, v in (("repeats", args.repeats),
-                                                           ("pruner", args.pruner)) if v})
-    for name, n in (("coarse", args.coarse_trials), ("fine", args.fine_trials)):
-        if n is not None:
-            if name not in [p.name for p in c.phases]:
-                raise ConfigError(f"--{name}-trials: campaign {c.name} has no phase {name}")
-            c = with_phase(c, name, n_trials=n)
-    final_config(c, {}, N_TRAIN)  # the final settings, checked before anything runs
-    return validated(c)
-
-
-def gradient_check(data, n_steps):
-    report = gradcheck_report(data.train.X, data.train.y, np.random.default_rng(0))
-    worst = max(e for c in report["checks"] for e in c["max_rel_error"].values())
-    log.info("[1/%d] gradient check: max relative error %.2e (%s)", n_steps, worst,
-             "pass" if report["passed"] else "FAIL")
-    if not report["passed"]:
-        raise DivergedError(f"gradient check failed (max relative error {worst:.2e} ≥ 1e-5)")
-    return {"passed": True, "max_rel_error": worst}
-
-
-def search_phases(args, c, storage, data):
-    """Run every phase of the campaign in order; returns their studies."""
-    studies = []
-    n = len(c.phases) + 3
-    for i, phase in enumerate(c.phases, start=2):
-        if phase.kind == "confirm":
-            rule = phase.confirm
-            log.info("[%d/%d] %s-%s: the best %d configurations of %s on %d paired seeds", i, n,
-                     c.name, phase.name, rule["top_k"], ", ".join(rule["from"]), rule["seeds"])
-            with trial_bar(phase.n_trials, f"{c.name}-{phase.name}", args) as progress:
-                study, verdict = run_confirm(c, phase.name, storage, data, workers=args.workers,
-                                             progress=progress)
-            log.info("[%d/%d] verdict: %s", i, n, verdict["sentence"])
-            studies.append(study)
-            continue
-        spec = phase_spec(c, phase.name, storage)
-        log.info("[%d/%d] %s: %d trials in %s", i, n, spec.study_name, spec.n_trials,
-                 space_text(spec.attrs()["space"]))
-        with trial_bar(spec.n_trials, spec.study_name, args) as progress:
-            studies.append(run_spec(spec, storage, data, workers=args.workers, progress=progress))
-    return studies
-
-
-def final_phase(args, c, storage, data, out, protect, on_cpu_free=None):
-    """Train the campaign's best parameters (the final section's values win) on its seeds."""
-    best, source = campaign_best(storage, c.name)
-    config = final_config(c, best, len(data.train.y))
-    params = {k: getattr(config, k) for k in searched_names(c)}
-    check_final_study(storage, c.name, params, force=args.force_final)
-    seeds = list(range(c.final.seeds))
-    step = f"[{len(c.phases) + 2}/{len(c.phases) + 3}] final run"
-    done = read_final(out)
-    if done and done["metrics"].get("params") == params and done["config"] == {
-            **dataclasses.asdict(config), "data": data.source, "seeds": seeds}:
-        log.info("%s: already done for %s, skipped", step, format_params(params))
-        return done["metrics"]
-    log.info("%s: %s from %s, %d seeds × %d updates", step, format_params(params),
-             source["study"], len(seeds), config.total_steps)
-    with progress_bar(config.total_steps * len(seeds), "final run", args,
-                              "update") as progress:
-        metrics, _ = run_final(data, config, seeds, params, source, out, storage, c.name,
-                               workers=args.workers, on_cpu_free=on_cpu_free, protect=protect,
-                               progress=progress)
-    return metrics
-
-
-def dashboard_maker(args, name, storage):
-    """A callable returning the campaign's search.plots.Dashboard, made (the studies' sections
-    rendered) at its first call. The pipeline calls it first while the final run's last seed
-    trains and a CPU is free: the plotting modules (~0.7 s to import, so imported only here) and
-    the studies' figures then cost no wall time. A call that failed is made again (and raises) when
-    the page is written, after the final run's results are saved."""
-    @functools.cache
-    def dashboard():
-        from search.plots import Dashboard
-
-        return Dashboard(name, mask_url(args.storage), campaign_studies(storage, name))
-    return dashboard
-
-
-def write_dashboard(dashboard, out_dir, protect, step):
-    path = out_dir / "dashboard.html"
-    save_page(path, dashboard.html(read_final(out_dir / "final")), protect)
-    log.info("[%s] dashboard -> %s", step, path)
-    return path
+    return settings.apply(c, overrides(args, c))
 
 
 def summary_text(s):
@@ -189,10 +105,22 @@ def summary_text(s):
     return "\n".join(lines)
 
 
+def summary_of(result, storage_text):
+    """The --json summary of a CampaignResult."""
+    f = result.final
+    return {"campaign": result.campaign, "storage": storage_text, "gradcheck": result.gradcheck,
+            "phases": [{k: ph[k] for k in ("study", "space", "narrowed", "best")}
+                       for ph in result.phases],
+            "verdict": result.verdict,
+            "final": {"params": f["params"], "source": f["source"],
+                      "test_acc": [s["test_acc"] for s in f["seeds"]],
+                      "test_acc_mean": f["test_acc_mean"], "test_acc_std": f["test_acc_std"]},
+            "outputs": result.outputs, "seconds": result.seconds}
+
+
 def main():
     args = parse_args()
     setup_logging(args)
-    start = time.perf_counter()
     c = build_campaign(args)
     out_dir = Path(args.out_dir or f"studies/{c.name}")
     protect = protected_paths(args.storage)
@@ -202,27 +130,19 @@ def main():
     check_storage(args.storage)
     for phase in c.phases:
         check_memory(c.phase_config(phase), processes=args.workers)
-    check_memory(final_config(c, {}, N_TRAIN), processes=c.final.seeds if args.workers > 1 else 1)
+    check_memory(c.final.training_config(c, {}, N_TRAIN),
+                 processes=c.final.seeds if args.workers > 1 else 1)
     data = load_cifar10(args.data_dir, n_val=args.n_val)
     storage = open_storage(args.storage)
-    make_dashboard = dashboard_maker(args, c.name, storage)
-    with single_blas_thread():
-        check = gradient_check(data, len(c.phases) + 3)
-        studies = search_phases(args, c, storage, data)
-        metrics = final_phase(args, c, storage, data, out_dir / "final", protect, make_dashboard)
-    n = len(c.phases) + 3
-    dashboard = write_dashboard(make_dashboard(), out_dir, protect, f"{n}/{n}")
-    summary = {
-        "campaign": c.name, "storage": mask_url(args.storage), "gradcheck": check,
-        "phases": [{"study": st.study_name, "space": st.user_attrs.get("space"),
-                    "narrowed": narrowing(st), "best": best_row(st)} for st in studies],
-        "verdict": next((st.user_attrs["verdict"] for st in studies
-                         if isinstance(st.user_attrs.get("verdict"), dict)), None),
-        "final": {"params": metrics["params"], "source": metrics["source"],
-                  "test_acc": [s["test_acc"] for s in metrics["seeds"]],
-                  "test_acc_mean": metrics["test_acc_mean"], "test_acc_std": metrics["test_acc_std"]},
-        "outputs": {"final": str(out_dir / "final"), "dashboard": str(dashboard)},
-        "seconds": round(time.perf_counter() - start, 1)}
+
+    def step(i, n, text):
+        log.info("[%d/%d] %s", i, n, text)
+    with single_blas_thread(), phase_bars(args) as progress:
+        result = run_campaign(c, data, storage, workers=args.workers, out_dir=out_dir,
+                              protect=protect, force_final=args.force_final, progress=progress,
+                              on_step=step, make_dashboard=dashboard_maker(
+                                  c.name, storage, mask_url(args.storage)))
+    summary = summary_of(result, mask_url(args.storage))
     emit(summary, args, summary_text(summary))
     return 0
 
