@@ -71,6 +71,7 @@ class FinalRun(Phase):
         campaign's seeds, each once across runners, then publish the results folder `out`
         (atomically; model.outputs.publish_dir for `protect`). Returns the metrics."""
         config = self.training_config(run.campaign, pick, len(run.data.train.y))
+        pick = {k: getattr(config, k) for k in pick}  # the final section's values win
         seeds = [first_seed + k for k in range(self.seeds)]
         study = self.open(run, pick, source, config, seeds, force)
         log.info("%s: %s from %s, %d seeds × %d updates", study.study_name, pick,
@@ -91,8 +92,7 @@ class FinalRun(Phase):
             campaign=run.campaign.name, phase="final", kind=self.kind,
             index=len(run.campaign.phases), config={**dataclasses.asdict(config), "seed": None},
             pick=pick, seeds=seeds, n_trials=len(seeds), digest=run.campaign.digest(),
-            fingerprint=run.fingerprint, precision=run.precision,
-            candidates=[source])
+            fingerprint=run.fingerprint, precision=run.precision, source=source)
         with storage_lock(run.storage, name):
             if name in optuna.get_all_study_names(run.storage):
                 old = record.read(optuna.load_study(study_name=name, storage=run.storage))
@@ -221,7 +221,7 @@ def publish(run, study, out, protect=()):
             return shown["metrics"]
         store = _store(artifact_dir(out))
         runs = [_run_of(t, store, run.storage) for t in trials]
-        metrics = final_metrics(runs, rec.pick, (rec.candidates or [None])[0], numbers)
+        metrics = final_metrics(runs, rec.pick, rec.source, numbers)
         config = TrainConfig(**{k: v for k, v in rec.config.items() if k != "seed"})
         tagged = [(f"_seed{r['seed']}", r["params"], r["history"]) for r in runs]
         config = dataclasses.replace(config, seed=rec.seeds[0])

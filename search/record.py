@@ -22,7 +22,7 @@ _KEYS = {"campaign": "campaign", "phase": "phase", "kind": "kind", "index": "pha
          "pruner": "pruner", "repeats": "repeats", "seed": "seed", "n_trials": "n_trials",
          "digest": "campaign_digest", "narrowed": "narrowed", "fingerprint": "data_fingerprint",
          "precision": "precision", "candidates": "candidates", "seeds": "confirm_seeds",
-         "verdict": "verdict", "pick": "pick", "derived_from": "derived_from",
+         "verdict": "verdict", "pick": "pick", "source": "source", "derived_from": "derived_from",
          "retired": "retired", "version": "record_version"}
 # Settings that must match when a study is resumed: changing them would mix incomparable trials.
 PINNED = ("space", "config", "repeats", "fingerprint", "precision")
@@ -52,6 +52,7 @@ class StudyRecord:
     seeds: list = None          # confirm: the paired seeds; final: the training seeds
     verdict: dict = None        # confirm: search.confirm.verdict + sentence, params, scores
     pick: dict = None           # final: the parameters trained
+    source: dict = None         # final: where the pick came from ({"study", "phase", "trial"})
     derived_from: list = None   # confirm: the (study, trial) of the top-k it was derived from
     retired: bool = False       # set by `retire`: kept for the record, never read as a phase
     version: int = VERSION

@@ -187,18 +187,24 @@ def terminal_safe(text):
     return _CONTROL.sub("?", text)
 
 
-def phase_summary(study, spec, storage_label, seconds):
+def phase_summary(study, storage_label, seconds):
+    """A phase's study after a run: its best (a confirm phase's pick and verdict), its space and
+    how it was derived, and warnings (a best value on a border of its range)."""
+    rec = record.read(study)
     best = best_row(study)
     warnings = border_warnings(study, best)
     for w in warnings:
         log.warning(w)
-    return {"campaign": spec.campaign, "phase": spec.phase, "study": study.study_name,
+    return {"campaign": rec.campaign, "phase": rec.phase, "study": study.study_name,
             "storage": storage_label, "n_complete": len(finished_trials(study)),
-            "n_trials": spec.n_trials, "best": best, "space": record.read(study).space,
-            "narrowed": narrowing(study), "warnings": warnings, "seconds": round(seconds, 2)}
+            "n_trials": rec.n_trials, "best": best, "space": rec.space,
+            "narrowed": narrowing(study), "verdict": rec.verdict, "warnings": warnings,
+            "seconds": round(seconds, 2)}
 
 
 def summary_text(s):
+    if s.get("verdict"):
+        return terminal_safe(f"{s['study']}: {s['verdict']['sentence']}")
     b = s["best"]
     head = (f"{s['study']}: {s['n_complete']} complete trials; best {format_params(b['params'])}"
             f" ({'confirmed' if b['number'] is None else 'trial #' + str(b['number'])}), val acc "

@@ -4,7 +4,8 @@
 
 The parameters come from the campaign's best trial (its last phase with a complete trial); a
 TrainConfig flag (--lam, --m, …) wins over them and over the campaign's final section, and when
-the flags give every searched parameter no study is read. dd2424: trains on 49k/1k with n_s =
+the flags give every searched parameter no search study is read. The run is recorded as the study
+<campaign>-final (its seeds are queued trials: several machines may run the same command). dd2424: trains on 49k/1k with n_s =
 2·⌊49,000/n_batch⌋ = 980 for 3 cycles per seed; writes params, histories, config, metrics and
 figures into studies/<campaign>/final/ (or --out).
 """
@@ -14,18 +15,17 @@ import os
 from model.data import load_cifar10
 from model.outputs import check_results_dir
 from model.resources import check_memory, check_writable
-from search.campaign import final_config, searched_names, with_config
+from search.campaign import with_config
 from search.cli.args import (Parser, add_campaign_args, add_common_args, add_data_args,
                              add_train_args)
 from search.cli.configs import campaign, given_train_flags
 from search.cli.errors import run
-from search.cli.output import emit, progress_bar, setup_logging
+from search.cli.output import emit, phase_bars, setup_logging
 from search.cli.storage import protected_paths
 from search.cli.threads import single_blas_thread
-from search.final import check_final_study, run_final
-from search.phases import campaign_best
+from search.core import run_final
 from search.space import format_params
-from search.study import open_storage
+from search.study import check_storage, open_storage
 
 N_TRAIN = 49_000  # to check the flags before the data is loaded; the real count replaces it
 
@@ -41,7 +41,8 @@ def parse_args(argv=None):
                    help="processes the seeds train in, at once (default: cores)")
     p.add_argument("--out", default=None, help="results folder (default studies/<campaign>/final)")
     p.add_argument("--force-final", action="store_true",
-                   help="replace a recorded final run whose pick differs from this one")
+                   help="retire a recorded final run whose pick differs from this one (it is "
+                        "kept as a study of its own) and train this one")
     add_train_args(p, None, skip=("seed",))
     add_data_args(p)
     add_common_args(p)
@@ -62,14 +63,11 @@ def build_campaign(args):
     return dataclasses.replace(c, final=final), given
 
 
-def choose_params(c, given, storage_url):
-    """(best params, source, storage or None): the campaign's best trial, unless the flags give
-    every parameter its phases search."""
-    if set(searched_names(c)) <= set(given):
-        return {}, {"study": None, "phase": "given", "trial": None}, None
-    storage = open_storage(storage_url, create=False)
-    params, source = campaign_best(storage, c.name)
-    return params, source, storage
+def given_pick(c, given):
+    """The flags' values of every searched parameter, or None when some are not given (the
+    campaign's studies give them)."""
+    names = c.searched_names()
+    return {k: given[k] for k in names} if set(names) <= set(given) else None
 
 
 def main():
@@ -80,31 +78,35 @@ def main():
     protect = protected_paths(args.storage)
     check_results_dir(out, protect)
     check_writable(out)
-    params, source, storage = choose_params(c, given, args.storage)
-    config = final_config(c, params, N_TRAIN)  # a bad flag fails before the data is loaded
+    pick = given_pick(c, given)
+    if pick is None:
+        storage = open_storage(args.storage, create=False)
+    else:
+        check_storage(args.storage)
+    config = c.final.training_config(c, pick or {}, N_TRAIN)  # a bad flag fails before the data
     check_memory(config, processes=c.final.seeds if args.workers > 1 else 1)  # all seeds at once
     data = load_cifar10(args.data_dir, n_val=args.n_val)
-    config = dataclasses.replace(final_config(c, params, len(data.train.y)), seed=args.seed)
-    trained = {k: getattr(config, k) for k in searched_names(c)}
-    seeds = [args.seed + k for k in range(c.final.seeds)]
-    if storage is not None:
-        check_final_study(storage, c.name, trained, force=args.force_final)
-    with single_blas_thread(), progress_bar(
-            config.total_steps * len(seeds), "final run", args, "update") as progress:
-        metrics, runs = run_final(data, config, seeds, trained, source, out, storage, c.name,
-                                  workers=args.workers, protect=protect, progress=progress)
-    summary = {"params": trained, "source": source, "test_acc": [r["test"]["acc"] for r in runs],
+    if pick is not None:
+        storage = open_storage(args.storage)
+    with single_blas_thread(), phase_bars(args) as progress:
+        metrics, trained, source = run_final(
+            c, data, storage, pick=pick, out=out, first_seed=args.seed, workers=args.workers,
+            protect=protect, force=args.force_final, progress=progress)
+    seeds = [s["seed"] for s in metrics["seeds"]]
+    summary = {"params": metrics["params"], "source": metrics["source"],
+               "test_acc": [s["test_acc"] for s in metrics["seeds"]],
                "test_acc_mean": metrics["test_acc_mean"], "test_acc_std": metrics["test_acc_std"],
                "test_acc_ensemble_mean": metrics["test_acc_ensemble_mean"],
                "seeds": seeds, "out": str(out)}
-    where = ("the flags" if not source["study"] else f"{source['study']}, confirmed"
-             if source["trial"] is None else f"{source['study']} trial #{source['trial']}")
-    per_seed = ", ".join(f"seed {r['seed']}: {r['test']['acc']:.4f}" for r in runs)
+    src = metrics["source"] or {}
+    where = ("the flags" if not src.get("study") else f"{src['study']}, confirmed"
+             if src.get("trial") is None else f"{src['study']} trial #{src['trial']}")
+    per_seed = ", ".join(f"seed {s['seed']}: {s['test_acc']:.4f}" for s in metrics["seeds"])
     emit(summary, args,
-                 f"{format_params(trained)} (from {where}); test accuracy "
-                 f"{metrics['test_acc_mean']:.4f} ± {metrics['test_acc_std']:.4f} over "
-                 f"{len(seeds)} seeds ({per_seed}); snapshot ensembles "
-                 f"{metrics['test_acc_ensemble_mean']:.4f} -> {out}")
+         f"{format_params(metrics['params'])} (from {where}); test accuracy "
+         f"{metrics['test_acc_mean']:.4f} ± {metrics['test_acc_std']:.4f} over "
+         f"{len(seeds)} seeds ({per_seed}); snapshot ensembles "
+         f"{metrics['test_acc_ensemble_mean']:.4f} -> {out}")
     return 0
 
 

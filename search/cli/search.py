@@ -3,11 +3,14 @@
     python scripts/search.py coarse [--config dd2424] [--campaign cifar10] [--workers 2]
     python scripts/search.py fine   [--n-trials 12 | --values 1e-3,2e-3]
     python scripts/search.py status [--campaign cifar10 | --study NAME] [--json]
+    python scripts/search.py retire fine [--campaign cifar10]
 
 PHASE is a phase of the campaign file (dd2424: coarse, fine); flags override the file. Re-running
 a phase resumes it: it stops once the study holds its number of COMPLETE trials in total (pruned
 and failed trials come on top; with --values, each value is tried once). Several shells or
-machines may run the same command against one --storage.
+machines may run the same command against one --storage. `retire PHASE` keeps the phase's
+study (and those derived from it, and the final run) under new names and removes them from the
+campaign, so that the next run derives them again (e.g. after an earlier phase changed).
 """
 import dataclasses
 import time
@@ -15,14 +18,13 @@ import time
 from model.data import load_cifar10
 from model.errors import ConfigError
 from model.resources import check_memory
-from search.campaign import grid_param, source_space, validated, with_config, with_phase
+from search.campaign import grid_param, validated, with_config, with_phase
 from search.cli.args import (Parser, add_campaign_args, add_common_args, add_data_args,
                              add_train_args)
 from search.cli.configs import campaign, given_train_flags
 from search.cli.errors import run
-from search.cli.output import emit, setup_logging, trial_bar
-from search.confirm import run_confirm
-from search.phases import phase_spec, run_spec
+from search.cli.output import emit, phase_bars, setup_logging
+from search.core import retire, run_phase
 from search.report import phase_summary, status_report, status_text, summary_text
 from search.samplers import PRUNERS, SAMPLERS
 from search.space import Categorical, Int, parse_values
@@ -32,7 +34,9 @@ from search.study import (GRACE_PERIOD, HEARTBEAT_INTERVAL, check_storage, mask_
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", help="a phase of the campaign (dd2424: coarse, fine), or status")
+    p.add_argument("phase", help="a phase of the campaign (dd2424: coarse, fine, confirm), "
+                                 "status, or retire")
+    p.add_argument("target", nargs="?", default=None, help="retire: the phase to retire")
     add_campaign_args(p, "names the studies <campaign>-<phase> (default: the file's)")
     p.add_argument("--study", default=None, help="status: show this study (any name) instead")
     p.add_storage()
@@ -98,6 +102,10 @@ def build_campaign(args):
     phase = c.phase(args.phase)
     changes = {k: v for k, v in (("n_trials", args.n_trials), ("repeats", args.repeats),
                                  ("sampler", args.sampler), ("pruner", args.pruner)) if v is not None}
+    for key in changes:
+        if key not in phase.settings:
+            raise ConfigError(f"--{key.replace('_', '-')} does not apply to phase {phase.name} "
+                              f"(it sets {', '.join(phase.settings)})")
     changes["config"] = with_config(phase.config, seed=args.train_seed,
                                     **given_train_flags(args, skip=("seed",)))
     if args.low is not None or args.high is not None:
@@ -107,7 +115,7 @@ def build_campaign(args):
         changes = {**grid, "n_trials": len(next(iter(grid["grid"].values()))), "pruner": "none",
                    **changes}
     if args.top_k is not None or args.margin is not None:
-        if not phase.narrow:
+        if not getattr(phase, "narrow", None):
             raise ConfigError(f"--top-k and --margin belong to a narrowed phase; phase "
                               f"{phase.name} has its own ranges")
         changes["narrow"] = {**phase.narrow, **{k: v for k, v in
@@ -117,7 +125,10 @@ def build_campaign(args):
 
 
 def _only_param(c, phase, flag):
-    space = source_space(c, phase)
+    if "n_trials" not in phase.settings:
+        raise ConfigError(f"{flag} sets a search phase's parameter; phase {phase.name} confirms "
+                          "the configurations of earlier phases")
+    space = phase.base_space(c)
     if len(space) != 1:
         raise ConfigError(f"{flag} needs a phase with one parameter; phase {phase.name} has "
                           f"{', '.join(p.name for p in space)}: set them in a campaign file")
@@ -125,7 +136,7 @@ def _only_param(c, phase, flag):
 
 
 def _bounds(c, phase, low, high):
-    if phase.narrow:
+    if getattr(phase, "narrow", None):
         raise ConfigError(f"--low/--high set a phase's own range; phase {phase.name} narrows "
                           f"{phase.narrow['from']} (use --margin, or --values)")
     p = _only_param(c, phase, "--low/--high")
@@ -161,22 +172,22 @@ def status(args):
     return 0
 
 
-def confirm(args, c, phase, storage_opts):
-    """A confirm phase: race the best configurations of the phases it draws from (which must
-    exist), then print the verdict."""
-    storage = open_storage(args.storage, create=False, **storage_opts)
-    config = c.phase_config(phase)
-    check_memory(config, processes=args.workers)
-    data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=config.dtype)
-    start = time.perf_counter()
-    with trial_bar(phase.n_trials, f"{c.name}-{phase.name}", args) as progress:
-        study, verdict = run_confirm(c, phase.name, storage, data, workers=args.workers,
-                                     storage_opts=storage_opts, progress=progress)
-    summary = {"campaign": c.name, "phase": phase.name, "study": study.study_name,
-               "storage": mask_url(args.storage), "verdict": verdict,
-               "seconds": round(time.perf_counter() - start, 2)}
-    emit(summary, args, f"{study.study_name}: {verdict['sentence']}")
+def retire_phase(args):
+    if not args.target:
+        raise ConfigError("retire which phase? e.g. scripts/search.py retire fine")
+    storage = open_storage(args.storage, create=False)
+    c = build_retire_campaign(args)
+    kept = retire(c, args.target, storage)
+    emit({"campaign": c.name, "phase": args.target, "retired": kept}, args,
+         f"retired {', '.join(kept) or 'nothing (no study of that phase yet)'}; the next run "
+         "derives them again")
     return 0
+
+
+def build_retire_campaign(args):
+    c = campaign(args)
+    c.phase(args.target)
+    return c
 
 
 def main():
@@ -184,27 +195,26 @@ def main():
     setup_logging(args)
     if args.phase == "status":
         return status(args)
+    if args.phase == "retire":
+        return retire_phase(args)
     storage_opts = {"heartbeat_interval": args.heartbeat_interval, "grace_period": args.grace_period}
     c = build_campaign(args)
     phase = c.phase(args.phase)
-    if phase.kind == "confirm":
-        return confirm(args, c, phase, storage_opts)
-    if not phase.narrow:  # data before the storage: a bad data dir must leave no storage
-        spec = phase_spec(c, phase.name)
+    config = c.phase_config(phase)
+    if not phase.upstream():  # data before the storage: a bad data dir must leave no storage
         check_storage(args.storage)
-        check_memory(spec.config, processes=args.workers)
-        data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=spec.config.dtype)
+        check_memory(config, processes=args.workers)
+        data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=config.dtype)
         storage = open_storage(args.storage, **storage_opts)
-    else:
+    else:  # derived from earlier phases: their storage must exist
         storage = open_storage(args.storage, create=False, **storage_opts)
-        spec = phase_spec(c, phase.name, storage)
-        check_memory(spec.config, processes=args.workers)
-        data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=spec.config.dtype)
+        check_memory(config, processes=args.workers)
+        data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=config.dtype)
     start = time.perf_counter()
-    with trial_bar(spec.n_trials, spec.study_name, args) as progress:
-        study = run_spec(spec, storage, data, workers=args.workers, storage_opts=storage_opts,
-                         progress=progress)
-    summary = phase_summary(study, spec, mask_url(args.storage), time.perf_counter() - start)
+    with phase_bars(args) as progress:
+        study, _ = run_phase(c, phase.name, data, storage, workers=args.workers,
+                             storage_opts=storage_opts, progress=progress)
+    summary = phase_summary(study, mask_url(args.storage), time.perf_counter() - start)
     emit(summary, args, summary_text(summary))
     return 0
 
