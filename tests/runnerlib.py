@@ -140,6 +140,11 @@ def campaign_study_names(url, campaign):
     return [n for n in fl.study_names(url) if n.startswith(f"{campaign}-")]
 
 
+def campaign_study_names_phases(url, campaign):
+    """The phases (name suffixes) of the campaign's studies, e.g. ["coarse", "confirm", ...]."""
+    return [n[len(campaign) + 1:] for n in campaign_study_names(url, campaign)]
+
+
 def load(url, campaign, phase):
     """(trials, user attrs) of <campaign>-<phase>, or (None, None) when there is no such study."""
     name = f"{campaign}-{phase}"
@@ -172,12 +177,10 @@ def _described(trials):
 
 # ---- the checks ---------------------------------------------------------------------------------
 
-def check_exits(runs, expect_zero=None):
-    """Every runner in expect_zero (default: all) exited 0 with one JSON line on stdout."""
+def check_exits(runs):
+    """Every run exited 0 with one JSON line on stdout."""
     problems = []
     for run in runs:
-        if expect_zero is not None and run.name not in expect_zero:
-            continue
         if run.returncode != 0:
             problems.append(f"{run.name} exited {run.returncode}, not 0: "
                             f"{_last_lines(run.stderr)}")
@@ -397,20 +400,19 @@ def check_agree(runs):
     return problems
 
 
-def campaign_problems(url, campaign, runs, runners, killed=(), n_coarse=N_COARSE, n_fine=N_FINE,
+def campaign_problems(url, campaign, runs, runners, killed=0, n_coarse=N_COARSE, n_fine=N_FINE,
                       n_seeds=N_SEEDS):
-    """Every check on a finished campaign that `runners` pipelines ran; killed: the names of the
-    runners that were SIGKILLed (their exit and output are not checked)."""
-    alive = [r for r in runs if r.name not in killed]
-    return (check_exits(runs, expect_zero={r.name for r in alive})
+    """Every check on a finished campaign that `runners` pipelines ran, `killed` of them
+    SIGKILLed. runs: the Runs of the runners that were not killed (each must exit 0)."""
+    return (check_exits(runs)
             + check_studies(url, campaign)
-            + check_search_phase(url, campaign, "coarse", n_coarse, runners, len(killed))
-            + check_search_phase(url, campaign, "fine", n_fine, runners, len(killed))
-            + check_narrowed(url, campaign, alive)
+            + check_search_phase(url, campaign, "coarse", n_coarse, runners, killed)
+            + check_search_phase(url, campaign, "fine", n_fine, runners, killed)
+            + check_narrowed(url, campaign, runs)
             + check_confirm(url, campaign)
-            + check_final(url, campaign, n_seeds, alive)
+            + check_final(url, campaign, n_seeds, runs)
             + check_nothing_pending(url, campaign)
-            + check_agree(alive))
+            + check_agree(runs))
 
 
 def assert_no_problems(problems, runs=()):

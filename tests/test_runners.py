@@ -96,5 +96,4 @@ def test_a_runner_killed_mid_coarse_leaves_the_studies_of_one(cifar_tiny_dir, tm
     finally:
         rl.kill_all(runners)
     assert runs[-1].returncode == -signal.SIGKILL
-    rl.assert_no_problems(rl.campaign_problems(url, campaign, runs, RUNNERS,
-                                               killed={victim.name}), runs)
+    rl.assert_no_problems(rl.campaign_problems(url, campaign, runs[:-1], RUNNERS, killed=1), runs)
