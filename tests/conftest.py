@@ -92,17 +92,18 @@ def make_archive(folder, archive):
     return archive
 
 
-@pytest.fixture(scope="session")
-def cifar_tiny_dir(tmp_path_factory):
-    """A tiny CIFAR-10 in the real format. Read-only for tests: copy it before changing anything.
+def write_tiny_cifar(root):
+    """Write the tiny CIFAR-10 into the folder root (cifar-10-batches-py/ and its archive). The
+    batch files are the same bytes on every call (seeded; the archive differs by its file times),
+    which tests/data/make_tiny_cifar.py and the storages of tests/data/ rely on.
 
     Returns a namespace: root (holds both the folder and the archive), batches (the
     cifar-10-batches-py folder), archive, md5 (the archive's), and the raw uint8 arrays
     train_X / train_y (data_batch_1..5 concatenated in file order) and test_X / test_y.
     """
-    root = tmp_path_factory.mktemp("cifar_tiny")
+    root = Path(root)
     batches = root / "cifar-10-batches-py"
-    batches.mkdir()
+    batches.mkdir(parents=True)
     r = np.random.default_rng(123)
     raw = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
@@ -122,3 +123,10 @@ def cifar_tiny_dir(tmp_path_factory):
         test_X=raw["test_batch"][b"data"],
         test_y=np.asarray(raw["test_batch"][b"labels"], dtype=np.int64),
     )
+
+
+@pytest.fixture(scope="session")
+def cifar_tiny_dir(tmp_path_factory):
+    """A tiny CIFAR-10 in the real format (write_tiny_cifar). Read-only for tests: copy it before
+    changing anything."""
+    return write_tiny_cifar(tmp_path_factory.mktemp("cifar_tiny"))
