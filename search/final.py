@@ -73,7 +73,7 @@ class FinalRun(Phase):
         config = self.training_config(run.campaign, pick, len(run.data.train.y))
         pick = {k: getattr(config, k) for k in pick}  # the final section's values win
         seeds = [first_seed + k for k in range(self.seeds)]
-        study = self.open(run, pick, source, config, seeds, force)
+        study = self.open(run, pick, source, config, seeds, force, out)
         log.info("%s: %s from %s, %d seeds × %d updates", study.study_name, pick,
                  source.get("study") or "the flags", len(seeds), config.total_steps)
         queue(run, study, [(_fixed(pick), {record.FINAL_SEED: s}) for s in seeds])
@@ -83,10 +83,11 @@ class FinalRun(Phase):
                           on_cpu_free=on_cpu_free)
         return publish(run, study, out, protect)
 
-    def open(self, run, pick, source, config, seeds, force):
+    def open(self, run, pick, source, config, seeds, force, out):
         """The final study of this pick and config. One trained with another pick is kept
         (refused, or with force retired to a study of its own, never deleted); one of the same
-        pick with other settings is retired and trained again."""
+        pick with other settings is retired and trained again, and so is one of a release before
+        the schema (its seeds' histories were files only) unless `out` shows it."""
         name = final_study_name(run.campaign.name)
         wanted = record.StudyRecord(
             campaign=run.campaign.name, phase="final", kind=self.kind,
@@ -101,8 +102,11 @@ class FinalRun(Phase):
                         f"campaign {run.campaign.name!r} has a final run of {old.pick}, and its "
                         f"pick is now {pick}; use a new --campaign to keep both, or "
                         "--force-final to retire that final run (kept as a study of its own)")
-                if (old.pick, old.config, old.seeds, old.fingerprint) != (
-                        wanted.pick, wanted.config, wanted.seeds, wanted.fingerprint):
+                # (a release before the schema recorded no seeds or fingerprint: not compared)
+                shown = read_final(out)
+                if any(getattr(old, f) not in (None, getattr(wanted, f))
+                       for f in ("pick", "config", "seeds", "fingerprint")) or (
+                        old.version < 2 and not (shown and shown["metrics"].get("params") == pick)):
                     from search.core import retire_study
 
                     log.warning("%s: the final run of %s with other settings is retired", name,
@@ -192,6 +196,7 @@ def final_metrics(runs, params, source, trials=None):
     and their mean. (config.json holds the whole TrainConfig that was trained.)"""
     test = [r["test"]["acc"] for r in runs]
     ensemble = [r["test_ensemble"]["acc"] for r in runs]
+    ensemble_mean = None if None in ensemble else float(np.mean(ensemble))
     return {
         "params": params, "source": source,
         "seeds": [{"seed": r["seed"], "train_acc": r["train"]["acc"], "val_acc": r["val"]["acc"],
@@ -200,7 +205,7 @@ def final_metrics(runs, params, source, trials=None):
                    "seconds": r["seconds"]} for r in runs],
         "val_acc_mean": float(np.mean([r["val"]["acc"] for r in runs])),
         "test_acc_mean": float(np.mean(test)), "test_acc_std": float(np.std(test)),
-        "test_acc_ensemble_mean": float(np.mean(ensemble)),
+        "test_acc_ensemble_mean": ensemble_mean,
         "seconds": round(sum(r["seconds"] for r in runs), 2),
         **({"trials": trials} if trials is not None else {}),
     }
@@ -242,27 +247,32 @@ def _run_of(t, store, storage):
     """A seed's run, rebuilt from its trial (and its parameters from the artifact store: None
     when this runner cannot reach it, e.g. another machine's local folder)."""
     a = t.user_attrs
-    history = a["history"]
-    return {"seed": a[record.FINAL_SEED], "params": _params_artifact(t, store, storage),
+    # a final run of 03d5f40 kept the history as an artifact only, and no snapshot ensemble
+    history = a.get("history") or _artifact(t, store, storage, "history_seed", load_json)
+    return {"seed": a[record.FINAL_SEED], "params": _artifact(t, store, storage, "params_seed",
+                                                              load_params),
             "history": history, "train": history[-1]["train"], "val": history[-1]["val"],
             "test": {"acc": t.value, "loss": a["test_loss"]},
-            "test_ensemble": {"acc": a["test_acc_ensemble"]}, "seconds": a["seconds"]}
+            "test_ensemble": {"acc": a.get("test_acc_ensemble")}, "seconds": a["seconds"]}
 
 
-def _params_artifact(t, store, storage):
+def _artifact(t, store, storage, prefix, load):
+    """load(the trial's artifact whose file name starts with prefix), or None when it has none
+    or this runner cannot reach it (another machine's local store: the folder goes without)."""
     from optuna.artifacts import download_artifact, get_all_artifact_meta
 
     for meta in get_all_artifact_meta(t, storage=storage):
-        if meta.filename.startswith("params_seed"):
+        if meta.filename.startswith(prefix):
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / meta.filename
                 try:
                     download_artifact(artifact_store=store, file_path=str(path),
                                       artifact_id=meta.artifact_id)
-                except Exception as e:  # another machine's local store: the folder goes without
-                    log.warning("parameters of final trial %d not reachable here (%s)", t.number, e)
+                except Exception as e:
+                    log.warning("%s of final trial %d not reachable here (%s)", meta.filename,
+                                t.number, e)
                     return None
-                return load_params(path)
+                return load(path)
     return None
 
 

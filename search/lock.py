@@ -70,6 +70,13 @@ def _study_id(storage, name):
 
 
 def _break_if_stale(storage, name, first_seen, stale_after):
+    try:
+        _break_stale(storage, name, first_seen, stale_after)
+    except KeyError:
+        pass  # released meanwhile
+
+
+def _break_stale(storage, name, first_seen, stale_after):
     study_id = _study_id(storage, name)
     if study_id is None:
         return  # released meanwhile

@@ -54,7 +54,7 @@ class StudyRecord:
     pick: dict = None           # final: the parameters trained
     source: dict = None         # final: where the pick came from ({"study", "phase", "trial"})
     derived_from: list = None   # confirm: the (study, trial) of the top-k it was derived from
-    retired: bool = False       # set by `retire`: kept for the record, never read as a phase
+    retired: bool = None        # set by `retire`: kept for the record, never read as a phase
     version: int = VERSION
 
     def attrs(self):
@@ -105,7 +105,7 @@ def is_ours(study):
 FAILURE = "failure"            # why the trial did not complete (none: its worker died)
 CANDIDATE = "candidate"        # confirm: the index of the candidate it trains
 CONFIRM_SEED = "confirm_seed"  # confirm: the seed it trains with
-FINAL_SEED = "final_seed"      # final: the seed it trains with
+FINAL_SEED = "seed"             # final: the seed it trains with (the key of 03d5f40)
 SURPLUS = "surplus: other workers completed the phase"
 DUPLICATE = "duplicate: an earlier trial trains the same"
 NOT_FINITE = "the objective returned a non-finite value"

@@ -267,8 +267,9 @@ def _prepare_sqlite_path(path, create, dry_run=False):
     if path.is_dir():
         raise InputError(f"storage path {path} is a folder; name a database file, e.g. "
                          f"sqlite:///{path}/studies.db")
-    if path.is_file():
+    if path.is_file() and (os.getpid(), path.resolve()) not in _CHECKED:
         _check_foreign_sqlite(path)
+        _CHECKED.add((os.getpid(), path.resolve()))
     if not create and not path.is_file():
         raise InputError(f"no storage at {path}; run `scripts/search.py coarse` first or pass "
                          "--storage")
@@ -281,6 +282,15 @@ def _prepare_sqlite_path(path, create, dry_run=False):
         elif not path.parent.is_dir():
             raise InputError(f"folder {path.parent} of the storage does not exist; create it or "
                              "choose another --storage")
+
+
+# (process, SQLite file) pairs already checked. The check opens and closes the file outside
+# SQLite, and closing any descriptor of a file drops every POSIX lock this process holds on it,
+# those of its open SQLite connections included: with other processes writing, a connection
+# whose locks vanished read torn pages ("disk I/O error", seen with 3 runners). A process
+# checks a file once, before its first connection; a forked worker (another pid) opens none of
+# its parent's connections (they are disposed before the fork) and checks on its own.
+_CHECKED = set()
 
 
 def _check_foreign_sqlite(path):

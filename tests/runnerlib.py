@@ -30,6 +30,7 @@ import optuna
 from optuna.trial import TrialState
 
 import faultlib as fl
+from search import record
 
 PIPELINE = fl.REPO / "scripts" / "pipeline.py"
 
@@ -198,7 +199,8 @@ def _last_lines(text, n=3):
 def check_search_phase(url, campaign, phase, n_trials, runners, killed=0):
     """The search phase's study holds exactly n_trials COMPLETE trials with distinct parameters;
     the others (surplus trials of racing runners, and the trials of killed runners) are at most
-    (runners - 1) + killed, none COMPLETE, none WAITING or RUNNING; FAIL only for a killed one."""
+    (runners - 1) + killed, none COMPLETE, none WAITING or RUNNING; FAIL only for a killed one or a
+    surplus one (recorded as such, never trained)."""
     trials, _ = load(url, campaign, phase)
     name = f"{campaign}-{phase}"
     if trials is None:
@@ -217,7 +219,8 @@ def check_search_phase(url, campaign, phase, n_trials, runners, killed=0):
         problems.append(f"{name}: {len(others)} trials not COMPLETE, more than the {allowed} "
                         f"surplus/killed ones {runners} runners ({killed} killed) may leave: "
                         f"{_described(others)}")
-    failed = [t for t in trials if t.state == TrialState.FAIL]
+    # surplus trials are recorded FAIL with their reason (search.record.SURPLUS), untrained
+    failed = [t for t in trials if t.state == TrialState.FAIL and not record.is_bookkeeping(t)]
     if len(failed) > killed:
         problems.append(f"{name}: {len(failed)} FAIL trials, {killed} runner(s) killed: "
                         f"{_described(failed)}")
@@ -380,8 +383,9 @@ def check_nothing_pending(url, campaign):
 
 
 def check_studies(url, campaign, phases=(*SEARCH_PHASES, "confirm", "final")):
-    """The campaign has exactly the studies of its phases and its final run."""
-    names = campaign_study_names(url, campaign)
+    """The campaign has exactly the studies of its phases and its final run (and any it retired:
+    kept under <study>.retired-<k>, out of the campaign)."""
+    names = [n for n in campaign_study_names(url, campaign) if ".retired-" not in n]
     want = sorted(f"{campaign}-{p}" for p in phases)
     return [] if sorted(names) == want else [f"campaign studies {sorted(names)}, not {want}"]
 

@@ -49,13 +49,27 @@ def resume(fixture, cifar_tiny_dir, tmp_path):
     return url, before, run
 
 
+# what a resumed study of 03d5f40 gains: the schema's version, its kind and its trial count
+UPGRADE_KEYS = {"record_version", "kind", "n_trials"}
+
+
+def assert_record_upgraded(old, new):
+    """The old record is kept as it was (read the old form), and only the new form's keys are
+    added (write the new)."""
+    assert {k: new.get(k) for k in old} == old
+    assert set(new) - set(old) <= UPGRADE_KEYS, set(new) - set(old)
+    assert new["record_version"] == 2
+
+
 @pytest.mark.timeout(360)
 def test_a_finished_old_campaign_resumes_without_rerunning(cifar_tiny_dir, tmp_path):
     url, before, run = resume(COMPLETE_DB, cifar_tiny_dir, tmp_path)
     assert set(before) == {"coarse", "fine", "confirm", "final"}
     rl.assert_no_problems(rl.check_exits([run]), [run])
     for phase in ("coarse", "fine", "confirm"):  # no trial added, none changed, same records
-        assert trials_of(url, phase) == before[phase], phase
+        trials, attrs = trials_of(url, phase)
+        assert trials == before[phase][0], phase
+        assert_record_upgraded(before[phase][1], attrs)
     recorded_verdict = before["confirm"][1]["verdict"]
     assert run.summary["verdict"] == recorded_verdict
     assert run.summary["final"]["params"] == recorded_verdict["params"]
@@ -71,7 +85,9 @@ def test_an_old_campaign_killed_in_fine_resumes_and_finishes(cifar_tiny_dir, tmp
     fine_before, fine_attrs = before["fine"]
     assert [(n, s) for n, s, _, _ in fine_before] == [(0, "COMPLETE"), (1, "RUNNING")]
     rl.assert_no_problems(rl.check_exits([run]), [run])
-    assert trials_of(url, "coarse") == before["coarse"]  # finished: not rerun
+    coarse, attrs = trials_of(url, "coarse")
+    assert coarse == before["coarse"][0]  # finished: not rerun
+    assert_record_upgraded(before["coarse"][1], attrs)
     fine, attrs = trials_of(url, "fine")
     # the recorded range is kept (not derived again), the first trial is untouched, the killed
     # one failed, and the phase completed to its n_trials

@@ -41,6 +41,9 @@ def run(main):
              "(--out, --storage, $CIFAR10_CACHE)")
     except (sqlalchemy.exc.SQLAlchemyError, StorageInternalError) as e:
         why = storage_failure(e)
+        import os, traceback
+        if os.environ.get("CLR_DEBUG"):
+            traceback.print_exc()
         if why is None:
             raise
         fail(why)
