@@ -25,7 +25,7 @@ from search.campaign import load_campaign
 from search.final import final_study_name, read_final
 from search.phases import PhaseRun
 from search.report import best_row, narrowing
-from search.study import campaign_studies, open_storage
+from search.study import campaign_studies, open_storage, retire_study
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +204,6 @@ def write_dashboard(dashboard, out_dir, protect=()):
 
 # ---- retiring a phase ---------------------------------------------------------------------------
 
-RETIRED = ".retired-"
-
-
 def retire(campaign, name, storage):
     """Retire phase `name` and every phase derived from it (and the final run): their studies
     are kept under new names (<study>.retired-<k>, marked retired) and deleted under their own,
@@ -219,17 +216,4 @@ def retire(campaign, name, storage):
     return [retire_study(storage, s) for s in studies if s in names]
 
 
-def retire_study(storage, name):
-    """Keep study `name` as <name>.retired-<k> (marked retired) and delete it under its name."""
-    taken = set(optuna.get_all_study_names(storage))
-    k = 1
-    while f"{name}{RETIRED}{k}" in taken:
-        k += 1
-    new = f"{name}{RETIRED}{k}"
-    optuna.copy_study(from_study_name=name, from_storage=storage, to_storage=storage,
-                      to_study_name=new)
-    record.update(optuna.load_study(study_name=new, storage=storage), retired=True)
-    optuna.delete_study(study_name=name, storage=storage)
-    log.warning("study %s retired (kept as %s)", name, new)
-    return new
 

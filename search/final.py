@@ -29,7 +29,7 @@ from model.train import TrainConfig, evaluate, evaluate_ensemble, fit
 from search import record
 from search.lock import storage_lock
 from search.phases import Phase, open_study, queue, run_phase_workers
-from search.study import study_name
+from search.study import retire_study, study_name
 from search.workers import QueuedTarget
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,6 @@ class FinalRun(Phase):
                 if any(getattr(old, f) not in (None, getattr(wanted, f))
                        for f in ("pick", "config", "seeds", "fingerprint")) or (
                         old.version < 2 and not (shown and shown["metrics"].get("params") == pick)):
-                    from search.core import retire_study
-
                     log.warning("%s: the final run of %s with other settings is retired", name,
                                 old.pick)
                     retire_study(run.storage, name)

@@ -388,3 +388,21 @@ def retry_chain(trial):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return RetryHeartbeatStaleTrialCallback.retry_history(trial)
+
+
+RETIRED = ".retired-"
+
+
+def retire_study(storage, name):
+    """Keep study `name` as <name>.retired-<k> (marked retired) and delete it under its name."""
+    taken = set(optuna.get_all_study_names(storage))
+    k = 1
+    while f"{name}{RETIRED}{k}" in taken:
+        k += 1
+    new = f"{name}{RETIRED}{k}"
+    optuna.copy_study(from_study_name=name, from_storage=storage, to_storage=storage,
+                      to_study_name=new)
+    record.update(optuna.load_study(study_name=new, storage=storage), retired=True)
+    optuna.delete_study(study_name=name, storage=storage)
+    log.warning("study %s retired (kept as %s)", name, new)
+    return new
