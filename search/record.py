@@ -57,6 +57,12 @@ class StudyRecord:
     retired: bool = None        # set by `retire`: kept for the record, never read as a phase
     version: int = VERSION
 
+    @property
+    def is_phase(self):
+        """Whether the study is one of its campaign's phases (not its final run, whose test
+        accuracy must never be a pick; not a retired study)."""
+        return self.kind != "final" and not self.retired
+
     def attrs(self):
         """The user attrs this record writes (None fields left out)."""
         return {_KEYS[f.name]: getattr(self, f.name) for f in dataclasses.fields(self)

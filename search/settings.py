@@ -86,6 +86,27 @@ def apply(campaign, overrides):
         raise ConfigError(f"{e} (after the overrides {', '.join(overrides)})") from None
 
 
+def get(campaign, key):
+    """The value of setting `key` in campaign (a TrainConfig field not set: its default)."""
+    path = key.split(".")
+    head, rest = path[0], path[1:]
+    if head == "seed":
+        return campaign.seed
+    if head in ("config", "search"):
+        return dict(getattr(campaign, head)).get(rest[0], getattr(TrainConfig(), rest[0]))
+    if head == "final":
+        if rest[0] in ("seeds", "n_s"):
+            return getattr(campaign.final, rest[0])
+        return dict(campaign.final.config).get(rest[0], getattr(TrainConfig(), rest[0]))
+    phase = campaign.phase(rest[0])
+    key = rest[1:]
+    if key[0] == "config":
+        return dict(phase.config).get(key[1], getattr(TrainConfig(), key[1]))
+    if key[0] == "narrow":
+        return phase.narrow[key[1]]
+    return getattr(phase, key[0])
+
+
 def _set(c, path, value):
     head, rest = path[0], path[1:]
     if head == "seed":

@@ -337,8 +337,7 @@ def campaign_studies(storage, campaign):
     without them is found under the old names <campaign>-coarse / -fine."""
     # the final run's study (search.final) is no search phase: its test accuracy must not be a pick
     mine = [s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-            if _campaign_of(s) == campaign and record.read(s).kind != "final"
-            and not record.read(s).retired]
+            if _campaign_of(s) == campaign and record.read(s).is_phase]
     if not mine:
         have = ", ".join(campaigns(storage)) or "none"
         raise InputError(f"no campaign {campaign!r} in the storage (campaigns: {have}); "
