@@ -17,7 +17,8 @@ from model import blas
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("floor_ms", "step_ms", "step_over_floor", "trial_over_floor", "workers2_over_workers1",
         "floor_ms_m1024", "step_ms_m1024", "step_over_floor_m1024", "floor_ms_m1024_t2",
-        "step_ms_m1024_t2", "step_over_floor_m1024_t2", "wide_procs_over_threads")
+        "step_ms_m1024_t2", "step_over_floor_m1024_t2", "wide_procs_over_threads",
+        "runners2_over_runners1")
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +53,17 @@ def test_bench_ratios_are_the_quotients_of_its_figures(quick_bench):
     for suffix in ("_m1024", "_m1024_t2"):
         assert b["step_over_floor" + suffix] == pytest.approx(
             b["step_ms" + suffix] / b["floor_ms" + suffix], rel=1e-3)
+    assert b["runners2_over_runners1"] == pytest.approx(
+        b["runners2_phase_s"] / b["runners1_phase_s"], rel=1e-3)
     assert b["wide_procs_over_threads"] == pytest.approx(
         b["wide_procs_steps_per_s"] / b["wide_threads_steps_per_s"], rel=1e-3)
 
 
 def test_the_bench_leaves_out_exactly_the_confirm_phase():
-    import tomllib
+    from search.cli.bench import without_confirm
+    from search.campaign import DEFAULT, load_campaign
 
-    from search.cli.bench import load_campaign_text, without_confirm
-    from search.campaign import DEFAULT, load_campaign, parse_campaign
-
-    text = load_campaign_text(DEFAULT)
-    plain = parse_campaign(tomllib.loads(without_confirm(text)))
     full = load_campaign(DEFAULT)
+    plain = without_confirm(full)
     assert [p.name for p in full.phases] == [p.name for p in plain.phases] + ["confirm"]
     assert plain.final == full.final and plain.phases == full.phases[:-1]

@@ -29,14 +29,19 @@ too, as *_over_best_floor):
   trial_over_floor        a coarse-protocol trial (dd2424's coarse phase, 3,200 steps and
                           its evaluations) through Objective into an SQLite study ÷ 3,200
                           sustained floors, best of 3 trials (1 with --quick)
-  workers2_over_workers1  trials per minute of 2 worker processes ÷ 1 worker, through
-                          search.workers.run_workers (runs of 8 trials of one cycle of n_s 400
-                          each, in the order 1, 2, 2, 1 workers; 4 trials of n_s 200 and the
+  workers2_over_workers1  trials per minute of 2 worker processes ÷ 1 worker of one runner,
+                          through search.core.run_phase (runs of 8 trials of one cycle of n_s
+                          400 each, in the order 1, 2, 2, 1 workers; 4 trials of n_s 200 and the
                           order 1, 2 with --quick)
-  pipeline_over_floor     the whole default pipeline (scripts/pipeline.py --workers 2: gradcheck,
-                          10 coarse + 12 fine trials, 3 final seeds, dashboard) in a temporary
-                          storage, wall time ÷ (updates it trained × sustained floor ÷ 2
-                          workers), the floor the mean of one just before and one just after
+  runners2_over_runners1  the wall time of one search phase run by 2 runners (processes that
+                          each call search.core.run_phase with 1 worker, started together on one
+                          SQLite storage: they share the phase through the storage alone) ÷ that
+                          of 1 runner with 1 worker; the same trials as workers2_over_workers1,
+                          each span from the first trial's start to the last one's end
+  pipeline_over_floor     the whole default campaign (search.core.run_campaign, --workers 2:
+                          gradcheck, coarse, fine, confirm, 3 final seeds, dashboard) in a
+                          temporary storage, wall time ÷ (updates it trained × sustained floor ÷
+                          2 workers), the floor the mean of one just before and one just after
                           the pipeline; needs CIFAR-10 (--data-dir), skipped with --quick
 The output also names the BLAS library the step's kernels call (blas: model.blas.SOURCE); the
 floor's np.matmul calls NumPy's, the same one unless that is not OpenBLAS.
@@ -48,8 +53,6 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,20 +69,20 @@ from model.network import init_params
 from model.schedule import cyclic_lr
 from model.step import draw_noise, gather_batch, make_workspace, sgd_step
 from model.train import evaluation_record
-from search.campaign import DEFAULT, locate
+from search.campaign import DEFAULT, Campaign, load_campaign
 from search.cli.args import Parser, add_common_args
 from search.cli.errors import run
 from search.cli.output import emit, setup_logging
 from search.cli.threads import blas_threads, single_blas_thread
+from search.core import dashboard_maker, run_campaign, run_phase
 from search.objective import Objective
-from search.phases import phase_spec
-from search.samplers import make_pruner, make_sampler
+from search.phases import SearchPhase
+from search.samplers import make_pruner
 from search.study import campaign_studies, open_storage
-from search.workers import run_workers
 
-COARSE = phase_spec("dd2424", "coarse")  # the default campaign's coarse phase
-PIPELINE = Path(__file__).resolve().parents[2] / "scripts" / "pipeline.py"  # its launcher
-SEARCH_CONFIG = COARSE.config
+CAMPAIGN = load_campaign(DEFAULT)  # the default campaign
+COARSE = CAMPAIGN.phase("coarse")   # and its coarse phase
+SEARCH_CONFIG = CAMPAIGN.phase_config(COARSE)
 
 N_TRAIN, N_VAL, D, K = 49_000, 1_000, 3072, 10
 TRIAL_LAM = 1e-3               # the λ of the timed trial: any value of the coarse range times the same
@@ -125,6 +128,9 @@ ROWS = [
     ("workers1_trials_per_min", "1 worker", "trials/min"),
     ("workers2_trials_per_min", "2 workers", "trials/min"),
     ("workers2_over_workers1", "2 workers / 1 worker", "×"),
+    ("runners1_phase_s", "a search phase: 1 runner × 1 worker (wall)", "s"),
+    ("runners2_phase_s", "  2 runners × 1 worker, one storage (wall)", "s"),
+    ("runners2_over_runners1", "2 runners / 1 runner (wall time)", "×"),
     ("pipeline_s", "default pipeline, --workers 2 (wall)", "s"),
     ("pipeline_steps", "  updates it trained", ""),
     ("pipeline_floor_ms", "  sustained floor before and after it", "ms"),
@@ -349,28 +355,57 @@ def measure_workers(data, size, rng):
     last one's end, as the study records them: process start-up and the runner's polling interval
     stay out of it.
     """
-    config = dataclasses.replace(SEARCH_CONFIG, n_s=size["worker_n_s"], cycles=1)
     n_trials = size["worker_trials"]
     spans = {1: [], 2: []}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        for run, n_workers in enumerate(size["worker_order"]):
-            url = f"sqlite:///{Path(tmp) / f'workers{run}.db'}"
-            name = f"bench-workers{run}"
-            storage = open_storage(url)
-            optuna.create_study(study_name=name, storage=storage, direction="maximize")
-            storage.remove_session()
-            storage.engine.dispose()  # forked workers open their own connections
-            codes = run_workers(
-                n_workers, storage_url=url, study_name=name,
-                objective=Objective(data, config, COARSE.space), target=n_trials,
-                pruner=optuna.pruners.NopPruner(), make_sampler=lambda: make_sampler("random", 0))
-            if any(codes):
-                raise WorkersFailed(f"benchmark workers exited with codes {codes}")
-            study = optuna.load_study(study_name=name, storage=open_storage(url))
+        for k, n_workers in enumerate(size["worker_order"]):
+            c = _phase_campaign(f"bench-workers{k}", size)
+            url = f"sqlite:///{Path(tmp) / f'workers{k}.db'}"
+            study, _ = run_phase(c, "coarse", data, open_storage(url), workers=n_workers)
             spans[n_workers].append(_span_s(study, n_trials))
     rates = {n: n_trials * len(s) / sum(s) * 60 for n, s in spans.items()}
     return {"workers1_trials_per_min": rates[1], "workers2_trials_per_min": rates[2],
             "workers2_over_workers1": rates[2] / rates[1]}
+
+
+def _phase_campaign(name, size):
+    """A campaign of one search phase: the coarse phase's space, size["worker_trials"] unpruned
+    trials of one cycle of n_s size["worker_n_s"]."""
+    phase = SearchPhase(name="coarse", n_trials=size["worker_trials"], space=COARSE.space,
+                        sampler="random", pruner="none")
+    config = dataclasses.replace(SEARCH_CONFIG, n_s=size["worker_n_s"], cycles=1)
+    return Campaign(name=name, phases=(phase,), config=tuple(vars(config).items()))
+
+
+def measure_runners(data, size):
+    """The wall time of one search phase with 2 runners of 1 worker each on one storage ÷ with
+    1 runner: the runners are forked processes that each run search.core.run_phase, as two
+    shells (or machines) running the same command would; the order is 1, 2, 2, 1 (1, 2 with
+    --quick) and each count's figure the sum of its spans."""
+    spans = {1: [], 2: []}
+    ctx = multiprocessing.get_context("fork")
+    with tempfile.TemporaryDirectory(prefix="bench-runners-") as tmp:
+        for k, n_runners in enumerate(size["worker_order"]):
+            c = _phase_campaign(f"bench-runners{k}", size)
+            url = f"sqlite:///{Path(tmp) / f'runners{k}.db'}"
+            open_storage(url).engine.dispose()  # tables created before the runners start
+            procs = [ctx.Process(target=_runner, args=(c, data, url)) for _ in range(n_runners)]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+            if any(p.exitcode for p in procs):
+                raise WorkersFailed(f"benchmark runners exited with {[p.exitcode for p in procs]}")
+            study = optuna.load_study(study_name=f"bench-runners{k}-coarse",
+                                      storage=open_storage(url))
+            spans[n_runners].append(_span_s(study, size["worker_trials"]))
+    one, two = sum(spans[1]) / len(spans[1]), sum(spans[2]) / len(spans[2])
+    return {"runners1_phase_s": one, "runners2_phase_s": two, "runners2_over_runners1": two / one}
+
+
+def _runner(campaign, data, url):
+    with single_blas_thread():
+        run_phase(campaign, "coarse", data, open_storage(url), workers=1)
 
 
 def _span_s(study, n_trials):
@@ -383,32 +418,24 @@ def _span_s(study, n_trials):
 
 
 def measure_pipeline(args, rng):
-    """pipeline_s, pipeline_steps, pipeline_over_floor: scripts/pipeline.py with its defaults and
-    --workers 2 in a temporary storage; the updates are counted from the studies it wrote. The
-    floor it is divided by is the mean of two sustained floors, one just before the pipeline and
-    one just after: the machine's speed drifts over minutes here, and a floor taken at another
-    time (the trials') moved the ratio by up to ±10%."""
+    """pipeline_s, pipeline_steps, pipeline_over_floor: the default campaign through
+    search.core.run_campaign (what scripts/pipeline.py calls) with 2 workers in a temporary
+    storage; the updates are counted from the studies it wrote. The floor it is divided by is
+    the mean of two sustained floors, one just before the pipeline and one just after: the
+    machine's speed drifts over minutes here, and a floor taken at another time (the trials')
+    moved the ratio by up to ±10%. Then the same campaign without its confirm phase: what
+    deciding with confidence costs."""
     gemms = _gemm_pair(rng)
+    data = load_cifar10(args.data_dir)
+    c = dataclasses.replace(CAMPAIGN, name="bench")
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
-        url = f"sqlite:///{Path(tmp) / 'studies.db'}"
-        cmd = [sys.executable, str(PIPELINE), "--workers", "2",
-               "--storage", url, "--out-dir", str(Path(tmp) / "c"), "--campaign", "bench", "-q",
-               "--json"] + (["--data-dir", args.data_dir] if args.data_dir else [])
         with single_blas_thread():
             before = _sustained_floor_s(gemms)
-        seconds, proc = _timed(cmd)
-        with single_blas_thread():
+            seconds, _ = _timed_campaign(c, data, Path(tmp), "studies.db")
             after = _sustained_floor_s(gemms)
-        seeds = len(json.loads(proc.stdout)["final"]["test_acc"])
-        final = json.loads((Path(tmp) / "c" / "final" / "config.json").read_text())
-        steps = _trained_steps(open_storage(url), "bench") + seeds * 2 * final["n_s"] * final["cycles"]
-        # the same pipeline without its confirm phase: what deciding with confidence costs
-        plain = Path(tmp) / "no-confirm.toml"
-        plain.write_text(without_confirm(load_campaign_text(DEFAULT)))
-        no_confirm_s, _ = _timed([*cmd[:cmd.index("--storage") + 1],
-                                  f"sqlite:///{Path(tmp) / 'plain.db'}", "--out-dir",
-                                  str(Path(tmp) / "p"), *cmd[cmd.index("--campaign"):],
-                                  "--config", str(plain)])
+            steps = _trained_steps(open_storage(f"sqlite:///{Path(tmp) / 'studies.db'}"), "bench")
+            plain = without_confirm(c)
+            no_confirm_s, _ = _timed_campaign(plain, data, Path(tmp), "plain.db")
     floor_ms = (before + after) / 2 / SEARCH_CONFIG.total_steps * 1e3
     return {"pipeline_s": seconds, "pipeline_steps": steps, "pipeline_floor_ms": floor_ms,
             "pipeline_over_floor": seconds / (steps * floor_ms / 1000 / 2),
@@ -416,38 +443,34 @@ def measure_pipeline(args, rng):
             "confirm_over_no_confirm": seconds / no_confirm_s}
 
 
-def _timed(cmd):
-    """(wall seconds, CompletedProcess) of a pipeline command; WorkersFailed if it failed."""
+def _timed_campaign(campaign, data, tmp, db):
+    """(wall seconds, CampaignResult) of the whole campaign, dashboard included."""
+    storage = open_storage(f"sqlite:///{tmp / db}")
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise WorkersFailed(f"the pipeline failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return seconds, proc
+    result = run_campaign(campaign, data, storage, workers=2, out_dir=tmp / f"{db}.out",
+                          make_dashboard=dashboard_maker(campaign.name, storage, "bench"))
+    return time.perf_counter() - start, result
 
 
-def load_campaign_text(name):
-    return locate(name).read_text(encoding="utf-8")
-
-
-def without_confirm(text):
-    """A campaign file's text without its confirm phases (the [[phases]] tables of kind
-    "confirm"); ConfigError if that leaves it unchanged (nothing to compare)."""
-    tables = re.split(r"(?m)^(?=\[\[phases\]\]|\[final\])", text)
-    kept = [t for t in tables if not re.search(r'(?m)^kind\s*=\s*"confirm"', t)]
-    if len(kept) == len(tables):
+def without_confirm(campaign):
+    """The campaign without its phase named confirm (nothing in dd2424 is derived from it);
+    ConfigError when it has none (nothing to compare)."""
+    if "confirm" not in [p.name for p in campaign.phases] or campaign.downstream("confirm"):
         raise ConfigError("the campaign has no confirm phase to leave out")
-    return "".join(kept)
+    return dataclasses.replace(campaign, phases=tuple(p for p in campaign.phases
+                                                      if p.name != "confirm"))
 
 
 def _trained_steps(storage, campaign):
-    """Updates trained by the campaign's search and confirm trials: all of a complete trial's, a
-    pruned trial's up to its last report."""
+    """Updates trained by the campaign's trials, its final run's included: all of a complete
+    trial's, a pruned trial's up to its last report."""
     steps = 0
-    for study in campaign_studies(storage, campaign):
+    studies = campaign_studies(storage, campaign) + [
+        optuna.load_study(study_name=f"{campaign}-final", storage=storage)]
+    for study in studies:
         for t in study.trials:
             if t.state == optuna.trial.TrialState.COMPLETE:
-                steps += t.user_attrs["steps"] * len(t.user_attrs["seeds"])
+                steps += t.user_attrs["steps"] * len(t.user_attrs.get("seeds", [0]))
             elif t.state == optuna.trial.TrialState.PRUNED and t.last_step is not None:
                 steps += t.last_step
     return steps
@@ -477,6 +500,7 @@ def main():
     results.update(measure_wide(data, size, rng))  # one thread, then two
     results.update(measure_procs_vs_threads(data, size))
     results.update(measure_workers(data, size, rng))  # each worker pins its own BLAS threads
+    results.update(measure_runners(data, size))
     if not args.quick and data.source != "synthetic":
         results.update(measure_pipeline(args, rng))
         results["pipeline_over_best_floor"] = results["pipeline_s"] * 1e3 / (
