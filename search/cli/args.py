@@ -139,6 +139,22 @@ def add_train_args(parser, defaults=TrainConfig(), skip=()):
                                  f"{default if defaults else 'from the campaign'})")
 
 
+def add_heartbeat_args(parser):
+    from search.study import GRACE_PERIOD, HEARTBEAT_INTERVAL
+
+    parser.add_argument("--heartbeat-interval", type=int, default=HEARTBEAT_INTERVAL,
+                        help="seconds between a running trial's heartbeats")
+    parser.add_argument("--grace-period", type=int, default=GRACE_PERIOD,
+                        help="seconds after which a silent RUNNING trial is failed and retried")
+
+
+def storage_opts(parser, args):
+    """The storage options of --heartbeat-interval and --grace-period (checked)."""
+    if not 0 < args.heartbeat_interval < args.grace_period:
+        parser.error("--heartbeat-interval must be > 0 and below --grace-period")
+    return {"heartbeat_interval": args.heartbeat_interval, "grace_period": args.grace_period}
+
+
 def add_campaign_args(parser, campaign_help="the campaign's name (default: the file's)"):
     from search.campaign import DEFAULT, shipped  # imports Optuna: only the scripts that search
 

@@ -16,7 +16,8 @@ from model.data import load_cifar10
 from model.outputs import check_page, check_results_dir
 from model.resources import check_memory, check_writable
 from search import settings
-from search.cli.args import Parser, add_campaign_args, add_common_args, add_data_args
+from search.cli.args import (Parser, add_campaign_args, add_common_args, add_data_args,
+                             add_heartbeat_args, storage_opts)
 from search.cli.configs import campaign
 from search.cli.errors import run
 from search.cli.output import emit, phase_bars, setup_logging
@@ -56,9 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting of the campaign by its dotted name, e.g. "
                         "phases.coarse.n_trials=4, search.n_s=20, final.seeds=5 (repeatable)")
+    add_heartbeat_args(p)
     add_data_args(p)
     add_common_args(p)
     args = p.parse_args(argv)
+    args.storage_opts = storage_opts(p, args)
     p.require_positive(args, "workers", "coarse_trials", "fine_trials", "repeats", "seeds")
     p.require_workers(args)
     if args.seed is not None:
@@ -133,13 +136,14 @@ def main():
     check_memory(c.final.training_config(c, {}, N_TRAIN),
                  processes=c.final.seeds if args.workers > 1 else 1)
     data = load_cifar10(args.data_dir, n_val=args.n_val)
-    storage = open_storage(args.storage)
+    storage = open_storage(args.storage, **args.storage_opts)
 
     def step(i, n, text):
         log.info("[%d/%d] %s", i, n, text)
     with single_blas_thread(), phase_bars(args) as progress:
         result = run_campaign(c, data, storage, workers=args.workers, out_dir=out_dir,
                               protect=protect, force_final=args.force_final, progress=progress,
+                              storage_opts=args.storage_opts,
                               on_step=step, make_dashboard=dashboard_maker(
                                   c.name, storage, mask_url(args.storage)))
     summary = summary_of(result, mask_url(args.storage))

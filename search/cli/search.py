@@ -20,7 +20,7 @@ from model.errors import ConfigError
 from model.resources import check_memory
 from search.campaign import grid_param, validated, with_config, with_phase
 from search.cli.args import (Parser, add_campaign_args, add_common_args, add_data_args,
-                             add_train_args)
+                             add_heartbeat_args, add_train_args, storage_opts)
 from search.cli.configs import campaign, given_train_flags
 from search.cli.errors import run
 from search.cli.output import emit, phase_bars, setup_logging
@@ -28,8 +28,7 @@ from search.core import retire, run_phase
 from search.report import phase_summary, status_report, status_text, summary_text
 from search.samplers import PRUNERS, SAMPLERS
 from search.space import Categorical, Int, parse_values
-from search.study import (GRACE_PERIOD, HEARTBEAT_INTERVAL, check_storage, mask_url,
-                          open_storage)
+from search.study import check_storage, mask_url, open_storage
 
 
 def parse_args(argv=None):
@@ -63,9 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--margin", type=float, default=None,
                    help="narrowed phase: added on each side of the span (decades for a log "
                         "parameter, fractions of the earlier range for a linear one)")
-    p.add_argument("--heartbeat-interval", type=int, default=HEARTBEAT_INTERVAL, help="seconds")
-    p.add_argument("--grace-period", type=int, default=GRACE_PERIOD,
-                   help="seconds after which a silent RUNNING trial is failed and retried")
+    add_heartbeat_args(p)
     add_train_args(p, None, skip=("seed",))
     add_data_args(p)
     add_common_args(p)
@@ -89,8 +86,7 @@ def check_args(p, args):
                 "distinct --values (each value is tried once); leave --n-trials out")
     if args.margin is not None and not args.margin > 0:
         p.error("--margin must be > 0 (added around the best trials' span)")
-    if not 0 < args.heartbeat_interval < args.grace_period:
-        p.error("--heartbeat-interval must be > 0 and below --grace-period")
+    args.storage_opts = storage_opts(p, args)
 
 
 def build_campaign(args):
@@ -197,7 +193,7 @@ def main():
         return status(args)
     if args.phase == "retire":
         return retire_phase(args)
-    storage_opts = {"heartbeat_interval": args.heartbeat_interval, "grace_period": args.grace_period}
+    storage_opts = args.storage_opts
     c = build_campaign(args)
     phase = c.phase(args.phase)
     config = c.phase_config(phase)
