@@ -96,7 +96,7 @@ def sgd_step(params, X, y, idx, eta, lam, ws, pixels=None):
     ws["w1_scale"]·params["W1"], and settle(params, ws) makes params["W1"] W1 again (train()
     settles before it evaluates or returns; the other params are always exact).
     idx must hold valid row numbers 0 <= i < len(X) (train() passes slices of a permutation).
-    pixels: X's model.data.Pixels or None (see gather_batch).
+    pixels: X's model.dataset.Pixels or None (see gather_batch).
     Dropout and augmentation use the draws in ws as they are: draw_noise fills them first.
     Raises DivergedError when the scores stop being finite (params are then left unchanged).
     """
@@ -114,7 +114,7 @@ def settle(params, ws):
 
 
 def gather_batch(X, idx, out, pixels=None, moves=None):
-    """out ← X[idx]. From X's pixels (model.data.Pixels) when given and they normalise into out's
+    """out ← X[idx]. From X's pixels (model.dataset.Pixels) when given and they normalise into out's
     dtype: the same rows, bit for bit, from a quarter of the bytes; else from X itself.
 
     moves: None, or per sample (flip, dx, dy) (see draw_noise and _gather_moved): the images are
@@ -136,7 +136,7 @@ def gather_batch(X, idx, out, pixels=None, moves=None):
 
 def can_augment(X, pixels, dtype):
     """Whether the batches of X can be augmented: its rows are 32×32 RGB images and its pixels
-    (model.data.Pixels) normalise into dtype."""
+    (model.dataset.Pixels) normalise into dtype."""
     return (X.shape[1] == IMAGE_D and pixels is not None
             and pixels.scale.dtype == np.dtype(dtype))
 
@@ -248,7 +248,7 @@ def _rescale(W, w_scale):
 
 @njit(cache=True)
 def _gather_normalised(raw, idx, scale, shift, out):
-    """out[i] = raw[idx[i]]·scale + shift, rounded as model.data.normalise rounds it.
+    """out[i] = raw[idx[i]]·scale + shift, rounded as model.dataset.normalise rounds it.
 
     The rows are random, so the hardware prefetcher cannot guess where the next one starts and
     each row would begin with a wait on DRAM: while converting row i, one cache line of row i+1

@@ -5,7 +5,7 @@ import numbers
 
 import numpy as np
 
-from model.data import K
+from model.batch_files import K
 from model.errors import ConfigError, DivergedError
 from model.layers import softmax
 from model.network import init_params, l2_penalty, scores

@@ -61,7 +61,7 @@ import optuna
 
 import _common
 from model import blas
-from model.data import load_cifar10, split_and_normalise
+from model.dataset import load_cifar10, split_and_normalise
 from model.errors import ConfigError, WorkersFailed
 from model.network import init_params
 from model.schedule import cyclic_lr

@@ -12,7 +12,7 @@ import dataclasses
 import os
 
 import _common
-from model.data import load_cifar10
+from model.dataset import load_cifar10
 from model.outputs import check_results_dir
 from model.resources import check_memory, check_writable
 from search.campaign import final_config, searched_names, with_config

@@ -9,7 +9,7 @@ below --tol (exit 0, else 1).
 import numpy as np
 
 import _common
-from model.data import load_cifar10
+from model.dataset import load_cifar10
 from model.gradcheck import gradcheck_report
 from model.network import PARAM_KEYS
 

@@ -18,7 +18,7 @@ import numpy as np
 
 import _common
 from model.checkpoint import save_page
-from model.data import load_cifar10
+from model.dataset import load_cifar10
 from model.errors import ConfigError, DivergedError
 from model.gradcheck import gradcheck_report
 from model.resources import check_memory, check_writable

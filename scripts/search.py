@@ -13,7 +13,7 @@ import dataclasses
 import time
 
 import _common
-from model.data import load_cifar10
+from model.dataset import load_cifar10
 from model.errors import ConfigError
 from model.resources import check_memory
 from search.campaign import grid_param, source_space, validated, with_config, with_phase

@@ -21,7 +21,7 @@ import numpy as np
 from optuna.trial import TrialState
 from scipy import stats
 
-from model.data import fingerprint
+from model.dataset import fingerprint
 from model.errors import InputError, WorkersFailed
 from search.campaign import source_space
 from search.objective import Objective

@@ -5,7 +5,7 @@ import warnings
 
 import optuna
 
-from model.data import fingerprint
+from model.dataset import fingerprint
 from model.errors import InputError, WorkersFailed
 from model.train import TrainConfig
 from search.campaign import load_campaign, source_space

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.data import Dataset, Split
+from model.dataset import Dataset, Split
 from model.network import init_params
 
 # The tiny CIFAR-10: 5 train batches + 1 test batch of N_PER_BATCH images each.

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.data import TEST_FILE, TRAIN_FILES, load_batch
+from model.batch_files import TEST_FILE, TRAIN_FILES, load_batch
 from search.runner import SURPLUS
 
 pytestmark = pytest.mark.integration

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from model.data import Dataset, Pixels, Split, normalise, normaliser, split_and_normalise
+from model.dataset import Dataset, Pixels, Split, normalise, normaliser, split_and_normalise
 from model.errors import ConfigError
 from model.gradcheck import check_gradients
 from model.layers import dropout_mask, softmax
@@ -91,7 +91,7 @@ def test_moved_pixels_equal_the_numpy_reference(flip, dx, dy):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_augmented_gather_equals_the_reference_bit_for_bit(dtype):
     """Random rows, random moves, the real normalisation: each gathered row is the reference's
-    moved image normalised as model.data.normalise does (a moved pixel takes the scale and shift
+    moved image normalised as model.dataset.normalise does (a moved pixel takes the scale and shift
     of the position it lands on), bit for bit; rows beyond the batch are left alone."""
     rng = np.random.default_rng(3)
     raw = rng.integers(0, 256, (60, IMAGE_D), dtype=np.uint8)

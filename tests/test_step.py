@@ -4,7 +4,7 @@ import pytest
 
 from model.errors import DivergedError
 from model.network import PARAM_KEYS, init_params, loss_and_grads
-from model.data import Pixels, normalise, normaliser
+from model.dataset import Pixels, normalise, normaliser
 from model.step import gather_batch, make_workspace, settle, sgd_step
 
 D, M, K, N_BATCH = 20, 10, 10, 10

@@ -207,7 +207,7 @@ def test_same_seed_is_bit_identical_and_different_seed_differs(tiny_data):
 
 
 def test_float32_training_stays_float32(tiny_data):
-    from model.data import Dataset, Split
+    from model.dataset import Dataset, Split
     f32 = Dataset(*(Split(s.X.astype(np.float32), s.y) for s in (tiny_data.train, tiny_data.val,
                                                                  tiny_data.test)), source="s")
     params, history = run(f32, tiny_config(dtype="float32"))
@@ -267,7 +267,7 @@ def test_train_updates_params_in_place(tiny_data):
 def test_training_from_pixels_equals_training_from_X(cifar_tiny_dir, tmp_path):
     """train() gathers batches from the train split's pixels when it has them: the very same
     run, bit for bit, as gathering the normalised rows of X."""
-    from model.data import load_cifar10
+    from model.dataset import load_cifar10
 
     data = load_cifar10(cifar_tiny_dir.batches, n_val=20, cache_dir=tmp_path)
     assert data.train.pixels is not None
