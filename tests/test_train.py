@@ -119,7 +119,7 @@ def test_train_takes_exactly_total_steps_and_uses_every_sample_once_per_epoch(ti
 
 def test_train_equals_reference_steps_and_evaluates_the_true_weights(tiny_data, recorded_steps):
     """Replaying train()'s batches and η with network.loss_and_grads gives its params and, at
-    every evaluation point, its metrics: W1's pending decay scale (model.step.settle) is applied
+    every evaluation point, its metrics: W1's pending decay scale (model.step.StepParams) is applied
     before each evaluation and before train() returns. λ is large: between two evaluation points
     the pending scale falls to ~0.85, far from round-off."""
     config = tiny_config(lam=0.5, n_s=7, cycles=1, evals_per_cycle=2)
