@@ -4,6 +4,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -23,7 +24,7 @@ from search.study import study_name
 log = logging.getLogger(__name__)
 
 
-def run_seeds(data, config, seeds, workers=1, on_cpu_free=None, progress=None):
+def run_seeds(data, config, seeds, workers=1, on_cpu_free=None, progress=None, checkpoints=None):
     """Train config once per seed; evaluate the test set once, at the end of each run.
 
     With workers > 1 every seed runs at once in a forked process (sharing the data, one BLAS
@@ -41,11 +42,13 @@ def run_seeds(data, config, seeds, workers=1, on_cpu_free=None, progress=None):
       fails there if it must).
     progress: optional callable(updates done, summed over the seeds), called in this process at
       every evaluation point of a serial seed, and about once a second while forked seeds train.
+    checkpoints: None, or a folder where each seed's training state is saved at its cycle ends
+      (seed<k>.npz, model.train.fit) and resumed from by a re-run; removed once the seed finished.
     Returns a list of {seed, params, history, train, val, test, seconds} in the order of seeds.
     """
     if workers <= 1 or len(seeds) == 1:
         return [_run_seed(data, config, seed, seed == seeds[0],
-                          _progress_from(progress, k * config.total_steps))
+                          _progress_from(progress, k * config.total_steps), checkpoints)
                 for k, seed in enumerate(seeds)]
     warm_up(data, config)  # compiled once, inherited by every seed's process
     ctx = multiprocessing.get_context("fork")
@@ -54,7 +57,7 @@ def run_seeds(data, config, seeds, workers=1, on_cpu_free=None, progress=None):
     steps = ctx.Array("q", len(seeds), lock=False)  # each seed's last evaluated update
     procs = [ctx.Process(target=_seed_worker, name=f"seed-{seed}",
                          args=(data, config, seed, seed == seeds[0], queue, cpus, os.getpid(),
-                               (steps, k)))
+                               (steps, k), checkpoints))
              for k, seed in enumerate(seeds)]
     for p in procs:
         p.start()
@@ -113,7 +116,8 @@ def _shared_cpus(workers):
     return set(allowed[:workers]) if len(allowed) > workers else None
 
 
-def _seed_worker(data, config, seed, train_curve, queue, cpus, parent_pid, step_slot):
+def _seed_worker(data, config, seed, train_curve, queue, cpus, parent_pid, step_slot,
+                 checkpoints=None):
     from threadpoolctl import threadpool_limits
 
     try:
@@ -123,7 +127,7 @@ def _seed_worker(data, config, seed, train_curve, queue, cpus, parent_pid, step_
         with threadpool_limits(limits=1, user_api="blas"):
             steps, k = step_slot
             queue.put(_run_seed(data, config, seed, train_curve,
-                                lambda record: steps.__setitem__(k, record["step"])))
+                                lambda record: steps.__setitem__(k, record["step"]), checkpoints))
         queue.close()
         queue.join_thread()  # here, not at exit: a SIGTERM while the result is sent is caught below
     except KeyboardInterrupt as e:  # stopped by the parent, or orphaned: nobody reads a result
@@ -132,16 +136,19 @@ def _seed_worker(data, config, seed, train_curve, queue, cpus, parent_pid, step_
         queue.put(e)
 
 
-def _run_seed(data, config, seed, train_curve=True, on_eval=None):
+def _run_seed(data, config, seed, train_curve=True, on_eval=None, checkpoints=None):
     cfg = dataclasses.replace(config, seed=seed)
     start = time.perf_counter()
+    state = Path(checkpoints) / f"seed{seed}.npz" if checkpoints else None
     params, history, snapshots = fit(data, cfg, on_eval=on_eval, train_curve=train_curve,
-                                     snapshots=True)
+                                     snapshots=True, checkpoint=state)
     test = evaluate(params, data.test.X, data.test.y, cfg.lam)
     # the snapshot ensemble of the cycle ends (the last one is params): one test pass per cycle
     ensemble = evaluate_ensemble(snapshots, data.test.X, data.test.y)
     log.info("final seed %d: val acc %.4f, test acc %.4f (snapshot ensemble of %d: %.4f)", seed,
              history[-1]["val"]["acc"], test["acc"], len(snapshots), ensemble["acc"])
+    if state:
+        state.unlink(missing_ok=True)  # the seed's results are in hand
     return {"seed": seed, "params": params, "history": history, "train": history[-1]["train"],
             "val": history[-1]["val"], "test": test, "test_ensemble": ensemble,
             "seconds": round(time.perf_counter() - start, 2)}
@@ -172,7 +179,9 @@ def run_final(data, config, seeds, params, source, out, storage=None, campaign=N
     model.outputs.publish_dir for `protect`), and, given a storage, record the run as the study
     <campaign>-final with its files as artifacts beside `out` (record_final_study).
     Returns (metrics, runs). on_cpu_free, progress: see run_seeds."""
-    runs = run_seeds(data, config, seeds, workers, on_cpu_free, progress)
+    checkpoints = Path(f"{out}.checkpoints")  # seeds killed mid-run resume from here
+    runs = run_seeds(data, config, seeds, workers, on_cpu_free, progress, checkpoints)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     metrics = final_metrics(runs, params, source)
     tagged = [(f"_seed{r['seed']}", r["params"], r["history"]) for r in runs]
     publish_dir(out, lambda folder: save_run(folder, config, metrics, tagged,
