@@ -256,46 +256,61 @@ def train(params, data, config, rng, on_eval=None, train_curve=True, snapshots=N
 
 
 def _loop(params, data, config, rng, on_eval, train_curve, snapshots, ws, checkpoint, resume):
-    """train()'s loop over the updates, from step 0 or from `resume`."""
-    X, y = data.train.X, data.train.y
-    N = len(y)
+    """train()'s loop: the updates, and at their evaluation points and cycle ends the history,
+    the snapshots and the checkpoint; from step 0 or from `resume`."""
     eval_at = set(config.eval_steps())  # looked up after every step
     if resume:
-        history, t, epoch = resume["history"], resume["t"], resume["epoch"]
-        perm, pos = resume["perm"], resume["pos"]
+        history = resume["history"]
+        state = {k: resume[k] for k in ("t", "epoch", "pos", "perm")}
     else:
         history = [evaluation_record(params, data, config, 0, train_curve)]
         _report(history[-1], on_eval)
-        t, epoch, perm, pos = 0, 0, None, N
-    while t < config.total_steps:
-        if pos >= N:  # an epoch starts: a fresh permutation (the last, smaller batch included)
-            perm, pos, epoch = rng.permutation(N), 0, epoch + 1
-        eta = cyclic_lr(t, config.eta_min, config.eta_max, config.n_s)
-        idx = perm[pos:pos + config.n_batch]
-        pos += config.n_batch
-        draw_noise(ws, len(idx), rng)
-        try:
-            sgd_step(params, X, y, idx, eta, config.lam, ws, data.train.pixels)
-        except DivergedError:
-            raise DivergedError(_diverged_message(config, t + 1)) from None
-        t += 1
+        state = None
+    for state in updates(params, data, config, rng, ws, state):
+        t = state["t"]
         if t in eval_at:
-            history.append(evaluation_record(params, data, config, t, train_curve, epoch))
+            history.append(evaluation_record(params, data, config, t, train_curve, state["epoch"]))
             _report(history[-1], on_eval)
         if t % (2 * config.n_s) == 0:  # a cycle's end
             if snapshots is not None:
                 snapshots.append({k: v.copy() for k, v in params.items()})
             if checkpoint is not None:
-                _save_state(checkpoint, params, snapshots, rng, history, t, epoch, pos, perm)
+                _save_state(checkpoint, params, snapshots, rng, history, state)
     return history
 
 
-def _save_state(checkpoint, params, snapshots, rng, history, t, epoch, pos, perm):
+def updates(params, data, config, rng, ws, state=None):
+    """The updates of training, one per iteration, up to config.total_steps: each epoch a fresh
+    permutation from rng, walked in consecutive batches (the last, smaller one included), η from
+    the schedule, the batch's noise drawn, one sgd_step. Yields the loop state {t (updates
+    done), epoch, pos (the next batch's start in perm), perm} after each update (one dict,
+    updated in place); state: such a dict to continue from (None: step 0).
+    params: a model.step.StepParams; ws: its workspace for config (scripts/bench.py times this
+    loop). Raises DivergedError naming the step."""
+    X, y = data.train.X, data.train.y
+    N = len(y)
+    state = state or {"t": 0, "epoch": 0, "pos": N, "perm": None}
+    while state["t"] < config.total_steps:
+        if state["pos"] >= N:  # an epoch starts
+            state.update(perm=rng.permutation(N), pos=0, epoch=state["epoch"] + 1)
+        t, pos = state["t"], state["pos"]
+        idx = state["perm"][pos:pos + config.n_batch]
+        draw_noise(ws, len(idx), rng)
+        try:
+            sgd_step(params, X, y, idx, cyclic_lr(t, config.eta_min, config.eta_max, config.n_s),
+                     config.lam, ws, data.train.pixels)
+        except DivergedError:
+            raise DivergedError(_diverged_message(config, t + 1)) from None
+        state["t"], state["pos"] = t + 1, pos + config.n_batch
+        yield state
+
+
+def _save_state(checkpoint, params, snapshots, rng, history, state):
     path, key = checkpoint
     path.parent.mkdir(parents=True, exist_ok=True)
     save_training_state(path, params, snapshots, {
-        "key": key, "step": t, "epoch": epoch, "pos": pos, "rng": rng.bit_generator.state,
-        "history": history, "arrays": {"perm": perm}})
+        "key": key, "step": state["t"], "epoch": state["epoch"], "pos": state["pos"],
+        "rng": rng.bit_generator.state, "history": history, "arrays": {"perm": state["perm"]}})
 
 
 def _check_augmentation(data, config, dtype):
