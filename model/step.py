@@ -30,6 +30,13 @@ with reflected borders) while the gather reads them, so it costs no pass of its 
 with dropout 0.5 and ±4-pixel moves the step takes 1.02–1.05× the two-GEMM floor (scripts/bench.py,
 *_m1024): the moved gather 0.23 ms (0.07 unmoved), the draws 0.09 ms, of ~15 ms.
 
+bf16 (TrainConfig.precision, resolved by model.precision): the two large products take bf16
+operands (uint16 bits) and accumulate in fp32 (MKL's cblas_gemm_bf16bf16f32, model.blas); the
+gather rounds the batch to bf16 as it normalises it, W1 stays fp32 (the master weights) and its
+bf16 copy is rounded from the backward product's output block by block while the block is in
+cache (measured on Zen 4, m = 1024: 0.3–0.4 ms over one backward GEMM, 0.26 ms less than a GEMM
+followed by a separate pass over W1); the small layer stays fp32.
+
 Float order: the kernel sums in another order than the NumPy calls it replaced, and W1 is
 c·V rounded; a run's figures move at the float32 round-off level, a seed still gives
 bit-identical runs (tests/test_train.py), and the step equals the reference to round-off
@@ -367,15 +374,16 @@ def _backward_impl(Xb, dH, dH16, W1, W1c, alpha):
 def _backward_bf16(Xb, dH16, V, Vc, alpha):
     """V ← V + alpha·X_bᵀ dH (bf16 operands, fp32 V) and Vc ← bf16(V), in blocks of V's rows:
     each block is rounded while it is still in cache from the product."""
-    D, m = V.shape
-    rows = max(1, _BLOCK_BYTES // (4 * m))
-    for r0 in range(0, D, rows):
-        r1 = min(D, r0 + rows)
+    D = V.shape[0]
+    for r0 in range(0, D, _BLOCK_ROWS):
+        r1 = min(D, r0 + _BLOCK_ROWS)
         gemm_bf16(Xb, dH16, V, alpha, 1.0, True, r0, r1)
         _round_bf16(V[r0:r1], Vc[r0:r1])
 
 
-_BLOCK_BYTES = 1 << 18  # fp32 rows of V per block of _backward_bf16: a quarter of Zen 4's L2
+# rows of V per product of _backward_bf16 (MKL on Zen 4, m = 50 and 1024, 16..3072 rows tried):
+# fewer calls cost MKL's per-call overhead, larger blocks (1 MB at m = 1024) leave the cache
+_BLOCK_ROWS = 256
 
 
 @njit(cache=True)
