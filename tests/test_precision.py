@@ -179,3 +179,20 @@ def test_bf16_training_follows_the_fp32_curve():
             assert abs(a[split]["loss"] - b[split]["loss"]) <= 0.05 * a[split]["loss"], (a, b)
     assert h32[-1]["val"]["loss"] != h16[-1]["val"]["loss"]
     assert h32[-1]["train"]["acc"] > 0.5  # the runs learned something to compare
+
+
+def test_bf16_on_a_cpu_without_it_stops_the_run_before_training(monkeypatch, tiny_data):
+    """fit() with precision "bf16" where the CPU lacks the instructions: the one-line ConfigError
+    (scripts print it and exit 2), before a single step; "auto" trains in fp32 there."""
+    import model.precision
+    model.precision.cpu_info.cache_clear()
+    monkeypatch.setattr(model.precision, "cpu_info", lambda: NO_FLAGS)
+    config = TrainConfig(m=8, n_batch=10, n_s=5, cycles=1, evals_per_cycle=1, dtype="float32")
+    data = tiny_data
+    seen = []
+    with pytest.raises(ConfigError, match="no bf16 instructions"):
+        fit(data, dataclasses.replace(config, precision="bf16"), on_eval=seen.append)
+    assert seen == []
+    auto, _ = fit(data, dataclasses.replace(config, precision="auto"))
+    fp32, _ = fit(data, config)
+    assert all(np.array_equal(auto[k], fp32[k]) for k in fp32)
