@@ -166,9 +166,11 @@ def _initial_params(data, config, rng):
 
 
 def _checkpoint_key(config, train_curve, snapshots):
-    """What a saved state must match to be resumed: everything that shapes the run's results."""
+    """What a saved state must match to be resumed: everything that shapes the run's results,
+    the precision "auto" resolves to on this machine included."""
     return {"config": dataclasses.asdict(config), "train_curve": bool(train_curve),
-            "snapshots": bool(snapshots), "format": 1}
+            "snapshots": bool(snapshots), "precision": resolve_precision(config.precision)[0],
+            "format": 1}
 
 
 def _resumable(path, key, params, rng, kept):
@@ -183,19 +185,21 @@ def _resumable(path, key, params, rng, kept):
             log.info("checkpoint %s is of another run; starting afresh (it will be overwritten)",
                      path)
             return None
-        for k, v in saved.items():
+        state = {"t": int(meta["step"]), "epoch": int(meta["epoch"]), "pos": int(meta["pos"]),
+                 "perm": meta["arrays"]["perm"], "history": meta["history"]}
+        for k, v in saved.items():  # all checked before anything is set: no half-resumed run
             if v.shape != params[k].shape or v.dtype != params[k].dtype:
                 raise ValueError(f"{k} has another shape or dtype")
-            params[k][...] = v
-        rng.bit_generator.state = meta["rng"]
+        rng.bit_generator.state = meta["rng"]  # the last thing that can fail
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("checkpoint %s is unreadable (%s); starting afresh", path, e)
         return None
+    for k, v in saved.items():
+        params[k][...] = v
     if kept is not None:
         kept.extend(snapshots)
-    log.info("resuming from checkpoint %s at step %d", path, meta["step"])
-    return {"t": meta["step"], "epoch": meta["epoch"], "pos": meta["pos"],
-            "perm": meta["arrays"]["perm"], "history": meta["history"]}
+    log.info("resuming from checkpoint %s at step %d", path, state["t"])
+    return state
 
 
 def warm_up(data, config):
