@@ -34,8 +34,9 @@ bf16 (TrainConfig.precision, resolved by model.precision): the two large product
 operands (uint16 bits) and accumulate in fp32 (MKL's cblas_gemm_bf16bf16f32, model.blas); the
 gather rounds the batch to bf16 as it normalises it, W1 stays fp32 (the master weights) and its
 bf16 copy is rounded from the backward product's output block by block while the block is in
-cache (measured on Zen 4, m = 1024: 0.3–0.4 ms over one backward GEMM, 0.26 ms less than a GEMM
-followed by a separate pass over W1); the small layer stays fp32.
+cache (scripts/bench.py, bf16_backward_*: on Zen 4 at m = 1024, 0.4–1.0 ms over the backward GEMM
+alone, 0.26–0.32 ms less than that GEMM followed by a separate pass over W1); the small layer
+stays fp32.
 
 Float order: the kernel sums in another order than the NumPy calls it replaced, and W1 is
 c·V rounded; a run's figures move at the float32 round-off level, a seed still gives

@@ -65,7 +65,8 @@ from model import blas
 from model.dataset import load_cifar10, split_and_normalise
 from model.errors import ConfigError, WorkersFailed
 from model.network import init_params
-from model.step import StepParams, gather_batch, make_workspace
+# the step's own bf16 kernels, timed apart from the step
+from model.step import StepParams, _backward_bf16, _round_bf16, gather_batch, make_workspace
 from model.train import evaluation_record, updates
 from search.objective import Objective
 from search.campaign import DEFAULT, locate
@@ -454,6 +455,7 @@ BF16_ROWS = [
     ("bf16_over_fp32_step_m1024", "bf16 step / fp32 step at m = 1024", "×"),
     ("bf16_copy_pass_ms_m1024", "  one separate pass W1 → bf16 (what the step avoids)", "ms"),
     ("bf16_backward_blocked_extra_ms_m1024", "  blocked backward + copy − one backward GEMM", "ms"),
+    ("bf16_backward_then_pass_extra_ms_m1024", "  one backward GEMM + a pass − the GEMM alone", "ms"),
     ("bf16_outside_gemms_ms_m50", "bf16 step − its bf16 floor at m = 50", "ms"),
     ("fp32_outside_gemms_ms_m50", "fp32 step − its fp32 floor at m = 50", "ms"),
     ("bf16_outside_minus_fp32_ms_m50", "  bf16's time outside the GEMMs − fp32's", "ms"),
@@ -487,6 +489,7 @@ def measure_bf16(data, size, rng):
         "bf16_over_fp32_step_m1024": wide["step16"] / wide["step32"],
         "bf16_copy_pass_ms_m1024": wide["copy"],
         "bf16_backward_blocked_extra_ms_m1024": wide["blocked"] - wide["backward"],
+        "bf16_backward_then_pass_extra_ms_m1024": wide["then_pass"] - wide["backward"],
         "bf16_outside_gemms_ms_m50": narrow["step16"] - narrow["floor16"],
         "fp32_outside_gemms_ms_m50": narrow["step32"] - narrow["floor32"],
         "bf16_outside_minus_fp32_ms_m50": (narrow["step16"] - narrow["floor16"])
@@ -497,9 +500,8 @@ def measure_bf16(data, size, rng):
 
 def _bf16_figures(data, rng, config, repeats, iters):
     """Best ms per call of: both steps (step16, step32), both floors (floor16, floor32), the
-    bf16 backward product alone (backward), in blocks with the copy (blocked), and one
-    rounding pass over W1 (copy)."""
-    from model import step as kernels
+    bf16 backward product alone (backward), in blocks with the copy (blocked), whole and then
+    the copy in a pass of its own (then_pass), and that rounding pass alone (copy)."""
 
     _, _, loop16 = _training_loop(data, config, rng, "bf16")
     _, _, loop32 = _training_loop(data, config, rng, "fp32")
@@ -509,15 +511,16 @@ def _bf16_figures(data, rng, config, repeats, iters):
     dH = rng.standard_normal((B, m), dtype=np.float32) * 1e-3
     X16, W16, dH16 = (np.empty(a.shape, np.uint16) for a in (X, W1, dH))
     for a, a16 in ((X, X16), (W1, W16), (dH, dH16)):
-        kernels._round_bf16(a, a16)
+        _round_bf16(a, a16)
     H = np.empty((B, m), np.float32)
     fns = {
         "step16": lambda: next(loop16), "step32": lambda: next(loop32),
         "floor16": lambda: _bf16_floor(X16, W16, H, dH16, W1),
         "floor32": lambda: _fp32_floor(X, W1, H, dH),
         "backward": lambda: _bf16_backward(X16, dH16, W1),
-        "blocked": lambda: kernels._backward_bf16(X16, dH16, W1, W16, -1.0),
-        "copy": lambda: kernels._round_bf16(W1, W16),
+        "blocked": lambda: _backward_bf16(X16, dH16, W1, W16, -1.0),
+        "then_pass": lambda: _bf16_backward_then_pass(X16, dH16, W1, W16),
+        "copy": lambda: _round_bf16(W1, W16),
     }
     for fn in fns.values():
         fn()  # compiled and warm outside the timed blocks
@@ -537,7 +540,15 @@ def _bf16_floor(X16, W16, H, dH16, W1):
 
 @njit  # no disk cache: a script's module name differs by how it is run
 def _bf16_backward(X16, dH16, W1):
+    """W1 ← W1 + X_bᵀ dH with bf16 operands, in one product."""
     blas.gemm_bf16(X16, dH16, W1, 1.0, 1.0, True, 0, W1.shape[0])
+
+
+@njit  # no disk cache: a script's module name differs by how it is run
+def _bf16_backward_then_pass(X16, dH16, W1, W16):
+    """_bf16_backward, then W16 ← bf16(W1) in a pass of its own (what the step avoids)."""
+    blas.gemm_bf16(X16, dH16, W1, 1.0, 1.0, True, 0, W1.shape[0])
+    _round_bf16(W1, W16)
 
 
 @njit  # no disk cache: a script's module name differs by how it is run
