@@ -13,12 +13,15 @@ DATA_DEP := $(LOCAL_DATA)/cifar-10-batches-py/test_batch
 endif
 endif
 
+# The bf16 extra (MKL, for precision = "bf16" / "auto") where the CPU has bf16 instructions.
+BF16_EXTRA := $(shell grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && echo ,bf16)
+
 .PHONY: run test install data bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,postgres,dashboard]'
+	$(PY) -m pip install -q -e '.[dev,postgres,dashboard$(BF16_EXTRA)]'
 	touch $@
 
 install: $(VENV)/.installed

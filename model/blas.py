@@ -13,6 +13,7 @@ distribution's build), the names point to shims over SciPy's BLAS instead: the s
 round-off, at SciPy's speed. SOURCE says which one this process uses.
 """
 import ctypes
+import os
 
 import numpy as np
 from llvmlite import binding
@@ -102,4 +103,77 @@ def _gemm(a, b, c, alpha, beta, trans_a=False, trans_b=False):
         fn(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS,
            m, n, k, dtype(alpha), a.ctypes, a.shape[1], b.ctypes, b.shape[1], dtype(beta),
            c.ctypes, n)
+    return impl
+
+
+# ---- bf16 products (MKL) -------------------------------------------------------------------------
+# bf16 numbers travel as their 16 bits (the upper half of a float32) in uint16 arrays. NumPy's
+# OpenBLAS has no bf16 GEMM (built without sbgemm); MKL from PyPI (the optional extra `bf16`) has
+# cblas_gemm_bf16bf16f32: bf16 operands, fp32 accumulation and output.
+BF16 = np.uint16
+_BF16_SYMBOL = "clr_lambda_search_cblas_gemm_bf16bf16f32"
+_MKL_SEQUENTIAL, _MKL_LP64 = 1, 0  # MKL_THREADING_SEQUENTIAL, MKL_INTERFACE_LP64
+_i32, _bf16p = types.int32, types.CPointer(types.uint16)
+_GEMM_BF16 = types.ExternalFunction(_BF16_SYMBOL, types.void(
+    _i32, _i32, _i32, _i32, _i32, _i32, types.float32, _bf16p, _i32, _bf16p, _i32, types.float32,
+    types.CPointer(types.float32), _i32))
+_bf16_state = {}
+
+
+def _mkl_candidates():
+    """Where MKL's single dynamic library may be: the environment's lib/ (pip install mkl puts
+    it there), then the loader's search path."""
+    import ctypes.util
+    import glob
+    import sys
+    found = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")), reverse=True)
+    named = ctypes.util.find_library("mkl_rt")
+    return found + ([named] if named else [])
+
+
+def load_bf16():
+    """(True, library path) once MKL's cblas_gemm_bf16bf16f32 is registered for the kernels, in
+    MKL's sequential threading layer (the workers are processes with one BLAS thread each), or
+    (False, why not). Loads MKL on the first call only; fp32 runs never load it."""
+    if not _bf16_state:
+        _bf16_state["result"] = _load_mkl()
+    return _bf16_state["result"]
+
+
+def _load_mkl():
+    for path in _mkl_candidates():
+        try:
+            lib = ctypes.CDLL(path)
+            fn = lib.cblas_gemm_bf16bf16f32
+        except (OSError, AttributeError):
+            continue
+        # before MKL's first computation: afterwards it keeps the layers it started with
+        lib.MKL_Set_Interface_Layer(_MKL_LP64)
+        lib.MKL_Set_Threading_Layer(_MKL_SEQUENTIAL)
+        binding.add_symbol(_BF16_SYMBOL, ctypes.cast(fn, ctypes.c_void_p).value)
+        return True, path
+    return False, "MKL (libmkl_rt with cblas_gemm_bf16bf16f32) is not installed"
+
+
+def gemm_bf16(a, b, c, alpha, beta, trans_a, r0, r1):
+    """c[r0:r1] ← alpha·op(a)[r0:r1]·b + beta·c[r0:r1] for bf16 a, b (uint16) and float32 c: op(a)
+    is a, or aᵀ with trans_a (then its rows r0:r1 are the columns r0:r1 of a). Compiled code
+    only, after load_bf16()."""
+    raise TypeError("model.blas.gemm_bf16 is called from numba-compiled code")
+
+
+@overload(gemm_bf16)
+def _gemm_bf16(a, b, c, alpha, beta, trans_a, r0, r1):
+    if not (a.dtype == b.dtype == types.uint16 and c.dtype == types.float32
+            and all(x.layout == "C" and x.ndim == 2 for x in (a, b, c))):
+        raise TypeError("gemm_bf16 takes C-contiguous 2-D bf16 (uint16) a, b and float32 c")
+
+    def impl(a, b, c, alpha, beta, trans_a, r0, r1):
+        n = c.shape[1]
+        k = a.shape[0] if trans_a else a.shape[1]
+        # row-major: op(a)'s row r0 starts r0 elements into a (trans_a) or r0 rows in; c's r0 rows in
+        a_start = r0 if trans_a else r0 * a.shape[1]
+        _GEMM_BF16(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _NO_TRANS, r1 - r0, n, k,
+                   np.float32(alpha), a.reshape(a.size)[a_start:].ctypes, a.shape[1], b.ctypes, n,
+                   np.float32(beta), c[r0:].ctypes, n)
     return impl

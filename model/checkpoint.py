@@ -84,3 +84,30 @@ def save_page(path, text, protect=()):
     check_page(path, protect)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_text(path, text)
+
+
+# ---- a training run's state, to resume it ----------------------------------------------------
+
+def save_training_state(path, params, snapshots, meta):
+    """One .npz, written atomically (a kill leaves the previous state or this one): params (as
+    p_<key>), the snapshots so far (s<i>_<key>), and meta (JSON-able: the loop's position, the
+    rng's state, the history...) as JSON text. Extra arrays go in meta["arrays"] (dict)."""
+    arrays = {f"p_{k}": params[k] for k in PARAM_KEYS}
+    for i, snap in enumerate(snapshots or ()):
+        arrays.update({f"s{i}_{k}": snap[k] for k in PARAM_KEYS})
+    extra = meta.pop("arrays", {})
+    arrays.update({f"a_{k}": v for k, v in extra.items()})
+    meta = {**meta, "snapshots": len(snapshots or ()), "array_names": sorted(extra)}
+    arrays["meta"] = np.array(json.dumps(meta, default=_to_builtin))
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def load_training_state(path):
+    """(params, snapshots, meta) of save_training_state, meta["arrays"] holding the extra arrays;
+    OSError / ValueError / KeyError when the file is missing or damaged."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        params = {k: z[f"p_{k}"] for k in PARAM_KEYS}
+        snapshots = [{k: z[f"s{i}_{k}"] for k in PARAM_KEYS} for i in range(meta["snapshots"])]
+        meta["arrays"] = {k: z[f"a_{k}"] for k in meta["array_names"]}
+    return params, snapshots, meta

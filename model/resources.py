@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.batch_files import D, K
 from model.errors import ConfigError, InputError
 
 EVAL_BLOCK = 8192      # rows model.train.evaluate works on at a time
@@ -40,8 +41,6 @@ def training_bytes(config, n_features, n_classes, n_train):
 def check_memory(config, n_features=None, n_train=50_000, processes=1):
     """ConfigError when `processes` runs of config need more memory than is available. The
     defaults are CIFAR-10's, so that scripts check before they load the data (and log)."""
-    from model.data import D, K  # lazily: model.data uses this module's write_problem
-
     need = processes * training_bytes(config, n_features or D, K, n_train)
     have = available_memory()
     if have is not None and need > have:

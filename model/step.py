@@ -5,7 +5,7 @@ calls: the batch gather, then one numba kernel for the rest, whose five products
 own BLAS through model.blas (the forward GEMM X_b W1, three small ones, the backward GEMM X_bᵀ dH).
 The softmax gradient is pre-scaled by η/B, so the products yield update steps directly; the L2
 term is a decay W ← (1 − 2ηλ)W − η∇loss, for W2 through BLAS β and for W1 as a pending scale
-(see _step and settle).
+(see _step and StepParams).
 
 Where the time goes (scripts/bench.py measures it): the two GEMMs with X_b are the floor; the
 gather is the next cost: 100 random rows of the uint8 training pixels (3 kB each, from DRAM),
@@ -30,6 +30,14 @@ with reflected borders) while the gather reads them, so it costs no pass of its 
 with dropout 0.5 and ±4-pixel moves the step takes 1.02–1.05× the two-GEMM floor (scripts/bench.py,
 *_m1024): the moved gather 0.23 ms (0.07 unmoved), the draws 0.09 ms, of ~15 ms.
 
+bf16 (TrainConfig.precision, resolved by model.precision): the two large products take bf16
+operands (uint16 bits) and accumulate in fp32 (MKL's cblas_gemm_bf16bf16f32, model.blas); the
+gather rounds the batch to bf16 as it normalises it, W1 stays fp32 (the master weights) and its
+bf16 copy is rounded from the backward product's output block by block while the block is in
+cache (scripts/bench.py, bf16_backward_*: on Zen 4 at m = 1024, 0.4–1.0 ms over the backward GEMM
+alone, 0.26–0.32 ms less than that GEMM followed by a separate pass over W1); the small layer
+stays fp32.
+
 Float order: the kernel sums in another order than the NumPy calls it replaced, and W1 is
 c·V rounded; a run's figures move at the float32 round-off level, a seed still gives
 bit-identical runs (tests/test_train.py), and the step equals the reference to round-off
@@ -38,9 +46,9 @@ bit-identical runs (tests/test_train.py), and the step equals the reference to r
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
-from model.blas import gemm
+from model.blas import BF16, gemm, gemm_bf16, load_bf16
 from model.errors import DivergedError
 
 _SIDE, _CHANNELS = 32, 3        # a CIFAR-10 row: 3 colour planes (R, G, B) of 32×32, row-major
@@ -48,18 +56,24 @@ IMAGE_D = _CHANNELS * _SIDE * _SIDE  # the row length augmentation needs
 DRAW_LEVELS = 1 << 16           # dropout's uniform draws are draws / DRAW_LEVELS (16 bits)
 
 
-def make_workspace(n_batch, D, m, K, dtype, dropout=0.0, flip=False, shift=0):
-    """Buffers for one step of at most n_batch samples, the pending scale of W1 (see settle), and
-    the random draws of the regularisers the run asks for (see draw_noise): inverted dropout of
-    the hidden units with probability `dropout`, images flipped at random (`flip`) and translated
-    by up to `shift` pixels."""
+def make_workspace(n_batch, D, m, K, dtype, dropout=0.0, flip=False, shift=0, precision="fp32"):
+    """Buffers for one step of at most n_batch samples, and the random draws of the regularisers
+    the run asks for (see draw_noise): inverted dropout of the hidden units with probability
+    `dropout`, images flipped at random (`flip`) and translated by up to `shift` pixels.
+    precision: "fp32", or "bf16" (resolved: model.precision) for bf16 operands of the two large
+    products (dtype float32: the master weights and everything else stay fp32)."""
     augment = bool(flip or shift)
+    bf16 = precision == "bf16"
+    if bf16 and np.dtype(dtype) != np.float32:
+        raise ValueError("bf16 products keep float32 master weights: dtype must be float32")
     return {
-        "X": np.empty((n_batch, D), dtype=dtype),   # gathered batch
+        # gathered batch, in bf16 straight from the gather when the products take bf16
+        "X": np.empty((n_batch, D), dtype=BF16 if bf16 else dtype),
         "H": np.empty((n_batch, m), dtype=dtype),   # hidden activations
         "S": np.empty((n_batch, K), dtype=dtype),   # scores, then η/B·(P − Y)
         "dH": np.empty((n_batch, m), dtype=dtype),
-        "w1_scale": np.ones(1),                     # W1 = w1_scale · params["W1"]
+        "dH16": np.empty((n_batch, m), dtype=BF16) if bf16 else None,  # dH's bf16 operand
+        "bf16": bf16,
         "dropout": float(dropout), "flip": bool(flip), "shift": int(shift),
         # uniform draws u of 16 bits: hidden unit j of sample i is dropped where
         # draws[i, j] / DRAW_LEVELS < dropout (all the top level until drawn: nothing dropped);
@@ -69,6 +83,71 @@ def make_workspace(n_batch, D, m, K, dtype, dropout=0.0, flip=False, shift=0):
         # per sample (flip 0/1, dx, dy) of the augmentation (zeros until drawn), or None
         "moves": np.zeros((n_batch, 3), dtype=np.int64) if augment else None,
     }
+
+
+class StepParams(dict):
+    """The params dict (W1, b1, W2, b2) that sgd_step updates in place: the same arrays as the
+    dict it is made from, and what the step keeps beside them.
+
+    The step keeps W1 as c·V (the L2 decay as a pending scale c, see _step) and, for bf16
+    products, V's bf16 copy. Reading W1 through this dict (by key, get, items, values, copy, **,
+    pickling) gets W1 itself: a read after steps that left a scale applies it first (settle, one
+    pass over W1; later reads cost nothing). Replace W1 only by item assignment; the dict made
+    from holds W1 once this one has been read (train() reads it before it returns).
+    """
+
+    def __init__(self, params):
+        super().__init__(params)
+        self.w1_scale = np.ones(1)  # W1 = w1_scale[0] · V
+        self.w1_bf16 = None         # bf16(V) (uint16) once a bf16 step needed it
+
+    def settle(self):
+        """Apply the pending scale to V (and its bf16 copy), so that V is W1 again."""
+        if self.w1_scale[0] != 1.0:
+            V = dict.__getitem__(self, "W1")
+            if self.w1_bf16 is None:
+                _rescale(V, self.w1_scale)
+            else:
+                _rescale_rounded(V, self.w1_scale, self.w1_bf16)
+
+    def bf16_copy(self):
+        """V's bf16 copy, made on the first call (one pass) and kept up to date by the step."""
+        if self.w1_bf16 is None:
+            V = dict.__getitem__(self, "W1")
+            self.w1_bf16 = np.empty(V.shape, BF16)
+            _round_bf16(V, self.w1_bf16)
+        return self.w1_bf16
+
+    def __getitem__(self, key):
+        if key == "W1":
+            self.settle()
+        return dict.__getitem__(self, key)
+
+    def __setitem__(self, key, value):
+        dict.__setitem__(self, key, value)
+        if key == "W1":
+            self.w1_scale[0], self.w1_bf16 = 1.0, None
+
+    def __iter__(self):  # not dict's own: dict(p) and {**p} then read through __getitem__
+        return iter(dict.keys(self))
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def items(self):
+        self.settle()
+        return dict.items(self)
+
+    def values(self):
+        self.settle()
+        return dict.values(self)
+
+    def copy(self):
+        """A plain dict of the (settled) arrays themselves, as dict.copy gives."""
+        return dict(self.items())
+
+    def __reduce__(self):  # pickled (sent to another process) as the plain dict it stands for
+        return dict, (self.copy(),)
 
 
 def draw_noise(ws, B, rng):
@@ -90,32 +169,42 @@ def draw_noise(ws, B, rng):
 
 
 def sgd_step(params, X, y, idx, eta, lam, ws, pixels=None):
-    """One update of params (in place) on the samples X[idx], y[idx] with step size eta.
+    """One update of params (a StepParams, in place) on the samples X[idx], y[idx] with step
+    size eta; W1's L2 decay stays pending in params until W1 is read (see StepParams).
 
-    W1's L2 decay is kept as a pending scale in ws: after a step, the updated W1 is
-    ws["w1_scale"]·params["W1"], and settle(params, ws) makes params["W1"] W1 again (train()
-    settles before it evaluates or returns; the other params are always exact).
     idx must hold valid row numbers 0 <= i < len(X) (train() passes slices of a permutation).
-    pixels: X's model.data.Pixels or None (see gather_batch).
+    pixels: X's model.dataset.Pixels or None (see gather_batch).
     Dropout and augmentation use the draws in ws as they are: draw_noise fills them first.
     Raises DivergedError when the scores stop being finite (params are then left unchanged).
     """
+    if not isinstance(params, StepParams):
+        raise TypeError("sgd_step updates a model.step.StepParams (StepParams(params))")
     Xb = ws["X"][:len(idx)]
     gather_batch(X, idx, Xb, pixels, ws["moves"])
-    if not _step(Xb, y, idx, params["W1"], params["b1"], params["W2"], params["b2"], eta, lam,
-                 ws["w1_scale"], ws["H"], ws["S"], ws["dH"], ws["draws"], ws["drop_below"],
-                 ws["dropout"]):
+    W1 = dict.__getitem__(params, "W1")  # V, without settling (the step keeps W1 = c·V)
+    if ws["bf16"]:
+        _bf16_ready()
+        done = _step(Xb, y, idx, W1, params.bf16_copy(), params["b1"], params["W2"], params["b2"],
+                     eta, lam, params.w1_scale, ws["H"], ws["S"], ws["dH"], ws["dH16"],
+                     ws["draws"], ws["drop_below"], ws["dropout"])
+    else:
+        done = _step(Xb, y, idx, W1, None, params["b1"], params["W2"], params["b2"], eta, lam,
+                     params.w1_scale, ws["H"], ws["S"], ws["dH"], None, ws["draws"],
+                     ws["drop_below"], ws["dropout"])
+    if not done:
         raise DivergedError("non-finite scores")
 
 
-def settle(params, ws):
-    """Apply the scale sgd_step left pending to params["W1"] (one pass over W1)."""
-    _rescale(params["W1"], ws["w1_scale"])
+def _bf16_ready():
+    ok, why = load_bf16()
+    if not ok:  # model.precision refuses bf16 before a run starts; this is a direct call
+        raise RuntimeError(f"bf16 products need MKL: {why}")
 
 
 def gather_batch(X, idx, out, pixels=None, moves=None):
-    """out ← X[idx]. From X's pixels (model.data.Pixels) when given and they normalise into out's
-    dtype: the same rows, bit for bit, from a quarter of the bytes; else from X itself.
+    """out ← X[idx], rounded to bf16 when out is bf16 (uint16). From X's pixels
+    (model.dataset.Pixels) when given and they normalise into out's dtype (float32 for bf16):
+    the same rows, bit for bit, from a quarter of the bytes; else from X itself.
 
     moves: None, or per sample (flip, dx, dy) (see draw_noise and _gather_moved): the images are
     flipped and translated while gathered. This needs the pixels, in out's dtype, of 32×32 RGB
@@ -124,8 +213,10 @@ def gather_batch(X, idx, out, pixels=None, moves=None):
         if not can_augment(X, pixels, out.dtype):
             raise ValueError("augmentation moves the pixels of 32×32×3 images in out's dtype")
         _gather_moved(pixels.raw, idx, pixels.scale, pixels.shift, moves, out)
-    elif pixels is not None and pixels.scale.dtype == out.dtype:
+    elif pixels is not None and pixels.scale.dtype == _computed(out.dtype):
         _gather_normalised(pixels.raw, idx, pixels.scale, pixels.shift, out)
+    elif out.dtype == BF16:
+        _gather_rounded(X, idx, out)
     elif X.dtype == out.dtype:
         # mode="clip" because with the default mode="raise" NumPy gathers into a temporary and
         # copies it into `out`, which doubles the cost; idx is in range, so nothing is clipped.
@@ -134,15 +225,21 @@ def gather_batch(X, idx, out, pixels=None, moves=None):
         out[...] = X[idx]  # data in another dtype than the params: cast (np.take warns doing so)
 
 
+def _computed(dtype):
+    """The dtype a batch of out's dtype is normalised in: float32 for bf16 (rounded after)."""
+    return np.dtype(np.float32) if np.dtype(dtype) == BF16 else np.dtype(dtype)
+
+
 def can_augment(X, pixels, dtype):
     """Whether the batches of X can be augmented: its rows are 32×32 RGB images and its pixels
-    (model.data.Pixels) normalise into dtype."""
+    (model.dataset.Pixels) normalise into dtype."""
     return (X.shape[1] == IMAGE_D and pixels is not None
-            and pixels.scale.dtype == np.dtype(dtype))
+            and pixels.scale.dtype == _computed(dtype))
 
 
 @njit(cache=True)
-def _step(Xb, y, idx, W1, b1, W2, b2, eta, lam, w1_scale, H, S, dH, draws, drop_below, p):
+def _step(Xb, y, idx, W1, W1c, b1, W2, b2, eta, lam, w1_scale, H, S, dH, dH16, draws,
+          drop_below, p):
     """Everything after the gather, in place. Returns False, changing no parameter, if a score is
     not finite.
 
@@ -160,7 +257,7 @@ def _step(Xb, y, idx, W1, b1, W2, b2, eta, lam, w1_scale, H, S, dH, draws, drop_
     scale = eta / B                         # turns the gradients into update steps
     decay = 1.0 - 2.0 * eta * lam           # the L2 term
     c = w1_scale[0]
-    gemm(Xb, W1, H, c, 0.0)                 # X_b W1
+    _forward(Xb, W1, W1c, H, c)             # X_b W1
     if p > 0.0:
         _relu_dropout(H, b1, draws, drop_below, 1.0 / (1.0 - p))
     else:
@@ -206,7 +303,7 @@ def _step(Xb, y, idx, W1, b1, W2, b2, eta, lam, w1_scale, H, S, dH, draws, drop_
         w1_scale[0] = c_next
         _rescale(W1, w1_scale)
         c_next = 1.0
-    gemm(Xb, dH, W1, -1.0 / c_next, 1.0, trans_a=True)  # V ← V − η∇W1 / c_next
+    _backward(Xb, dH, dH16, W1, W1c, -1.0 / c_next)  # V ← V − η∇W1 / c_next
     w1_scale[0] = c_next
     return True
 
@@ -246,9 +343,110 @@ def _rescale(W, w_scale):
         w_scale[0] = 1.0
 
 
+def _forward(Xb, W1, W1c, H, c):
+    """H ← c·X_b W1: in fp32, or with bf16 operands (Xb and W1's copy W1c) when W1c is given."""
+
+
+@overload(_forward)
+def _forward_impl(Xb, W1, W1c, H, c):
+    if isinstance(W1c, types.NoneType):
+        return lambda Xb, W1, W1c, H, c: gemm(Xb, W1, H, c, 0.0)
+    return lambda Xb, W1, W1c, H, c: gemm_bf16(Xb, W1c, H, c, 0.0, False, 0, H.shape[0])
+
+
+def _backward(Xb, dH, dH16, W1, W1c, alpha):
+    """V ← V + alpha·X_bᵀ dH: in fp32, or with bf16 operands when W1c is given (dH rounded into
+    dH16, then _backward_bf16)."""
+
+
+@overload(_backward)
+def _backward_impl(Xb, dH, dH16, W1, W1c, alpha):
+    if isinstance(W1c, types.NoneType):
+        return lambda Xb, dH, dH16, W1, W1c, alpha: gemm(Xb, dH, W1, alpha, 1.0, trans_a=True)
+
+    def bf16(Xb, dH, dH16, W1, W1c, alpha):
+        B = dH.shape[0]
+        _round_bf16(dH, dH16[:B])
+        _backward_bf16(Xb, dH16[:B], W1, W1c, alpha)
+    return bf16
+
+
+@njit(cache=True)
+def _backward_bf16(Xb, dH16, V, Vc, alpha):
+    """V ← V + alpha·X_bᵀ dH (bf16 operands, fp32 V) and Vc ← bf16(V), in blocks of V's rows:
+    each block is rounded while it is still in cache from the product."""
+    D = V.shape[0]
+    for r0 in range(0, D, _BLOCK_ROWS):
+        r1 = min(D, r0 + _BLOCK_ROWS)
+        gemm_bf16(Xb, dH16, V, alpha, 1.0, True, r0, r1)
+        _round_bf16(V[r0:r1], Vc[r0:r1])
+
+
+# rows of V per product of _backward_bf16 (MKL on Zen 4, m = 50 and 1024, 16..3072 rows tried):
+# fewer calls cost MKL's per-call overhead, larger blocks (1 MB at m = 1024) leave the cache
+_BLOCK_ROWS = 256
+
+
+@njit(cache=True)
+def _rescale_rounded(W, w_scale, Wc):
+    """_rescale, and Wc ← bf16(W) in the same pass."""
+    w, wc, c = W.reshape(W.size), Wc.reshape(Wc.size), w_scale[0]
+    for i in range(w.size):
+        w[i] = w[i] * c
+        wc[i] = _bf16(w[i])
+    w_scale[0] = 1.0
+
+
+@njit(cache=True)
+def _round_bf16(A, out):
+    """out ← bf16(A) for a float32 A and a uint16 out of A's shape (both C-contiguous)."""
+    a, o = A.reshape(A.size), out.reshape(out.size)
+    for i in range(a.size):
+        o[i] = _bf16(a[i])
+
+
+@njit(cache=True)
+def _gather_rounded(X, idx, out):
+    """out[i] = bf16(X[idx[i]] as float32)."""
+    for i in range(idx.shape[0]):
+        row, o = X[idx[i]], out[i]
+        for d in range(row.shape[0]):
+            o[d] = _bf16(np.float32(row[d]))
+
+
+@njit(inline="always")
+def _bf16(v):
+    """The bf16 nearest to the float32 v (ties to even), as its 16 bits; NaN stays NaN (rounding
+    its bits could carry into the exponent and make it inf)."""
+    u = _float32_bits(np.float32(v))
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16((u >> np.uint32(16)) | np.uint32(0x40))
+    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+                     >> np.uint32(16))
+
+
+@intrinsic
+def _float32_bits(typingctx, x):
+    """The 32 bits of a float32, as a uint32 (a bit cast: no conversion)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+def _stored(v, out):
+    """v as an element of out: rounded to bf16 when out is bf16 (uint16). Compiled code only."""
+
+
+@overload(_stored)
+def _stored_impl(v, out):
+    if out.dtype == types.uint16:
+        return lambda v, out: _bf16(v)
+    return lambda v, out: v
+
+
 @njit(cache=True)
 def _gather_normalised(raw, idx, scale, shift, out):
-    """out[i] = raw[idx[i]]·scale + shift, rounded as model.data.normalise rounds it.
+    """out[i] = raw[idx[i]]·scale + shift, rounded as model.dataset.normalise rounds it.
 
     The rows are random, so the hardware prefetcher cannot guess where the next one starts and
     each row would begin with a wait on DRAM: while converting row i, one cache line of row i+1
@@ -267,9 +465,9 @@ def _gather_normalised(raw, idx, scale, shift, out):
             stop = start + _CACHE_LINE
             r, sc, sh, o_ = row[start:stop], scale[start:stop], shift[start:stop], o[start:stop]
             for d in range(_CACHE_LINE):
-                o_[d] = _normalised(r[d], sc[d], sh[d])
+                o_[d] = _stored(_normalised(r[d], sc[d], sh[d]), o_)
         for d in range(whole_lines, D):
-            o[d] = _normalised(row[d], scale[d], shift[d])
+            o[d] = _stored(_normalised(row[d], scale[d], shift[d]), o)
 
 
 @njit(cache=True)
@@ -296,7 +494,8 @@ def _gather_moved(raw, idx, scale, shift, moves, out):
             src = (plane + _reflect(line - plane - dy)) * _SIDE
             dst = line * _SIDE
             for c in range(_SIDE):
-                o[dst + c] = _normalised(row[src + cols[c]], scale[dst + c], shift[dst + c])
+                o[dst + c] = _stored(_normalised(row[src + cols[c]], scale[dst + c], shift[dst + c]),
+                                  o)
 
 
 @njit(inline="always")

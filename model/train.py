@@ -2,16 +2,19 @@
 import dataclasses
 import logging
 import numbers
+from pathlib import Path
 
 import numpy as np
 
-from model.data import K
+from model.checkpoint import load_training_state, save_training_state
+from model.batch_files import K
 from model.errors import ConfigError, DivergedError
 from model.layers import softmax
 from model.network import init_params, l2_penalty, scores
+from model.precision import PRECISIONS, resolve_precision
 from model.resources import check_memory
 from model.schedule import cyclic_lr
-from model.step import IMAGE_D, can_augment, draw_noise, make_workspace, settle, sgd_step
+from model.step import IMAGE_D, StepParams, can_augment, draw_noise, make_workspace, sgd_step
 
 log = logging.getLogger(__name__)
 DTYPES = ("float32", "float64")
@@ -40,6 +43,9 @@ class TrainConfig:
     dropout: float = 0.0              # inverted dropout of the hidden units in training, p in [0, 1)
     flip: bool = False                # flip each training image left-right with probability 1/2
     shift: int = 0                    # translate each training image by up to this many pixels
+    # The two large products (X_b W1, X_bᵀ dH) in fp32, in bf16 (fp32 accumulation and master
+    # weights; needs bf16 instructions and MKL) or "auto" (bf16 where it pays: model.precision)
+    precision: str = "fp32"
 
     @property
     def augment(self):
@@ -90,6 +96,9 @@ _CHECKS = [
     ("flip", lambda c: c.flip in (True, False), "flip is True or False (--flip / --no-flip)"),
     ("shift", lambda c: isinstance(c.shift, (int, np.integer)) and 0 <= c.shift < 32,
      "translations of a 32-pixel image lie in 0..31 pixels (e.g. --shift 3; 0: none)"),
+    ("precision", lambda c: c.precision in PRECISIONS, f"choose one of {', '.join(PRECISIONS)}"),
+    ("precision with dtype", lambda c: c.precision == "fp32" or c.dtype == "float32",
+     "bf16 products keep float32 master weights: use dtype float32 or precision fp32"),
 ]
 
 
@@ -124,7 +133,7 @@ def evaluate_ensemble(snapshots, X, y, block=8192):
     return {"loss": total_nll / len(y), "acc": correct / len(y), "members": len(snapshots)}
 
 
-def fit(data, config, on_eval=None, train_curve=True, snapshots=False):
+def fit(data, config, on_eval=None, train_curve=True, snapshots=False, checkpoint=None):
     """Train fresh params on data with config -> (params, history), or with snapshots=True
     (params, history, snapshots): copies of the params at the end of every cycle (the CLR's
     minimum; the last one equals params), for evaluate_ensemble.
@@ -132,13 +141,23 @@ def fit(data, config, on_eval=None, train_curve=True, snapshots=False):
     One np.random.default_rng(config.seed) draws the init and then shuffles every epoch (and draws
     dropout masks and augmentation moves, when config asks for them), so one config gives
     bit-identical params and history.
+    checkpoint: None, or a file path: the run's state is written there atomically at every cycle
+      end, and a run that finds a state of the same config, train_curve and snapshots there
+      resumes from it, with bit-identical results to a run never interrupted (another state is
+      logged and overwritten). The caller deletes the file once it has the results.
     """
     # a ConfigError now, not a MemoryError at the first allocation
     check_memory(config, data.train.X.shape[1], len(data.train.y))
     rng = np.random.default_rng(config.seed)
     kept = [] if snapshots else None
-    params, history = train(_initial_params(data, config, rng), data, config, rng, on_eval,
-                            train_curve, kept)
+    params = _initial_params(data, config, rng)
+    resume = None
+    if checkpoint is not None:
+        key = _checkpoint_key(config, train_curve, snapshots)
+        resume = _resumable(checkpoint, key, params, rng, kept)
+        checkpoint = (Path(checkpoint), key)
+    params, history = train(params, data, config, rng, on_eval, train_curve, kept,
+                            checkpoint=checkpoint, resume=resume)
     return (params, history, kept) if snapshots else (params, history)
 
 
@@ -146,16 +165,55 @@ def _initial_params(data, config, rng):
     return init_params(data.train.X.shape[1], config.m, K, rng, dtype=np.dtype(config.dtype))
 
 
+def _checkpoint_key(config, train_curve, snapshots):
+    """What a saved state must match to be resumed: everything that shapes the run's results,
+    the precision "auto" resolves to on this machine included."""
+    return {"config": dataclasses.asdict(config), "train_curve": bool(train_curve),
+            "snapshots": bool(snapshots), "precision": resolve_precision(config.precision)[0],
+            "format": 1}
+
+
+def _resumable(path, key, params, rng, kept):
+    """The loop state saved in path, with params, rng and kept (the snapshots) set from it; None
+    (a fresh start, logged) when there is none or it belongs to another run."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        saved, snapshots, meta = load_training_state(path)
+        if meta["key"] != key:
+            log.info("checkpoint %s is of another run; starting afresh (it will be overwritten)",
+                     path)
+            return None
+        state = {"t": int(meta["step"]), "epoch": int(meta["epoch"]), "pos": int(meta["pos"]),
+                 "perm": meta["arrays"]["perm"], "history": meta["history"]}
+        for k, v in saved.items():  # all checked before anything is set: no half-resumed run
+            if v.shape != params[k].shape or v.dtype != params[k].dtype:
+                raise ValueError(f"{k} has another shape or dtype")
+        rng.bit_generator.state = meta["rng"]  # the last thing that can fail
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("checkpoint %s is unreadable (%s); starting afresh", path, e)
+        return None
+    for k, v in saved.items():
+        params[k][...] = v
+    if kept is not None:
+        kept.extend(snapshots)
+    log.info("resuming from checkpoint %s at step %d", path, state["t"])
+    return state
+
+
 def warm_up(data, config):
     """Compile the step's kernels for these data and config now (numba also caches them on disk):
     processes forked afterwards inherit them instead of each compiling its own (~3 s the first
-    time, a load from the cache later), dropout's and augmentation's too when config has them.
-    Trains one throwaway step; data is left unchanged. Raises ConfigError as train() would for
-    augmentation these data cannot take (before any process is forked)."""
-    params = _initial_params(data, config, np.random.default_rng(0))
+    time, a load from the cache later), dropout's, augmentation's and bf16's too when config has
+    them. Trains one throwaway step; data is left unchanged. Raises ConfigError as train() would
+    for augmentation these data cannot take or a precision this machine cannot run (before any
+    process is forked)."""
+    params = StepParams(_initial_params(data, config, np.random.default_rng(0)))
     _check_augmentation(data, config, params["W1"].dtype)
+    precision, _ = resolve_precision(config.precision)
     ws = make_workspace(1, data.train.X.shape[1], config.m, K, params["W1"].dtype,
-                        config.dropout, config.flip, config.shift)
+                        config.dropout, config.flip, config.shift, precision)
     try:
         sgd_step(params, data.train.X, data.train.y, np.arange(1), config.eta_min, config.lam, ws,
                  data.train.pixels)
@@ -163,13 +221,14 @@ def warm_up(data, config):
         pass  # compiled all the same; the real runs will report it
 
 
-def train(params, data, config, rng, on_eval=None, train_curve=True, snapshots=None):
+def train(params, data, config, rng, on_eval=None, train_curve=True, snapshots=None,
+          checkpoint=None, resume=None):
     """Mini-batch GD with a triangular CLR from step 0 to config.total_steps, params updated in place.
 
     Args:
       params: dict W1, b1, W2, b2 (see network.init_params).
       data: object with .train and .val, each with X (N, D) and y (N,).
-      config: TrainConfig.
+      config: TrainConfig; its precision is resolved here (model.precision) and logged.
       rng: np.random.Generator that shuffles each epoch.
       on_eval: optional callable(record) called at every evaluation point; it may raise to stop
         (the search raises optuna.TrialPruned through it).
@@ -177,45 +236,85 @@ def train(params, data, config, rng, on_eval=None, train_curve=True, snapshots=N
         for a run whose curves nobody draws; the history's other records then have "train": None).
         The validation split is evaluated at every point either way.
       snapshots: None, or a list that receives a copy of params at the end of every cycle.
+      checkpoint, resume: fit()'s (a (path, key) to save the state to at cycle ends; the loop
+        state to continue from, params and rng already restored).
     Returns:
       (params, history): history is a list of records {step, lr, epoch, train: {...}, val: {...}}.
     Raises:
       DivergedError when the loss stops being finite; ConfigError when config asks for
-      augmentation that these data cannot take.
+      augmentation that these data cannot take or a precision this machine cannot run.
     """
-    X, y = data.train.X, data.train.y
-    N, D = X.shape
+    D = data.train.X.shape[1]
     _check_augmentation(data, config, params["W1"].dtype)
+    precision, why = resolve_precision(config.precision)
+    log.info("precision %s (%s)", precision, why)
     ws = make_workspace(config.n_batch, D, config.m, params["b2"].shape[0], params["W1"].dtype,
-                        config.dropout, config.flip, config.shift)
-    eval_at = set(config.eval_steps())  # looked up after every step
-    history = [evaluation_record(params, data, config, 0, train_curve)]
-    _report(history[-1], on_eval)
-    t, epoch = 0, 0
-    while t < config.total_steps:
-        perm = rng.permutation(N)
-        epoch += 1
-        for start in range(0, N, config.n_batch):  # the last, smaller batch included
-            eta = cyclic_lr(t, config.eta_min, config.eta_max, config.n_s)
-            idx = perm[start:start + config.n_batch]
-            draw_noise(ws, len(idx), rng)
-            try:
-                sgd_step(params, X, y, idx, eta, config.lam, ws, data.train.pixels)
-            except DivergedError:
-                settle(params, ws)
-                raise DivergedError(_diverged_message(config, t + 1)) from None
-            t += 1
-            if t in eval_at:
-                settle(params, ws)
-                history.append(evaluation_record(params, data, config, t, train_curve, epoch))
-                _report(history[-1], on_eval)
-            if snapshots is not None and t % (2 * config.n_s) == 0:  # a cycle's end
-                settle(params, ws)
-                snapshots.append({k: v.copy() for k, v in params.items()})
-            if t == config.total_steps:
-                break
-    settle(params, ws)  # already done if, as now, the last step is an evaluation point
+                        config.dropout, config.flip, config.shift, precision)
+    stepped = StepParams(params)  # the same arrays; reading W1 through it settles its decay
+    try:
+        history = _loop(stepped, data, config, rng, on_eval, train_curve, snapshots, ws,
+                        checkpoint, resume)
+    finally:
+        stepped.settle()  # the caller's dict holds W1 itself, however training ended
     return params, history
+
+
+def _loop(params, data, config, rng, on_eval, train_curve, snapshots, ws, checkpoint, resume):
+    """train()'s loop: the updates, and at their evaluation points and cycle ends the history,
+    the snapshots and the checkpoint; from step 0 or from `resume`."""
+    eval_at = set(config.eval_steps())  # looked up after every step
+    if resume:
+        history = resume["history"]
+        state = {k: resume[k] for k in ("t", "epoch", "pos", "perm")}
+    else:
+        history = [evaluation_record(params, data, config, 0, train_curve)]
+        _report(history[-1], on_eval)
+        state = None
+    for state in updates(params, data, config, rng, ws, state):
+        t = state["t"]
+        if t in eval_at:
+            history.append(evaluation_record(params, data, config, t, train_curve, state["epoch"]))
+            _report(history[-1], on_eval)
+        if t % (2 * config.n_s) == 0:  # a cycle's end
+            if snapshots is not None:
+                snapshots.append({k: v.copy() for k, v in params.items()})
+            if checkpoint is not None:
+                _save_state(checkpoint, params, snapshots, rng, history, state)
+    return history
+
+
+def updates(params, data, config, rng, ws, state=None):
+    """The updates of training, one per iteration, up to config.total_steps: each epoch a fresh
+    permutation from rng, walked in consecutive batches (the last, smaller one included), η from
+    the schedule, the batch's noise drawn, one sgd_step. Yields the loop state {t (updates
+    done), epoch, pos (the next batch's start in perm), perm} after each update (one dict,
+    updated in place); state: such a dict to continue from (None: step 0).
+    params: a model.step.StepParams; ws: its workspace for config (scripts/bench.py times this
+    loop). Raises DivergedError naming the step."""
+    X, y = data.train.X, data.train.y
+    N = len(y)
+    state = state or {"t": 0, "epoch": 0, "pos": N, "perm": None}
+    while state["t"] < config.total_steps:
+        if state["pos"] >= N:  # an epoch starts
+            state.update(perm=rng.permutation(N), pos=0, epoch=state["epoch"] + 1)
+        t, pos = state["t"], state["pos"]
+        idx = state["perm"][pos:pos + config.n_batch]
+        draw_noise(ws, len(idx), rng)
+        try:
+            sgd_step(params, X, y, idx, cyclic_lr(t, config.eta_min, config.eta_max, config.n_s),
+                     config.lam, ws, data.train.pixels)
+        except DivergedError:
+            raise DivergedError(_diverged_message(config, t + 1)) from None
+        state["t"], state["pos"] = t + 1, pos + config.n_batch
+        yield state
+
+
+def _save_state(checkpoint, params, snapshots, rng, history, state):
+    path, key = checkpoint
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_training_state(path, params, snapshots, {
+        "key": key, "step": state["t"], "epoch": state["epoch"], "pos": state["pos"],
+        "rng": rng.bit_generator.state, "history": history, "arrays": {"perm": state["perm"]}})
 
 
 def _check_augmentation(data, config, dtype):

@@ -51,7 +51,7 @@ def run_phase(name, space, data, storage, *, n_trials, config=TrainConfig(), sam
       name: the study's name (also its campaign's, for scripts/search.py status --campaign).
       space: search.space parameters (Float, Int, Categorical), or a define-by-run callable
         trial -> {TrainConfig field: value} (not checked on resume: nothing describes it).
-      data: model.data.load_cifar10(...) or any Dataset.
+      data: model.dataset.load_cifar10(...) or any Dataset.
       storage: an SQLAlchemy URL or a search.study.open_storage(...) storage.
       config: the TrainConfig every trial starts from (the space's fields are overridden).
       sampler, pruner: Optuna objects, or names as in a campaign file. A sampler is reseeded

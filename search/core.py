@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 
-from model.data import fingerprint
+from model.dataset import fingerprint
 from model.errors import DivergedError, InputError
 from model.gradcheck import gradcheck_report
 from search import record

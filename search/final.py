@@ -12,6 +12,7 @@ does not show that run yet.
 import dataclasses
 import logging
 import re
+import shutil
 import tempfile
 import time
 import typing
@@ -77,10 +78,13 @@ class FinalRun(Phase):
         log.info("%s: %s from %s, %d seeds × %d updates", study.study_name, pick,
                  source.get("study") or "the flags", len(seeds), config.total_steps)
         queue(run, study, [(_fixed(pick), {record.FINAL_SEED: s}) for s in seeds])
-        objective = FinalObjective(run.data, config, pick, seeds[0], artifact_dir(out))
+        checkpoints = Path(f"{out}.checkpoints")  # a seed killed mid-run resumes from here
+        objective = FinalObjective(run.data, config, pick, seeds[0], artifact_dir(out),
+                                   checkpoints)
         run_phase_workers(run, study, objective, QueuedTarget([("final", s) for s in seeds]),
                           len(seeds), count=_seeds_done, share_cpus=True,
                           on_cpu_free=on_cpu_free)
+        shutil.rmtree(checkpoints, ignore_errors=True)
         return publish(run, study, out, protect)
 
     def open(self, run, pick, source, config, seeds, force, out):
@@ -133,20 +137,22 @@ class FinalObjective:
     """Callable(trial) -> the test accuracy of the seed the trial was queued with; the seed's
     metrics and history go to its user attrs, its parameters (and history) to its artifacts."""
 
-    def __init__(self, data, config, pick, first_seed, artifacts):
+    def __init__(self, data, config, pick, first_seed, artifacts, checkpoints=None):
         self.data = data
         self.base_config = config
         self.pick = pick
         self.first_seed = first_seed
         self.artifacts = Path(artifacts)
+        self.checkpoints = checkpoints  # a folder of the seeds' training states, or None
         self.slot = None  # search.workers sets it: the worker's place in progress_steps
 
     def __call__(self, trial):
         seed = trial.user_attrs[record.FINAL_SEED]
         for name, value in self.pick.items():  # recorded as the trial's params
             trial.suggest_categorical(name, [value])
+        state = Path(self.checkpoints) / f"seed{seed}.npz" if self.checkpoints else None
         r = train_seed(self.data, dataclasses.replace(self.base_config, seed=seed),
-                       train_curve=seed == self.first_seed)
+                       train_curve=seed == self.first_seed, checkpoint=state)
         for key, value in {"val_acc": r["val"]["acc"], "val_loss": r["val"]["loss"],
                            "train_acc": r["train"]["acc"], "test_loss": r["test"]["loss"],
                            "test_acc_ensemble": r["test_ensemble"]["acc"],
@@ -154,6 +160,8 @@ class FinalObjective:
                            "history": r["history"]}.items():
             trial.set_user_attr(key, value)
         self._upload(trial, seed, r)
+        if state:
+            state.unlink(missing_ok=True)  # the seed's results are in the storage
         return r["test"]["acc"]
 
     def _upload(self, trial, seed, r):
@@ -169,14 +177,15 @@ class FinalObjective:
                 upload_artifact(artifact_store=store, file_path=str(file), study_or_trial=trial)
 
 
-def train_seed(data, config, train_curve=True, on_eval=None):
+def train_seed(data, config, train_curve=True, on_eval=None, checkpoint=None):
     """Train one seed of the final protocol and test it once (and its snapshot ensemble of the
     cycle ends): {seed, params, history, train, val, test, test_ensemble, seconds}. Only the
     first seed measures the train subset at every evaluation point (its curves are drawn); the
-    others at the end only (on 10,000 images that saves a fifth of their time)."""
+    others at the end only (on 10,000 images that saves a fifth of their time). checkpoint: a
+    file its state is saved to at every cycle end and resumed from (model.train.fit)."""
     start = time.perf_counter()
     params, history, snapshots = fit(data, config, on_eval=on_eval, train_curve=train_curve,
-                                     snapshots=True)
+                                     snapshots=True, checkpoint=checkpoint)
     test = evaluate(params, data.test.X, data.test.y, config.lam)
     ensemble = evaluate_ensemble(snapshots, data.test.X, data.test.y)
     log.info("final seed %d: val acc %.4f, test acc %.4f (snapshot ensemble of %d: %.4f)",

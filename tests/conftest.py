@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.data import Dataset, Split
+from model.dataset import Dataset, Split, split_and_normalise
 from model.network import init_params
+from model.step import IMAGE_D
 
 # The tiny CIFAR-10: 5 train batches + 1 test batch of N_PER_BATCH images each.
 N_PER_BATCH = 40
@@ -130,3 +131,15 @@ def cifar_tiny_dir(tmp_path_factory):
     """A tiny CIFAR-10 in the real format (write_tiny_cifar). Read-only for tests: copy it before
     changing anything."""
     return write_tiny_cifar(tmp_path_factory.mktemp("cifar_tiny"))
+
+
+def pixel_data(dtype="float32", n_train=300, seed=0):
+    """CIFAR-shaped uint8 pixels with a learnable signal: the label brightens one band of rows."""
+    r = np.random.default_rng(seed)
+    n = n_train + 60
+    y = r.integers(0, 10, n)
+    X = r.integers(0, 200, (n, IMAGE_D)).astype(np.uint8)
+    for k in range(10):
+        X[y == k, k * 300:(k + 1) * 300] += 50
+    return split_and_normalise(X[:n_train + 30], y[:n_train + 30], X[n_train + 30:],
+                               y[n_train + 30:], 30, dtype, "generated")

@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 import faultlib as fl
-from model import data as data_module
+from model import dataset as data_module
 from search.api import run_campaign
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from model import blas
+from model.precision import bf16_missing
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("floor_ms", "step_ms", "step_over_floor", "trial_over_floor", "workers2_over_workers1",
@@ -67,3 +68,20 @@ def test_the_bench_leaves_out_exactly_the_confirm_phase():
     plain = without_confirm(full)
     assert [p.name for p in full.phases] == [p.name for p in plain.phases] + ["confirm"]
     assert plain.final == full.final and plain.phases == full.phases[:-1]
+
+
+BF16_MISSING = bf16_missing()
+
+
+def test_bench_reports_the_bf16_figures_or_why_not(quick_bench):
+    b = quick_bench
+    if BF16_MISSING:  # a CPU without bf16 instructions or no MKL: it says so instead
+        assert b["bf16"] == f"not measured: {BF16_MISSING}"
+        return
+    for key in ("bf16_floor_ms_m1024", "bf16_step_ms_m1024", "bf16_copy_pass_ms_m1024",
+                "bf16_over_fp32_step_m50", "bf16_over_fp32_step_m1024"):
+        assert isinstance(b[key], float) and math.isfinite(b[key]) and b[key] > 0, key
+    assert b["bf16_step_over_floor_m1024"] == pytest.approx(
+        b["bf16_step_ms_m1024"] / b["bf16_floor_ms_m1024"], rel=1e-3)
+    assert b["bf16_outside_minus_fp32_ms_m50"] == pytest.approx(
+        b["bf16_outside_gemms_ms_m50"] - b["fp32_outside_gemms_ms_m50"], abs=2e-4)

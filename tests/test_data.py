@@ -13,8 +13,9 @@ import pytest
 
 from conftest import CONST_COLS, CONST_VALUES, N_PER_BATCH, make_archive, tiny_batch, write_pickle
 from envlib import full_disk, limit_memory, read_only
-from model.data import (ARCHIVE, BATCHES_DIR, D, download, extract_archive, file_md5, fingerprint,
-                        load_batch, load_cifar10, resolve_batches_dir, train_stats)
+from model.batch_files import BATCHES_DIR, D, load_batch
+from model.dataset import fingerprint, load_cifar10, train_stats
+from model.download import ARCHIVE, download, extract_archive, file_md5, resolve_batches_dir
 from model.errors import DataError
 from model.step import gather_batch
 
@@ -83,7 +84,7 @@ def test_a_second_load_gives_the_same_data(cifar_tiny_dir, tmp_path):
 @pytest.mark.parametrize("cached", [True, False])
 def test_a_batch_normalised_from_pixels_is_the_rows_of_X(cifar_tiny_dir, tmp_path, dtype, cached):
     """The step's gather from the uint8 pixels yields X[idx] bit for bit (model.step computes
-    raw·scale + shift as model.data.normalise does), from the cache and from memory."""
+    raw·scale + shift as model.dataset.normalise does), from the cache and from memory."""
     ds = load_cifar10(cifar_tiny_dir.batches, n_val=N_VAL, dtype=dtype, cache_dir=tmp_path,
                       cache=cached)
     px = ds.train.pixels
@@ -509,7 +510,7 @@ def test_a_small_file_declaring_a_huge_array_is_refused_before_allocating(tmp_pa
     path.write_bytes(pickle.dumps(huge_declarations()[kind], protocol=2))
     assert path.stat().st_size < 50_000  # a few hundred bytes (30 kB of them genuine pixels)
     # in a child whose address space is capped at 1 GB: a regression fails, it does not swap
-    code = ("from model.data import load_batch\n"
+    code = ("from model.batch_files import load_batch\n"
             "from model.errors import DataError\n"
             "try:\n"
             f"    X, y = load_batch({str(path)!r})\n"

@@ -50,8 +50,8 @@ def test_on_cpu_free_runs_once_while_the_last_seed_trains(tiny_data, tmp_path, m
     hook_ran = tmp_path / "hook_ran"
     run_seed = final._run_seed  # the forked seed processes inherit the patched one
 
-    def gated(data, config, seed, train_curve=True, on_eval=None):
-        run = run_seed(data, config, seed, train_curve, on_eval)
+    def gated(data, config, seed, train_curve=True, on_eval=None, checkpoints=None):
+        run = run_seed(data, config, seed, train_curve, on_eval, checkpoints)
         if seed != 0:
             (tmp_path / f"done{seed}").touch()
             return run
@@ -183,3 +183,32 @@ def test_final_metrics_report_the_snapshot_ensemble(tiny_data):
         assert m["test_acc_ensemble"] == expected["acc"]
     assert metrics["test_acc_ensemble_mean"] == pytest.approx(
         np.mean([m["test_acc_ensemble"] for m in metrics["seeds"]]))
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_after_first_cycle(record):
+    if record["step"] > 2 * LONG.n_s:
+        raise _Killed
+
+
+LONG = dataclasses.replace(CONFIG, cycles=3)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_seeds_killed_mid_run_resume_from_their_checkpoints(tiny_data, tmp_path, workers):
+    """A seed whose earlier run was killed after its first cycle resumes from <folder>/seed<k>.npz
+    to the results of an uninterrupted run, and its checkpoint is gone once it finished."""
+    folder = tmp_path / "final.checkpoints"
+    with pytest.raises(_Killed):
+        fit(tiny_data, dataclasses.replace(LONG, seed=1), on_eval=_kill_after_first_cycle,
+            train_curve=False, snapshots=True, checkpoint=folder / "seed1.npz")
+    resumed = run_seeds(tiny_data, LONG, [0, 1], workers=workers, checkpoints=folder)
+    straight = run_seeds(tiny_data, LONG, [0, 1], workers=workers)
+    for a, b in zip(resumed, straight):
+        for k in a["params"]:
+            np.testing.assert_array_equal(a["params"][k], b["params"][k], err_msg=k)
+        assert a["history"] == b["history"] and a["test_ensemble"] == b["test_ensemble"]
+    assert not list(folder.glob("*.npz"))

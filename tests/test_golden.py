@@ -19,7 +19,7 @@ import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from model import blas
-from model.data import split_and_normalise
+from model.dataset import split_and_normalise
 from model.network import PARAM_KEYS
 from model.train import TrainConfig, fit
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.data import TEST_FILE, TRAIN_FILES, load_batch
-from search.workers import SURPLUS
+from model.batch_files import TEST_FILE, TRAIN_FILES, load_batch
+from search.record import SURPLUS
 
 pytestmark = pytest.mark.integration
 

@@ -4,8 +4,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from model.data import Dataset, Split
-from model.data import split_and_normalise
+from model.dataset import Dataset, Split
+from model.dataset import split_and_normalise
 from model.gradcheck import (check_gradients, gradcheck_report, gradcheck_slice, informative_dims,
                              relative_error)
 from model.network import PARAM_KEYS, init_params, l2_penalty, loss_and_grads, scores

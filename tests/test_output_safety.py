@@ -216,7 +216,7 @@ def test_a_storage_path_holding_another_file_is_never_written(tmp_path, cifar_ti
 
 
 def test_the_array_cache_deletes_only_its_own_stale_entries(cifar_tiny_dir, tmp_path):
-    from model.data import load_cifar10
+    from model.dataset import load_cifar10
 
     cache = tmp_path / "cache"  # $CIFAR10_CACHE may be a folder that holds a user's things
     mine = cache / "arrays" / "project"

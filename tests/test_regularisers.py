@@ -5,13 +5,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from model.data import Dataset, Pixels, Split, normalise, normaliser, split_and_normalise
+from conftest import pixel_data
+from model.dataset import Dataset, Pixels, Split, normalise, normaliser
 from model.errors import ConfigError
 from model.gradcheck import check_gradients
 from model.layers import dropout_mask, softmax
 from model.network import PARAM_KEYS, init_params, loss_and_grads, scores
-from model.step import (DRAW_LEVELS, IMAGE_D, draw_noise, gather_batch, make_workspace, settle,
-                        sgd_step)
+from model.step import (DRAW_LEVELS, IMAGE_D, StepParams, draw_noise, gather_batch,
+                        make_workspace, sgd_step)
 from model.train import TrainConfig, evaluate, evaluate_ensemble, fit
 
 SIDE = 32
@@ -91,7 +92,7 @@ def test_moved_pixels_equal_the_numpy_reference(flip, dx, dy):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_augmented_gather_equals_the_reference_bit_for_bit(dtype):
     """Random rows, random moves, the real normalisation: each gathered row is the reference's
-    moved image normalised as model.data.normalise does (a moved pixel takes the scale and shift
+    moved image normalised as model.dataset.normalise does (a moved pixel takes the scale and shift
     of the position it lands on), bit for bit; rows beyond the batch are left alone."""
     rng = np.random.default_rng(3)
     raw = rng.integers(0, 256, (60, IMAGE_D), dtype=np.uint8)
@@ -145,18 +146,6 @@ def test_dropout_mask_rate_and_scaling():
         assert abs(mask.mean() - 1.0) < 0.02  # inverted: the expected activation is unchanged
 
 
-def pixel_data(dtype="float32", n_train=300, seed=0):
-    """CIFAR-shaped uint8 pixels with a learnable signal: the label brightens one band of rows."""
-    r = np.random.default_rng(seed)
-    n = n_train + 60
-    y = r.integers(0, 10, n)
-    X = r.integers(0, 200, (n, IMAGE_D)).astype(np.uint8)
-    for k in range(10):
-        X[y == k, k * 300:(k + 1) * 300] += 50
-    return split_and_normalise(X[:n_train + 30], y[:n_train + 30], X[n_train + 30:],
-                               y[n_train + 30:], 30, dtype, "generated")
-
-
 @pytest.mark.parametrize("p", [0.3, 0.7])
 def test_step_drops_hidden_units_at_rate_p_and_scales_the_rest(p):
     """After one step the workspace holds the step's hidden activations: with every unit active
@@ -169,7 +158,8 @@ def test_step_drops_hidden_units_at_rate_p_and_scales_the_rest(p):
     ws = make_workspace(B, IMAGE_D, m, 10, np.float64, dropout=p)
     idx = np.arange(B)
     draw_noise(ws, B, np.random.default_rng(2))
-    sgd_step(params, data.train.X, data.train.y, idx, 0.01, 0.0, ws, data.train.pixels)
+    sgd_step(StepParams(params), data.train.X, data.train.y, idx, 0.01, 0.0, ws,
+             data.train.pixels)
     H = ws["H"]
     pre = data.train.X[idx] @ before["W1"] + before["b1"]
     assert (pre > 0).all()
@@ -188,7 +178,7 @@ def test_step_with_dropout_equals_the_reference_with_the_same_mask(tiny_data, m)
     params = init_params(20, m, 10, np.random.default_rng(m), dtype=np.float64)
     ws = make_workspace(10, 20, m, 10, np.float64, dropout=p)
     rng = np.random.default_rng(4)
-    fused = {k: v.copy() for k, v in params.items()}
+    fused = StepParams({k: v.copy() for k, v in params.items()})
     ref = {k: v.copy() for k, v in params.items()}
     for _ in range(5):
         idx = rng.permutation(len(y))[:10]
@@ -197,8 +187,7 @@ def test_step_with_dropout_equals_the_reference_with_the_same_mask(tiny_data, m)
         mask = dropout_mask(ws["draws"][:len(idx)] / DRAW_LEVELS, p)
         _, _, grads = loss_and_grads(ref, X[idx], y[idx], lam, mask=mask)
         ref = {k: ref[k] - eta * grads[k] for k in PARAM_KEYS}
-    settle(fused, ws)
-    without = {k: v.copy() for k, v in params.items()}
+    without = StepParams({k: v.copy() for k, v in params.items()})
     sgd_step(without, X, y, idx, eta, lam, make_workspace(10, 20, m, 10, np.float64))
     for k in PARAM_KEYS:
         np.testing.assert_allclose(fused[k], ref[k], rtol=1e-10, atol=1e-12, err_msg=k)

@@ -4,8 +4,8 @@ import pytest
 
 from model.errors import DivergedError
 from model.network import PARAM_KEYS, init_params, loss_and_grads
-from model.data import Pixels, normalise, normaliser
-from model.step import gather_batch, make_workspace, settle, sgd_step
+from model.dataset import Pixels, normalise, normaliser
+from model.step import StepParams, gather_batch, make_workspace, sgd_step
 
 D, M, K, N_BATCH = 20, 10, 10, 10
 
@@ -18,11 +18,10 @@ def reference_update(params, X, y, idx, eta, lam):
 
 
 def fused_update(params, X, y, idx, eta, lam, dtype):
-    p = {k: v.astype(dtype) for k, v in params.items()}
+    p = StepParams({k: v.astype(dtype) for k, v in params.items()})
     ws = make_workspace(N_BATCH, D, M, K, dtype)
     ids = {k: id(v) for k, v in p.items()}
     sgd_step(p, X.astype(dtype), y, idx, eta, lam, ws)
-    settle(p, ws)
     assert {k: id(v) for k, v in p.items()} == ids  # updated in place, same arrays
     assert all(v.dtype == dtype for v in p.values())
     return p
@@ -59,12 +58,11 @@ def test_workspace_reuse_across_batch_sizes(tiny_data, tiny_params):
     """A full batch, then a partial one, then a full one through the same workspace."""
     X, y = tiny_data.train.X, tiny_data.train.y
     ws = make_workspace(N_BATCH, D, M, K, np.float64)
-    fused = {k: v.copy() for k, v in tiny_params.items()}
+    fused = StepParams({k: v.copy() for k, v in tiny_params.items()})
     ref = {k: v.copy() for k, v in tiny_params.items()}
     for idx in (np.arange(0, 10), np.arange(50, 53), np.arange(20, 30)):
         sgd_step(fused, X, y, idx, 0.05, 0.01, ws)
         ref = reference_update(ref, X, y, idx, 0.05, 0.01)
-    settle(fused, ws)
     for k in PARAM_KEYS:
         # stale rows from a previous, larger batch never leak into a smaller one
         np.testing.assert_allclose(fused[k], ref[k], rtol=1e-11, atol=1e-12, err_msg=k)
@@ -72,8 +70,8 @@ def test_workspace_reuse_across_batch_sizes(tiny_data, tiny_params):
 
 def test_sgd_step_leaves_the_data_alone(tiny_data, tiny_params):
     X, y = tiny_data.train.X.copy(), tiny_data.train.y.copy()
-    sgd_step({k: v.copy() for k, v in tiny_params.items()}, X, y, np.arange(10), 0.05, 0.1,
-             make_workspace(N_BATCH, D, M, K, np.float64))
+    sgd_step(StepParams({k: v.copy() for k, v in tiny_params.items()}), X, y, np.arange(10), 0.05,
+             0.1, make_workspace(N_BATCH, D, M, K, np.float64))
     np.testing.assert_array_equal(X, tiny_data.train.X)
     np.testing.assert_array_equal(y, tiny_data.train.y)
 
@@ -81,13 +79,14 @@ def test_sgd_step_leaves_the_data_alone(tiny_data, tiny_params):
 @pytest.mark.parametrize("eta,lam", [(0.05, 0.0), (0.05, 0.02), (0.5, 0.5), (0.5, 1.0), (0.5, 1.5)],
                          ids=["no decay", "pending scale", "rescaled", "zero decay", "negative decay"])
 def test_many_steps_with_the_w1_scale_pending(tiny_data, tiny_params, eta, lam):
-    """The W1 decay is a pending scale: with 2ηλ = 0.002, 40 steps leave W1 = 0.92·params["W1"]
-    until settle(); with 2ηλ = 0.5 the scale drops below the rescale bound within the run; with
+    """The W1 decay is a pending scale: with 2ηλ = 0.002, 40 steps leave W1 = 0.92·V (the array
+    the step updates) until W1 is read, and reading it gets W1 itself; with 2ηλ = 0.5 the scale drops below the rescale bound within the run; with
     2ηλ = 1 the decay is 0 (W1 ← −η∇loss), with 2ηλ = 1.5 negative. Every case ends where 40
     reference steps end."""
     X, y = tiny_data.train.X, tiny_data.train.y
     ws = make_workspace(N_BATCH, D, M, K, np.float64)
-    fused = {k: v.copy() for k, v in tiny_params.items()}
+    plain = {k: v.copy() for k, v in tiny_params.items()}
+    fused = StepParams(plain)
     ref = {k: v.copy() for k, v in tiny_params.items()}
     rng = np.random.default_rng(1)
     for _ in range(40):
@@ -96,10 +95,11 @@ def test_many_steps_with_the_w1_scale_pending(tiny_data, tiny_params, eta, lam):
         ref = reference_update(ref, X, y, idx, eta, lam)
     pending = (1 - 2 * eta * lam) ** 40
     if lam == 0.02:
-        np.testing.assert_allclose(ws["w1_scale"][0], pending, rtol=1e-12)
-        np.testing.assert_allclose(pending * fused["W1"], ref["W1"], rtol=1e-9, atol=1e-12)
-    settle(fused, ws)
-    assert ws["w1_scale"][0] == 1.0
+        np.testing.assert_allclose(fused.w1_scale[0], pending, rtol=1e-12)
+        # the array itself is V = W1 / pending until W1 is read through the StepParams
+        np.testing.assert_allclose(pending * plain["W1"], ref["W1"], rtol=1e-9, atol=1e-12)
+    read = fused["W1"]
+    assert fused.w1_scale[0] == 1.0 and read is plain["W1"]  # settled in place, on the read
     for k in PARAM_KEYS:
         np.testing.assert_allclose(fused[k], ref[k], rtol=1e-9, atol=1e-12, err_msg=k)
 
@@ -110,8 +110,8 @@ def test_sgd_step_raises_diverged_on_non_finite_scores(tiny_data):
     params["W2"][0, 0] = np.inf
     params["b1"][:] = 1.0  # make sure hidden unit 0 is active, so a score becomes inf or NaN
     with pytest.raises(DivergedError):
-        sgd_step(params, tiny_data.train.X, tiny_data.train.y, np.arange(10), 0.05, 0.0,
-                 make_workspace(N_BATCH, D, M, K, np.float64))
+        sgd_step(StepParams(params), tiny_data.train.X, tiny_data.train.y, np.arange(10), 0.05,
+                 0.0, make_workspace(N_BATCH, D, M, K, np.float64))
 
 
 @pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")
@@ -122,12 +122,13 @@ def test_sgd_step_raises_diverged_on_nan_weights_and_leaves_params(tiny_data):
     params["W1"][:, 0] = np.nan
     before = {k: v.copy() for k, v in params.items()}
     ws = make_workspace(N_BATCH, D, M, K, np.float64)
-    ws["w1_scale"][0] = 0.5
+    stepped = StepParams(params)
+    stepped.w1_scale[0] = 0.5
     with pytest.raises(DivergedError):
-        sgd_step(params, tiny_data.train.X, tiny_data.train.y, np.arange(10), 0.05, 0.1, ws)
+        sgd_step(stepped, tiny_data.train.X, tiny_data.train.y, np.arange(10), 0.05, 0.1, ws)
+    assert stepped.w1_scale[0] == 0.5  # the pending scale is a parameter too
     for k in PARAM_KEYS:
         np.testing.assert_array_equal(params[k], before[k], err_msg=k)
-    assert ws["w1_scale"][0] == 0.5  # the pending scale is a parameter too
 
 
 def test_sgd_step_computes_in_the_params_dtype(tiny_data, tiny_params):
@@ -135,10 +136,9 @@ def test_sgd_step_computes_in_the_params_dtype(tiny_data, tiny_params):
     it would be on float32 data (train() sizes the workspace in the params' dtype)."""
     X, y = tiny_data.train.X, tiny_data.train.y
     idx = np.arange(3, 3 + N_BATCH)
-    on64 = {k: v.astype(np.float32) for k, v in tiny_params.items()}
+    on64 = StepParams({k: v.astype(np.float32) for k, v in tiny_params.items()})
     ws = make_workspace(N_BATCH, D, M, K, np.float32)
     sgd_step(on64, X, y, idx, 0.05, 0.1, ws)
-    settle(on64, ws)
     on32 = fused_update(tiny_params, X, y, idx, 0.05, 0.1, np.float32)
     for k in PARAM_KEYS:
         assert on64[k].dtype == np.float32

@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from model.data import Split
+from model.dataset import Split
 from model.errors import InputError
 from model.train import TrainConfig
 from search.phases import PhaseSpec, run_spec
@@ -90,7 +90,7 @@ def test_a_study_written_before_fingerprints_is_adopted_once(tmp_path, tiny_data
 def test_the_fingerprint_is_not_the_path(cifar_tiny_dir, tmp_path):
     import shutil
 
-    from model.data import fingerprint, load_cifar10
+    from model.dataset import fingerprint, load_cifar10
 
     copy = tmp_path / "copy" / "cifar-10-batches-py"
     shutil.copytree(cifar_tiny_dir.batches, copy)

@@ -119,7 +119,7 @@ def test_train_takes_exactly_total_steps_and_uses_every_sample_once_per_epoch(ti
 
 def test_train_equals_reference_steps_and_evaluates_the_true_weights(tiny_data, recorded_steps):
     """Replaying train()'s batches and η with network.loss_and_grads gives its params and, at
-    every evaluation point, its metrics: W1's pending decay scale (model.step.settle) is applied
+    every evaluation point, its metrics: W1's pending decay scale (model.step.StepParams) is applied
     before each evaluation and before train() returns. λ is large: between two evaluation points
     the pending scale falls to ~0.85, far from round-off."""
     config = tiny_config(lam=0.5, n_s=7, cycles=1, evals_per_cycle=2)
@@ -207,7 +207,7 @@ def test_same_seed_is_bit_identical_and_different_seed_differs(tiny_data):
 
 
 def test_float32_training_stays_float32(tiny_data):
-    from model.data import Dataset, Split
+    from model.dataset import Dataset, Split
     f32 = Dataset(*(Split(s.X.astype(np.float32), s.y) for s in (tiny_data.train, tiny_data.val,
                                                                  tiny_data.test)), source="s")
     params, history = run(f32, tiny_config(dtype="float32"))
@@ -267,7 +267,7 @@ def test_train_updates_params_in_place(tiny_data):
 def test_training_from_pixels_equals_training_from_X(cifar_tiny_dir, tmp_path):
     """train() gathers batches from the train split's pixels when it has them: the very same
     run, bit for bit, as gathering the normalised rows of X."""
-    from model.data import load_cifar10
+    from model.dataset import load_cifar10
 
     data = load_cifar10(cifar_tiny_dir.batches, n_val=20, cache_dir=tmp_path)
     assert data.train.pixels is not None

@@ -61,14 +61,15 @@ from queue import Empty
 
 import numpy as np
 import optuna
+from numba import njit
 
 from model import blas
-from model.data import load_cifar10, split_and_normalise
+from model.dataset import load_cifar10, split_and_normalise
 from model.errors import ConfigError, WorkersFailed
 from model.network import init_params
-from model.schedule import cyclic_lr
-from model.step import draw_noise, gather_batch, make_workspace, sgd_step
-from model.train import evaluation_record
+# the step's own bf16 kernels, timed apart from the step
+from model.step import StepParams, _backward_bf16, _round_bf16, gather_batch, make_workspace
+from model.train import evaluation_record, updates
 from search.campaign import DEFAULT, Campaign, load_campaign
 from search.cli.args import Parser, add_common_args
 from search.cli.errors import run
@@ -180,25 +181,19 @@ def block_ms(fn, iters, clock=time.thread_time):
 def measure_step(data, size, rng, config=SEARCH_CONFIG, repeats=None, iters=None, suffix="",
                  clock=time.thread_time):
     """floor_ms, gather_ms, step_ms (+ suffix) of config's m and regularisers: interleaved timed
-    blocks, best of the repeats each. A step draws its dropout mask and moves first, as in
-    train(); the gather is timed with the moves of the last draw."""
+    blocks, best of the repeats each. A step is one update of model.train's own loop (updates():
+    permutation, schedule, the dropout mask and moves, sgd_step); the gather is timed with the
+    moves of the last draw."""
     X, y = data.train.X, data.train.y
-    params = init_params(D, config.m, K, rng, dtype=np.float32)
-    ws = make_workspace(config.n_batch, D, config.m, K, X.dtype, config.dropout, config.flip,
-                        config.shift)
+    params, ws, steps = _training_loop(data, config, rng)
     batches = _batches(len(y), config.n_batch, rng)
-    state = {"t": 0}
     floor = _gemm_pair(rng, X[:config.n_batch], config.m)
 
     def gather():
         gather_batch(X, next(batches), ws["X"], data.train.pixels, ws["moves"])
 
-    def step():  # the CLR schedule of the coarse protocol, as in training
-        t = state["t"] = state["t"] + 1
-        eta = cyclic_lr(t, config.eta_min, config.eta_max, config.n_s)
-        idx = next(batches)
-        draw_noise(ws, len(idx), rng)
-        sgd_step(params, X, y, idx, eta, TRIAL_LAM, ws, data.train.pixels)
+    def step():
+        next(steps)
 
     step()  # compiles the kernels of these regularisers outside the timed blocks
     times = {"floor_ms": [], "gather_ms": [], "step_ms": []}
@@ -208,6 +203,16 @@ def measure_step(data, size, rng, config=SEARCH_CONFIG, repeats=None, iters=None
     out = {key + suffix: min(v) for key, v in times.items()}
     out["step_over_floor" + suffix] = out["step_ms" + suffix] / out["floor_ms" + suffix]
     return out
+
+
+def _training_loop(data, config, rng, precision="fp32"):
+    """(params, workspace, iterator of updates) of model.train.updates for config at λ =
+    TRIAL_LAM, long enough for any benchmark (its CLR schedule is the coarse protocol's)."""
+    config = dataclasses.replace(config, lam=TRIAL_LAM, cycles=10_000)
+    params = StepParams(init_params(D, config.m, K, rng, dtype=np.float32))
+    ws = make_workspace(config.n_batch, D, config.m, K, np.float32, config.dropout, config.flip,
+                        config.shift, precision)
+    return params, ws, updates(params, data, config, rng, ws)
 
 
 def measure_wide(data, size, rng):
@@ -253,21 +258,12 @@ def _wide_steps(data, steps, threads, seed, queue):
     """In a forked process: `steps` wide steps with `threads` BLAS threads -> queue (start, end)
     in time.time(), comparable across processes (or None on failure)."""
     try:
-        rng = np.random.default_rng(seed)
         config = dataclasses.replace(SEARCH_CONFIG, **WIDE)
-        X, y = data.train.X, data.train.y
-        params = init_params(D, config.m, K, rng, dtype=np.float32)
-        ws = make_workspace(config.n_batch, D, config.m, K, X.dtype, config.dropout, config.flip,
-                            config.shift)
-        batches = _batches(len(y), config.n_batch, rng)
+        _, _, loop = _training_loop(data, config, np.random.default_rng(seed))
         with blas_threads(threads):
             start = time.time()
-            for t in range(steps):
-                idx = next(batches)
-                draw_noise(ws, len(idx), rng)
-                sgd_step(params, X, y, idx, cyclic_lr(t, config.eta_min, config.eta_max,
-                                                      config.n_s), TRIAL_LAM, ws,
-                         data.train.pixels)
+            for _ in range(steps):
+                next(loop)
             queue.put((start, time.time()))
     except BaseException:
         queue.put(None)
@@ -290,7 +286,7 @@ def _gemm_pair(rng, Xb=None, m=SEARCH_CONFIG.m):
 
 
 def _batches(N, B, rng):
-    """Consecutive batches of a fresh permutation per epoch, like train()."""
+    """Consecutive batches of a fresh permutation per epoch, like train() (for the gather alone)."""
     while True:
         perm = rng.permutation(N)
         for start in range(0, N, B):
@@ -476,12 +472,127 @@ def _trained_steps(storage, campaign):
     return steps
 
 
+# ---- bf16 (TrainConfig.precision): a self-contained measurement, one call from main() -------
+
+BF16_ROWS = [
+    ("bf16_floor_ms_m1024", "bf16: the two GEMMs in bf16, m = 1024", "ms"),
+    ("bf16_fp32_floor_ms_m1024", "  the same two GEMMs in fp32 (MKL's and NumPy's BLAS)", "ms"),
+    ("bf16_gemm_over_fp32_gemm_m1024", "  bf16 GEMMs / fp32 GEMMs (< 1: native bf16)", "×"),
+    ("bf16_step_ms_m1024", "bf16 step, m = 1024, dropout + augmentation", "ms"),
+    ("bf16_step_over_floor_m1024", "bf16 step / its bf16 floor at m = 1024", "×"),
+    ("bf16_over_fp32_step_m1024", "bf16 step / fp32 step at m = 1024", "×"),
+    ("bf16_copy_pass_ms_m1024", "  one separate pass W1 → bf16 (what the step avoids)", "ms"),
+    ("bf16_backward_blocked_extra_ms_m1024", "  blocked backward + copy − one backward GEMM", "ms"),
+    ("bf16_backward_then_pass_extra_ms_m1024", "  one backward GEMM + a pass − the GEMM alone", "ms"),
+    ("bf16_outside_gemms_ms_m50", "bf16 step − its bf16 floor at m = 50", "ms"),
+    ("fp32_outside_gemms_ms_m50", "fp32 step − its fp32 floor at m = 50", "ms"),
+    ("bf16_outside_minus_fp32_ms_m50", "  bf16's time outside the GEMMs − fp32's", "ms"),
+    ("bf16_over_fp32_step_m50", "bf16 step / fp32 step at m = 50", "×"),
+]
+ROWS += BF16_ROWS
+
+
+def measure_bf16(data, size, rng):
+    """bf16_*: the bf16 step (model.train.updates with precision "bf16") against its own floor
+    (the step's two products with bf16 operands, through the kernels' MKL call) and against the
+    fp32 step and floor (NumPy's BLAS, also called from compiled code), measured here in
+    interleaved blocks, CPU time of this thread, best of the repeats; at m = 1024 with dropout
+    0.5, flips and ±4-pixel moves, and at m = 50 (the search protocol). Also the cost of W1's
+    bf16 copy: a separate rounding pass over W1, and what the backward product in blocks with
+    the copy written per block costs beyond one backward GEMM. Where bf16 cannot run,
+    {"bf16": why}."""
+    from model.precision import bf16_missing
+
+    missing = bf16_missing()
+    if missing:
+        return {"bf16": f"not measured: {missing}"}
+    wide = _bf16_figures(data, rng, dataclasses.replace(SEARCH_CONFIG, **WIDE),
+                         size["wide_repeats"], WIDE_ITERS)
+    narrow = _bf16_figures(data, rng, SEARCH_CONFIG, size["repeats"], size["iters"])
+    return {
+        "bf16_floor_ms_m1024": wide["floor16"], "bf16_fp32_floor_ms_m1024": wide["floor32"],
+        "bf16_gemm_over_fp32_gemm_m1024": wide["floor16"] / wide["floor32"],
+        "bf16_step_ms_m1024": wide["step16"],
+        "bf16_step_over_floor_m1024": wide["step16"] / wide["floor16"],
+        "bf16_over_fp32_step_m1024": wide["step16"] / wide["step32"],
+        "bf16_copy_pass_ms_m1024": wide["copy"],
+        "bf16_backward_blocked_extra_ms_m1024": wide["blocked"] - wide["backward"],
+        "bf16_backward_then_pass_extra_ms_m1024": wide["then_pass"] - wide["backward"],
+        "bf16_outside_gemms_ms_m50": narrow["step16"] - narrow["floor16"],
+        "fp32_outside_gemms_ms_m50": narrow["step32"] - narrow["floor32"],
+        "bf16_outside_minus_fp32_ms_m50": (narrow["step16"] - narrow["floor16"])
+                                           - (narrow["step32"] - narrow["floor32"]),
+        "bf16_over_fp32_step_m50": narrow["step16"] / narrow["step32"],
+    }
+
+
+def _bf16_figures(data, rng, config, repeats, iters):
+    """Best ms per call of: both steps (step16, step32), both floors (floor16, floor32), the
+    bf16 backward product alone (backward), in blocks with the copy (blocked), whole and then
+    the copy in a pass of its own (then_pass), and that rounding pass alone (copy)."""
+
+    _, _, loop16 = _training_loop(data, config, rng, "bf16")
+    _, _, loop32 = _training_loop(data, config, rng, "fp32")
+    B, m = config.n_batch, config.m
+    X = np.ascontiguousarray(data.train.X[:B])
+    W1 = init_params(D, m, K, rng, dtype=np.float32)["W1"]
+    dH = rng.standard_normal((B, m), dtype=np.float32) * 1e-3
+    X16, W16, dH16 = (np.empty(a.shape, np.uint16) for a in (X, W1, dH))
+    for a, a16 in ((X, X16), (W1, W16), (dH, dH16)):
+        _round_bf16(a, a16)
+    H = np.empty((B, m), np.float32)
+    fns = {
+        "step16": lambda: next(loop16), "step32": lambda: next(loop32),
+        "floor16": lambda: _bf16_floor(X16, W16, H, dH16, W1),
+        "floor32": lambda: _fp32_floor(X, W1, H, dH),
+        "backward": lambda: _bf16_backward(X16, dH16, W1),
+        "blocked": lambda: _backward_bf16(X16, dH16, W1, W16, -1.0),
+        "then_pass": lambda: _bf16_backward_then_pass(X16, dH16, W1, W16),
+        "copy": lambda: _round_bf16(W1, W16),
+    }
+    for fn in fns.values():
+        fn()  # compiled and warm outside the timed blocks
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            times[key].append(block_ms(fn, iters))
+    return {k: min(v) for k, v in times.items()}
+
+
+@njit  # no disk cache: a script's module name differs by how it is run
+def _bf16_floor(X16, W16, H, dH16, W1):
+    """The step's two products with bf16 operands: H ← X_b W1, W1 ← W1 + X_bᵀ dH (β = 1)."""
+    blas.gemm_bf16(X16, W16, H, 1.0, 0.0, False, 0, H.shape[0])
+    blas.gemm_bf16(X16, dH16, W1, 1.0, 1.0, True, 0, W1.shape[0])
+
+
+@njit  # no disk cache: a script's module name differs by how it is run
+def _bf16_backward(X16, dH16, W1):
+    """W1 ← W1 + X_bᵀ dH with bf16 operands, in one product."""
+    blas.gemm_bf16(X16, dH16, W1, 1.0, 1.0, True, 0, W1.shape[0])
+
+
+@njit  # no disk cache: a script's module name differs by how it is run
+def _bf16_backward_then_pass(X16, dH16, W1, W16):
+    """_bf16_backward, then W16 ← bf16(W1) in a pass of its own (what the step avoids)."""
+    blas.gemm_bf16(X16, dH16, W1, 1.0, 1.0, True, 0, W1.shape[0])
+    _round_bf16(W1, W16)
+
+
+@njit  # no disk cache: a script's module name differs by how it is run
+def _fp32_floor(X, W1, H, dH):
+    """The same two products in fp32, through the kernels' BLAS (NumPy's), from compiled code
+    as the step calls them."""
+    blas.gemm(X, W1, H, 1.0, 0.0)
+    blas.gemm(X, dH, W1, 1.0, 1.0, trans_a=True)
+
+
 def table(results):
     head = (f"data: {results['data']}; one BLAS thread (but where 2 are named), float32"
             f"{'; --quick' if results['quick'] else ''}"
             f"\nthe step's BLAS: {results['blas']} (the floor's: NumPy's)")
     lines = [f"{label:<38} {results[key]:>9.3f} {unit}" for key, label, unit in ROWS if key in results]
-    return "\n".join([head, *lines])
+    return "\n".join([head, *lines, *([f"bf16: {results['bf16']}"] if "bf16" in results else [])])
 
 
 def main():
@@ -497,6 +608,7 @@ def main():
         results.update(measure_trial(data, size, rng, results["eval_ms"]))
         results["trial_over_best_floor"] = results["trial_s"] * 1e3 / (
             SEARCH_CONFIG.total_steps * results["floor_ms"])
+        results.update(measure_bf16(data, size, rng))
     results.update(measure_wide(data, size, rng))  # one thread, then two
     results.update(measure_procs_vs_threads(data, size))
     results.update(measure_workers(data, size, rng))  # each worker pins its own BLAS threads

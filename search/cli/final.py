@@ -12,7 +12,7 @@ figures into studies/<campaign>/final/ (or --out).
 import dataclasses
 import os
 
-from model.data import load_cifar10
+from model.dataset import load_cifar10
 from model.outputs import check_results_dir
 from model.resources import check_memory, check_writable
 from search.campaign import with_config

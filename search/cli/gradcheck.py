@@ -8,7 +8,7 @@ below --tol (exit 0, else 1).
 """
 import numpy as np
 
-from model.data import load_cifar10
+from model.dataset import load_cifar10
 from model.gradcheck import gradcheck_report
 from model.network import PARAM_KEYS
 from search.cli.args import Parser, add_common_args, add_data_args

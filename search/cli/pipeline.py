@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from model.data import load_cifar10
+from model.dataset import load_cifar10
 from model.outputs import check_page, check_results_dir
 from model.resources import check_memory, check_writable
 from search import settings

@@ -15,7 +15,7 @@ campaign, so that the next run derives them again (e.g. after an earlier phase c
 import dataclasses
 import time
 
-from model.data import load_cifar10
+from model.dataset import load_cifar10
 from model.errors import ConfigError
 from model.resources import check_memory
 from search.campaign import grid_param, validated, with_config, with_phase

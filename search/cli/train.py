@@ -8,7 +8,7 @@ lr .png) into --out (default studies/runs/lam<λ>-seed<seed>).
 import time
 
 from model.checkpoint import save_run
-from model.data import load_cifar10
+from model.dataset import load_cifar10
 from model.outputs import check_results_dir, publish_dir
 from model.resources import check_memory, check_writable
 from model.train import evaluate, evaluate_ensemble, fit

@@ -1,0 +1,200 @@
+"""Finding CIFAR-10's batch folder: a local folder or archive, or the official archive downloaded
+(with a progress bar, and checked against its MD5 before anything in it is read) and extracted
+safely into the cache, like torchvision."""
+import errno
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from model.batch_files import BATCHES_DIR, TRAIN_FILES
+from model.errors import DataError
+from model.resources import is_write_problem, write_problem
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+MD5 = "c58f30108f718f92721af3b95e74349a"
+ARCHIVE = "cifar-10-python.tar.gz"
+ENV_DIR, ENV_URL, ENV_MD5, ENV_CACHE = "CIFAR10_DIR", "CIFAR10_URL", "CIFAR10_MD5", "CIFAR10_CACHE"
+
+
+def default_cache_dir():
+    """$CIFAR10_CACHE, else ~/.cache/clr-lambda-search."""
+    return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "clr-lambda-search")
+
+
+def resolve_batches_dir(source=None, cache_dir=None):
+    """The folder holding data_batch_1..5 and test_batch.
+
+    source: a cifar-10-batches-py folder, a folder containing one (or the archive), a
+    cifar-10-python.tar.gz, or None: then $CIFAR10_DIR, else the official archive is downloaded
+    (from $CIFAR10_URL if set, checked against $CIFAR10_MD5 if set) into the cache.
+    """
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    source = source or os.environ.get(ENV_DIR)
+    if not source:
+        return _download_and_extract(cache_dir)
+    try:
+        return _local_batches_dir(Path(source).expanduser(), cache_dir)
+    except PermissionError as e:
+        raise DataError(f"cannot read {e.filename or source}: permission denied; check the path "
+                        "and its permissions") from None
+
+
+def _local_batches_dir(path, cache_dir):
+    _check_exists(path)
+    if path.is_file():
+        return extract_archive(path, cache_dir, expected_md5=os.environ.get(ENV_MD5))
+    for candidate in (path, path / BATCHES_DIR):
+        if (candidate / TRAIN_FILES[0]).is_file():
+            return candidate
+    if (path / ARCHIVE).is_file():
+        return extract_archive(path / ARCHIVE, cache_dir, expected_md5=os.environ.get(ENV_MD5))
+    raise DataError(f"no CIFAR-10 batches in {path} (expected {BATCHES_DIR}/data_batch_1..5 and "
+                    f"test_batch, or {ARCHIVE}); point --data-dir at a local copy or leave it unset "
+                    "to download")
+
+
+def _check_exists(path):
+    """DataError naming why path cannot be reached: missing, a symlink loop, a dangling link."""
+    try:
+        path.stat()
+        return
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"data path {path} is a symlink loop (a link that leads back to "
+                            "itself); fix the link or point --data-dir at the real folder") from None
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise
+    if path.is_symlink():
+        raise DataError(f"data path {path} is a broken symlink (to {os.readlink(path)}, which does "
+                        "not exist); fix the link or point --data-dir at the real folder")
+    raise DataError(f"data path {path} does not exist; point --data-dir (or ${ENV_DIR}) at a "
+                    f"{BATCHES_DIR} folder or {ARCHIVE}")
+
+
+def file_md5(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download_and_extract(cache_dir):
+    url = os.environ.get(ENV_URL) or URL
+    md5 = os.environ.get(ENV_MD5) or MD5
+    done = cache_dir / md5 / BATCHES_DIR
+    if (done / TRAIN_FILES[0]).is_file():
+        return done
+    archive = download(url, cache_dir / ARCHIVE, md5)
+    return extract_archive(archive, cache_dir, expected_md5=md5)
+
+
+def download(url, dest, md5):
+    """Fetch url to dest with a progress bar; the file appears only once its MD5 matches."""
+    from tqdm import tqdm
+
+    dest = Path(dest)
+    if dest.is_file() and file_md5(dest) == md5:
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f, tqdm(
+                total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                desc=f"downloading {Path(url).name}", leave=False) as bar:
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                f.write(chunk)
+                bar.update(len(chunk))
+    except (OSError, ValueError) as e:
+        _unlink_quietly(part)
+        if is_write_problem(e):  # the network is fine: the cache folder cannot take the file
+            raise DataError(f"cannot download {url} into {dest.parent}: {write_problem(e)}; free "
+                            f"space there or set ${ENV_CACHE} to a writable folder with ~0.4 GB "
+                            "free") from None
+        raise DataError(f"cannot download {url} ({e}); check the network, or set ${ENV_DIR} to a "
+                        "local copy") from None
+    got = file_md5(part)
+    if got != md5:
+        part.unlink()
+        raise DataError(f"checksum mismatch for {url}: MD5 {got}, expected {md5}; the file is "
+                        f"corrupt or not CIFAR-10 — retry, or set ${ENV_MD5} for a mirror you trust")
+    part.replace(dest)
+    return dest
+
+
+def _unlink_quietly(path):
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def extract_archive(archive, cache_dir, expected_md5=None):
+    """Safely extract a cifar-10-python.tar.gz into cache_dir/<md5>/ and return its batches folder.
+
+    Verifies expected_md5 first (if given); refuses members with absolute paths, '..' or links, so
+    nothing lands outside the target. Extraction goes to a temporary folder renamed at the end.
+    """
+    archive = Path(archive)
+    md5 = file_md5(archive)
+    if expected_md5 and md5 != expected_md5:
+        raise DataError(f"checksum mismatch for {archive}: MD5 {md5}, expected {expected_md5}; "
+                        f"the archive is corrupt or not CIFAR-10 (unset ${ENV_MD5} to skip the check)")
+    target = Path(cache_dir) / md5
+    if (target / BATCHES_DIR / TRAIN_FILES[0]).is_file():
+        return target / BATCHES_DIR
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
+    except OSError as e:
+        raise _cache_write_error(archive, target.parent, e) from None
+    try:
+        _safe_extract(archive, tmp)
+        if not (tmp / BATCHES_DIR / TRAIN_FILES[0]).is_file():
+            raise DataError(f"{archive} holds no {BATCHES_DIR}/ folder; it is not the CIFAR-10 "
+                            "python archive")
+        tmp.replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target / BATCHES_DIR
+
+
+def _safe_extract(archive, dest):
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            for m in members:
+                _check_member(m, archive)
+            tar.extractall(dest, members=members, **_extract_filter())
+    except OSError as e:
+        if is_write_problem(e) and str(getattr(e, "filename", "")) != str(archive):
+            raise _cache_write_error(archive, dest.parent, e) from None
+        raise DataError(f"{archive} is not a readable tar.gz archive ({e}); re-download it") from None
+    except (tarfile.TarError, EOFError, io.UnsupportedOperation) as e:
+        raise DataError(f"{archive} is not a readable tar.gz archive ({e}); re-download it") from None
+
+
+def _cache_write_error(archive, folder, e):
+    """The archive is fine: its extraction failed because the cache folder cannot take it."""
+    return DataError(f"cannot extract {archive} into {folder}: {write_problem(e)}; free space "
+                     f"there or set ${ENV_CACHE} to a writable folder with ~0.2 GB free")
+
+
+def _check_member(member, archive):
+    name = member.name
+    if name.startswith(("/", "\\")) or os.path.isabs(name) or ".." in Path(name).parts:
+        raise DataError(f"{archive} is unsafe: member {name!r} would be written outside the "
+                        "target folder; refusing to extract it")
+    if member.issym() or member.islnk() or not (member.isfile() or member.isdir()):
+        raise DataError(f"{archive} is unsafe: member {name!r} is a link or special file; "
+                        "refusing to extract it")
+
+
+def _extract_filter():
+    # Python ≥ 3.12 (and patched 3.10/3.11) also enforce the 'data' filter: a second lock.
+    return {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
