@@ -51,16 +51,14 @@ class CampaignResult:
         return self.final["test_acc_mean"]
 
 
-def run_context(campaign, data, storage, *, workers=1, storage_opts=None, progress=None,
-                precision=None):
+def run_context(campaign, data, storage, *, workers=1, storage_opts=None, progress=None):
     """The PhaseRun every phase of this runner runs with."""
     campaign = load_campaign(campaign) if isinstance(campaign, str) else campaign
     storage = open_storage(storage, **(storage_opts or {})) if isinstance(storage, str) \
         else storage
     return PhaseRun(campaign=campaign, storage=storage, data=data, workers=workers,
                     storage_opts=storage_opts, progress=progress,
-                    fingerprint=fingerprint(data) if data is not None else None,
-                    precision=precision)
+                    fingerprint=fingerprint(data) if data is not None else None)
 
 
 def run_campaign(campaign, data, storage, *, workers=1, out_dir=None, protect=(),

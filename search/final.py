@@ -29,7 +29,7 @@ from model.schedule import step_size
 from model.train import TrainConfig, evaluate, evaluate_ensemble, fit
 from search import record
 from search.lock import storage_lock
-from search.phases import Phase, open_study, queue, run_phase_workers
+from search.phases import Phase, open_study, pinned, queue, run_phase_workers, same_config
 from search.study import retire_study, study_name
 from search.workers import QueuedTarget
 
@@ -58,7 +58,7 @@ class FinalRun(Phase):
         """The final TrainConfig: the shared config, then the best parameters, then the final
         section's own values; an n_s rule ("2 epochs") is evaluated last, with the n_batch in
         force."""
-        config = TrainConfig(**{**dict(campaign.config), **best, **dict(self.config)})
+        config = pinned(TrainConfig(**{**dict(campaign.config), **best, **dict(self.config)}))
         return dataclasses.replace(config, n_s=final_n_s(self.n_s, n_train, config.n_batch))
 
     def to_dict(self):
@@ -97,7 +97,7 @@ class FinalRun(Phase):
             campaign=run.campaign.name, phase="final", kind=self.kind,
             index=len(run.campaign.phases), config={**dataclasses.asdict(config), "seed": None},
             pick=pick, seeds=seeds, n_trials=len(seeds), digest=run.campaign.digest(),
-            fingerprint=run.fingerprint, precision=run.precision, source=source)
+            fingerprint=run.fingerprint, precision=config.precision, source=source)
         with storage_lock(run.storage, name):
             if name in optuna.get_all_study_names(run.storage):
                 old = record.read(optuna.load_study(study_name=name, storage=run.storage))
@@ -109,7 +109,8 @@ class FinalRun(Phase):
                 # (a release before the schema recorded no seeds or fingerprint: not compared)
                 shown = read_final(out)
                 if any(getattr(old, f) not in (None, getattr(wanted, f))
-                       for f in ("pick", "config", "seeds", "fingerprint")) or (
+                       for f in ("pick", "seeds", "fingerprint", "precision")) or not same_config(
+                        old.config, wanted.config) or (
                         old.version < 2 and not (shown and shown["metrics"].get("params") == pick)):
                     log.warning("%s: the final run of %s with other settings is retired", name,
                                 old.pick)

@@ -16,6 +16,7 @@ import warnings
 import optuna
 
 from model.errors import ConfigError, InputError, WorkersFailed
+from model.precision import resolve_precision
 from model.train import TrainConfig
 from search import record
 from search.confirm import SEED_BASE, race, sentence, verdict
@@ -46,7 +47,6 @@ class PhaseRun:
     storage_opts: dict = None
     progress: object = None      # callable(study_name, done, total, unit) or None
     fingerprint: str = None      # of the data (model.dataset.fingerprint)
-    precision: str = None        # the resolved GEMM precision, pinned in every study
 
     def report(self, name, done, total, unit="trial"):
         if self.progress:
@@ -145,7 +145,7 @@ class SearchPhase(Phase):
         study = self.open(run)
         rec = record.read(study)
         space = space_from_dict(rec.space) if rec.space is not None else self.space
-        config = run.campaign.phase_config(self)
+        config = pinned(run.campaign.phase_config(self))
         goal = TrialTarget(self.n_trials, count_diverged=self.grid is not None,
                            max_pruned=self.max_pruned, max_failed=self.max_failed,
                            pruner=pruner_label(self.pruner))
@@ -169,7 +169,7 @@ class SearchPhase(Phase):
         return derive(run.storage, run.campaign, self)
 
     def _record(self, run, space, narrowed):
-        config = dataclasses.asdict(run.campaign.phase_config(self))
+        config = dataclasses.asdict(pinned(run.campaign.phase_config(self)))
         for p in _params(space):
             config.pop(p.name)
         c = run.campaign
@@ -178,7 +178,7 @@ class SearchPhase(Phase):
             config=config, space=space_to_dict(space), sampler=sampler_label(self.sampler),
             grid=self.grid, pruner=pruner_label(self.pruner), repeats=self.repeats, seed=c.seed,
             n_trials=self.n_trials, digest=c.digest(), narrowed=narrowed,
-            fingerprint=run.fingerprint, precision=run.precision)
+            fingerprint=run.fingerprint, precision=config["precision"])
 
     def _check_fresh(self, run, study):
         rec = record.read(study)
@@ -262,7 +262,7 @@ class ConfirmPhase(Phase):
         study = self.open(run)
         rec = record.read(study)
         cands, seeds = rec.candidates, rec.seeds
-        config = run.campaign.phase_config(self)
+        config = pinned(run.campaign.phase_config(self))
         objective = Objective(run.data, config, self.base_space(run.campaign))
         log.info("%s: the best %d configurations of %s on %d paired seeds", study.study_name,
                  len(cands), ", ".join(self.sources), len(seeds))
@@ -293,7 +293,7 @@ class ConfirmPhase(Phase):
 
     def _record(self, run):
         c = run.campaign
-        config = dataclasses.asdict(c.phase_config(self))
+        config = dataclasses.asdict(pinned(c.phase_config(self)))
         space = self.base_space(c)
         for p in space:
             config.pop(p.name)
@@ -301,7 +301,7 @@ class ConfirmPhase(Phase):
             campaign=c.name, phase=self.name, kind=self.kind, index=c.index(self.name),
             config=config, space=space_to_dict(space), sampler=self.sampler, pruner=self.pruner,
             repeats=1, seed=c.seed, n_trials=self.trials, digest=c.digest(),
-            fingerprint=run.fingerprint, precision=run.precision)
+            fingerprint=run.fingerprint, precision=config["precision"])
 
     def _check_fresh(self, run, study):
         rec = record.read(study)
@@ -357,6 +357,16 @@ def _space_text(items):
 
 
 # ---- shared by the phase types ------------------------------------------------------------------
+
+def pinned(config):
+    """config with its precision resolved on this machine ("auto" -> fp32 or bf16): what a
+    study records and pins, so that one study never mixes bf16 and fp32 trials (a runner that
+    resolves it otherwise is refused when it opens the study)."""
+    precision, why = resolve_precision(config.precision)
+    if precision != config.precision:
+        log.info("precision %s resolved to %s (%s)", config.precision, precision, why)
+    return dataclasses.replace(config, precision=precision)
+
 
 def finished(storage, campaign, phase):
     """Whether the phase's study holds its n_trials done trials."""
@@ -492,8 +502,17 @@ def check_foreign(storage, name):
                          f"{fix}")
 
 
+def same_config(recorded, wanted):
+    """Whether a recorded TrainConfig (as a dict) is the wanted one (None: not recorded)."""
+    return recorded is None or _same("config", recorded, wanted)
+
+
 def _changed(name, key, recorded):
     """The one line refusing to resume study `name` whose pinned setting `key` differs."""
+    if key == "precision":
+        return (f"study {name}'s trials trained in {recorded}, and its precision resolves to "
+                "another one on this machine (model.precision): resume it where it resolves the "
+                f"same, set precision = \"{recorded}\" explicitly, or use a new --campaign")
     if key == "fingerprint":
         return (f"study {name} was run on other data (another data set, split or --n-val: its "
                 "data fingerprint differs); resume with the same data or use a new --campaign")

@@ -25,7 +25,7 @@ _KEYS = {"campaign": "campaign", "phase": "phase", "kind": "kind", "index": "pha
          "verdict": "verdict", "pick": "pick", "source": "source", "derived_from": "derived_from",
          "retired": "retired", "version": "record_version"}
 # Settings that must match when a study is resumed: changing them would mix incomparable trials.
-PINNED = ("space", "config", "repeats", "fingerprint", "precision")
+PINNED = ("precision", "space", "config", "repeats", "fingerprint")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -248,3 +248,23 @@ def test_the_cli_errors_of_a_bad_override_are_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "phases.coarse.n_trials" in proc.stderr
     assert not (tmp_path / "s.db").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_study_never_mixes_precisions(tmp_path, tiny_data, monkeypatch):
+    import search.phases
+
+    raw = {"name": "prec", "search": {"m": 10, "n_batch": 10, "n_s": 5, "cycles": 1,
+                                      "eval_train_samples": 0, "precision": "auto"},
+           "phases": [{"name": "a", "n_trials": 1, "pruner": "none",
+                       "params": {"lam": {"low": 1e-5, "high": 1e-1, "log": True}}}],
+           "final": {"seeds": 1, "n_s": 5, "cycles": 1, "m": 10, "n_batch": 10}}
+    url = fl.sqlite_url(tmp_path / "s.db")
+    campaign = parse_campaign(raw)
+    study, _ = __import__("search.core").core.run_phase(campaign, "a", tiny_data, url)
+    resolved = record.read(study).precision
+    assert resolved in ("fp32", "bf16") and study.user_attrs["config"]["precision"] == resolved
+    other = "bf16" if resolved == "fp32" else "fp32"
+    monkeypatch.setattr(search.phases, "resolve_precision", lambda requested: (other, "test"))
+    with pytest.raises(InputError, match=f"trained in {resolved}"):
+        __import__("search.core").core.run_phase(campaign, "a", tiny_data, url)
