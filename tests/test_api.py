@@ -69,3 +69,44 @@ def test_run_campaign_runs_every_phase_of_a_file(tmp_path, tiny_data):
     (space,) = b.user_attrs["space"]
     assert space["low"] <= min(t.params["eta_max"] for t in best2)
     assert all(set(t.params) == {"eta_max"} for t in a.trials + b.trials)
+
+
+def readme_campaign_example():
+    """The README's Python example of "The whole campaign from Python"."""
+    section = README.read_text().split("## The whole campaign from Python", 1)[1]
+    blocks = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], re.S)
+    assert len(blocks) == 1, "the section holds one Python example"
+    return blocks[0]
+
+
+@pytest.mark.timeout(300)
+def test_readme_campaign_example_runs_every_phase(tmp_path, cifar_tiny_dir, monkeypatch,
+                                                 capsys):
+    import search.api
+
+    code = readme_campaign_example()
+    real = search.api.run_campaign
+    tiny = {"search.n_s": 5, "search.cycles": 1, "phases.fine.n_trials": 3,
+            "final.n_s": 5, "final.cycles": 1}
+
+    def run_campaign_tiny(campaign, data, storage, *, overrides=None, **kwargs):
+        # the README's call, its own overrides kept, on a protocol tiny enough for a test
+        return real(campaign, data, storage, overrides={**overrides, **tiny}, **kwargs)
+    monkeypatch.setattr(search.api, "run_campaign", run_campaign_tiny)
+    monkeypatch.setattr(data_module, "load_cifar10",
+                        functools.partial(data_module.load_cifar10, n_val=20))
+    monkeypatch.setenv("CIFAR10_DIR", str(cifar_tiny_dir.batches))
+    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the example, verbatim
+    result = scope["result"]
+    out = capsys.readouterr().out
+    assert result.verdict["sentence"] in out and f"{result.test_acc:.4f}" in out
+    storage = f"sqlite:///{tmp_path}/studies/studies.db"
+    coarse = optuna.load_study(study_name="cifar10-coarse", storage=storage)
+    assert sum(t.state == TrialState.COMPLETE for t in coarse.trials) == 6  # its overrides
+    confirm = optuna.load_study(study_name="cifar10-confirm", storage=storage)
+    assert confirm.user_attrs["confirm_seeds"] == [1000, 1001, 1002]
+    assert [t.user_attrs["seed"] for t in optuna.load_study(
+        study_name="cifar10-final", storage=storage).trials] == [0, 1]
