@@ -49,8 +49,9 @@ def resume(fixture, cifar_tiny_dir, tmp_path):
     return url, before, run
 
 
-# what a resumed study of 03d5f40 gains: the schema's version, its kind and its trial count
-UPGRADE_KEYS = {"record_version", "kind", "n_trials"}
+# what a resumed study of 03d5f40 gains: the schema's version, its kind, its trial count and its
+# resolved precision
+UPGRADE_KEYS = {"record_version", "kind", "n_trials", "precision"}
 
 
 def assert_record_upgraded(old, new):
