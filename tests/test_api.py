@@ -15,12 +15,26 @@ from search.api import run_campaign
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def readme_example():
-    """The README's Python example: the ```python block of "Search your own hyperparameters"."""
-    section = README.read_text().split("## Search your own hyperparameters", 1)[1]
+def readme_example(heading="Search your own hyperparameters"):
+    """The README's Python example: the ```python block of the section `heading`."""
+    section = README.read_text().split(f"## {heading}", 1)[1]
     blocks = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], re.S)
     assert len(blocks) == 1, "the section holds one Python example"
     return blocks[0]
+
+
+def run_example(code, tmp_path, cifar_tiny_dir, monkeypatch):
+    """Run a README example verbatim, as a user would, on the tiny CIFAR-10 in tmp_path; its
+    globals."""
+    # the tiny data set has 200 training images: 20 of them validate
+    monkeypatch.setattr(data_module, "load_cifar10",
+                        functools.partial(data_module.load_cifar10, n_val=20))
+    monkeypatch.setenv("CIFAR10_DIR", str(cifar_tiny_dir.batches))
+    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the example, verbatim
+    return scope
 
 
 @pytest.mark.timeout(300)
@@ -34,15 +48,7 @@ def test_readme_example_runs_with_the_users_sampler(tmp_path, cifar_tiny_dir, mo
             made.append(trial.number)
             super().before_trial(study, trial)
     monkeypatch.setattr(optuna.samplers, "TPESampler", SpyTPE)
-    # the tiny data set has 200 training images: 20 of them validate
-    monkeypatch.setattr(data_module, "load_cifar10",
-                        functools.partial(data_module.load_cifar10, n_val=20))
-    monkeypatch.setenv("CIFAR10_DIR", str(cifar_tiny_dir.batches))
-    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    scope = {}
-    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the example, verbatim
-    study = scope["study"]
+    study = run_example(code, tmp_path, cifar_tiny_dir, monkeypatch)["study"]
     trials = study.get_trials()
     # the example ran to its 8 complete trials, searching both parameters
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 8
@@ -71,20 +77,12 @@ def test_run_campaign_runs_every_phase_of_a_file(tmp_path, tiny_data):
     assert all(set(t.params) == {"eta_max"} for t in a.trials + b.trials)
 
 
-def readme_campaign_example():
-    """The README's Python example of "The whole campaign from Python"."""
-    section = README.read_text().split("## The whole campaign from Python", 1)[1]
-    blocks = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], re.S)
-    assert len(blocks) == 1, "the section holds one Python example"
-    return blocks[0]
-
-
 @pytest.mark.timeout(300)
 def test_readme_campaign_example_runs_every_phase(tmp_path, cifar_tiny_dir, monkeypatch,
                                                  capsys):
     import search.api
 
-    code = readme_campaign_example()
+    code = readme_example("The whole campaign from Python")
     real = search.api.run_campaign
     tiny = {"search.n_s": 5, "search.cycles": 1, "phases.fine.n_trials": 3,
             "final.n_s": 5, "final.cycles": 1}
@@ -93,14 +91,7 @@ def test_readme_campaign_example_runs_every_phase(tmp_path, cifar_tiny_dir, monk
         # the README's call, its own overrides kept, on a protocol tiny enough for a test
         return real(campaign, data, storage, overrides={**overrides, **tiny}, **kwargs)
     monkeypatch.setattr(search.api, "run_campaign", run_campaign_tiny)
-    monkeypatch.setattr(data_module, "load_cifar10",
-                        functools.partial(data_module.load_cifar10, n_val=20))
-    monkeypatch.setenv("CIFAR10_DIR", str(cifar_tiny_dir.batches))
-    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    scope = {}
-    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the example, verbatim
-    result = scope["result"]
+    result = run_example(code, tmp_path, cifar_tiny_dir, monkeypatch)["result"]
     out = capsys.readouterr().out
     assert result.verdict["sentence"] in out and f"{result.test_acc:.4f}" in out
     storage = f"sqlite:///{tmp_path}/studies/studies.db"

@@ -56,15 +56,19 @@ def phase_bars(args):
             for bar in bars.values():
                 bar.close()
             bars[name] = tqdm(total=total, desc=name, unit=unit, leave=False)
-        bar = bars[name]
-        if min(done, total) != bar.n:  # polled every second: redraw only on change
-            bar.n = min(done, total)
-            bar.refresh()
+        _advance(bars[name], done)
     try:
         yield progress
     finally:
         for bar in bars.values():
             bar.close()
+
+
+def _advance(bar, n):
+    """Show n done on a tqdm bar; polled every second: redrawn only on change."""
+    if min(n, bar.total) != bar.n:
+        bar.n = min(n, bar.total)
+        bar.refresh()
 
 
 @contextlib.contextmanager
@@ -78,11 +82,7 @@ def progress_bar(total, desc, args, unit):
         yield None
         return
 
-    def progress(n):
-        if min(n, total) != bar.n:  # polled every second: redraw only on change
-            bar.n = min(n, total)
-            bar.refresh()
     try:
-        yield progress
+        yield lambda n: _advance(bar, n)
     finally:
         bar.close()
