@@ -463,7 +463,8 @@ def open_study(run, name, wanted):
                                 load_if_exists=True)
     recorded = record.read(study)
     for key in record.PINNED:
-        have, want = getattr(recorded, key), getattr(wanted, key)
+        have = getattr(recorded, key) if record.holds(study, key) else None
+        want = getattr(wanted, key)
         # a key not there yet may be being written by a runner that created the study just now
         # (or was recorded by a release before it existed: it is recorded below)
         if have is not None and want is not None and not _same(key, have, want):
