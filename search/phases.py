@@ -363,7 +363,9 @@ def finished(storage, campaign, phase):
     name = phase.study_name(campaign.name)
     if name not in optuna.get_all_study_names(storage):
         return False
-    return n_done(optuna.load_study(study_name=name, storage=storage)) >= phase.trials
+    study = optuna.load_study(study_name=name, storage=storage)
+    # the trials it was run to (scripts/search.py coarse --n-trials 4), else the campaign's
+    return n_done(study) >= (record.read(study).n_trials or phase.trials)
 
 
 def require_finished(storage, campaign, name, needed_by):
