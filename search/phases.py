@@ -160,12 +160,12 @@ class SearchPhase(Phase):
     def _space(self, run, name):
         """(space, narrowed): the recorded one of a resumed study, else the phase's own or the
         one derived from the phase it narrows (which must be finished)."""
+        if not self.narrow:
+            return self.space, None  # its own (open_study refuses one that differs)
         if name in optuna.get_all_study_names(run.storage):
             recorded = record.read(optuna.load_study(study_name=name, storage=run.storage))
             if recorded.space is not None:
                 return space_from_dict(recorded.space), recorded.narrowed
-        if not self.narrow:
-            return self.space, None
         return derive(run.storage, run.campaign, self)
 
     def _record(self, run, space, narrowed):
