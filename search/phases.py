@@ -134,6 +134,7 @@ class SearchPhase(Phase):
         """The phase's study, created with its record (its space derived once, under the
         study's lock) or resumed after checking the record matches."""
         name = self.study_name(run.campaign.name)
+        check_foreign(run.storage, name)  # refused before the lock writes to the storage
         with storage_lock(run.storage, name):
             space, narrowed = self._space(run, name)
             study = open_study(run, name, self._record(run, space, narrowed))
@@ -247,6 +248,7 @@ class ConfirmPhase(Phase):
     def open(self, run):
         """The confirm study, with its candidates and seeds recorded once (under its lock)."""
         name = self.study_name(run.campaign.name)
+        check_foreign(run.storage, name)  # refused before the lock writes to the storage
         with storage_lock(run.storage, name):
             study = open_study(run, name, self._record(run))
             if record.read(study).candidates is None:
