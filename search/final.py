@@ -22,7 +22,7 @@ import optuna
 from optuna.trial import TrialState
 
 from model.checkpoint import load_json, load_params, save_json, save_params, save_run
-from model.errors import InputError
+from model.errors import DivergedError, InputError, Terminated
 from model.outputs import publish_dir
 from model.schedule import step_size
 from model.train import TrainConfig, evaluate, evaluate_ensemble, fit
@@ -78,7 +78,9 @@ class FinalRun(Phase):
                  source.get("study") or "the flags", len(seeds), config.total_steps)
         queue(run, study, [(_fixed(pick), {record.FINAL_SEED: s}) for s in seeds])
         objective = FinalObjective(run.data, config, pick, seeds[0], artifact_dir(out))
-        run_phase_workers(run, study, objective, QueuedTarget([("final", s) for s in seeds]),
+        # a diverged seed has no test accuracy: it stops the run (a confirm trial's scores 0)
+        goal = QueuedTarget([("final", s) for s in seeds], count_diverged=False)
+        run_phase_workers(run, study, objective, goal,
                           len(seeds), count=_seeds_done, share_cpus=True,
                           on_cpu_free=on_cpu_free)
         return publish(run, study, out, protect)
@@ -145,8 +147,18 @@ class FinalObjective:
         seed = trial.user_attrs[record.FINAL_SEED]
         for name, value in self.pick.items():  # recorded as the trial's params
             trial.suggest_categorical(name, [value])
-        r = train_seed(self.data, dataclasses.replace(self.base_config, seed=seed),
-                       train_curve=seed == self.first_seed)
+        try:
+            r = train_seed(self.data, dataclasses.replace(self.base_config, seed=seed),
+                           train_curve=seed == self.first_seed)
+        except DivergedError as e:  # said why: not taken for a dead worker's trial (re-queued)
+            record.set_failure(trial, e)
+            raise
+        except Terminated:
+            record.set_failure(trial, Terminated.FAILURE)  # retried by the next run
+            raise
+        except KeyboardInterrupt:
+            record.set_failure(trial, "interrupted (Ctrl-C)")
+            raise
         for key, value in {"val_acc": r["val"]["acc"], "val_loss": r["val"]["loss"],
                            "train_acc": r["train"]["acc"], "test_loss": r["test"]["loss"],
                            "test_acc_ensemble": r["test_ensemble"]["acc"],

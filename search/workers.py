@@ -131,10 +131,11 @@ class QueuedTarget:
 
     keys: list
     max_failed: int = None
+    count_diverged: bool = True  # a diverged trial is its key's result (confirm: accuracy 0)
 
     def _results(self, trials):
-        return {record.queue_key(t) for t in trials
-                if t.state == TrialState.COMPLETE or record.is_diverged(t)}
+        return {record.queue_key(t) for t in trials if t.state == TrialState.COMPLETE
+                or (self.count_diverged and record.is_diverged(t))}
 
     def done(self, trials):
         return set(self.keys) <= self._results(trials)
