@@ -112,7 +112,7 @@ class FinalRun(Phase):
                     log.warning("%s: the final run of %s with other settings is retired", name,
                                 old.pick)
                     retire_study(run.storage, name)
-            return open_study(run, name, wanted)
+            return open_study(run, name, wanted, metric="test_acc")
 
 
 def _fixed(pick):

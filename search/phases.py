@@ -458,7 +458,7 @@ def queue(run, study, items):
                 held.add(record.key_of(attrs))
 
 
-def open_study(run, name, wanted):
+def open_study(run, name, wanted, metric=METRIC):
     """Create the phase's study (recording `wanted`, a StudyRecord) or check that an existing one
     is ours and matches it: trials scored on other data, or by another program, must never be
     ranked with this phase's."""
@@ -477,7 +477,7 @@ def open_study(run, name, wanted):
     if study.metric_names is None:
         with warnings.catch_warnings():  # experimental in Optuna 5.0
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([METRIC])
+            study.set_metric_names([metric])
     return study
 
 
