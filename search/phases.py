@@ -548,6 +548,9 @@ def run_phase_workers(run, study, objective, goal, total, sampler=None, pruner=N
                         storage_url=run.storage.url, study_name=study.study_name,
                         objective=objective, goal=goal, make_sampler=sampler, pruner=pruner,
                         storage_opts=run.storage_opts, on_cpu_free=on_cpu_free,
+                        busy=lambda: sum(t.state in (optuna.trial.TrialState.RUNNING,
+                                                     optuna.trial.TrialState.WAITING)
+                                         for t in study.get_trials(deepcopy=False)),
                         cpus=run.workers if share_cpus else None)
     if any(codes) or not goal.done(study.get_trials(deepcopy=False)):
         raise WorkersFailed(f"{study.study_name}: workers exited with codes {codes} before the "
