@@ -23,7 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from model.checkpoint import load_json, load_params, save_json, save_params, save_run
-from model.errors import InputError
+from model.errors import DivergedError, InputError, Terminated
 from model.outputs import publish_dir
 from model.schedule import step_size
 from model.train import TrainConfig, evaluate, evaluate_ensemble, fit
@@ -81,7 +81,9 @@ class FinalRun(Phase):
         checkpoints = Path(f"{out}.checkpoints")  # a seed killed mid-run resumes from here
         objective = FinalObjective(run.data, config, pick, seeds[0], artifact_dir(out),
                                    checkpoints)
-        run_phase_workers(run, study, objective, QueuedTarget([("final", s) for s in seeds]),
+        # a diverged seed has no test accuracy: it stops the run (a confirm trial's scores 0)
+        goal = QueuedTarget([("final", s) for s in seeds], count_diverged=False)
+        run_phase_workers(run, study, objective, goal,
                           len(seeds), count=_seeds_done, share_cpus=True,
                           on_cpu_free=on_cpu_free)
         shutil.rmtree(checkpoints, ignore_errors=True)
@@ -115,7 +117,7 @@ class FinalRun(Phase):
                     log.warning("%s: the final run of %s with other settings is retired", name,
                                 old.pick)
                     retire_study(run.storage, name)
-            return open_study(run, name, wanted)
+            return open_study(run, name, wanted, metric="test_acc")
 
 
 def _fixed(pick):
@@ -152,8 +154,18 @@ class FinalObjective:
         for name, value in self.pick.items():  # recorded as the trial's params
             trial.suggest_categorical(name, [value])
         state = Path(self.checkpoints) / f"seed{seed}.npz" if self.checkpoints else None
-        r = train_seed(self.data, dataclasses.replace(self.base_config, seed=seed),
-                       train_curve=seed == self.first_seed, checkpoint=state)
+        try:
+            r = train_seed(self.data, dataclasses.replace(self.base_config, seed=seed),
+                           train_curve=seed == self.first_seed, checkpoint=state)
+        except DivergedError as e:  # said why: not taken for a dead worker's trial (re-queued)
+            record.set_failure(trial, e)
+            raise
+        except Terminated:
+            record.set_failure(trial, Terminated.FAILURE)  # retried by the next run
+            raise
+        except KeyboardInterrupt:
+            record.set_failure(trial, "interrupted (Ctrl-C)")
+            raise
         for key, value in {"val_acc": r["val"]["acc"], "val_loss": r["val"]["loss"],
                            "train_acc": r["train"]["acc"], "test_loss": r["test"]["loss"],
                            "test_acc_ensemble": r["test_ensemble"]["acc"],

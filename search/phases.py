@@ -134,6 +134,7 @@ class SearchPhase(Phase):
         """The phase's study, created with its record (its space derived once, under the
         study's lock) or resumed after checking the record matches."""
         name = self.study_name(run.campaign.name)
+        check_foreign(run.storage, name)  # refused before the lock writes to the storage
         with storage_lock(run.storage, name):
             space, narrowed = self._space(run, name)
             study = open_study(run, name, self._record(run, space, narrowed))
@@ -160,12 +161,12 @@ class SearchPhase(Phase):
     def _space(self, run, name):
         """(space, narrowed): the recorded one of a resumed study, else the phase's own or the
         one derived from the phase it narrows (which must be finished)."""
+        if not self.narrow:
+            return self.space, None  # its own (open_study refuses one that differs)
         if name in optuna.get_all_study_names(run.storage):
             recorded = record.read(optuna.load_study(study_name=name, storage=run.storage))
             if recorded.space is not None:
                 return space_from_dict(recorded.space), recorded.narrowed
-        if not self.narrow:
-            return self.space, None
         return derive(run.storage, run.campaign, self)
 
     def _record(self, run, space, narrowed):
@@ -247,6 +248,7 @@ class ConfirmPhase(Phase):
     def open(self, run):
         """The confirm study, with its candidates and seeds recorded once (under its lock)."""
         name = self.study_name(run.campaign.name)
+        check_foreign(run.storage, name)  # refused before the lock writes to the storage
         with storage_lock(run.storage, name):
             study = open_study(run, name, self._record(run))
             if record.read(study).candidates is None:
@@ -373,7 +375,9 @@ def finished(storage, campaign, phase):
     name = phase.study_name(campaign.name)
     if name not in optuna.get_all_study_names(storage):
         return False
-    return n_done(optuna.load_study(study_name=name, storage=storage)) >= phase.trials
+    study = optuna.load_study(study_name=name, storage=storage)
+    # the trials it was run to (scripts/search.py coarse --n-trials 4), else the campaign's
+    return n_done(study) >= (record.read(study).n_trials or phase.trials)
 
 
 def require_finished(storage, campaign, name, needed_by):
@@ -464,7 +468,7 @@ def queue(run, study, items):
                 held.add(record.key_of(attrs))
 
 
-def open_study(run, name, wanted):
+def open_study(run, name, wanted, metric=METRIC):
     """Create the phase's study (recording `wanted`, a StudyRecord) or check that an existing one
     is ours and matches it: trials scored on other data, or by another program, must never be
     ranked with this phase's."""
@@ -473,7 +477,8 @@ def open_study(run, name, wanted):
                                 load_if_exists=True)
     recorded = record.read(study)
     for key in record.PINNED:
-        have, want = getattr(recorded, key), getattr(wanted, key)
+        have = getattr(recorded, key) if record.holds(study, key) else None
+        want = getattr(wanted, key)
         # a key not there yet may be being written by a runner that created the study just now
         # (or was recorded by a release before it existed: it is recorded below)
         if have is not None and want is not None and not _same(key, have, want):
@@ -482,7 +487,7 @@ def open_study(run, name, wanted):
     if study.metric_names is None:
         with warnings.catch_warnings():  # experimental in Optuna 5.0
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([METRIC])
+            study.set_metric_names([metric])
     return study
 
 
@@ -562,6 +567,9 @@ def run_phase_workers(run, study, objective, goal, total, sampler=None, pruner=N
                         storage_url=run.storage.url, study_name=study.study_name,
                         objective=objective, goal=goal, make_sampler=sampler, pruner=pruner,
                         storage_opts=run.storage_opts, on_cpu_free=on_cpu_free,
+                        busy=lambda: sum(t.state in (optuna.trial.TrialState.RUNNING,
+                                                     optuna.trial.TrialState.WAITING)
+                                         for t in study.get_trials(deepcopy=False)),
                         cpus=run.workers if share_cpus else None)
     if any(codes) or not goal.done(study.get_trials(deepcopy=False)):
         raise WorkersFailed(f"{study.study_name}: workers exited with codes {codes} before the "

@@ -84,6 +84,11 @@ def read(study):
     return StudyRecord(**values)
 
 
+def holds(study, field):
+    """Whether the study records field `field` (read() gives a field it lacks its default)."""
+    return _KEYS[field] in study.user_attrs
+
+
 def write_missing(study, record):
     """Record what the study does not hold yet (a resumed study keeps what it recorded, and a
     key another runner wrote meanwhile is not overwritten); returns the record as stored."""

@@ -131,10 +131,11 @@ class QueuedTarget:
 
     keys: list
     max_failed: int = None
+    count_diverged: bool = True  # a diverged trial is its key's result (confirm: accuracy 0)
 
     def _results(self, trials):
-        return {record.queue_key(t) for t in trials
-                if t.state == TrialState.COMPLETE or record.is_diverged(t)}
+        return {record.queue_key(t) for t in trials if t.state == TrialState.COMPLETE
+                or (self.count_diverged and record.is_diverged(t))}
 
     def done(self, trials):
         return set(self.keys) <= self._results(trials)
@@ -232,7 +233,8 @@ def run_worker(storage_url, study_name, objective, goal, make_sampler=lambda: No
         return work(study, objective, goal, after_trial=after_trial)
 
 
-def run_workers(n_workers, progress=None, cpus=None, on_cpu_free=None, **worker_kwargs):
+def run_workers(n_workers, progress=None, cpus=None, on_cpu_free=None, busy=None,
+                **worker_kwargs):
     """Run n_workers workers: in this process for one, else as forked processes sharing the data.
 
     progress: optional callable() polled about once a second while forked workers run.
@@ -240,6 +242,8 @@ def run_workers(n_workers, progress=None, cpus=None, on_cpu_free=None, **worker_
       final seeds on 2 CPUs finish together instead of the third training alone).
     on_cpu_free: optional callable run once in this process when fewer workers than CPUs are
       left (the pipeline renders its dashboard there); its failure is logged, not raised.
+    busy: optional callable() -> how many trials still train or wait (default: the live
+      workers; a queued phase's idle workers live on, polling, until its last trial ends).
     Returns the exit codes of the forked workers ([] for one worker in-process); raises InputError
     when a worker could not write the storage, WorkersFailed with the first error a worker reported.
     """
@@ -262,7 +266,7 @@ def run_workers(n_workers, progress=None, cpus=None, on_cpu_free=None, **worker_
         while alive := [p for p in procs if p.is_alive()]:
             if progress:
                 progress()
-            if on_cpu_free and len(alive) < slots:
+            if on_cpu_free and (busy() if busy else len(alive)) < slots:
                 _side_work(on_cpu_free)
                 on_cpu_free = None
             # woken by a worker's exit at once: the phase ends when its last worker does

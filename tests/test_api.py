@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 import faultlib as fl
 from model import dataset as data_module
 from search.api import run_campaign
+from search.study import open_storage
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -66,15 +67,26 @@ def test_run_campaign_runs_every_phase_of_a_file(tmp_path, tiny_data):
                     '[[phases]]\nname = "a"\nn_trials = 3\npruner = "none"\n'
                     'params.eta_max = { low = 0.01, high = 0.2, log = true }\n'
                     '[[phases]]\nname = "b"\nn_trials = 2\npruner = "none"\n'
-                    'narrow = { from = "a", top_k = 2 }\n')
-    studies = run_campaign(str(path), tiny_data, fl.sqlite_url(tmp_path / "s.db"))
-    assert [s.study_name for s in studies] == ["api-a", "api-b"]
-    a, b = studies
+                    'narrow = { from = "a", top_k = 2 }\n'
+                    '[final]\nseeds = 1\nn_s = 5\nm = 10\nn_batch = 10\ncycles = 1\n'
+                    'eval_train_samples = 0\ndtype = "float64"\n')
+    url = fl.sqlite_url(tmp_path / "s.db")
+    # a CampaignResult (a list of the phases' studies before the campaign core): the final run
+    # is part of the campaign now
+    result = run_campaign(str(path), tiny_data, url, out_dir=tmp_path / "out", dashboard=False)
+    assert result.studies == ["api-a", "api-b", "api-final"]
+    assert [p["study"] for p in result.phases] == ["api-a", "api-b"]
+    storage = open_storage(url)
+    a, b = (optuna.load_study(study_name=n, storage=storage) for n in result.studies[:2])
     best2 = sorted((t for t in a.trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)[:2]
     # the second phase searched η_max alone, inside the range derived from the first's best two
     (space,) = b.user_attrs["space"]
     assert space["low"] <= min(t.params["eta_max"] for t in best2)
     assert all(set(t.params) == {"eta_max"} for t in a.trials + b.trials)
+    # the final run trained the second phase's best
+    assert result.source["study"] == "api-b" and set(result.pick) == {"eta_max"}
+    assert result.pick["eta_max"] == max((t for t in b.trials if t.state == TrialState.COMPLETE),
+                                         key=lambda t: t.value).params["eta_max"]
 
 
 @pytest.mark.timeout(300)

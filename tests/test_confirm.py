@@ -104,16 +104,18 @@ def tiny_campaign(**confirm):
 
 
 def test_the_confirm_phase_races_the_best_configurations_and_resumes(tmp_path, tiny_data):
-    from search.confirm import SEED_BASE, run_confirm
-    from search.phases import campaign_best, phase_spec, run_spec
+    from search import record
+    from search.confirm import SEED_BASE
+    from search.core import campaign_best, run_context, run_phase
     from search.study import finished_trials, open_storage
 
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
     c = tiny_campaign(top_k=3, seeds=4)
-    coarse = run_spec(phase_spec(c, "coarse", storage), storage, tiny_data)
+    coarse, _ = run_phase(c, "coarse", tiny_data, storage)
     best3 = [t.params for t in finished_trials(coarse)[:3]]
-    study, v = run_confirm(c, "confirm", storage, tiny_data)
-    cands = study.user_attrs["candidates"]
+    study, _ = run_phase(c, "confirm", tiny_data, storage)
+    v = record.read(study).verdict
+    cands = record.read(study).candidates
     assert [x["params"] for x in cands] == best3  # the top 3 of coarse, best first
     trials = study.get_trials()
     # every trial is one (candidate, seed) with the candidate's parameters, each pair once
@@ -129,10 +131,11 @@ def test_the_confirm_phase_races_the_best_configurations_and_resumes(tmp_path, t
                       if t.user_attrs["candidate"] == int(c_index))
         assert [value for _, value in mine] == scores
     assert v["params"] == cands[v["pick"]]["params"]
-    assert campaign_best(storage, "t")[0] == v["params"]  # the final run trains the pick
+    # the final run trains the pick
+    assert campaign_best(run_context(c, tiny_data, storage))[0] == v["params"]
     # resumed: nothing is trained again, the verdict is the same
-    again, v2 = run_confirm(c, "confirm", storage, tiny_data)
-    assert len(again.get_trials()) == len(trials) and v2 == v
+    again = c.phase("confirm").run(run_context(c, tiny_data, storage))
+    assert len(again.get_trials()) == len(trials) and record.read(again).verdict == v
 
 
 def test_confirm_phases_in_campaign_files_are_checked():

@@ -1,59 +1,110 @@
-"""search.final: the final seeds, serial or in processes sharing a number of CPUs."""
+"""search.final: the final run's seeds, queued trials of the study <campaign>-final, trained in
+one process or in processes sharing a number of CPUs."""
 import dataclasses
 import os
 import time
 
 import numpy as np
+import optuna
 import pytest
 
+from model.checkpoint import load_params
 from model.train import TrainConfig, evaluate_ensemble, fit
 from search import final
-from search.final import _shared_cpus, run_seeds
+from search.campaign import Campaign
+from search.core import run_context
+from search.final import FinalRun, read_final
+from search.phases import SearchPhase
+from search.space import Float
+from search.workers import PhaseStopped, _cpu_set
 
 CONFIG = TrainConfig(m=8, n_batch=10, n_s=6, cycles=1, evals_per_cycle=2, eval_train_samples=0,
                      lam=0.01, dtype="float64")
 
 
-def test_parallel_seeds_equal_serial_seeds(tiny_data):
+def final_campaign(config=CONFIG, seeds=3):
+    """A campaign whose final run trains config (its λ is the pick) for `seeds` seeds."""
+    return Campaign(name="c", phases=(SearchPhase(name="coarse", n_trials=1, pruner="none",
+                                                  space=(Float("lam", 1e-4, 1.0, log=True),)),),
+                    config=tuple(vars(config).items()),
+                    final=FinalRun(seeds=seeds, n_s=config.n_s))
+
+
+def run_seeds(tmp_path, data, config=CONFIG, seeds=3, first_seed=0, workers=1, folder="run",
+              pick=None, force=False, **kw):
+    """The final run of pick (default config's λ) in the storage tmp_path/folder/s.db, results
+    in tmp_path/folder/final: (metrics, the final study, the results folder)."""
+    base = tmp_path / folder
+    base.mkdir(parents=True, exist_ok=True)
+    c = final_campaign(config, seeds)
+    run = run_context(c, data, f"sqlite:///{base / 's.db'}", workers=workers,
+                      progress=kw.pop("progress", None))
+    out = base / "final"
+    metrics = c.final.run(run, pick or {"lam": config.lam}, {"study": None}, out,
+                          first_seed=first_seed, force=force, **kw)
+    return metrics, optuna.load_study(study_name="c-final", storage=run.storage), out
+
+
+def seed_runs(metrics, out):
+    """Per seed, in the order the run lists them: (seed, params, history, test acc, test loss)
+    from the results folder."""
+    shown = read_final(out)
+    return [(m["seed"], load_params(out / f"params_seed{m['seed']}.npz"),
+             shown["histories"][m["seed"]], m["test_acc"], m["test_loss"])
+            for m in metrics["seeds"]]
+
+
+def test_parallel_seeds_equal_serial_seeds(tiny_data, tmp_path):
     """3 seeds on 2 workers (more seeds than workers: all at once, sharing 2 CPUs) give, seed for
-    seed and in the order asked, the runs one process gives."""
-    seeds = [4, 0, 2]
-    serial = run_seeds(tiny_data, CONFIG, seeds, workers=1)
-    parallel = run_seeds(tiny_data, CONFIG, seeds, workers=2)
-    assert [r["seed"] for r in parallel] == seeds
+    seed and in the order of the run's seeds, the runs one process gives."""
+    serial = seed_runs(*_metrics_out(run_seeds(tmp_path, tiny_data, first_seed=4, workers=1,
+                                               folder="serial")))
+    parallel = seed_runs(*_metrics_out(run_seeds(tmp_path, tiny_data, first_seed=4, workers=2,
+                                                 folder="parallel")))
+    assert [r[0] for r in parallel] == [r[0] for r in serial] == [4, 5, 6]
     for a, b in zip(serial, parallel):
-        for k in a["params"]:
-            np.testing.assert_array_equal(a["params"][k], b["params"][k], err_msg=k)
-        assert a["history"] == b["history"] and a["test"] == b["test"]
+        for k in a[1]:
+            np.testing.assert_array_equal(a[1][k], b[1][k], err_msg=k)
+        assert a[2] == b[2] and a[3:] == b[3:]
     # different seeds did train different networks
-    assert not np.array_equal(serial[0]["params"]["W1"], serial[1]["params"]["W1"])
+    assert not np.array_equal(serial[0][1]["W1"], serial[1][1]["W1"])
+
+
+def _metrics_out(result):
+    metrics, _, out = result
+    return metrics, out
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_only_the_first_seed_records_a_train_curve(tiny_data, workers):
+def test_only_the_first_seed_records_a_train_curve(tiny_data, tmp_path, workers):
     """The figures draw the first seed's curves: the other seeds measure the train subset only at
     the end (their summary still has train metrics), and val at every point."""
-    runs = run_seeds(tiny_data, CONFIG, [3, 1, 2], workers=workers)
+    metrics, study, out = run_seeds(tmp_path, tiny_data, first_seed=1, workers=workers)
+    histories = read_final(out)["histories"]
+    assert sorted(histories) == [1, 2, 3]
     points = len(CONFIG.eval_steps())
-    assert all(r["history"][i]["train"] is not None for r in runs[:1] for i in range(points))
-    for r in runs[1:]:
-        assert [h["train"] is None for h in r["history"]] == [True] * (points - 1) + [False]
-    for r in runs:
-        assert r["train"] == r["history"][-1]["train"] and "acc" in r["train"]
-        assert all(h["val"] is not None for h in r["history"])
+    assert all(histories[1][i]["train"] is not None for i in range(points))
+    for seed in (2, 3):
+        assert [h["train"] is None for h in histories[seed]] == [True] * (points - 1) + [False]
+    for m in metrics["seeds"]:
+        history = histories[m["seed"]]
+        assert m["train_acc"] == history[-1]["train"]["acc"]
+        assert all(h["val"] is not None for h in history)
+    # the trials hold the same histories
+    assert {t.user_attrs["seed"]: t.user_attrs["history"] for t in study.trials} == histories
 
 
-@pytest.mark.parametrize("seeds", [[0, 1, 2], [0, 1]])
+@pytest.mark.parametrize("seeds", [3, 2])
 def test_on_cpu_free_runs_once_while_the_last_seed_trains(tiny_data, tmp_path, monkeypatch, seeds):
     """With 2 workers the hook runs once, after the other seeds are done and while seed 0 still
     trains: seed 0 is made to finish only once the hook has run (it fails after 30 s without)."""
     hook_ran = tmp_path / "hook_ran"
-    run_seed = final._run_seed  # the forked seed processes inherit the patched one
+    train_seed = final.train_seed  # the forked workers inherit the patched one
 
-    def gated(data, config, seed, train_curve=True, on_eval=None, checkpoints=None):
-        run = run_seed(data, config, seed, train_curve, on_eval, checkpoints)
-        if seed != 0:
-            (tmp_path / f"done{seed}").touch()
+    def gated(data, config, train_curve=True, on_eval=None, checkpoint=None):
+        run = train_seed(data, config, train_curve, on_eval, checkpoint)
+        if config.seed != 0:
+            (tmp_path / f"done{config.seed}").touch()
             return run
         deadline = time.monotonic() + 30
         while not hook_ran.exists():
@@ -61,119 +112,126 @@ def test_on_cpu_free_runs_once_while_the_last_seed_trains(tiny_data, tmp_path, m
                 raise RuntimeError("on_cpu_free did not run while the last seed trained")
             time.sleep(0.01)
         return run
-    monkeypatch.setattr(final, "_run_seed", gated)
+    monkeypatch.setattr(final, "train_seed", gated)
     calls = []
 
     def hook():
         calls.append(sorted(p.name for p in tmp_path.glob("done*")))
         hook_ran.touch()
-    runs = run_seeds(tiny_data, CONFIG, seeds, workers=2, on_cpu_free=hook)
-    assert calls == [[f"done{s}" for s in seeds[1:]]]
-    assert [r["seed"] for r in runs] == seeds
+    metrics, _, _ = run_seeds(tmp_path, tiny_data, seeds=seeds, workers=2, on_cpu_free=hook)
+    assert calls == [[f"done{s}" for s in range(1, seeds)]]
+    assert [m["seed"] for m in metrics["seeds"]] == list(range(seeds))
 
 
-def test_a_failing_on_cpu_free_costs_no_seed(tiny_data, caplog):
+def test_a_failing_on_cpu_free_costs_no_seed(tiny_data, tmp_path, caplog):
     def hook():
         raise RuntimeError("no dashboard today")
-    runs = run_seeds(tiny_data, CONFIG, [0, 1, 2], workers=2, on_cpu_free=hook)
-    serial = run_seeds(tiny_data, CONFIG, [0, 1, 2], workers=1)
-    assert [r["test"] for r in runs] == [r["test"] for r in serial]
+    runs, _, _ = run_seeds(tmp_path, tiny_data, workers=2, on_cpu_free=hook, folder="hooked")
+    serial, _, _ = run_seeds(tmp_path, tiny_data, workers=1, folder="serial")
+    assert [(m["seed"], m["test_acc"]) for m in runs["seeds"]] == \
+        [(m["seed"], m["test_acc"]) for m in serial["seeds"]]
     assert "no dashboard today" in caplog.text
 
 
-def test_on_cpu_free_is_not_called_for_serial_seeds(tiny_data):
+def test_on_cpu_free_is_not_called_for_serial_seeds(tiny_data, tmp_path):
     calls = []
-    run_seeds(tiny_data, CONFIG, [0, 1], workers=1, on_cpu_free=lambda: calls.append(1))
+    run_seeds(tmp_path, tiny_data, seeds=2, workers=1, on_cpu_free=lambda: calls.append(1))
     assert calls == []
 
 
 def test_shared_cpus_are_a_subset_of_the_allowed_ones():
     allowed = os.sched_getaffinity(0)
     for workers in range(1, len(allowed)):
-        share = _shared_cpus(workers)
+        share = _cpu_set(workers)
         assert len(share) == workers and share <= allowed
-    assert _shared_cpus(len(allowed)) is None  # no confinement when the workers fill the machine
+    assert _cpu_set(len(allowed)) is None  # no confinement when the workers fill the machine
 
 
-def test_a_failing_seed_is_raised_in_the_parent(tiny_data):
+def test_a_failing_seed_is_raised_in_the_parent(tiny_data, tmp_path):
     # the decay 1 − 2ηλ is below −19 from the first step: float32 overflows within a few
     bad = TrainConfig(m=8, n_batch=10, n_s=6, cycles=1, evals_per_cycle=2, lam=1e6,
                       eta_max=10.0, dtype="float32")
-    with pytest.raises(Exception, match="diverged"):
-        run_seeds(tiny_data, bad, [0, 1, 2], workers=2)
+    with pytest.raises(PhaseStopped, match="diverged"):
+        run_seeds(tmp_path, tiny_data, config=bad, workers=2)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_progress_reports_the_updates_of_every_seed(tiny_data, workers):
+def test_progress_reports_the_seeds_done(tiny_data, tmp_path, workers):
+    """The final run reports its progress in seeds done (it reported updates before the final
+    run became queued trials)."""
     seen = []
-    run_seeds(tiny_data, CONFIG, [0, 1], workers=workers, progress=seen.append)
-    total = 2 * CONFIG.total_steps
-    assert seen and seen == sorted(seen) and all(0 <= n <= total for n in seen)
-    assert seen[-1] == total  # the last report: every update of both seeds
+    run_seeds(tmp_path, tiny_data, seeds=2, workers=workers,
+              progress=lambda name, done, total, unit: seen.append((name, done, total)))
+    dones = [d for _, d, _ in seen]
+    assert seen and dones == sorted(dones) and all(0 <= d <= 2 for d in dones)
+    assert seen[-1] == ("c-final", 2, 2)  # the last report: both seeds
 
 
 def test_the_final_run_is_an_optuna_study_with_artifacts(tiny_data, tmp_path):
+    import json
     import subprocess
     import sys
     from pathlib import Path
 
-    import optuna
     from optuna.artifacts import get_all_artifact_meta
 
-    from search.final import record_final_study, run_final
-    from search.study import open_storage
+    from search import record
 
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    storage = open_storage(url)
-    metrics, runs = run_final(tiny_data, CONFIG, [0, 1], CONFIG.lam, {"study": None},
-                              tmp_path / "final")
-    study = record_final_study(storage, "c", {"lam": CONFIG.lam}, CONFIG, runs,
-                               tmp_path / "final", tmp_path / "artifacts")
+    metrics, study, _ = run_seeds(tmp_path, tiny_data, seeds=2)
+    storage = study._storage
+    url = f"sqlite:///{tmp_path / 'run' / 's.db'}"
     trials = study.get_trials()
     assert [t.user_attrs["seed"] for t in trials] == [0, 1]
-    assert [t.value for t in trials] == [r["test"]["acc"] for r in runs]
-    assert study.metric_names == ["test_acc"] and study.user_attrs["pick"] == {"lam": CONFIG.lam}
+    assert [t.value for t in trials] == [m["test_acc"] for m in metrics["seeds"]]
+    assert study.metric_names == ["test_acc"]
+    assert record.read(study).pick == {"lam": CONFIG.lam}
     names = {m.filename for m in get_all_artifact_meta(trials[0], storage=storage)}
-    assert {"params_seed0.npz", "history_seed0.json", "accuracy.png"} <= names
+    assert {"params_seed0.npz", "history_seed0.json"} <= names
     assert {m.filename for m in get_all_artifact_meta(trials[1], storage=storage)} == {
         "params_seed1.npz", "history_seed1.json"}
+    # the figures are the study's (a finished trial takes no artifact; they were the first
+    # seed's trial's before the final run became queued trials)
+    assert "accuracy.png" in {m.filename for m in get_all_artifact_meta(study)}
     # Optuna's own CLI lists the seeds
     optuna_cli = Path(sys.executable).with_name("optuna")
     proc = subprocess.run([str(optuna_cli), "trials", "--study-name", "c-final", "--storage", url,
                            "-f", "json"], capture_output=True, text=True, check=True)
-    import json
-    assert [t["value"]["test_acc"] for t in json.loads(proc.stdout)] == [r["test"]["acc"] for r in runs]
-    # a re-run of the same pick replaces the study: still one trial per seed
-    study = record_final_study(storage, "c", {"lam": CONFIG.lam}, CONFIG, runs,
-                               tmp_path / "final", tmp_path / "artifacts")
-    assert len(study.get_trials()) == 2
+    assert [t["value"]["test_acc"] for t in json.loads(proc.stdout)] == \
+        [m["test_acc"] for m in metrics["seeds"]]
+    # a re-run of the same pick resumes the study: still one trial per seed, none trained again
+    _, again, _ = run_seeds(tmp_path, tiny_data, seeds=2)
+    assert [(t.number, t.value) for t in again.get_trials()] == \
+        [(t.number, t.value) for t in trials]
     assert "c-final" in optuna.get_all_study_names(storage)
 
 
 def test_a_final_run_of_another_pick_is_refused_unless_forced(tiny_data, tmp_path):
-    import optuna
-
     from model.errors import InputError
-    from search.final import check_final_study, record_final_study, run_final
-    from search.study import open_storage
+    from search import record
 
-    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
-    _, runs = run_final(tiny_data, CONFIG, [0], CONFIG.lam, {"study": None}, tmp_path / "final")
-    record_final_study(storage, "c", {"lam": 0.01}, CONFIG, runs, tmp_path / "final",
-                       tmp_path / "artifacts")
-    check_final_study(storage, "c", {"lam": 0.01})  # the same pick: fine
+    _, study, _ = run_seeds(tmp_path, tiny_data, seeds=1, pick={"lam": 0.01})
+    storage = study._storage
+    run_seeds(tmp_path, tiny_data, seeds=1, pick={"lam": 0.01})  # the same pick: fine
     with pytest.raises(InputError, match="--force-final"):
-        check_final_study(storage, "c", {"lam": 0.02})
-    assert "c-final" in optuna.get_all_study_names(storage)
-    check_final_study(storage, "c", {"lam": 0.02}, force=True)
-    assert "c-final" not in optuna.get_all_study_names(storage)
+        run_seeds(tmp_path, tiny_data, seeds=1, pick={"lam": 0.02})
+    assert record.read(optuna.load_study(study_name="c-final", storage=storage)).pick == \
+        {"lam": 0.01}
+    # forced: the old final run is retired (kept as a study of its own; it was deleted before
+    # the campaign core), and c-final is the new pick's
+    run_seeds(tmp_path, tiny_data, seeds=1, pick={"lam": 0.02}, force=True)
+    names = optuna.get_all_study_names(storage)
+    assert "c-final.retired-1" in names
+    kept = optuna.load_study(study_name="c-final.retired-1", storage=storage)
+    assert record.read(kept).pick == {"lam": 0.01} and record.read(kept).retired
+    assert record.read(optuna.load_study(study_name="c-final", storage=storage)).pick == \
+        {"lam": 0.02}
 
 
 def test_final_metrics_report_the_snapshot_ensemble(tiny_data):
     """Each seed's test accuracy of its snapshot ensemble (one member per cycle end, the last
     being the final params) beside the last model's, and their mean over the seeds."""
     config = dataclasses.replace(CONFIG, cycles=3)
-    runs = run_seeds(tiny_data, config, [0, 5], workers=1)
+    runs = [final.train_seed(tiny_data, dataclasses.replace(config, seed=s)) for s in (0, 5)]
     metrics = final.final_metrics(runs, {"lam": config.lam}, {"study": None})
     for r, m in zip(runs, metrics["seeds"]):
         _, _, snapshots = fit(tiny_data, dataclasses.replace(config, seed=r["seed"]),

@@ -98,7 +98,7 @@ def run_script(script, args, env, timeout=600):
 
 def one_json(proc):
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # no traceback in a successful run (a surplus trial of racing workers is pruned silently)
+    # no traceback in a successful run (a surplus trial of racing workers is failed silently)
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout  # --json: exactly one JSON object on stdout

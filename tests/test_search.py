@@ -1,7 +1,7 @@
 """The search layer: the fine-range rule, the objective's trials, resume, seeds, divergence, and
 scripts/search.py (coarse → fine → status, bad input, parallel workers, PostgreSQL).
 
-In-process tests run search.phases.run_spec on the tiny synthetic data into a tmp_path SQLite
+In-process tests run one-phase campaigns (search.core.run_phase) on the tiny synthetic data into a tmp_path SQLite
 file; script tests run scripts/search.py as users do, on the tiny CIFAR-10 (tests/conftest.py).
 Known bugs are xfail(strict=True) with the culprit in the reason: they fail today, and strict
 mode reports the day one is fixed.
@@ -21,7 +21,9 @@ from optuna.trial import TrialState
 import faultlib as fl
 from model.errors import ConfigError, InputError
 from model.train import TrainConfig
-from search.phases import PhaseSpec, create_or_resume, run_spec
+from search.campaign import Campaign, with_phase
+from search.core import run_context, run_phase
+from search.phases import SearchPhase
 from search.samplers import trial_seed
 from search.space import Float, narrow, on_border, parse_values
 from search.study import open_storage
@@ -100,26 +102,42 @@ def test_on_border():
 
 
 # ---------------------------------------------------------------------------------------------
-# search.objective + search.phases.run_spec, in-process on tiny_data
+# search.objective + search.core.run_phase, in-process on tiny_data
 
 
 def tiny_spec(campaign="t", n_trials=2, repeats=1, config=TINY_CONFIG, space=None, seed=0,
-              pruner="none"):
-    return PhaseSpec(campaign=campaign, phase="coarse", n_trials=n_trials, config=config,
-                     space=space or (LAM,), sampler="random", pruner=pruner,
-                     repeats=repeats, seed=seed)
+              pruner="none", phase="coarse", sampler="random", grid=None):
+    """A one-phase campaign (its study: <campaign>-<phase>)."""
+    return Campaign(name=campaign, phases=(SearchPhase(
+        name=phase, n_trials=n_trials, space=space or (LAM,), sampler=sampler, grid=grid,
+        pruner=pruner, repeats=repeats),), seed=seed, config=tuple(vars(config).items()))
+
+
+def study_of(campaign):
+    """The study name of a one-phase campaign."""
+    return campaign.phases[0].study_name(campaign.name)
+
+
+def run_one(campaign, storage, data, **kw):
+    """Run (or resume) the one phase of campaign; the study."""
+    return run_phase(campaign, campaign.phases[0].name, data, storage, **kw)[0]
+
+
+def open_one(campaign, storage):
+    """Create or resume the one phase's study (no trial run)."""
+    return campaign.phases[0].open(run_context(campaign, None, storage))
 
 
 def run_tiny(tmp_path, data, **kw):
     url = fl.sqlite_url(tmp_path / "s.db")
     spec = tiny_spec(**kw)
-    run_spec(spec, open_storage(url), data)
-    return url, spec
+    run_one(spec, open_storage(url), data)
+    return url, study_of(spec)
 
 
 def test_two_trial_study_records_its_attrs(tmp_path, tiny_data):
-    url, spec = run_tiny(tmp_path, tiny_data)
-    trials, study_attrs = fl.load_trials(url, spec.study_name)
+    url, name = run_tiny(tmp_path, tiny_data)
+    trials, study_attrs = fl.load_trials(url, name)
     # exactly the two requested trials ran, and both completed
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     for t in trials:
@@ -139,8 +157,8 @@ def test_two_trial_study_records_its_attrs(tmp_path, tiny_data):
 
 
 def test_repeats_average_the_seeds(tmp_path, tiny_data):
-    url, spec = run_tiny(tmp_path, tiny_data, repeats=2)
-    trials, _ = fl.load_trials(url, spec.study_name)
+    url, name = run_tiny(tmp_path, tiny_data, repeats=2)
+    trials, _ = fl.load_trials(url, name)
     assert len(fl.complete(trials)) == 2
     for t in trials:
         accs = t.user_attrs["val_accs"]
@@ -156,12 +174,12 @@ def _snapshot(trials):
 
 
 def test_resume_runs_to_n_complete_and_keeps_earlier_trials(tmp_path, tiny_data):
-    url, spec = run_tiny(tmp_path, tiny_data, n_trials=2)
-    first, _ = fl.load_trials(url, spec.study_name)
+    url, name = run_tiny(tmp_path, tiny_data, n_trials=2)
+    first, _ = fl.load_trials(url, name)
     assert len(fl.complete(first)) == 2
 
     run_tiny(tmp_path, tiny_data, n_trials=3)
-    second, _ = fl.load_trials(url, spec.study_name)
+    second, _ = fl.load_trials(url, name)
     # "run to N": the study now holds exactly 3 complete trials, not 2 + 3
     assert len(fl.complete(second)) == 3 and len(second) == 3
     # the first two trials are untouched (same number, λ, value and completion time)
@@ -170,18 +188,18 @@ def test_resume_runs_to_n_complete_and_keeps_earlier_trials(tmp_path, tiny_data)
     assert second[2].params["lam"] not in {t.params["lam"] for t in first}
 
     run_tiny(tmp_path, tiny_data, n_trials=3)
-    third, _ = fl.load_trials(url, spec.study_name)
+    third, _ = fl.load_trials(url, name)
     # running again with the same target does nothing at all
     assert _snapshot(third) == _snapshot(second)
 
 
 def test_resume_with_another_protocol_is_refused(tmp_path, tiny_data):
-    url, spec = run_tiny(tmp_path, tiny_data, n_trials=1)
+    url, name = run_tiny(tmp_path, tiny_data, n_trials=1)
     other = dataclasses.replace(TINY_CONFIG, n_s=6)
     # mixing trials of two protocols in one study is refused with a message naming the fix
     with pytest.raises(InputError, match="--campaign"):
         run_tiny(tmp_path, tiny_data, n_trials=2, config=other)
-    trials, _ = fl.load_trials(url, spec.study_name)
+    trials, _ = fl.load_trials(url, name)
     assert len(trials) == 1  # and nothing ran
 
 
@@ -202,9 +220,9 @@ def test_a_diverging_trial_fails_and_the_phase_completes(tmp_path, tiny_data):
     # from [1e-3, 1e2] and sampler seed 6 (λ 0.843, 0.04, 0.001, 0.374, 0.004), two trials diverge
     # and three complete.
     config = dataclasses.replace(TINY_CONFIG, eta_max=1e3, dtype="float32")
-    url, spec = run_tiny(tmp_path, tiny_data, n_trials=3, config=config,
+    url, name = run_tiny(tmp_path, tiny_data, n_trials=3, config=config,
                          space=(Float("lam", 1e-3, 1e2, log=True),), seed=6)
-    trials, _ = fl.load_trials(url, spec.study_name)
+    trials, _ = fl.load_trials(url, name)
     failed = [t for t in trials if t.state == TrialState.FAIL]
     # at least one trial diverged: it is FAIL, and its failure attr says why
     assert failed, [(t.params, t.state) for t in trials]
@@ -216,7 +234,7 @@ def test_a_diverging_trial_fails_and_the_phase_completes(tmp_path, tiny_data):
 
 
 def _run_phase_in_step(url, spec, data, barrier):
-    """run_spec, but the worker loop starts only once every process has built its sampler:
+    """run_one, but the worker loop starts only once every process has built its sampler:
     the deterministic form of "two processes load the study at the same moment"."""
     from search import workers
 
@@ -227,14 +245,14 @@ def _run_phase_in_step(url, spec, data, barrier):
         return original(*args, **kwargs)
 
     workers.work = work  # this forked child only
-    run_spec(spec, open_storage(url), data)
+    run_one(spec, open_storage(url), data)
 
 
 @pytest.mark.timeout(60)
 def test_processes_joining_a_study_together_draw_distinct_lams(tmp_path, tiny_data):
     url = fl.sqlite_url(tmp_path / "s.db")
     spec = tiny_spec(n_trials=4)
-    run_spec(dataclasses.replace(spec, n_trials=1), open_storage(url), tiny_data)
+    run_one(with_phase(spec, "coarse", n_trials=1), open_storage(url), tiny_data)
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(2)
     procs = [ctx.Process(target=_run_phase_in_step, args=(url, spec, tiny_data, barrier))
@@ -245,14 +263,14 @@ def test_processes_joining_a_study_together_draw_distinct_lams(tmp_path, tiny_da
         p.join(timeout=50)
     # both processes finished the phase together
     assert [p.exitcode for p in procs] == [0, 0]
-    trials, _ = fl.load_trials(url, spec.study_name)
+    trials, _ = fl.load_trials(url, study_of(spec))
     assert len(fl.complete(trials)) == 4
     # no λ was trained twice
     assert fl.duplicated_lams(trials) == []
 
 
 def _run_phase_child(url, spec, data, opts):
-    run_spec(spec, open_storage(url, **opts), data, storage_opts=opts)
+    run_one(spec, open_storage(url, **opts), data, storage_opts=opts)
 
 
 @pytest.mark.timeout(60)
@@ -263,7 +281,7 @@ def test_a_trial_orphaned_before_its_first_heartbeat_is_retried(tmp_path, tiny_d
     spec = tiny_spec(n_trials=2)
     storage = open_storage(url, **opts)
     # a worker that died right after study.ask(): a RUNNING trial without any heartbeat
-    create_or_resume(storage, spec).ask()
+    open_one(spec, storage).ask()
     storage.remove_session()
     storage.engine.dispose()
     child = multiprocessing.get_context("fork").Process(
@@ -274,7 +292,7 @@ def test_a_trial_orphaned_before_its_first_heartbeat_is_retried(tmp_path, tiny_d
     if hung:
         child.kill()
         child.join()
-    trials, _ = fl.load_trials(url, spec.study_name)
+    trials, _ = fl.load_trials(url, study_of(spec))
     # the orphan was failed like any dead worker's trial ...
     assert trials[0].state == TrialState.FAIL, trials[0].state
     # ... and the phase completed its 2 trials instead of waiting for the orphan forever
@@ -367,11 +385,13 @@ def test_a_queued_trial_is_claimed_by_one_process_only(tmp_path):
 
 
 def test_a_dead_trial_requeued_twice_runs_once(tmp_path):
-    """Two workers both re-queued trial 0: the first copy runs, the second is pruned on pickup,
-    and the phase still ends with its target of COMPLETE trials."""
+    """Two workers both re-queued trial 0: the first copy runs, the second is failed on pickup
+    as a duplicate (before it trains), and the phase still ends with its target of COMPLETE
+    trials."""
     import optuna
 
-    from search.workers import DUPLICATE_RETRY, work
+    from search import record
+    from search.workers import TrialTarget, work
     from search.study import retried_from
 
     study = _study_with_a_dead_trial(tmp_path)
@@ -379,12 +399,13 @@ def test_a_dead_trial_requeued_twice_runs_once(tmp_path):
     for _ in range(2):
         callback(study, study.get_trials()[0])
     study.sampler = optuna.samplers.RandomSampler(seed=0)
-    work(study, _lam_objective, target=2, poll=0.01)
+    work(study, _lam_objective, TrialTarget(2))
     trials = study.get_trials()
     first, second = (t for t in trials if retried_from(t) == 0)
     assert first.state == TrialState.COMPLETE and first.value == 0.5
-    assert second.state == TrialState.PRUNED
-    assert second.user_attrs["failure"] == DUPLICATE_RETRY
+    # (a duplicate was PRUNED before the campaign core: it is now FAIL, failure DUPLICATE)
+    assert second.state == TrialState.FAIL
+    assert second.user_attrs["failure"] == record.DUPLICATE
     assert len(fl.complete(trials)) == 2 and fl.duplicated_lams(trials) == []
 
 
@@ -392,13 +413,13 @@ def test_an_objective_error_is_recorded_as_the_failure(tmp_path):
     """A trial that fails by an exception says so: only a silent FAIL means "the worker died"."""
     import optuna
 
-    from search.workers import _guard_trial
+    from search.workers import TrialTarget, _guard_trial
 
     study = optuna.create_study(storage=open_storage(fl.sqlite_url(tmp_path / "s.db")))
 
     def broken(trial):
         raise ValueError("bad luck")
-    study.optimize(_guard_trial(broken, target=5, count_diverged=False), n_trials=1,
+    study.optimize(_guard_trial(broken, TrialTarget(5)), n_trials=1,
                    catch=(ValueError,))
     trial = study.get_trials()[0]
     assert trial.state == TrialState.FAIL
@@ -412,11 +433,11 @@ def test_values_with_a_diverging_value_train_each_value_once(tmp_path, tiny_data
     # λ = 1e3 diverges at η_max 1e3 on tiny_data (float32), λ = 1e-4 does not
     config = dataclasses.replace(TINY_CONFIG, eta_max=1e3, dtype="float32")
     url = fl.sqlite_url(tmp_path / "s.db")
-    spec = PhaseSpec(campaign="g", phase="fine", n_trials=2, config=config,
+    spec = tiny_spec(campaign="g", phase="fine", n_trials=2, config=config,
                      space=(Float("lam", 1e-4, 1e3, log=True),), sampler="grid",
-                     grid={"lam": [1e-4, 1e3]}, pruner="none")
-    run_spec(spec, open_storage(url), tiny_data)
-    trials, _ = fl.load_trials(url, spec.study_name)
+                     grid={"lam": [1e-4, 1e3]})
+    run_one(spec, open_storage(url), tiny_data)
+    trials, _ = fl.load_trials(url, study_of(spec))
     # each listed λ ran exactly once: one COMPLETE, one FAIL (diverged)
     assert sorted(t.params["lam"] for t in trials) == [1e-4, 1e3], \
         [(t.params["lam"], t.state.name) for t in trials]
@@ -473,7 +494,7 @@ def _create_at_barrier(url, spec, barrier, results):
     storage = open_storage(url)
     barrier.wait()
     try:
-        create_or_resume(storage, spec)
+        open_one(spec, storage)
         results.put("ok")
     except Exception as e:  # noqa: BLE001 - the test reports whatever the race raised
         results.put(f"{type(e).__name__}: {e}")

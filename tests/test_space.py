@@ -12,8 +12,10 @@ import faultlib as fl
 from model.errors import ConfigError, InputError
 from model.train import TrainConfig
 from search import objective as objective_module
-from search.campaign import final_config, load_campaign, parse_campaign, shipped
-from search.phases import PhaseSpec, create_or_resume, phase_spec, run_spec
+from search.campaign import Campaign, load_campaign, parse_campaign, shipped
+from search import record
+from search.core import run_context, run_phase
+from search.phases import SearchPhase
 from search.samplers import MarginMedianPruner, make_pruner, make_sampler
 from search.space import (Categorical, Float, Int, make_space, narrow, space_from_dict,
                           space_to_dict, suggest)
@@ -167,8 +169,15 @@ def test_pruners_by_short_name_class_name_or_object():
 # ---- the objective and the studies ---------------------------------------------------------------
 
 def _spec(space, name="s", n_trials=3, **kw):
-    return PhaseSpec(campaign=name, phase="coarse", n_trials=n_trials, config=TINY_CONFIG,
-                     space=space, pruner="none", **kw)
+    """A one-phase campaign (its study: <name>-coarse)."""
+    return Campaign(name=name, phases=(SearchPhase(name="coarse", n_trials=n_trials, space=space,
+                                                   pruner="none", **kw),),
+                    config=tuple(vars(TINY_CONFIG).items()))
+
+
+def run_spec(campaign, storage, data):
+    """Run (or resume) the one phase of campaign; the study."""
+    return run_phase(campaign, "coarse", data, storage)[0]
 
 
 def test_searching_m_trains_each_trial_with_its_m_hidden_units(tmp_path, tiny_data, monkeypatch):
@@ -197,7 +206,7 @@ def test_a_define_by_run_space_is_called_with_the_trial(tmp_path, tiny_data):
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
     assert all(set(t.params) == {"lam", "n_batch"} for t in study.trials)
     # nothing describes such a space but its code: the study records none
-    assert study.user_attrs["space"] is None
+    assert record.read(study).space is None
 
 
 def test_resuming_with_another_space_is_refused_and_metric_is_named(tmp_path, tiny_data):
@@ -225,8 +234,8 @@ def test_a_study_of_the_previous_release_is_adopted(tmp_path):
                        "sampler": "random", "grid": [], "pruner": "median", "repeats": 1,
                        "seed": 0}.items():
         old.set_user_attr(key, value)
-    spec = phase_spec(load_campaign("dd2424"), "coarse", storage)
-    study = create_or_resume(storage, spec)  # no InputError: adopted
+    c = load_campaign("dd2424")
+    study = c.phase("coarse").open(run_context(c, None, storage))  # no InputError: adopted
     assert study.user_attrs["config"] == config and study.user_attrs["phase_index"] == 0
 
 
@@ -235,17 +244,18 @@ def test_a_study_of_the_previous_release_is_adopted(tmp_path):
 def test_dd2424_is_the_reports_protocol():
     c = load_campaign("dd2424")
     assert c.name == "cifar10" and [p.name for p in c.phases] == ["coarse", "fine", "confirm"]
-    assert c.phase("confirm").confirm == {"from": ["coarse", "fine"], "top_k": 3, "seeds": 5}
-    coarse = phase_spec(c, "coarse")
+    confirm = c.phase("confirm")
+    assert (confirm.sources, confirm.top_k, confirm.seeds) == (("coarse", "fine"), 3, 5)
+    coarse = c.phase("coarse")
     # the search protocol of the releases before campaign files, field by field
-    assert coarse.config == TrainConfig(n_s=800, cycles=2, evals_per_cycle=2,
+    assert c.phase_config(coarse) == TrainConfig(n_s=800, cycles=2, evals_per_cycle=2,
                                         eval_train_samples=1000)
     assert coarse.space == (Float("lam", 1e-5, 1e-1, log=True),)
-    assert (coarse.sampler, coarse.pruner, coarse.n_trials, coarse.seed) == ("random", "median", 10, 0)
+    assert (coarse.sampler, coarse.pruner, coarse.n_trials, c.seed) == ("random", "median", 10, 0)
     fine = c.phase("fine")
     assert (fine.sampler, fine.n_trials, fine.narrow) == ("tpe", 12, {"from": "coarse", "top_k": 3,
                                                                       "margin": 0.25})
-    final = final_config(c, {"lam": 3e-4}, 49_000)
+    final = c.final.training_config(c, {"lam": 3e-4}, 49_000)
     assert (final.n_s, final.cycles, final.lam, c.final.seeds) == (980, 3, 3e-4, 3)
 
 
@@ -258,7 +268,7 @@ def test_every_shipped_campaign_loads():
 def test_final_n_s_rule_is_evaluated_with_the_best_n_batch():
     c = load_campaign("example")
     # the best n_batch applies first, then "2 epochs" = 2·⌊49,000 / 200⌋; the final's cycles win
-    config = final_config(c, {"lam": 1e-3, "n_batch": 200, "cycles": 9}, 49_000)
+    config = c.final.training_config(c, {"lam": 1e-3, "n_batch": 200, "cycles": 9}, 49_000)
     assert (config.n_batch, config.n_s, config.cycles) == (200, 490, 3)
 
 

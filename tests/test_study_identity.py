@@ -12,7 +12,9 @@ import pytest
 from model.dataset import Split
 from model.errors import InputError
 from model.train import TrainConfig
-from search.phases import PhaseSpec, run_spec
+from search.campaign import Campaign, with_phase
+from search.core import run_phase
+from search.phases import SearchPhase
 from search.space import Float
 from search.study import open_storage
 from test_cli_errors import diff, script_env, snapshot
@@ -20,8 +22,18 @@ from test_cli_errors import diff, script_env, snapshot
 REPO = Path(__file__).resolve().parents[1]
 TINY = TrainConfig(m=10, n_batch=10, n_s=5, cycles=1, evals_per_cycle=2, eval_train_samples=0,
                    dtype="float64")
-SPEC = PhaseSpec(campaign="c", phase="coarse", n_trials=2, config=TINY,
-                 space=(Float("lam", 1e-4, 1.0, log=True),), pruner="none")
+SPEC = Campaign(name="c", phases=(SearchPhase(name="coarse", n_trials=2, pruner="none",
+                                              space=(Float("lam", 1e-4, 1.0, log=True),)),),
+                config=tuple(vars(TINY).items()))
+
+
+def run_spec(campaign, storage, data):
+    """Run (or resume) the one phase (coarse) of campaign; the study."""
+    return run_phase(campaign, "coarse", data, storage)[0]
+
+
+def with_trials(n):
+    return with_phase(SPEC, "coarse", n_trials=n)
 
 
 @pytest.mark.parametrize("kind", ["minimize", "two-objectives", "foreign-trials"])
@@ -62,7 +74,7 @@ def other_data(data):
 def test_resuming_on_other_data_is_refused(tmp_path, tiny_data):
     url = f"sqlite:///{tmp_path / 's.db'}"
     run_spec(SPEC, open_storage(url), tiny_data)
-    more = dataclasses.replace(SPEC, n_trials=3)
+    more = with_trials(3)
     with pytest.raises(InputError, match="other data"):
         run_spec(more, open_storage(url), other_data(tiny_data))
     study = run_spec(more, open_storage(url), tiny_data)  # the same data: resumed
@@ -81,10 +93,10 @@ def test_a_study_written_before_fingerprints_is_adopted_once(tmp_path, tiny_data
     session.query(models.StudyUserAttributeModel).filter_by(key="data_fingerprint").delete()
     session.commit()
     storage.scoped_session.remove()
-    resumed = run_spec(dataclasses.replace(SPEC, n_trials=3), open_storage(url), tiny_data)
+    resumed = run_spec(with_trials(3), open_storage(url), tiny_data)
     assert len(resumed.user_attrs["data_fingerprint"]) == 64  # it got one
     with pytest.raises(InputError, match="other data"):
-        run_spec(dataclasses.replace(SPEC, n_trials=4), open_storage(url), other_data(tiny_data))
+        run_spec(with_trials(4), open_storage(url), other_data(tiny_data))
 
 
 def test_the_fingerprint_is_not_the_path(cifar_tiny_dir, tmp_path):

@@ -23,7 +23,7 @@ from search.cli.errors import run
 from search.cli.output import emit, phase_bars, setup_logging
 from search.cli.storage import protected_paths
 from search.cli.threads import single_blas_thread
-from search.core import run_final
+from search.core import campaign_best, run_context, run_final
 from search.space import format_params
 from search.study import check_storage, open_storage
 
@@ -78,19 +78,20 @@ def main():
     protect = protected_paths(args.storage)
     check_results_dir(out, protect)
     check_writable(out)
-    pick = given_pick(c, given)
-    if pick is None:
+    pick, source = given_pick(c, given), None
+    if pick is None:  # the campaign's best, before the data is loaded (none: one line)
         storage = open_storage(args.storage, create=False)
+        pick, source = campaign_best(run_context(c, None, storage))
     else:
         check_storage(args.storage)
     config = c.final.training_config(c, pick or {}, N_TRAIN)  # a bad flag fails before the data
     check_memory(config, processes=c.final.seeds if args.workers > 1 else 1)  # all seeds at once
     data = load_cifar10(args.data_dir, n_val=args.n_val)
-    if pick is not None:
+    if source is None:
         storage = open_storage(args.storage)
     with single_blas_thread(), phase_bars(args) as progress:
         metrics, trained, source = run_final(
-            c, data, storage, pick=pick, out=out, first_seed=args.seed, workers=args.workers,
+            c, data, storage, pick=pick, source=source, out=out, first_seed=args.seed, workers=args.workers,
             protect=protect, force=args.force_final, progress=progress)
     seeds = [s["seed"] for s in metrics["seeds"]]
     summary = {"params": metrics["params"], "source": metrics["source"],

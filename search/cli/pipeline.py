@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from model.dataset import load_cifar10
+from model.errors import ConfigError
 from model.outputs import check_page, check_results_dir
 from model.resources import check_memory, check_writable
 from search import settings
@@ -75,8 +76,11 @@ def overrides(args, c):
     """{dotted name: value} of the flags (shortcuts of --set) and of --set (which wins)."""
     out = {"search.n_s": args.search_n_s, "search.cycles": args.search_cycles,
            "seed": args.seed, "final.seeds": args.seeds, "final.n_s": args.final_n_s,
-           "final.cycles": args.final_cycles,
-           "phases.coarse.n_trials": args.coarse_trials, "phases.fine.n_trials": args.fine_trials}
+           "final.cycles": args.final_cycles}
+    for name, n in (("coarse", args.coarse_trials), ("fine", args.fine_trials)):
+        if n is not None and name not in [p.name for p in c.phases]:
+            raise ConfigError(f"--{name}-trials: campaign {c.name} has no phase {name}")
+        out[f"phases.{name}.n_trials"] = n
     for phase in c.phases:  # --repeats and --pruner: every phase that has them
         for key, value in (("repeats", args.repeats), ("pruner", args.pruner)):
             if key in phase.settings:

@@ -15,6 +15,8 @@ campaign, so that the next run derives them again (e.g. after an earlier phase c
 import dataclasses
 import time
 
+import optuna
+
 from model.dataset import load_cifar10
 from model.errors import ConfigError
 from model.resources import check_memory
@@ -25,6 +27,7 @@ from search.cli.configs import campaign, given_train_flags
 from search.cli.errors import run
 from search.cli.output import emit, phase_bars, setup_logging
 from search.core import retire, run_phase
+from search.phases import require_finished
 from search.report import phase_summary, status_report, status_text, summary_text
 from search.samplers import PRUNERS, SAMPLERS
 from search.space import Categorical, Int, parse_values
@@ -204,6 +207,9 @@ def main():
         storage = open_storage(args.storage, **storage_opts)
     else:  # derived from earlier phases: their storage must exist
         storage = open_storage(args.storage, create=False, **storage_opts)
+        if phase.study_name(c.name) not in optuna.get_all_study_names(storage):
+            for source in phase.upstream():  # not derivable: say so before loading the data
+                require_finished(storage, c, source, phase.name)
         check_memory(config, processes=args.workers)
         data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=config.dtype)
     start = time.perf_counter()
