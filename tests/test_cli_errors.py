@@ -673,3 +673,37 @@ def test_unbounded_forks_are_refused_by_the_parser(script, argv, flag, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and flag in err, err
     parse_args([*argv[:-1], "2"] if flag == "--workers" else [*argv[:1], "3", *argv[2:]])  # control
+
+
+# ---- numbers without bound: parsed in-process (a regression overflows, or sleeps for ages) ----
+
+@pytest.mark.parametrize("script, argv, flag, control", [
+    ("search", ["coarse", "--grace-period", "100000000000000"], "--grace-period",
+     ["coarse", "--grace-period", "604800"]),
+    ("search", ["coarse", "--heartbeat-interval", "1000000000000", "--grace-period",
+                "2000000000000"], "--heartbeat-interval",
+     ["coarse", "--heartbeat-interval", "3600", "--grace-period", "604800"]),
+    ("search", ["fine", "--margin", "1e308"], "--margin", ["fine", "--margin", "100"]),
+    ("bench", ["--seed", "-1"], "--seed", ["--seed", "0"]),
+    ("bench", ["--seed", str(2 ** 32)], "--seed", ["--seed", str(2 ** 32 - 1)]),
+])
+def test_unbounded_numbers_are_refused_by_the_parser(script, argv, flag, control, capsys):
+    parse_args = load_script(script).parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and flag in err, err
+    parse_args(control)  # control: the bound itself is accepted
+
+
+def test_a_campaign_margin_without_bound_is_refused():
+    from model.errors import ConfigError
+    from search.campaign import parse_campaign
+
+    phases = [{"name": "coarse", "params": {"lam": {"low": 1e-5, "high": 1e-1, "log": True}}},
+              {"name": "fine", "narrow": {"from": "coarse", "margin": 1e308}}]
+    with pytest.raises(ConfigError, match="margin"):
+        parse_campaign({"phases": phases})
+    phases[1]["narrow"]["margin"] = 100
+    parse_campaign({"phases": phases})  # control
