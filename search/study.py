@@ -37,7 +37,7 @@ def study_name(campaign, phase):
 # Query keys whose values are secrets (libpq's password and sslpassword, tokens, keys).
 _SECRET_WORDS = r"pass|pwd|secret|token|key|credential"
 _SECRET_KEY = re.compile(_SECRET_WORDS, re.IGNORECASE)
-# The same, for any text: key=value pairs (the password of user:password@ is found by _password_span).
+# The same, for any text: key=value pairs (user:password@ is found by _password_span).
 _PAIR = re.compile(rf"([?&;\s]([A-Za-z_]*(?:{_SECRET_WORDS})[A-Za-z_]*)=)([^&;\s]*)", re.IGNORECASE)
 _SCHEME = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.\-]*:(?=[/\\])")  # scheme: before a (back)slash
 
