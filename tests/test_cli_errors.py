@@ -676,6 +676,7 @@ def load_script(name):
     ("search", ["fine", "--margin", "1e308"], "--margin", ["fine", "--margin", "100"]),
     ("bench", ["--seed", "-1"], "--seed", ["--seed", "0"]),
     ("bench", ["--seed", str(2 ** 32)], "--seed", ["--seed", str(2 ** 32 - 1)]),
+    ("train", ["--threads", str(10 ** 20)], "--threads", ["--threads", "1"]),
 ])
 def test_unbounded_flags_are_refused_by_the_parser(script, argv, flag, control, capsys):
     parse_args = load_script(script).parse_args
