@@ -45,25 +45,33 @@ _SCHEME = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.\-]*:(?=[/\\])")  # scheme: before
 def _password_span(text):
     """(start, end) of the password in URL-like text, or None: everything between the first `:`
     after the scheme and its (back)slashes, if any, and the last `@`. Needs no parse: any slashes
-    or none, backslashes, no scheme, an unencoded `@` inside the password."""
+    or none, backslashes, no scheme, an unencoded `@` inside the password. A URL SQLAlchemy
+    parses without a password has none (e.g. a SQLite path holding `:` and `@`)."""
     at = text.rfind("@")
     if at < 0:
+        return None
+    parsed = _try_parse(text)
+    if parsed is not None and parsed.password is None:
         return None
     scheme = _SCHEME.match(text)
     colon = text.find(":", scheme.end() if scheme else 0, at)
     return None if colon < 0 else (colon + 1, at)
 
 
+def _try_parse(url):
+    try:
+        return sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return None
+
+
 def mask_url(url):
     """The storage URL with every secret (the password, and query values such as ?password=)
     replaced by ***, for logs, JSON and pages; parsed or not."""
     text = _mask_text(url)
-    try:
-        parsed = sqlalchemy.engine.make_url(text)
-    except (sqlalchemy.exc.ArgumentError, ValueError):
-        return text
-    if not any(_SECRET_KEY.search(k) for k in parsed.query):
-        return text
+    parsed = _try_parse(text)
+    if parsed is None or all(v == "***" for k, v in parsed.query.items() if _SECRET_KEY.search(k)):
+        return text  # nothing left to mask (rendering would re-encode the URL)
     query = {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in parsed.query.items()}
     return parsed.set(query=query).render_as_string(hide_password=False).replace("%2A%2A%2A", "***")
 
@@ -82,11 +90,8 @@ def url_secrets(url):
     found = [m.group(3) for m in _PAIR.finditer(url)]
     if span is not None:
         found += [url[span[0]:span[1]], urllib.parse.unquote(url[span[0]:span[1]])]
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except (sqlalchemy.exc.ArgumentError, ValueError):
-        pass
-    else:
+    parsed = _try_parse(url)
+    if parsed is not None:
         found += [parsed.password or ""] + [v for k, vs in parsed.query.items() if _SECRET_KEY.search(k)
                                             for v in ((vs,) if isinstance(vs, str) else vs)]
     return sorted({str(s) for s in found if s}, key=len, reverse=True)

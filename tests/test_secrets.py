@@ -75,6 +75,9 @@ def test_unparsed_forms_are_masked_in_the_error(url, tmp_path):
 def test_masking_keeps_what_is_not_secret():
     url = "postgresql+psycopg://alice@db.example:5433/clr?sslmode=require"
     assert mask_url(url) == url
+    url = "sqlite:////tmp/run:2@night.db"  # a path holding : and @ is no password
+    assert mask_url(url) == url and url_secrets(url) == []
+    assert mask_url(url + "?password=x") == url + "?password=***"  # not re-encoded
 
 
 def run(args, tmp_path, env=(), timeout=300):
