@@ -11,7 +11,6 @@ mistake in a file is a ConfigError naming the file, the key and the fix.
 import dataclasses
 import hashlib
 import json
-import math
 import re
 import sys
 from importlib import resources
@@ -36,6 +35,7 @@ _CONFIRM_KEYS = ("name", "kind", "from", "top_k", "seeds", "config")
 CONFIRM_TOP_K, CONFIRM_SEEDS = 3, 5
 _PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "values")
 _NARROW_KEYS = ("from", "top_k", "margin")
+MAX_MARGIN = 100  # decades (log) or × the range (linear): more widens nothing, the range clips it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,8 +295,8 @@ def _narrow(raw, where, key, earlier):
     rule = {"from": source, "top_k": where.get(raw, "top_k", int, f"{key}.", 3),
             "margin": raw.get("margin", 0.25)}
     if rule["top_k"] < 1 or not (isinstance(rule["margin"], (int, float))
-                                 and 0 < rule["margin"] < math.inf):
-        raise where.error(key, "top_k must be ≥ 1 and margin a finite number > 0 "
+                                 and 0 < rule["margin"] <= MAX_MARGIN):
+        raise where.error(key, f"top_k must be ≥ 1 and margin a number in (0, {MAX_MARGIN}] "
                           "(e.g. {from = \"coarse\", top_k = 3, margin = 0.25})")
     return rule
 

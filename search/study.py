@@ -37,36 +37,61 @@ def study_name(campaign, phase):
 # Query keys whose values are secrets (libpq's password and sslpassword, tokens, keys).
 _SECRET_WORDS = r"pass|pwd|secret|token|key|credential"
 _SECRET_KEY = re.compile(_SECRET_WORDS, re.IGNORECASE)
-# The same, for a string SQLAlchemy cannot parse: user:password@ and key=value pairs.
-_USERINFO = re.compile(r"(://[^/?#@:\s]*:)([^@/?#\s]*)(@)")
+# The same, for any text: key=value pairs (user:password@ is found by _password_span).
 _PAIR = re.compile(rf"([?&;\s]([A-Za-z_]*(?:{_SECRET_WORDS})[A-Za-z_]*)=)([^&;\s]*)", re.IGNORECASE)
+_SCHEME = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.\-]*:(?=[/\\])")  # scheme: before a (back)slash
+
+
+def _password_span(text):
+    """(start, end) of the password in URL-like text, or None: everything between the first `:`
+    after the scheme and its (back)slashes, if any, and the last `@`. Needs no parse: any slashes
+    or none, backslashes, no scheme, an unencoded `@` inside the password. A URL SQLAlchemy
+    parses without a password has none (e.g. a SQLite path holding `:` and `@`)."""
+    at = text.rfind("@")
+    if at < 0:
+        return None
+    parsed = _try_parse(text)
+    if parsed is not None and parsed.password is None:
+        return None
+    scheme = _SCHEME.match(text)
+    colon = text.find(":", scheme.end() if scheme else 0, at)
+    return None if colon < 0 else (colon + 1, at)
+
+
+def _try_parse(url):
+    try:
+        return sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return None
 
 
 def mask_url(url):
     """The storage URL with every secret (the password, and query values such as ?password=)
-    replaced by ***, for logs, JSON and pages."""
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except (sqlalchemy.exc.ArgumentError, ValueError):
-        return _mask_text(url)
+    replaced by ***, for logs, JSON and pages; parsed or not."""
+    text = _mask_text(url)
+    parsed = _try_parse(text)
+    if parsed is None or all(v == "***" for k, v in parsed.query.items() if _SECRET_KEY.search(k)):
+        return text  # nothing left to mask (rendering would re-encode the URL)
     query = {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in parsed.query.items()}
-    text = parsed.set(query=query).render_as_string(hide_password=True)
-    return text.replace("%2A%2A%2A", "***")
+    return parsed.set(query=query).render_as_string(hide_password=False).replace("%2A%2A%2A", "***")
 
 
 def _mask_text(text):
-    return _PAIR.sub(r"\1***", _USERINFO.sub(r"\1***\3", text))
+    span = _password_span(text)
+    if span is not None and span[1] > span[0]:
+        text = text[:span[0]] + "***" + text[span[1]:]
+    return _PAIR.sub(r"\1***", text)
 
 
 def url_secrets(url):
     """The secrets a storage URL holds (its password, secret query values), as parsed and as
     written (percent-encoded): what redact hides."""
-    found = [m.group(2) for m in _USERINFO.finditer(url)] + [m.group(3) for m in _PAIR.finditer(url)]
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except (sqlalchemy.exc.ArgumentError, ValueError):
-        pass
-    else:
+    span = _password_span(url)
+    found = [m.group(3) for m in _PAIR.finditer(url)]
+    if span is not None:
+        found += [url[span[0]:span[1]], urllib.parse.unquote(url[span[0]:span[1]])]
+    parsed = _try_parse(url)
+    if parsed is not None:
         found += [parsed.password or ""] + [v for k, vs in parsed.query.items() if _SECRET_KEY.search(k)
                                             for v in ((vs,) if isinstance(vs, str) else vs)]
     return sorted({str(s) for s in found if s}, key=len, reverse=True)
@@ -256,10 +281,13 @@ def check_storage(url):
 
 def _parse(url):
     try:
-        sqlalchemy.engine.make_url(url)
+        parsed = sqlalchemy.engine.make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError):
+        parsed = None
+    if parsed is None or "@" in (parsed.host or ""):  # an `@` in the password, unencoded
         raise InputError(f"malformed storage URL {mask_url(url)!r}; use e.g. sqlite:///studies/studies.db or "
-                         "postgresql+psycopg://user:password@host/db") from None
+                         "postgresql+psycopg://user:password@host/db (write an @ or / inside the "
+                         "password as %40 or %2F)") from None
     return url
 
 

@@ -650,7 +650,7 @@ def test_snapshot_sees_changes(tmp_path):
     assert "new" in diff(before, snapshot(tmp_path))["created"]
 
 
-# ---- forks without bound (issue 15): parsed in-process, so that a regression forks nothing ----
+# ---- forks and numbers without bound (issue 15): parsed in-process (a regression forks nothing) -
 
 def load_script(name):
     """The code of scripts/<name>.py, search.cli.<name>, as a module (its main() is not run)."""
@@ -658,18 +658,43 @@ def load_script(name):
     return importlib.import_module(f"search.cli.{name}")
 
 
-@pytest.mark.parametrize("script, argv, flag", [
-    ("search", ["coarse", "--workers", "10000"], "--workers"),
-    ("pipeline", ["--workers", "10000"], "--workers"),
-    ("final", ["--workers", "10000"], "--workers"),
-    ("final", ["--seeds", "10000", "--workers", "2"], "--seeds"),  # every seed forks at once
-    ("pipeline", ["--seeds", "10000", "--workers", "2"], "--seeds"),
+@pytest.mark.parametrize("script, argv, flag, control", [
+    ("search", ["coarse", "--workers", "10000"], "--workers", ["coarse", "--workers", "2"]),
+    ("pipeline", ["--workers", "10000"], "--workers", ["--workers", "2"]),
+    ("final", ["--workers", "10000"], "--workers", ["--workers", "2"]),
+    # every seed forks at once
+    ("final", ["--seeds", "10000", "--workers", "2"], "--seeds",
+     ["--seeds", "3", "--workers", "2"]),
+    ("pipeline", ["--seeds", "10000", "--workers", "2"], "--seeds",
+     ["--seeds", "3", "--workers", "2"]),
+    # numbers without bound: a regression overflows, or sleeps for ages
+    ("search", ["coarse", "--grace-period", "100000000000000"], "--grace-period",
+     ["coarse", "--grace-period", "604800"]),
+    ("search", ["coarse", "--heartbeat-interval", "1000000000000", "--grace-period",
+                "2000000000000"], "--heartbeat-interval",
+     ["coarse", "--heartbeat-interval", "3600", "--grace-period", "604800"]),
+    ("search", ["fine", "--margin", "1e308"], "--margin", ["fine", "--margin", "100"]),
+    ("bench", ["--seed", "-1"], "--seed", ["--seed", "0"]),
+    ("bench", ["--seed", str(2 ** 32)], "--seed", ["--seed", str(2 ** 32 - 1)]),
+    ("train", ["--threads", str(10 ** 20)], "--threads", ["--threads", "1"]),
 ])
-def test_unbounded_forks_are_refused_by_the_parser(script, argv, flag, capsys):
+def test_unbounded_flags_are_refused_by_the_parser(script, argv, flag, control, capsys):
     parse_args = load_script(script).parse_args
     with pytest.raises(SystemExit) as e:
         parse_args(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and flag in err, err
-    parse_args([*argv[:-1], "2"] if flag == "--workers" else [*argv[:1], "3", *argv[2:]])  # control
+    parse_args(control)  # control: within the bound, accepted
+
+
+def test_a_campaign_margin_without_bound_is_refused():
+    from model.errors import ConfigError
+    from search.campaign import parse_campaign
+
+    phases = [{"name": "coarse", "params": {"lam": {"low": 1e-5, "high": 1e-1, "log": True}}},
+              {"name": "fine", "narrow": {"from": "coarse", "margin": 1e308}}]
+    with pytest.raises(ConfigError, match="margin"):
+        parse_campaign({"phases": phases})
+    phases[1]["narrow"]["margin"] = 100
+    parse_campaign({"phases": phases})  # control

@@ -33,9 +33,51 @@ def test_every_form_of_password_is_masked(url):
     assert any(SECRET in s for s in url_secrets(url))
 
 
+# Text no parser takes for a URL: its password is masked all the same, by where it stands.
+ODD = "Zq9xWkV7pJ"  # no 4-character piece of these occurs in any message
+AT = "Zq9x@WkV7pJ"  # an unencoded @ inside the password
+UNPARSED = [
+    f"postgresql+psycopg:/u:{ODD}@db.example/clr",           # one slash after the scheme
+    f"postgresql+psycopg:u:{ODD}@db.example/clr",            # no slash
+    f"u:{ODD}@db.example/clr",                               # no scheme
+    f"postgresql+psycopg:\\\\u:{ODD}@db.example\\clr",       # backslashes
+    f"postgresql+psycopg//u:{ODD}@db.example/clr",           # no : before the host part
+    f"postgresql+psycopg://u:{AT}@db.example/clr",           # @ in the password
+    f"postgresql+psycopg:/u:{AT}@127.0.0.1:1/clr",           # both
+    f"u:{AT}@127.0.0.1:1/clr?password={ODD}",
+]
+
+
+def pieces(secret, size=4):
+    return {secret[i:i + size] for i in range(len(secret) - size + 1)}
+
+
+def leaked(text):
+    return sorted(p for secret in (ODD, AT) for p in pieces(secret) if p in text)
+
+
+@pytest.mark.parametrize("url", UNPARSED)
+def test_unparsed_forms_are_masked(url):
+    assert leaked(mask_url(url)) == [] and "***" in mask_url(url)
+    assert leaked(redact(f"driver said: {url} refused", url)) == []
+    assert "db.example" in mask_url(url) or "127.0.0.1:1" in mask_url(url)  # the host stays
+
+
+@pytest.mark.parametrize("url", UNPARSED)
+def test_unparsed_forms_are_masked_in_the_error(url, tmp_path):
+    proc = run([script("search.py"), "status", "--storage", url], tmp_path)
+    assert proc.returncode == 2
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert leaked(proc.stdout + proc.stderr) == [], proc.stderr
+    assert "***" in proc.stderr  # the URL is named, masked
+
+
 def test_masking_keeps_what_is_not_secret():
     url = "postgresql+psycopg://alice@db.example:5433/clr?sslmode=require"
     assert mask_url(url) == url
+    url = "sqlite:////tmp/run:2@night.db"  # a path holding : and @ is no password
+    assert mask_url(url) == url and url_secrets(url) == []
+    assert mask_url(url + "?password=x") == url + "?password=***"  # not re-encoded
 
 
 def run(args, tmp_path, env=(), timeout=300):

@@ -150,10 +150,20 @@ def add_heartbeat_args(parser):
                         help="seconds after which a silent RUNNING trial is failed and retried")
 
 
+MAX_HEARTBEAT_INTERVAL = 3600  # seconds: an hour between heartbeats
+MAX_GRACE_PERIOD = 7 * 86400   # seconds: a week before a silent trial counts as dead
+
+
 def storage_opts(parser, args):
     """The storage options of --heartbeat-interval and --grace-period (checked)."""
     if not 0 < args.heartbeat_interval < args.grace_period:
         parser.error("--heartbeat-interval must be > 0 and below --grace-period")
+    if args.heartbeat_interval > MAX_HEARTBEAT_INTERVAL:
+        parser.error(f"--heartbeat-interval {args.heartbeat_interval} is more than "
+                     f"{MAX_HEARTBEAT_INTERVAL} seconds")
+    if args.grace_period > MAX_GRACE_PERIOD:
+        parser.error(f"--grace-period {args.grace_period} is more than {MAX_GRACE_PERIOD} seconds "
+                     "(a week)")
     return {"heartbeat_interval": args.heartbeat_interval, "grace_period": args.grace_period}
 
 

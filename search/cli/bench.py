@@ -153,7 +153,9 @@ def parse_args(argv=None):
                         "the same shapes; the benchmark never downloads)")
     p.add_argument("--n-val", type=int, default=N_VAL, help="validation images of CIFAR-10")
     add_common_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    p.require_seed(args, "seed")
+    return args
 
 
 def get_data(args, rng):

@@ -1,15 +1,20 @@
 """Write a campaign's dashboard page, or serve optuna-dashboard on the same storage.
 
     python scripts/dashboard.py [--campaign cifar10 | --study NAME] [--out studies/cifar10/dashboard.html]
-    python scripts/dashboard.py --serve [--port 8080]
+    python scripts/dashboard.py --serve [--port 8080] [--allow-writes]
 
 The page is self-contained (plotly.js inlined, opens offline): for every study of the campaign,
 Optuna's optimization history, a slice per parameter, with two parameters or more the contour,
 parallel-coordinate and importance figures, intermediate values, EDF, timeline and a trials
 table; how a narrowed phase was derived; the final run's curves and test accuracy. Re-running
 refreshes it.
+
+--serve is read-only unless --allow-writes: only GET and HEAD reach optuna-dashboard, and the
+artifacts are served so that none can run script in the dashboard's origin.
 """
+import socket
 from pathlib import Path
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from model.checkpoint import save_page
 from model.errors import InputError
@@ -34,15 +39,81 @@ def parse_args(argv=None):
     p.add_argument("--final-dir", default=None, help="final results (default studies/<campaign>/final)")
     p.add_argument("--serve", action="store_true", help="start optuna-dashboard instead")
     p.add_argument("--host", default="127.0.0.1", help="--serve: address to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8080, help="--serve: port")
+    p.add_argument("--port", type=int, default=8080, help="--serve: port (1..65535)")
+    p.add_argument("--allow-writes", action="store_true",
+                   help="--serve: let the dashboard change the storage (delete studies, notes, "
+                        "artifacts); by default it is read-only")
     add_common_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        p.error(f"--port {args.port} must lie in 1..65535")
+    return args
+
+
+READING = ("GET", "HEAD")
+INLINE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")  # cannot hold script
+ARTIFACT_HEADERS = [("Content-Security-Policy", "sandbox; default-src 'none'"),
+                    ("X-Content-Type-Options", "nosniff")]
+
+
+def read_only(app):
+    """The WSGI app answering every request but GET and HEAD with 405: nothing is written."""
+    def guarded(environ, start_response):
+        if environ.get("REQUEST_METHOD", "GET").upper() in READING:
+            return app(environ, start_response)
+        start_response("405 Method Not Allowed", [("Allow", ", ".join(READING)),
+                                                  ("Content-Type", "text/plain; charset=utf-8")])
+        return [b"read-only dashboard: restart it with --allow-writes to change the storage\n"]
+    return guarded
+
+
+def safe_artifacts(app):
+    """The WSGI app whose artifact responses run nothing in the dashboard's origin, whatever MIME
+    type the storage records: sandboxed (no script, an opaque origin), never sniffed, downloaded
+    unless a raster image, and not readable from other origins (no Access-Control-Allow-Origin)."""
+    def wrapped(environ, start_response):
+        if not environ.get("PATH_INFO", "").lstrip("/").startswith("artifacts"):
+            return app(environ, start_response)
+
+        def start(status, headers, exc_info=None):
+            kept = [(k, v) for k, v in headers if k.lower() not in (
+                "access-control-allow-origin", "content-disposition",
+                "content-security-policy", "x-content-type-options")]
+            kind = next((v for k, v in headers if k.lower() == "content-type"), "")
+            if kind.split(";")[0].strip().lower() not in INLINE_TYPES:
+                kept.append(("Content-Disposition", "attachment"))
+            return start_response(status, kept + ARTIFACT_HEADERS, exc_info)
+        return app(environ, start)
+    return wrapped
+
+
+class _Quiet(WSGIRequestHandler):
+    def address_string(self):  # no reverse DNS lookup per request
+        return self.client_address[0]
+
+
+def listen(host, port, app):
+    """A WSGI server bound to host:port; InputError (one line) when it cannot be."""
+    server_class = WSGIServer
+    if ":" in host:
+        class server_class(WSGIServer):
+            address_family = socket.AF_INET6
+    try:
+        return make_server(host, port, app, server_class, _Quiet)
+    except socket.gaierror as e:
+        raise InputError(f"--host {host}: unknown host ({e.strerror}); use an address such as "
+                         "127.0.0.1") from None
+    except (OSError, OverflowError) as e:
+        why = getattr(e, "strerror", None) or str(e)
+        raise InputError(f"cannot listen on {host}:{port}: {why}; choose another --port or "
+                         "--host") from None
 
 
 def serve(args, storage, artifacts):
-    """optuna-dashboard on the storage, showing the final run's files (artifacts) when there are."""
+    """optuna-dashboard on the storage, showing the final run's files (artifacts) when there are;
+    read-only unless --allow-writes."""
     try:
-        from optuna_dashboard import run_server
+        from optuna_dashboard import wsgi
     except ImportError:
         raise InputError("optuna-dashboard is not installed: pip install "
                          "'clr-lambda-search[dashboard]' (or use the page without --serve)") from None
@@ -51,9 +122,17 @@ def serve(args, storage, artifacts):
         from optuna.artifacts import FileSystemArtifactStore
 
         store = FileSystemArtifactStore(str(artifacts))
+    app = safe_artifacts(wsgi(storage, artifact_store=store))
+    server = listen(args.host, args.port, app if args.allow_writes else read_only(app))
+    mode = "read-write" if args.allow_writes else "read-only, --allow-writes to change it"
     print(f"optuna-dashboard on http://{args.host}:{args.port}/ for {mask_url(args.storage)} "
-          + (f"with the artifacts in {artifacts} " if store else "") + "(Ctrl-C stops)", flush=True)
-    run_server(storage, host=args.host, port=args.port, artifact_store=store)
+          + (f"with the artifacts in {artifacts} " if store else "")
+          + f"({mode}; Ctrl-C stops)", flush=True)
+    with server:
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
     return 0
 
 

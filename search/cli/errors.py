@@ -1,6 +1,10 @@
-"""A command's errors: one line on stderr, exit 2 for bad input, 1, 130 or 143 otherwise."""
+"""A command's errors: one line on stderr, exit 2 for bad input, 1, 130 or 143 otherwise; a bug
+is one line too, naming the file its traceback was written to."""
+import os
 import signal
 import sys
+import tempfile
+import traceback
 
 import sqlalchemy
 from optuna.exceptions import StorageInternalError
@@ -24,9 +28,29 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+def report_bug(error):
+    """One line on stderr for an unexpected exception (a bug, not bad input) naming the file that
+    holds its traceback (secrets hidden), exit status 1."""
+    text = hide_secrets("".join(traceback.format_exception(error)))
+    if os.environ.get("CLR_DEBUG"):
+        sys.stderr.write(text)
+    try:
+        fd, path = tempfile.mkstemp(prefix="clr-lambda-search-bug-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(hide_secrets(' '.join(sys.argv)) + "\n\n" + text)
+        where = f"traceback in {path}"
+    except OSError as e:
+        where = f"the traceback could not be written ({e.strerror or e}); CLR_DEBUG=1 prints it"
+    message = hide_secrets(" ".join(str(error).split()))[:300]
+    sys.stderr.write(f"error: unexpected {type(error).__name__} (a bug, not your input"
+                     f"{': ' + message if message else ''}); {where}; please report it\n")
+    sys.exit(1)
+
+
 def run(main):
     """Run main(); user errors become one line and exit 2, Ctrl-C exits 130 and SIGTERM 143 with
-    one line (SIGTERM raises Terminated, in this process and in its forked workers)."""
+    one line (SIGTERM raises Terminated, in this process and in its forked workers); any other
+    exception is a bug: one line naming its traceback's file (report_bug), exit 1."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
         sys.exit(main())
@@ -34,18 +58,17 @@ def run(main):
         fail(str(e))
     except OSError as e:
         if not is_write_problem(e):
-            raise
+            report_bug(e)
         # a full disk, a read-only folder: the environment's fault, named, without a traceback
         where = f" {e.filename}" if getattr(e, "filename", None) else ""
         fail(f"cannot write{where}: {write_problem(e)}; free space or choose another place "
              "(--out, --storage, $CIFAR10_CACHE)")
     except (sqlalchemy.exc.SQLAlchemyError, StorageInternalError) as e:
         why = storage_failure(e)
-        import os, traceback
+        if why is None:
+            report_bug(e)
         if os.environ.get("CLR_DEBUG"):
             traceback.print_exc()
-        if why is None:
-            raise
         fail(why)
     except (WorkersFailed, DivergedError) as e:  # not the input's fault: exit 1, still one line
         sys.stderr.write(f"error: {hide_secrets(str(e))}\n")
@@ -57,3 +80,5 @@ def run(main):
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: partial results were not written; re-run to resume\n")
         sys.exit(130)
+    except Exception as e:  # a bug: not the input's fault
+        report_bug(e)

@@ -20,7 +20,7 @@ import optuna
 from model.dataset import load_cifar10
 from model.errors import ConfigError
 from model.resources import check_memory
-from search.campaign import grid_param, validated, with_config, with_phase
+from search.campaign import MAX_MARGIN, grid_param, validated, with_config, with_phase
 from search.cli.args import (Parser, add_campaign_args, add_common_args, add_data_args,
                              add_heartbeat_args, add_train_args, storage_opts)
 from search.cli.configs import campaign, given_train_flags
@@ -87,8 +87,8 @@ def check_args(p, args):
             and args.n_trials != len(parse_values(args.values)):
         p.error(f"--n-trials {args.n_trials} does not match the {len(parse_values(args.values))} "
                 "distinct --values (each value is tried once); leave --n-trials out")
-    if args.margin is not None and not args.margin > 0:
-        p.error("--margin must be > 0 (added around the best trials' span)")
+    if args.margin is not None and not 0 < args.margin <= MAX_MARGIN:
+        p.error(f"--margin must lie in (0, {MAX_MARGIN}] (added around the best trials' span)")
     args.storage_opts = storage_opts(p, args)
 
 

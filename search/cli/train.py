@@ -12,12 +12,13 @@ from model.dataset import load_cifar10
 from model.outputs import check_results_dir, publish_dir
 from model.resources import check_memory, check_writable
 from model.train import evaluate, evaluate_ensemble, fit
-from search.cli.args import Parser, add_common_args, add_data_args, add_train_args
+from search.cli.args import (WORKERS_PER_CPU, Parser, add_common_args, add_data_args,
+                             add_train_args)
 from search.cli.configs import train_config
 from search.cli.errors import run
 from search.cli.output import emit, progress_bar, setup_logging
 from search.cli.storage import protected_paths, storage_url
-from search.cli.threads import blas_threads
+from search.cli.threads import blas_threads, cpu_count
 
 
 def parse_args(argv=None):
@@ -31,6 +32,9 @@ def parse_args(argv=None):
     add_common_args(p)
     args = p.parse_args(argv)
     p.require_positive(args, "threads")
+    if args.threads > WORKERS_PER_CPU * cpu_count():
+        p.error(f"--threads {args.threads} is more than {WORKERS_PER_CPU} per CPU (this machine "
+                f"has {cpu_count()})")
     return args
 
 
