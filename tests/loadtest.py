@@ -112,7 +112,9 @@ def _worker(url, study, target, seed, results):
 
 
 def _pg_connections(url, stop, peak):
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    # autocommit: inside a transaction PostgreSQL answers from one snapshot of its statistics
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                      isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         while not stop.is_set():
             n = conn.exec_driver_sql(
