@@ -21,7 +21,7 @@ BF16_EXTRA := $(shell grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,postgres,dashboard$(BF16_EXTRA)]'
+	$(PY) -m pip install -q -e '.[dev,postgres,dashboard,grpc$(BF16_EXTRA)]'
 	touch $@
 
 install: $(VENV)/.installed

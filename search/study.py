@@ -15,7 +15,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from model.errors import InputError
-from search import record
+from search import grpc_proxy, record
 from search.optuna_internals import claim_waiting
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,11 @@ def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,
     With create=False nothing is created or converted: an SQLite file that does not exist yet is
     an error, Optuna's tables are not created (a storage without them is an error, not a new
     storage: it may be another program's database) and the journal mode is left as it is.
-    Raises InputError for a malformed or unreachable URL.
+    Raises InputError for a malformed or unreachable URL. grpc://host:port is a storage proxy
+    (search.grpc_proxy: the proxy holds the database and recovers dead workers' trials).
     """
+    if grpc_proxy.is_grpc(url):
+        return grpc_proxy.connect(url, heartbeat_interval)
     parsed = sqlalchemy.engine.make_url(_parse(url))
     path = sqlite_path(url)
     if path is not None:
@@ -286,8 +289,8 @@ def _parse(url):
         parsed = None
     if parsed is None or "@" in (parsed.host or ""):  # an `@` in the password, unencoded
         raise InputError(f"malformed storage URL {mask_url(url)!r}; use e.g. sqlite:///studies/studies.db or "
-                         "postgresql+psycopg://user:password@host/db (write an @ or / inside the "
-                         "password as %40 or %2F)") from None
+                         "postgresql+psycopg://user:password@host/db or grpc://host:port (write an "
+                         "@ or / inside the password as %40 or %2F)") from None
     return url
 
 

@@ -190,6 +190,14 @@ def work(study, objective, goal, after_trial=None):
         except UpdateFinishedTrialError:
             # another worker finished the trial meanwhile (its worker was taken for dead)
             log.info("a trial was finished by another worker")
+        except (ValueError, AssertionError):
+            # the objective returned, but a recovery had failed the trial meanwhile (it took this
+            # worker for dead: a heartbeat starved on an overloaded machine) and re-queued it;
+            # Optuna then fails to tell the result, with a ValueError or an assertion
+            if guarded.returned is None or not _finished(study, guarded.returned):
+                raise
+            log.warning("trial %d was failed as a dead worker's while it ran here (it was "
+                        "re-queued); its result is dropped", guarded.returned)
         ran += 1
         if after_trial:
             after_trial()
@@ -200,6 +208,7 @@ def _guard_trial(objective, goal):
     an error the objective did not explain, or a non-finite value, becomes the trial's failure
     attr (a FAIL without one means "the worker died" to search.recovery)."""
     def guarded(trial):
+        guarded.returned = None
         if record.failure(trial) is not None:  # a retry inherits its original's attrs
             record.set_failure(trial, None)
         why = goal.bookkeeping(trial, trial.study.get_trials(deepcopy=False))
@@ -215,8 +224,16 @@ def _guard_trial(objective, goal):
             raise
         if not record.finite(value):
             record.set_failure(trial, f"{record.NOT_FINITE} ({value!r})")
+        guarded.returned = trial.number  # whatever goes wrong now is the telling's
         return value
+    guarded.returned = None
     return guarded
+
+
+def _finished(study, number):
+    """Whether trial `number` of study is no longer RUNNING."""
+    return any(t.number == number and t.state.is_finished()
+               for t in study.get_trials(deepcopy=False))
 
 
 def run_worker(storage_url, study_name, objective, goal, make_sampler=lambda: None, pruner=None,

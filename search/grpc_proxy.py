@@ -1,0 +1,192 @@
+"""Optuna's gRPC storage proxy, with the guarantees of a direct RDB storage kept.
+
+Many workers can reach one database through a proxy (`scripts/storage_proxy.py` in front of a
+database URL; workers use `--storage grpc://host:port`): the workers hold one gRPC channel each
+and the proxy the database connections. Optuna's GrpcStorageProxy has no heartbeat, so a killed
+worker's trial would stay RUNNING for ever. Here:
+- the proxy serves the project's claiming storage (search.study.open_storage: conditional claims
+  of queued trials, heartbeats, the retry callback) behind Optuna's own servicer;
+- a worker's client (ProxyClient) sends its heartbeats through the proxy as a trial system attr
+  of a reserved key, which the proxy records as the RDB heartbeat instead of storing it;
+- the proxy runs search.recovery's recover_trials on every study of the database every heartbeat
+  interval: stale trials are failed and re-queued there, with the same parameters, as a worker
+  on the database would do (the clients leave recovery to it).
+"""
+import logging
+import signal
+import threading
+import warnings
+
+import optuna
+from optuna.storages._heartbeat import BaseHeartbeat
+
+from model.errors import InputError
+
+log = logging.getLogger(__name__)
+
+SCHEME = "grpc://"
+HEARTBEAT_ATTR = "clr:heartbeat"  # a client's heartbeat; the proxy records it, never stores it
+CONNECT_TIMEOUT = 10  # seconds to reach the proxy
+
+
+def is_grpc(url):
+    return isinstance(url, str) and url.startswith(SCHEME)
+
+
+def parse(url):
+    """(host, port) of grpc://host:port; InputError otherwise."""
+    rest = url[len(SCHEME):].rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"malformed storage URL {url!r}; a storage proxy is grpc://host:port, "
+                         "e.g. grpc://127.0.0.1:13000")
+    return host.strip("[]"), int(port)
+
+
+def _grpc_module():
+    try:
+        import grpc  # noqa: F401  (Optuna imports it lazily: fail here, in one line)
+        import google.protobuf  # noqa: F401
+    except ImportError as e:
+        raise InputError(f"the gRPC storage proxy needs {e.name}, which is not installed: "
+                         "pip install 'clr-lambda-search[grpc]'") from None
+    return grpc
+
+
+def connect(url, heartbeat_interval):
+    """A ProxyClient for grpc://host:port once the proxy answers; InputError when it does not."""
+    host, port = parse(url)
+    _grpc_module()
+    client = ProxyClient(url, host, port, heartbeat_interval)
+    try:
+        client.wait_server_ready(timeout=CONNECT_TIMEOUT)
+    except ConnectionError:
+        client.close()
+        raise InputError(f"no storage proxy answers at {url} (waited {CONNECT_TIMEOUT} s); start "
+                         "scripts/storage_proxy.py there, or check --storage") from None
+    return client
+
+
+def _client_base():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        from optuna.storages import GrpcStorageProxy
+    return GrpcStorageProxy
+
+
+class ProxyClient(_client_base(), BaseHeartbeat):
+    """GrpcStorageProxy that sends heartbeats (through the proxy, see the module docstring).
+
+    Stale trials are found and failed by the proxy, so that this client reports none and has no
+    retry callback. remove_session/engine.dispose/url are the RDBStorage surface the phases use
+    before forking workers: the channel is closed (gRPC must not cross a fork) and reopened on
+    the next call."""
+
+    def __init__(self, url, host, port, heartbeat_interval):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            super().__init__(host=host, port=port)
+        self.url = url
+        self._heartbeat_interval = heartbeat_interval
+        self.engine = _Channel(self)
+
+    def record_heartbeat(self, trial_id):
+        self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, True)
+
+    def _get_stale_trial_ids(self, study_id):
+        return []  # the proxy fails them
+
+    def get_heartbeat_interval(self):
+        return self._heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self):
+        return None  # the proxy re-queues them
+
+    def remove_session(self):
+        pass
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        del state["engine"]
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.engine = _Channel(self)
+
+
+class _Channel:
+    def __init__(self, client):
+        self._client = client
+
+    def dispose(self):
+        self._client.close()
+        self._client._setup()  # a new channel; it connects on its first call
+
+
+class _RelayHeartbeats:
+    """The storage the proxy serves: the RDB storage (behind Optuna's cache), with a client's
+    heartbeat attr recorded as the trial's RDB heartbeat."""
+
+    def __init__(self, rdb):
+        self._rdb = rdb
+        self._served = optuna.storages.get_storage(rdb)
+
+    def set_trial_system_attr(self, trial_id, key, value):
+        if key == HEARTBEAT_ATTR:
+            self._rdb.record_heartbeat(trial_id)
+        else:
+            self._served.set_trial_system_attr(trial_id, key, value)
+
+    def __getattr__(self, name):
+        return getattr(self._served, name)
+
+
+def recover_all(rdb):
+    """search.recovery.recover_trials on every study of the RDB storage (a study deleted
+    meanwhile, such as a released lock, is skipped); the number of studies looked at."""
+    from search.recovery import recover_trials
+
+    seen = 0
+    for frozen in rdb.get_all_studies():
+        try:
+            study = optuna.load_study(study_name=frozen.study_name, storage=rdb)
+            recover_trials(study)
+            seen += 1
+        except KeyError:
+            continue  # deleted since it was listed
+    return seen
+
+
+def serve(rdb, host, port, recovery_interval, ready=None, stop=None):
+    """Serve rdb (a search.study.open_storage storage) at host:port until SIGTERM/SIGINT (or the
+    stop event), recovering dead workers' trials every recovery_interval seconds. ready(): called
+    once the server listens."""
+    _grpc_module()
+    from optuna.storages._grpc.server import make_server
+    from search.study import mask_url
+
+    stop = stop or threading.Event()
+    try:
+        server = make_server(_RelayHeartbeats(rdb), host, port)  # binds the port
+    except RuntimeError as e:
+        raise InputError(f"cannot listen on {host}:{port} ({e}); choose another --port") from None
+    server.start()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, lambda *_: stop.set())
+                    for s in (signal.SIGTERM, signal.SIGINT)}
+    log.info("storage proxy for %s listening on %s:%d", mask_url(rdb.url), host, port)
+    if ready:
+        ready()
+    try:
+        while not stop.wait(recovery_interval):
+            try:
+                recover_all(rdb)
+            except Exception as e:  # a database hiccup: the next round tries again
+                log.warning("recovery of dead workers' trials failed (%s: %s); retrying in %s s",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "", recovery_interval)
+    finally:
+        server.stop(grace=2).wait()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
