@@ -8,6 +8,9 @@ import datetime
 import optuna
 # no public module exports it; see reseed
 from optuna.samplers._lazy_random_state import LazyRandomState
+# a heartbeat-capable storage's interface: the gRPC client sends its heartbeats through the proxy
+# (Optuna's gRPC client has none); public storages subclass it, no public module exports it
+from optuna.storages._heartbeat import BaseHeartbeat  # noqa: F401 - re-exported for grpc_client
 from optuna.trial import TrialState
 
 
@@ -73,3 +76,12 @@ def claim_waiting(rdb, trial_id):
     finally:
         rdb.scoped_session.remove()
     return bool(claimed)
+
+
+def make_grpc_server(storage, host, port):
+    """A gRPC server (not started) serving `storage` at host:port. run_grpc_proxy_server, the
+    public form, blocks until interrupted: the proxy needs the server object to recover dead
+    workers' trials beside it and to stop it cleanly."""
+    from optuna.storages._grpc.server import make_server
+
+    return make_server(storage, host, port)

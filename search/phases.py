@@ -144,6 +144,8 @@ class SearchPhase(Phase):
     def run(self, run):
         """Run (or resume) the phase until its study holds n_trials done trials; the study."""
         study = self.open(run)
+        if record.read(study).n_trials != self.n_trials:  # resumed to another target
+            record.update(study, n_trials=self.n_trials)
         rec = record.read(study)
         space = space_from_dict(rec.space) if rec.space is not None else self.space
         config = pinned(run.campaign.phase_config(self))

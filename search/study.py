@@ -15,7 +15,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from model.errors import InputError
-from search import grpc_proxy, record
+from search import grpc_client, record
 from search.optuna_internals import claim_waiting
 
 log = logging.getLogger(__name__)
@@ -120,10 +120,10 @@ def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,
     an error, Optuna's tables are not created (a storage without them is an error, not a new
     storage: it may be another program's database) and the journal mode is left as it is.
     Raises InputError for a malformed or unreachable URL. grpc://host:port is a storage proxy
-    (search.grpc_proxy: the proxy holds the database and recovers dead workers' trials).
+    (search.grpc_server: the proxy holds the database and recovers dead workers' trials).
     """
-    if grpc_proxy.is_grpc(url):
-        return grpc_proxy.connect(url, heartbeat_interval)
+    if grpc_client.is_grpc(url):
+        return grpc_client.connect(url, heartbeat_interval)
     parsed = sqlalchemy.engine.make_url(_parse(url))
     path = sqlite_path(url)
     if path is not None:

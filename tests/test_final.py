@@ -255,18 +255,41 @@ def _kill_after_first_cycle(record):
 LONG = dataclasses.replace(CONFIG, cycles=3)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_seeds_killed_mid_run_resume_from_their_checkpoints(tiny_data, tmp_path, workers):
-    """A seed whose earlier run was killed after its first cycle resumes from <folder>/seed<k>.npz
-    to the results of an uninterrupted run, and its checkpoint is gone once it finished."""
-    folder = tmp_path / "final.checkpoints"
+def test_seeds_killed_mid_run_resume_from_their_checkpoints(tiny_data, tmp_path, monkeypatch):
+    """A seed whose earlier run was killed after its first cycle resumes from
+    <results folder>.checkpoints/seed<k>.npz to the results of an uninterrupted run, and the
+    checkpoints are gone once the run finished."""
+    folder = tmp_path / "run" / "final.checkpoints"
     with pytest.raises(_Killed):
         fit(tiny_data, dataclasses.replace(LONG, seed=1), on_eval=_kill_after_first_cycle,
             train_curve=False, snapshots=True, checkpoint=folder / "seed1.npz")
-    resumed = run_seeds(tiny_data, LONG, [0, 1], workers=workers, checkpoints=folder)
-    straight = run_seeds(tiny_data, LONG, [0, 1], workers=workers)
-    for a, b in zip(resumed, straight):
-        for k in a["params"]:
-            np.testing.assert_array_equal(a["params"][k], b["params"][k], err_msg=k)
-        assert a["history"] == b["history"] and a["test_ensemble"] == b["test_ensemble"]
-    assert not list(folder.glob("*.npz"))
+    assert (folder / "seed1.npz").is_file()
+    # the seed really resumed: its first evaluation is the one after its checkpoint at the end
+    # of cycle 1 (2·n_s; evaluations every n_s), where a fresh start evaluates step 0
+    spy = _first_steps(monkeypatch)
+    resumed, _, out = run_seeds(tmp_path, tiny_data, LONG, seeds=2, workers=1)
+    assert spy == {0: 0, 1: 3 * LONG.n_s}
+    monkeypatch.undo()
+    straight, _, out2 = run_seeds(tmp_path, tiny_data, LONG, seeds=2, workers=2,
+                                  folder="straight")
+    for a, b in zip(seed_runs(resumed, out), seed_runs(straight, out2)):
+        assert a[0] == b[0] and a[2] == b[2] and a[3:] == b[3:]
+        for k in a[1]:
+            np.testing.assert_array_equal(a[1][k], b[1][k], err_msg=k)
+    assert not folder.exists()
+
+
+def _first_steps(monkeypatch):
+    """{seed: the first step its training evaluates after it starts or resumes}, filled as
+    search.final.train_seed runs (in this process)."""
+    seen = {}
+    real = final.fit
+
+    def spying_fit(data, config, on_eval=None, **kwargs):
+        def first(rec):
+            seen.setdefault(config.seed, rec["step"])
+            if on_eval:
+                on_eval(rec)
+        return real(data, config, on_eval=first, **kwargs)
+    monkeypatch.setattr(final, "fit", spying_fit)
+    return seen

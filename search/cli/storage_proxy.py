@@ -13,7 +13,8 @@ from model.errors import InputError
 from search.cli.args import Parser, add_heartbeat_args, storage_opts
 from search.cli.errors import run
 from search.cli.output import setup_logging
-from search.grpc_proxy import is_grpc, serve
+from search.grpc_client import is_grpc
+from search.grpc_server import serve
 from search.study import check_storage, mask_url, open_storage
 
 

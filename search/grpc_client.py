@@ -1,4 +1,5 @@
-"""Optuna's gRPC storage proxy, with the guarantees of a direct RDB storage kept.
+"""Optuna's gRPC storage proxy, with the guarantees of a direct RDB storage kept: the client
+side (search.grpc_server is the proxy's).
 
 Many workers can reach one database through a proxy (`scripts/storage_proxy.py` in front of a
 database URL; workers use `--storage grpc://host:port`): the workers hold one gRPC channel each
@@ -18,7 +19,7 @@ import threading
 import warnings
 
 import optuna
-from optuna.storages._heartbeat import BaseHeartbeat
+from search.optuna_internals import BaseHeartbeat
 
 from model.errors import InputError
 
@@ -122,71 +123,3 @@ class _Channel:
     def dispose(self):
         self._client.close()
         self._client._setup()  # a new channel; it connects on its first call
-
-
-class _RelayHeartbeats:
-    """The storage the proxy serves: the RDB storage (behind Optuna's cache), with a client's
-    heartbeat attr recorded as the trial's RDB heartbeat."""
-
-    def __init__(self, rdb):
-        self._rdb = rdb
-        self._served = optuna.storages.get_storage(rdb)
-
-    def set_trial_system_attr(self, trial_id, key, value):
-        if key == HEARTBEAT_ATTR:
-            self._rdb.record_heartbeat(trial_id)
-        else:
-            self._served.set_trial_system_attr(trial_id, key, value)
-
-    def __getattr__(self, name):
-        return getattr(self._served, name)
-
-
-def recover_all(rdb):
-    """search.recovery.recover_trials on every study of the RDB storage (a study deleted
-    meanwhile, such as a released lock, is skipped); the number of studies looked at."""
-    from search.recovery import recover_trials
-
-    seen = 0
-    for frozen in rdb.get_all_studies():
-        try:
-            study = optuna.load_study(study_name=frozen.study_name, storage=rdb)
-            recover_trials(study)
-            seen += 1
-        except KeyError:
-            continue  # deleted since it was listed
-    return seen
-
-
-def serve(rdb, host, port, recovery_interval, ready=None, stop=None):
-    """Serve rdb (a search.study.open_storage storage) at host:port until SIGTERM/SIGINT (or the
-    stop event), recovering dead workers' trials every recovery_interval seconds. ready(): called
-    once the server listens."""
-    _grpc_module()
-    from optuna.storages._grpc.server import make_server
-    from search.study import mask_url
-
-    stop = stop or threading.Event()
-    try:
-        server = make_server(_RelayHeartbeats(rdb), host, port)  # binds the port
-    except RuntimeError as e:
-        raise InputError(f"cannot listen on {host}:{port} ({e}); choose another --port") from None
-    server.start()
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {s: signal.signal(s, lambda *_: stop.set())
-                    for s in (signal.SIGTERM, signal.SIGINT)}
-    log.info("storage proxy for %s listening on %s:%d", mask_url(rdb.url), host, port)
-    if ready:
-        ready()
-    try:
-        while not stop.wait(recovery_interval):
-            try:
-                recover_all(rdb)
-            except Exception as e:  # a database hiccup: the next round tries again
-                log.warning("recovery of dead workers' trials failed (%s: %s); retrying in %s s",
-                            type(e).__name__, str(e).splitlines()[0] if str(e) else "", recovery_interval)
-    finally:
-        server.stop(grace=2).wait()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
