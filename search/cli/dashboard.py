@@ -51,7 +51,6 @@ def parse_args(argv=None):
 
 
 READING = ("GET", "HEAD")
-INLINE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")  # cannot hold script
 ARTIFACT_HEADERS = [("Content-Security-Policy", "sandbox; default-src 'none'"),
                     ("X-Content-Type-Options", "nosniff")]
 
@@ -69,8 +68,9 @@ def read_only(app):
 
 def safe_artifacts(app):
     """The WSGI app whose artifact responses run nothing in the dashboard's origin, whatever MIME
-    type the storage records: sandboxed (no script, an opaque origin), never sniffed, downloaded
-    unless a raster image, and not readable from other origins (no Access-Control-Allow-Origin)."""
+    type the storage records: sandboxed (no script, an opaque origin, no subresource), never
+    sniffed, and not readable from other origins (no Access-Control-Allow-Origin). (Served as
+    an attachment instead, an HTML artifact in a frame hung headless Chromium here.)"""
     def wrapped(environ, start_response):
         if not environ.get("PATH_INFO", "").lstrip("/").startswith("artifacts"):
             return app(environ, start_response)
@@ -79,9 +79,6 @@ def safe_artifacts(app):
             kept = [(k, v) for k, v in headers if k.lower() not in (
                 "access-control-allow-origin", "content-disposition",
                 "content-security-policy", "x-content-type-options")]
-            kind = next((v for k, v in headers if k.lower() == "content-type"), "")
-            if kind.split(";")[0].strip().lower() not in INLINE_TYPES:
-                kept.append(("Content-Disposition", "attachment"))
             return start_response(status, kept + ARTIFACT_HEADERS, exc_info)
         return app(environ, start)
     return wrapped
