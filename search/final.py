@@ -23,7 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from model.checkpoint import load_json, load_params, save_json, save_params, save_run
-from model.errors import DivergedError, InputError, Terminated
+from model.errors import InputError
 from model.outputs import publish_dir
 from model.schedule import step_size
 from model.train import TrainConfig, evaluate, evaluate_ensemble, fit
@@ -154,18 +154,9 @@ class FinalObjective:
         for name, value in self.pick.items():  # recorded as the trial's params
             trial.suggest_categorical(name, [value])
         state = Path(self.checkpoints) / f"seed{seed}.npz" if self.checkpoints else None
-        try:
+        with record.failure_said(trial):
             r = train_seed(self.data, dataclasses.replace(self.base_config, seed=seed),
                            train_curve=seed == self.first_seed, checkpoint=state)
-        except DivergedError as e:  # said why: not taken for a dead worker's trial (re-queued)
-            record.set_failure(trial, e)
-            raise
-        except Terminated:
-            record.set_failure(trial, Terminated.FAILURE)  # retried by the next run
-            raise
-        except KeyboardInterrupt:
-            record.set_failure(trial, "interrupted (Ctrl-C)")
-            raise
         for key, value in {"val_acc": r["val"]["acc"], "val_loss": r["val"]["loss"],
                            "train_acc": r["train"]["acc"], "test_loss": r["test"]["loss"],
                            "test_acc_ensemble": r["test_ensemble"]["acc"],

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import optuna
 
-from model.errors import DivergedError, Terminated
+from model.errors import DivergedError
 from model.train import fit
 from search import record
 from search.space import format_params, suggest
@@ -50,16 +50,10 @@ class Objective:
 
     def _train_one(self, trial, config, first):
         try:
-            _, history = fit(self.data, config, on_eval=_reporter(trial) if first else None)
+            with record.failure_said(trial):
+                _, history = fit(self.data, config, on_eval=_reporter(trial) if first else None)
         except DivergedError as e:
-            record.set_failure(trial, e)
             log.warning("trial %d: %s", trial.number, e)
-            raise
-        except Terminated:
-            record.set_failure(trial, Terminated.FAILURE)  # retried by the next run
-            raise
-        except KeyboardInterrupt:
-            record.set_failure(trial, "interrupted (Ctrl-C)")
             raise
         return history[-1]
 

@@ -6,12 +6,13 @@ pick) lives in the study's user attrs; only large files (a final seed's paramete
 artifacts. The attrs keep the keys the releases before this schema wrote (a study of 03d5f40
 reads as version 1 and resumes); a study written now also records `record_version` and `kind`.
 """
+import contextlib
 import dataclasses
 import math
 
 from optuna.trial import TrialState
 
-from model.errors import Terminated
+from model.errors import DivergedError, Terminated
 
 VERSION = 2
 KINDS = ("search", "confirm", "final")
@@ -128,6 +129,23 @@ def failure(t):
 
 def set_failure(trial, why):
     trial.set_user_attr(FAILURE, why if why is None else str(why)[:300])
+
+
+@contextlib.contextmanager
+def failure_said(trial):
+    """Record why a training stopped on its trial (diverged, SIGTERM, Ctrl-C) and re-raise: a
+    FAIL without a reason is a dead worker's to search.recovery, and would be re-queued."""
+    try:
+        yield
+    except DivergedError as e:
+        set_failure(trial, e)
+        raise
+    except Terminated:
+        set_failure(trial, Terminated.FAILURE)  # retried by the next run
+        raise
+    except KeyboardInterrupt:
+        set_failure(trial, "interrupted (Ctrl-C)")
+        raise
 
 
 def is_bookkeeping(t):
