@@ -77,7 +77,7 @@ class FinalRun(Phase):
         study = self.open(run, pick, source, config, seeds, force, out)
         log.info("%s: %s from %s, %d seeds × %d updates", study.study_name, pick,
                  source.get("study") or "the flags", len(seeds), config.total_steps)
-        queue(run, study, [(_fixed(pick), {record.FINAL_SEED: s}) for s in seeds])
+        queue(run, study, [(dict(pick), {record.FINAL_SEED: s}) for s in seeds])
         checkpoints = Path(f"{out}.checkpoints")  # a seed killed mid-run resumes from here
         objective = FinalObjective(run.data, config, pick, seeds[0], artifact_dir(out),
                                    checkpoints)
@@ -120,10 +120,6 @@ class FinalRun(Phase):
             return open_study(run, name, wanted, metric="test_acc")
 
 
-def _fixed(pick):
-    return dict(pick)
-
-
 def _seeds_done(trials):
     return sum(t.state == TrialState.COMPLETE and record.FINAL_SEED in t.user_attrs
                for t in trials)
@@ -147,7 +143,6 @@ class FinalObjective:
         self.first_seed = first_seed
         self.artifacts = Path(artifacts)
         self.checkpoints = checkpoints  # a folder of the seeds' training states, or None
-        self.slot = None  # search.workers sets it: the worker's place in progress_steps
 
     def __call__(self, trial):
         seed = trial.user_attrs[record.FINAL_SEED]

@@ -1,7 +1,7 @@
 """The phase types of a campaign: a search phase and a confirm phase (the final run is
 search.final.FinalRun). Each knows how to validate, run (or resume) and summarise itself; a new
-phase kind is one new type registered in KINDS. Nothing outside these types branches on a
-phase's kind: callers use their methods, and read studies through search.record.
+phase kind is one new type (and its parser in search.campaign._PARSERS). Nothing outside these
+types branches on a phase's kind: callers use their methods, and read studies through search.record.
 
 Runners of one campaign coordinate through the storage alone: a phase's study is created and its
 space derived under the study's storage lock (search.lock), once; a later runner that finds a
@@ -328,9 +328,6 @@ class ConfirmPhase(Phase):
             return None
         return dict(v["params"]), {"study": study.study_name, "phase": self.name,
                                    "trial": None, "val_acc": v["means"][str(v["pick"])]}
-
-
-KINDS = {cls.kind: cls for cls in (SearchPhase, ConfirmPhase)}
 
 
 def _params(space):

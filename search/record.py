@@ -15,7 +15,6 @@ from optuna.trial import TrialState
 from model.errors import DivergedError, Terminated
 
 VERSION = 2
-KINDS = ("search", "confirm", "final")
 
 # StudyRecord field -> user attr key (the keys of version 1, kept)
 _KEYS = {"campaign": "campaign", "phase": "phase", "kind": "kind", "index": "phase_index",

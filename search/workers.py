@@ -237,12 +237,10 @@ def _finished(study, number):
 
 
 def run_worker(storage_url, study_name, objective, goal, make_sampler=lambda: None, pruner=None,
-               storage_opts=None, after_trial=None, slot=None):
+               storage_opts=None, after_trial=None):
     """One worker: its own storage connection and sampler, then the work loop."""
     from threadpoolctl import threadpool_limits
 
-    if slot is not None and hasattr(objective, "slot"):
-        objective.slot = slot
     with threadpool_limits(limits=1, user_api="blas"):
         storage = open_storage(storage_url, **(storage_opts or {}))
         study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(),
@@ -274,7 +272,7 @@ def run_workers(n_workers, progress=None, cpus=None, on_cpu_free=None, busy=None
     allowed = _cpu_set(cpus)
     procs = [ctx.Process(target=_worker_main, name=f"worker-{i}",
                          kwargs={**worker_kwargs, "parent_pid": os.getpid(), "errors": errors,
-                                 "cpus": allowed, "slot": i})
+                                 "cpus": allowed})
              for i in range(n_workers)]
     for p in procs:
         p.start()
