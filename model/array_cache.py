@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.batch_files import D, K, TEST_FILE, TRAIN_FILES
+from clr_lambda_search.model.batch_files import D, K, TEST_FILE, TRAIN_FILES
 
 log = logging.getLogger(__name__)
 ARRAYS_DIR = "arrays"  # the normalised-array cache, under the cache dir

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.errors import DataError
+from clr_lambda_search.model.errors import DataError
 
 BATCHES_DIR = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.network import PARAM_KEYS
-from model.outputs import check_page, clean_stale, current_umask, temp_prefix
+from clr_lambda_search.model.network import PARAM_KEYS
+from clr_lambda_search.model.outputs import check_page, clean_stale, current_umask, temp_prefix
 
 
 def _atomic_write(path, write):
@@ -64,7 +64,7 @@ def save_run(folder, config, metrics, runs, extra_config=None):
 
     runs: list of (tag, params, history); tag "" for a single run, "_seed1" etc. for several.
     """
-    from model.curves import training_figures  # matplotlib: loaded only when figures are drawn
+    from clr_lambda_search.model.curves import training_figures  # matplotlib: loaded only when figures are drawn
 
     save_json(folder / "config.json", {**dataclasses.asdict(config), **(extra_config or {})})
     save_json(folder / "metrics.json", metrics)

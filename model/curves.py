@@ -2,7 +2,7 @@
 import numpy as np
 from matplotlib.figure import Figure
 
-from model.schedule import cyclic_lr
+from clr_lambda_search.model.schedule import cyclic_lr
 
 METRICS = ("cost", "loss", "acc")
 _TITLES = {"cost": "Cost (loss + L2)", "loss": "Loss (cross-entropy)", "acc": "Accuracy"}

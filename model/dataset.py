@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from model import array_cache
-from model.batch_files import TEST_FILE, TRAIN_FILES, load_batch
-from model.download import default_cache_dir, resolve_batches_dir
-from model.errors import DataError
+from clr_lambda_search.model import array_cache
+from clr_lambda_search.model.batch_files import TEST_FILE, TRAIN_FILES, load_batch
+from clr_lambda_search.model.download import default_cache_dir, resolve_batches_dir
+from clr_lambda_search.model.errors import DataError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

@@ -11,9 +11,9 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from model.batch_files import BATCHES_DIR, TRAIN_FILES
-from model.errors import DataError
-from model.resources import is_write_problem, write_problem
+from clr_lambda_search.model.batch_files import BATCHES_DIR, TRAIN_FILES
+from clr_lambda_search.model.errors import DataError
+from clr_lambda_search.model.resources import is_write_problem, write_problem
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"

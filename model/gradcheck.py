@@ -7,8 +7,8 @@ the centred difference measures the kink instead of the gradient.
 """
 import numpy as np
 
-from model.layers import dropout_mask
-from model.network import PARAM_KEYS, init_params, loss_and_grads
+from clr_lambda_search.model.layers import dropout_mask
+from clr_lambda_search.model.network import PARAM_KEYS, init_params, loss_and_grads
 
 
 def numerical_grads(f, params, h=1e-5):

@@ -5,7 +5,7 @@ regularised, so the weight gradient gains 2λW. `loss` is the mean cross-entropy
 """
 import numpy as np
 
-from model.layers import (affine_backward, affine_forward, relu_backward, relu_forward,
+from clr_lambda_search.model.layers import (affine_backward, affine_forward, relu_backward, relu_forward,
                           softmax_cross_entropy)
 
 PARAM_KEYS = ("W1", "b1", "W2", "b2")

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from model.errors import InputError
+from clr_lambda_search.model.errors import InputError
 
 MANIFEST = ".clr-results.json"
 TOOL = "clr-lambda-search"

@@ -12,8 +12,8 @@ the instructions.
 import logging
 from functools import lru_cache
 
-from model import blas
-from model.errors import ConfigError
+from clr_lambda_search.model import blas
+from clr_lambda_search.model.errors import ConfigError
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "auto")

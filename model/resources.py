@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.batch_files import D, K
-from model.errors import ConfigError, InputError
+from clr_lambda_search.model.batch_files import D, K
+from clr_lambda_search.model.errors import ConfigError, InputError
 
 EVAL_BLOCK = 8192      # rows model.train.evaluate works on at a time
 RECORD_BYTES = 2048    # one evaluation record of the history (dicts of floats), generously

@@ -48,8 +48,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from model.blas import BF16, gemm, gemm_bf16, load_bf16
-from model.errors import DivergedError
+from clr_lambda_search.model.blas import BF16, gemm, gemm_bf16, load_bf16
+from clr_lambda_search.model.errors import DivergedError
 
 _SIDE, _CHANNELS = 32, 3        # a CIFAR-10 row: 3 colour planes (R, G, B) of 32×32, row-major
 IMAGE_D = _CHANNELS * _SIDE * _SIDE  # the row length augmentation needs

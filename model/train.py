@@ -6,15 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
-from model.checkpoint import load_training_state, save_training_state
-from model.batch_files import K
-from model.errors import ConfigError, DivergedError
-from model.layers import softmax
-from model.network import init_params, l2_penalty, scores
-from model.precision import PRECISIONS, resolve_precision
-from model.resources import check_memory
-from model.schedule import cyclic_lr
-from model.step import IMAGE_D, StepParams, can_augment, draw_noise, make_workspace, sgd_step
+from clr_lambda_search.model.checkpoint import load_training_state, save_training_state
+from clr_lambda_search.model.batch_files import K
+from clr_lambda_search.model.errors import ConfigError, DivergedError
+from clr_lambda_search.model.layers import softmax
+from clr_lambda_search.model.network import init_params, l2_penalty, scores
+from clr_lambda_search.model.precision import PRECISIONS, resolve_precision
+from clr_lambda_search.model.resources import check_memory
+from clr_lambda_search.model.schedule import cyclic_lr
+from clr_lambda_search.model.step import IMAGE_D, StepParams, can_augment, draw_noise, make_workspace, sgd_step
 
 log = logging.getLogger(__name__)
 DTYPES = ("float32", "float64")

@@ -1,12 +1,6 @@
-"""Launcher of search.cli.train (its docstring and --help say what it does)."""
-import sys
-from pathlib import Path
-
-# sys.path[0] is this folder, where search.py would shadow the search package: drop it
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from search.cli.errors import run  # noqa: E402
-from search.cli.train import main  # noqa: E402
+"""Launcher of clr_lambda_search.search.cli.train (its docstring and --help say what it does)."""
+from clr_lambda_search.search.cli.errors import run
+from clr_lambda_search.search.cli.train import main
 
 if __name__ == "__main__":
     run(main)

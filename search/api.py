@@ -3,20 +3,20 @@ search phase with your own space, sampler and pruner. Both resume, run parallel 
 the work with other runners of the same storage and retry the trials of dead workers, as the
 scripts do (they call the same core, search.core).
 
-    from search.api import run_campaign
+    from clr_lambda_search.search.api import run_campaign
     result = run_campaign("dd2424", data, "sqlite:///studies/studies.db",
                           overrides={"phases.coarse.n_trials": 4, "final.seeds": 2})
     print(result.pick, result.verdict["sentence"], result.test_acc)
 """
 import numbers
 
-from model.errors import ConfigError
-from model.train import TrainConfig
-from search import core, settings
-from search.campaign import Campaign, load_campaign, validated
-from search.phases import SearchPhase
-from search.space import is_typed, make_space
-from search.study import mask_url, open_storage
+from clr_lambda_search.model.errors import ConfigError
+from clr_lambda_search.model.train import TrainConfig
+from clr_lambda_search.search import core, settings
+from clr_lambda_search.search.campaign import Campaign, load_campaign, validated
+from clr_lambda_search.search.phases import SearchPhase
+from clr_lambda_search.search.space import is_typed, make_space
+from clr_lambda_search.search.study import mask_url, open_storage
 
 
 def run_campaign(campaign, data, storage, *, overrides=None, workers=1, out_dir=None,

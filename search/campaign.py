@@ -16,11 +16,11 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from model.errors import ConfigError
-from model.train import TrainConfig
-from search.final import FinalRun
-from search.phases import ConfirmPhase, SearchPhase
-from search.space import Categorical, Float, Int, field_type, is_typed, make_space
+from clr_lambda_search.model.errors import ConfigError
+from clr_lambda_search.model.train import TrainConfig
+from clr_lambda_search.search.final import FinalRun
+from clr_lambda_search.search.phases import ConfirmPhase, SearchPhase
+from clr_lambda_search.search.space import Categorical, Float, Int, field_type, is_typed, make_space
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -93,7 +93,7 @@ def to_dict(campaign):
 
 def shipped():
     """Names of the campaign files that ship with the package."""
-    return sorted(p.name[:-5] for p in resources.files("search").joinpath("campaigns").iterdir()
+    return sorted(p.name[:-5] for p in resources.files("clr_lambda_search.search").joinpath("campaigns").iterdir()
                   if p.name.endswith(".toml"))
 
 
@@ -103,7 +103,7 @@ def locate(name_or_path):
     if path.is_file():
         return path
     if name_or_path in shipped():
-        return Path(str(resources.files("search").joinpath("campaigns", f"{name_or_path}.toml")))
+        return Path(str(resources.files("clr_lambda_search.search").joinpath("campaigns", f"{name_or_path}.toml")))
     raise ConfigError(f"no campaign file {name_or_path!r}; give a .toml file or a shipped "
                       f"campaign ({', '.join(shipped())})")
 

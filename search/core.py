@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import optuna
 
-from model.dataset import fingerprint
-from model.errors import DivergedError, InputError
-from model.gradcheck import gradcheck_report
-from search import record
-from search.campaign import load_campaign
-from search.final import final_study_name, read_final
-from search.phases import PhaseRun
-from search.report import best_row, narrowing
-from search.study import campaign_studies, open_storage, retire_study
+from clr_lambda_search.model.dataset import fingerprint
+from clr_lambda_search.model.errors import DivergedError, InputError
+from clr_lambda_search.model.gradcheck import gradcheck_report
+from clr_lambda_search.search import record
+from clr_lambda_search.search.campaign import load_campaign
+from clr_lambda_search.search.final import final_study_name, read_final
+from clr_lambda_search.search.phases import PhaseRun
+from clr_lambda_search.search.report import best_row, narrowing
+from clr_lambda_search.search.study import campaign_studies, open_storage, retire_study
 
 log = logging.getLogger(__name__)
 
@@ -185,14 +185,14 @@ def dashboard_maker(name, storage, storage_text):
     when the page is written, after the final run's results are saved."""
     @functools.cache
     def dashboard():
-        from search.plots import Dashboard
+        from clr_lambda_search.search.plots import Dashboard
 
         return Dashboard(name, storage_text, campaign_studies(storage, name))
     return dashboard
 
 
 def write_dashboard(dashboard, out_dir, protect=()):
-    from model.checkpoint import save_page
+    from clr_lambda_search.model.checkpoint import save_page
 
     path = Path(out_dir) / "dashboard.html"
     save_page(path, dashboard.html(read_final(Path(out_dir) / "final")), protect)

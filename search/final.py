@@ -22,16 +22,16 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from model.checkpoint import load_json, load_params, save_json, save_params, save_run
-from model.errors import InputError
-from model.outputs import publish_dir
-from model.schedule import step_size
-from model.train import TrainConfig, evaluate, evaluate_ensemble, fit
-from search import record
-from search.lock import storage_lock
-from search.phases import Phase, open_study, pinned, queue, run_phase_workers, same_config
-from search.study import retire_study, study_name
-from search.workers import QueuedTarget
+from clr_lambda_search.model.checkpoint import load_json, load_params, save_json, save_params, save_run
+from clr_lambda_search.model.errors import InputError
+from clr_lambda_search.model.outputs import publish_dir
+from clr_lambda_search.model.schedule import step_size
+from clr_lambda_search.model.train import TrainConfig, evaluate, evaluate_ensemble, fit
+from clr_lambda_search.search import record
+from clr_lambda_search.search.lock import storage_lock
+from clr_lambda_search.search.phases import Phase, open_study, pinned, queue, run_phase_workers, same_config
+from clr_lambda_search.search.study import retire_study, study_name
+from clr_lambda_search.search.workers import QueuedTarget
 
 log = logging.getLogger(__name__)
 

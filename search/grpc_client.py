@@ -19,9 +19,9 @@ import threading
 import warnings
 
 import optuna
-from search.optuna_internals import BaseHeartbeat
+from clr_lambda_search.search.optuna_internals import BaseHeartbeat
 
-from model.errors import InputError
+from clr_lambda_search.model.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ import threading
 
 import optuna
 
-from model.errors import InputError
-from search.grpc_client import HEARTBEAT_ATTR, _grpc_module
-from search.optuna_internals import make_grpc_server
-from search.recovery import recover_trials
-from search.study import mask_url
+from clr_lambda_search.model.errors import InputError
+from clr_lambda_search.search.grpc_client import HEARTBEAT_ATTR, _grpc_module
+from clr_lambda_search.search.optuna_internals import make_grpc_server
+from clr_lambda_search.search.recovery import recover_trials
+from clr_lambda_search.search.study import mask_url
 
 log = logging.getLogger(__name__)
 

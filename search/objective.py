@@ -6,10 +6,10 @@ import time
 import numpy as np
 import optuna
 
-from model.errors import DivergedError
-from model.train import fit
-from search import record
-from search.space import format_params, suggest
+from clr_lambda_search.model.errors import DivergedError
+from clr_lambda_search.model.train import fit
+from clr_lambda_search.search import record
+from clr_lambda_search.search.space import format_params, suggest
 
 log = logging.getLogger(__name__)
 

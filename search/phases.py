@@ -15,17 +15,17 @@ import warnings
 
 import optuna
 
-from model.errors import ConfigError, InputError, WorkersFailed
-from model.precision import resolve_precision
-from model.train import TrainConfig
-from search import record
-from search.confirm import SEED_BASE, race, sentence, verdict
-from search.lock import storage_lock
-from search.objective import Objective
-from search.samplers import make_pruner, make_sampler, pruner_label, sampler_label
-from search.space import format_params, is_typed, narrow, space_from_dict, space_to_dict
-from search.study import finished_trials, load_study, study_name
-from search.workers import QueuedTarget, TrialTarget, n_done, run_workers
+from clr_lambda_search.model.errors import ConfigError, InputError, WorkersFailed
+from clr_lambda_search.model.precision import resolve_precision
+from clr_lambda_search.model.train import TrainConfig
+from clr_lambda_search.search import record
+from clr_lambda_search.search.confirm import SEED_BASE, race, sentence, verdict
+from clr_lambda_search.search.lock import storage_lock
+from clr_lambda_search.search.objective import Objective
+from clr_lambda_search.search.samplers import make_pruner, make_sampler, pruner_label, sampler_label
+from clr_lambda_search.search.space import format_params, is_typed, narrow, space_from_dict, space_to_dict
+from clr_lambda_search.search.study import finished_trials, load_study, study_name
+from clr_lambda_search.search.workers import QueuedTarget, TrialTarget, n_done, run_workers
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ def _check(fn, key, fail):
 
 
 def _space_text(items):
-    from search.report import space_text  # report reads studies; it never imports phases
+    from clr_lambda_search.search.report import space_text  # report reads studies; it never imports phases
 
     return space_text(items)
 
@@ -455,7 +455,7 @@ def round_values(trials):
 def queue(run, study, items):
     """Queue each (params, attrs) whose key (search.record.queue_key) no trial holds yet, once
     across runners (under the study's lock)."""
-    from search.recovery import recover_trials
+    from clr_lambda_search.search.recovery import recover_trials
 
     with storage_lock(run.storage, study.study_name):
         recover_trials(study)  # a dead worker's trial is re-queued, not queued anew
@@ -543,7 +543,7 @@ def run_phase_workers(run, study, objective, goal, total, sampler=None, pruner=N
     trials; share_cpus (the final run's seeds): one process per queued trial, confined to
     run.workers CPUs, so that they finish together. Dead and terminated trials are re-queued
     once here, before the workers start: they would all re-queue the same trials."""
-    from search.recovery import recover_trials
+    from clr_lambda_search.search.recovery import recover_trials
 
     # a queued trial's parameters are given, and it trains to its end
     sampler = sampler or optuna.samplers.RandomSampler

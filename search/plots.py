@@ -16,12 +16,12 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
-from model.curves import curve
-from model.outputs import PAGE_TAG
-from model.schedule import cyclic_lr
-from search import record
-from search.report import param_names, space_text, study_report
-from search.space import format_params
+from clr_lambda_search.model.curves import curve
+from clr_lambda_search.model.outputs import PAGE_TAG
+from clr_lambda_search.model.schedule import cyclic_lr
+from clr_lambda_search.search import record
+from clr_lambda_search.search.report import param_names, space_text, study_report
+from clr_lambda_search.search.space import format_params
 
 log = logging.getLogger(__name__)
 

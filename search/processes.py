@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from model.errors import Terminated
+from clr_lambda_search.model.errors import Terminated
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import math
 
 from optuna.trial import TrialState
 
-from model.errors import DivergedError, Terminated
+from clr_lambda_search.model.errors import DivergedError, Terminated
 
 VERSION = 2
 

@@ -7,9 +7,9 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from model.errors import Terminated
-from search.optuna_internals import heartbeat_trial_ids, max_retry, rdb_storage, trial_id
-from search.study import retried_from, retry_chain
+from clr_lambda_search.model.errors import Terminated
+from clr_lambda_search.search.optuna_internals import heartbeat_trial_ids, max_retry, rdb_storage, trial_id
+from clr_lambda_search.search.study import retried_from, retry_chain
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import re
 import numpy as np
 from optuna.trial import TrialState
 
-from search import record
-from search.space import Categorical, format_params, format_value, on_border, space_from_dict
-from search.study import campaign_studies, finished_trials, named_study, retried_from
+from clr_lambda_search.search import record
+from clr_lambda_search.search.space import Categorical, format_params, format_value, on_border, space_from_dict
+from clr_lambda_search.search.study import campaign_studies, finished_trials, named_study, retried_from
 
 log = logging.getLogger(__name__)
 

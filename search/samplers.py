@@ -12,8 +12,8 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from model.errors import ConfigError
-from search.optuna_internals import reseed
+from clr_lambda_search.model.errors import ConfigError
+from clr_lambda_search.search.optuna_internals import reseed
 
 # Short names of the samplers and pruners the scripts offer; any optuna.samplers / optuna.pruners
 # class is nameable too, as {name = "TPESampler", multivariate = true} in a campaign file.

@@ -17,9 +17,9 @@ import numbers
 import sys
 import typing
 
-from model.errors import ConfigError
-from model.train import TrainConfig
-from search.campaign import validated, with_config
+from clr_lambda_search.model.errors import ConfigError
+from clr_lambda_search.model.train import TrainConfig
+from clr_lambda_search.search.campaign import validated, with_config
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -11,8 +11,8 @@ import math
 import numbers
 import typing
 
-from model.errors import ConfigError
-from model.train import TrainConfig
+from clr_lambda_search.model.errors import ConfigError
+from clr_lambda_search.model.train import TrainConfig
 
 # Fields a search may not set: the training seed is the repeats' business, the dtype is no
 # hyperparameter (it changes the precision, not the model).

@@ -14,9 +14,9 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from model.errors import InputError
-from search import grpc_client, record
-from search.optuna_internals import claim_waiting
+from clr_lambda_search.model.errors import InputError
+from clr_lambda_search.search import grpc_client, record
+from clr_lambda_search.search.optuna_internals import claim_waiting
 
 log = logging.getLogger(__name__)
 

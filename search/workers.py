@@ -28,12 +28,12 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from model.errors import DivergedError, InputError, Terminated, WorkersFailed
-from model.train import warm_up
-from search import record
-from search.processes import die_with_parent, exit_code, stop_processes
-from search.recovery import is_duplicate_retry, recover_trials
-from search.study import open_storage, storage_failure_kind, storage_failure_message
+from clr_lambda_search.model.errors import DivergedError, InputError, Terminated, WorkersFailed
+from clr_lambda_search.model.train import warm_up
+from clr_lambda_search.search import record
+from clr_lambda_search.search.processes import die_with_parent, exit_code, stop_processes
+from clr_lambda_search.search.recovery import is_duplicate_retry, recover_trials
+from clr_lambda_search.search.study import open_storage, storage_failure_kind, storage_failure_message
 
 log = logging.getLogger(__name__)
 

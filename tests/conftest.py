@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.dataset import Dataset, Split, split_and_normalise
-from model.network import init_params
-from model.step import IMAGE_D
+from clr_lambda_search.model.dataset import Dataset, Split, split_and_normalise
+from clr_lambda_search.model.network import init_params
+from clr_lambda_search.model.step import IMAGE_D
 
 # The tiny CIFAR-10: 5 train batches + 1 test batch of N_PER_BATCH images each.
 N_PER_BATCH = 40

@@ -23,7 +23,7 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from search.study import retried_from
+from clr_lambda_search.search.study import retried_from
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCH = REPO / "scripts" / "search.py"

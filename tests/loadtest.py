@@ -41,8 +41,8 @@ import sqlalchemy
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from search.study import mask_url, open_storage  # noqa: E402
-from search.workers import TrialTarget, run_worker  # noqa: E402
+from clr_lambda_search.search.study import mask_url, open_storage  # noqa: E402
+from clr_lambda_search.search.workers import TrialTarget, run_worker  # noqa: E402
 
 OBJECTIVE_S = 0.003  # the stand-in objective's few milliseconds
 

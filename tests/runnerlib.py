@@ -30,7 +30,7 @@ import optuna
 from optuna.trial import TrialState
 
 import faultlib as fl
-from search import record
+from clr_lambda_search.search import record
 
 PIPELINE = fl.REPO / "scripts" / "pipeline.py"
 

@@ -9,9 +9,9 @@ import pytest
 from optuna.trial import TrialState
 
 import faultlib as fl
-from model import dataset as data_module
-from search.api import run_campaign
-from search.study import open_storage
+from clr_lambda_search.model import dataset as data_module
+from clr_lambda_search.search.api import run_campaign
+from clr_lambda_search.search.study import open_storage
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -92,17 +92,17 @@ def test_run_campaign_runs_every_phase_of_a_file(tmp_path, tiny_data):
 @pytest.mark.timeout(300)
 def test_readme_campaign_example_runs_every_phase(tmp_path, cifar_tiny_dir, monkeypatch,
                                                  capsys):
-    import search.api
+    from clr_lambda_search.search import api
 
     code = readme_example("The whole campaign from Python")
-    real = search.api.run_campaign
+    real = api.run_campaign
     tiny = {"search.n_s": 5, "search.cycles": 1, "phases.fine.n_trials": 3,
             "final.n_s": 5, "final.cycles": 1}
 
     def run_campaign_tiny(campaign, data, storage, *, overrides=None, **kwargs):
         # the README's call, its own overrides kept, on a protocol tiny enough for a test
         return real(campaign, data, storage, overrides={**overrides, **tiny}, **kwargs)
-    monkeypatch.setattr(search.api, "run_campaign", run_campaign_tiny)
+    monkeypatch.setattr(api, "run_campaign", run_campaign_tiny)
     result = run_example(code, tmp_path, cifar_tiny_dir, monkeypatch)["result"]
     out = capsys.readouterr().out
     assert result.verdict["sentence"] in out and f"{result.test_acc:.4f}" in out

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from model import blas
-from model.precision import bf16_missing
+from clr_lambda_search.model import blas
+from clr_lambda_search.model.precision import bf16_missing
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("floor_ms", "step_ms", "step_over_floor", "trial_over_floor", "workers2_over_workers1",
@@ -61,8 +61,8 @@ def test_bench_ratios_are_the_quotients_of_its_figures(quick_bench):
 
 
 def test_the_bench_leaves_out_exactly_the_confirm_phase():
-    from search.cli.bench import without_confirm
-    from search.campaign import DEFAULT, load_campaign
+    from clr_lambda_search.search.cli.bench import without_confirm
+    from clr_lambda_search.search.campaign import DEFAULT, load_campaign
 
     full = load_campaign(DEFAULT)
     plain = without_confirm(full)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from model import blas
+from clr_lambda_search.model import blas
 
 TRANS = [(False, False), (False, True), (True, False), (True, True)]
 
@@ -62,10 +62,10 @@ def test_scipy_shim_has_cblas_row_major_semantics(kind, dtype, c_float, trans_a,
 
 FALLBACK_STEP = """
 import numpy as np
-from model import blas
+from clr_lambda_search.model import blas
 print(blas._register(numpy_blas=False))  # before any kernel is loaded, so they link to the shims
-from model.network import init_params, loss_and_grads
-from model.step import StepParams, make_workspace, sgd_step
+from clr_lambda_search.model.network import init_params, loss_and_grads
+from clr_lambda_search.model.step import StepParams, make_workspace, sgd_step
 rng = np.random.default_rng(0)
 X, y = rng.standard_normal((30, 20)), rng.integers(0, 10, 30)
 params = StepParams(init_params(20, 8, 10, rng, dtype=np.float64))

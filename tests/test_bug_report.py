@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from model.errors import InputError
-from search.cli import errors, storage
+from clr_lambda_search.model.errors import InputError
+from clr_lambda_search.search.cli import errors, storage
 
 SECRET = "Zq9xWkV7pJ"
 URL = f"postgresql+psycopg://u:{SECRET}@db.example/clr"

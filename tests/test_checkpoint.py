@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from model.checkpoint import load_json, load_params, save_json, save_params
-from model.outputs import MANIFEST, check_results_dir, publish_dir
-from model.errors import InputError
-from model.network import PARAM_KEYS, init_params
+from clr_lambda_search.model.checkpoint import load_json, load_params, save_json, save_params
+from clr_lambda_search.model.outputs import MANIFEST, check_results_dir, publish_dir
+from clr_lambda_search.model.errors import InputError
+from clr_lambda_search.model.network import PARAM_KEYS, init_params
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -655,7 +655,7 @@ def test_snapshot_sees_changes(tmp_path):
 def load_script(name):
     """The code of scripts/<name>.py, search.cli.<name>, as a module (its main() is not run)."""
     import importlib
-    return importlib.import_module(f"search.cli.{name}")
+    return importlib.import_module(f"clr_lambda_search.search.cli.{name}")
 
 
 @pytest.mark.parametrize("script, argv, flag, control", [
@@ -689,8 +689,8 @@ def test_unbounded_flags_are_refused_by_the_parser(script, argv, flag, control, 
 
 
 def test_a_campaign_margin_without_bound_is_refused():
-    from model.errors import ConfigError
-    from search.campaign import parse_campaign
+    from clr_lambda_search.model.errors import ConfigError
+    from clr_lambda_search.search.campaign import parse_campaign
 
     phases = [{"name": "coarse", "params": {"lam": {"low": 1e-5, "high": 1e-1, "log": True}}},
               {"name": "fine", "narrow": {"from": "coarse", "margin": 1e308}}]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from search.confirm import one_sided_p, paired_interval, race, sentence, verdict
+from clr_lambda_search.search.confirm import one_sided_p, paired_interval, race, sentence, verdict
 
 SEEDS = list(range(5))
 N_SIM = 200
@@ -93,7 +93,7 @@ def test_paired_statistics_agree_with_scipy():
 # ---- the confirm phase of a campaign, on tiny data ------------------------------------------------
 
 def tiny_campaign(**confirm):
-    from search.campaign import parse_campaign
+    from clr_lambda_search.search.campaign import parse_campaign
 
     tiny = {"m": 10, "n_batch": 10, "n_s": 5, "cycles": 1, "evals_per_cycle": 2,
             "eval_train_samples": 0, "dtype": "float64"}
@@ -104,10 +104,10 @@ def tiny_campaign(**confirm):
 
 
 def test_the_confirm_phase_races_the_best_configurations_and_resumes(tmp_path, tiny_data):
-    from search import record
-    from search.confirm import SEED_BASE
-    from search.core import campaign_best, run_context, run_phase
-    from search.study import finished_trials, open_storage
+    from clr_lambda_search.search import record
+    from clr_lambda_search.search.confirm import SEED_BASE
+    from clr_lambda_search.search.core import campaign_best, run_context, run_phase
+    from clr_lambda_search.search.study import finished_trials, open_storage
 
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
     c = tiny_campaign(top_k=3, seeds=4)
@@ -139,8 +139,8 @@ def test_the_confirm_phase_races_the_best_configurations_and_resumes(tmp_path, t
 
 
 def test_confirm_phases_in_campaign_files_are_checked():
-    from model.errors import ConfigError
-    from search.campaign import parse_campaign
+    from clr_lambda_search.model.errors import ConfigError
+    from clr_lambda_search.search.campaign import parse_campaign
 
     base = {"name": "x", "phases": [{"name": "coarse", "params": {"lam": {"low": 1e-4,
                                                                            "high": 1.0}}}]}

@@ -13,15 +13,15 @@ import pytest
 from optuna.trial import TrialState
 
 import faultlib as fl
-from model.errors import ConfigError, InputError
-from search import record, settings
-from search.api import run_campaign, run_phase
-from search.campaign import load_campaign, parse_campaign
-from search.core import retire
-from search.phases import StalePhase
-from search.space import Float
-from search.study import open_storage
-from search.workers import PhaseStopped, TrialTarget, work
+from clr_lambda_search.model.errors import ConfigError, InputError
+from clr_lambda_search.search import record, settings
+from clr_lambda_search.search.api import run_campaign, run_phase
+from clr_lambda_search.search.campaign import load_campaign, parse_campaign
+from clr_lambda_search.search.core import retire
+from clr_lambda_search.search.phases import StalePhase
+from clr_lambda_search.search.space import Float
+from clr_lambda_search.search.study import open_storage
+from clr_lambda_search.search.workers import PhaseStopped, TrialTarget, work
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"search.m": 10, "search.n_batch": 10, "search.n_s": 5, "search.cycles": 1,
@@ -196,8 +196,8 @@ def test_scripts_are_launchers():
     for path in sorted((ROOT / "scripts").glob("*.py")):
         tree = ast.parse(path.read_text())
         imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-        ours = [m for m in imported if m.split(".")[0] in ("model", "search")]
-        assert ours and all(m.startswith("search.cli") for m in ours), path.name
+        ours = [m for m in imported if m.split(".")[0] == "clr_lambda_search"]
+        assert ours and all(m.startswith("clr_lambda_search.search.cli") for m in ours), path.name
         assert not [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))], \
             path.name
 
@@ -205,7 +205,7 @@ def test_scripts_are_launchers():
 def test_no_two_modules_import_each_other_in_a_circle():
     graph = {}
     for name, tree in _sources("model", "search"):
-        mod = name[:-3].replace("/", ".").removesuffix(".__init__")
+        mod = "clr_lambda_search." + name[:-3].replace("/", ".").removesuffix(".__init__")
         deps = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -252,7 +252,7 @@ def test_the_cli_errors_of_a_bad_override_are_one_line(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_a_study_never_mixes_precisions(tmp_path, tiny_data, monkeypatch):
-    import search.phases
+    from clr_lambda_search.search import core, phases
 
     raw = {"name": "prec", "search": {"m": 10, "n_batch": 10, "n_s": 5, "cycles": 1,
                                       "eval_train_samples": 0, "precision": "auto"},
@@ -261,10 +261,10 @@ def test_a_study_never_mixes_precisions(tmp_path, tiny_data, monkeypatch):
            "final": {"seeds": 1, "n_s": 5, "cycles": 1, "m": 10, "n_batch": 10}}
     url = fl.sqlite_url(tmp_path / "s.db")
     campaign = parse_campaign(raw)
-    study, _ = __import__("search.core").core.run_phase(campaign, "a", tiny_data, url)
+    study, _ = core.run_phase(campaign, "a", tiny_data, url)
     resolved = record.read(study).precision
     assert resolved in ("fp32", "bf16") and study.user_attrs["config"]["precision"] == resolved
     other = "bf16" if resolved == "fp32" else "fp32"
-    monkeypatch.setattr(search.phases, "resolve_precision", lambda requested: (other, "test"))
+    monkeypatch.setattr(phases, "resolve_precision", lambda requested: (other, "test"))
     with pytest.raises(InputError, match=f"trained in {resolved}"):
-        __import__("search.core").core.run_phase(campaign, "a", tiny_data, url)
+        core.run_phase(campaign, "a", tiny_data, url)

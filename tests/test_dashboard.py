@@ -13,8 +13,8 @@ import numpy as np
 import optuna
 import pytest
 
-from search.plots import dashboard_html
-from search.study import campaign_studies, mask_url, open_storage
+from clr_lambda_search.search.plots import dashboard_html
+from clr_lambda_search.search.study import campaign_studies, mask_url, open_storage
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -301,7 +301,7 @@ def test_dashboard_screenshot_is_not_blank(browser_runs):
 
 
 def test_two_parameters_get_a_slice_each_on_their_scale_and_the_joint_figures(tmp_path):
-    from search.plots import study_figures
+    from clr_lambda_search.search.plots import study_figures
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
@@ -323,7 +323,7 @@ def test_two_parameters_get_a_slice_each_on_their_scale_and_the_joint_figures(tm
 
 
 def test_overview_overlays_every_phase_and_the_final_section_shows_the_seeds(small_campaign):
-    from search.plots import overview_figures
+    from clr_lambda_search.search.plots import overview_figures
 
     studies = campaign_studies(small_campaign, "u")
     (name, fig), = overview_figures(studies)  # one figure per searched parameter

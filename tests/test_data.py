@@ -13,11 +13,11 @@ import pytest
 
 from conftest import CONST_COLS, CONST_VALUES, N_PER_BATCH, make_archive, tiny_batch, write_pickle
 from envlib import full_disk, limit_memory, read_only
-from model.batch_files import BATCHES_DIR, D, load_batch
-from model.dataset import fingerprint, load_cifar10, train_stats
-from model.download import ARCHIVE, download, extract_archive, file_md5, resolve_batches_dir
-from model.errors import DataError
-from model.step import gather_batch
+from clr_lambda_search.model.batch_files import BATCHES_DIR, D, load_batch
+from clr_lambda_search.model.dataset import fingerprint, load_cifar10, train_stats
+from clr_lambda_search.model.download import ARCHIVE, download, extract_archive, file_md5, resolve_batches_dir
+from clr_lambda_search.model.errors import DataError
+from clr_lambda_search.model.step import gather_batch
 
 pytestmark = pytest.mark.usefixtures("no_cifar_env")  # only what each test sets up is seen
 

@@ -99,7 +99,7 @@ def test_disk_full_at_the_storage_is_one_line(cifar_tiny_dir, tmp_path, workers)
     stops so tells its parent through its exit status)."""
     import shutil
 
-    from search.study import open_storage
+    from clr_lambda_search.search.study import open_storage
 
     made = tmp_path / "made.db"  # the schema made elsewhere: the small disk fills with trials
     open_storage(f"sqlite:///{made}").engine.dispose()

@@ -10,8 +10,8 @@ import re
 import optuna
 import pytest
 
-from search.plots import dashboard_html
-from search.study import campaign_studies, open_storage
+from clr_lambda_search.search.plots import dashboard_html
+from clr_lambda_search.search.study import campaign_studies, open_storage
 from test_dashboard import chromium, chromium_or_skip, fake_final
 
 PAYLOADS = ["<img src=x onerror=alert(document.domain)>", "\"'><script>alert(2)</script>",
@@ -118,7 +118,7 @@ def test_hostile_fields_reach_the_page_as_text(pages):
 
 
 def test_status_text_shows_control_characters_as_text(tmp_path):
-    from search.report import status_report, status_text
+    from clr_lambda_search.search.report import status_report, status_text
 
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
     study = optuna.create_study(study_name="t-coarse", storage=storage, direction="maximize")

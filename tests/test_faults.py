@@ -25,7 +25,7 @@ import pytest
 from optuna.trial import TrialState
 
 import faultlib as fl
-from search.study import MAX_RETRY, retry_chain
+from clr_lambda_search.search.study import MAX_RETRY, retry_chain
 
 pytestmark = pytest.mark.faults
 

@@ -8,15 +8,15 @@ import numpy as np
 import optuna
 import pytest
 
-from model.checkpoint import load_params
-from model.train import TrainConfig, evaluate_ensemble, fit
-from search import final
-from search.campaign import Campaign
-from search.core import run_context
-from search.final import FinalRun, read_final
-from search.phases import SearchPhase
-from search.space import Float
-from search.workers import PhaseStopped, _cpu_set
+from clr_lambda_search.model.checkpoint import load_params
+from clr_lambda_search.model.train import TrainConfig, evaluate_ensemble, fit
+from clr_lambda_search.search import final
+from clr_lambda_search.search.campaign import Campaign
+from clr_lambda_search.search.core import run_context
+from clr_lambda_search.search.final import FinalRun, read_final
+from clr_lambda_search.search.phases import SearchPhase
+from clr_lambda_search.search.space import Float
+from clr_lambda_search.search.workers import PhaseStopped, _cpu_set
 
 CONFIG = TrainConfig(m=8, n_batch=10, n_s=6, cycles=1, evals_per_cycle=2, eval_train_samples=0,
                      lam=0.01, dtype="float64")
@@ -175,7 +175,7 @@ def test_the_final_run_is_an_optuna_study_with_artifacts(tiny_data, tmp_path):
 
     from optuna.artifacts import get_all_artifact_meta
 
-    from search import record
+    from clr_lambda_search.search import record
 
     metrics, study, _ = run_seeds(tmp_path, tiny_data, seeds=2)
     storage = study._storage
@@ -206,8 +206,8 @@ def test_the_final_run_is_an_optuna_study_with_artifacts(tiny_data, tmp_path):
 
 
 def test_a_final_run_of_another_pick_is_refused_unless_forced(tiny_data, tmp_path):
-    from model.errors import InputError
-    from search import record
+    from clr_lambda_search.model.errors import InputError
+    from clr_lambda_search.search import record
 
     _, study, _ = run_seeds(tmp_path, tiny_data, seeds=1, pick={"lam": 0.01})
     storage = study._storage

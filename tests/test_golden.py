@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from model import blas
-from model.dataset import split_and_normalise
-from model.network import PARAM_KEYS
-from model.train import TrainConfig, fit
+from clr_lambda_search.model import blas
+from clr_lambda_search.model.dataset import split_and_normalise
+from clr_lambda_search.model.network import PARAM_KEYS
+from clr_lambda_search.model.train import TrainConfig, fit
 
 N_STEPS = 50
 CASES = {  # id: (TrainConfig fields, data)

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 import faultlib as fl
-from search.study import mask_url
+from clr_lambda_search.search.study import mask_url
 
 pytest.importorskip("grpc", reason="the grpc extra (grpcio) is not installed")
 

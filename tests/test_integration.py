@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.batch_files import TEST_FILE, TRAIN_FILES, load_batch
-from search.record import SURPLUS
+from clr_lambda_search.model.batch_files import TEST_FILE, TRAIN_FILES, load_batch
+from clr_lambda_search.search.record import SURPLUS
 
 pytestmark = pytest.mark.integration
 

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from model.layers import (affine_backward, affine_forward, relu_backward, relu_forward, softmax,
+from clr_lambda_search.model.layers import (affine_backward, affine_forward, relu_backward, relu_forward, softmax,
                           softmax_cross_entropy)
-from model.gradcheck import relative_error
+from clr_lambda_search.model.gradcheck import relative_error
 
 H = 1e-5
 # Centred differences of a function that is linear (affine) or piecewise linear away from its kinks

@@ -7,8 +7,8 @@ import time
 import optuna
 import pytest
 
-from search.lock import is_lock, lock_name, storage_lock
-from search.study import open_storage
+from clr_lambda_search.search.lock import is_lock, lock_name, storage_lock
+from clr_lambda_search.search.study import open_storage
 
 PROCESSES, INCREMENTS = 4, 8
 

@@ -4,12 +4,12 @@ import dataclasses
 import numpy as np
 import pytest
 
-from model.dataset import Dataset, Split
-from model.dataset import split_and_normalise
-from model.gradcheck import (check_gradients, gradcheck_report, gradcheck_slice, informative_dims,
+from clr_lambda_search.model.dataset import Dataset, Split
+from clr_lambda_search.model.dataset import split_and_normalise
+from clr_lambda_search.model.gradcheck import (check_gradients, gradcheck_report, gradcheck_slice, informative_dims,
                              relative_error)
-from model.network import PARAM_KEYS, init_params, l2_penalty, loss_and_grads, scores
-from model.train import TrainConfig, evaluate, train
+from clr_lambda_search.model.network import PARAM_KEYS, init_params, l2_penalty, loss_and_grads, scores
+from clr_lambda_search.model.train import TrainConfig, evaluate, train
 
 # float64 centred differences at h=1e-5 on a smooth-almost-everywhere cost reach ~1e-8 or better;
 # a wrong factor (2λ vs λ, a missing 1/N, a transposed product) gives errors of order 1.
@@ -27,7 +27,7 @@ def test_full_gradient_check(tiny_data, rng, lam):
 
 def test_gradient_check_detects_a_wrong_gradient(tiny_data, rng, monkeypatch):
     """check_gradients is not vacuous: a halved L2 gradient is caught on W1 and W2 only."""
-    import model.gradcheck as gc
+    import clr_lambda_search.model.gradcheck as gc
 
     def wrong(params, X, y, lam, mask=None):
         cost, loss, grads = loss_and_grads(params, X, y, lam, mask)

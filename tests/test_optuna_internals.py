@@ -7,7 +7,7 @@ import pytest
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from search.study import open_storage
+from clr_lambda_search.search.study import open_storage
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning"),
               pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
@@ -38,7 +38,7 @@ def storage(tmp_path):
 
 @pytest.mark.parametrize("cls", [optuna.samplers.RandomSampler, optuna.samplers.TPESampler])
 def test_reseed_sets_the_samplers_draws(cls):
-    from search.optuna_internals import LazyRandomState, reseed
+    from clr_lambda_search.search.optuna_internals import LazyRandomState, reseed
 
     def draw(construction_seed):
         sampler = cls(seed=construction_seed)
@@ -52,7 +52,7 @@ def test_reseed_sets_the_samplers_draws(cls):
 
 
 def test_rdb_storage_is_the_storage_behind_a_study(storage):
-    from search.optuna_internals import rdb_storage
+    from clr_lambda_search.search.optuna_internals import rdb_storage
 
     study = optuna.create_study(storage=storage)
     assert rdb_storage(study) is storage, changed(
@@ -60,7 +60,7 @@ def test_rdb_storage_is_the_storage_behind_a_study(storage):
 
 
 def test_trial_id_is_what_the_storage_takes(storage):
-    from search.optuna_internals import trial_id
+    from clr_lambda_search.search.optuna_internals import trial_id
 
     study = optuna.create_study(storage=storage)
     study.ask()
@@ -74,7 +74,7 @@ def test_trial_id_is_what_the_storage_takes(storage):
 
 
 def test_max_retry_reads_the_callbacks_setting():
-    from search.optuna_internals import max_retry
+    from clr_lambda_search.search.optuna_internals import max_retry
 
     # None would mean "no limit" to the caller: a renamed attribute must fail here, not there
     assert max_retry(RetryHeartbeatStaleTrialCallback(max_retry=3)) == 3, changed(
@@ -82,7 +82,7 @@ def test_max_retry_reads_the_callbacks_setting():
 
 
 def test_heartbeat_trial_ids_lists_the_trials_that_beat(storage):
-    from search.optuna_internals import heartbeat_trial_ids, trial_id
+    from clr_lambda_search.search.optuna_internals import heartbeat_trial_ids, trial_id
 
     study = optuna.create_study(storage=storage)
     study.ask(), study.ask()
@@ -95,7 +95,7 @@ def test_heartbeat_trial_ids_lists_the_trials_that_beat(storage):
 
 
 def test_claim_waiting_claims_a_queued_trial_once(storage):
-    from search.optuna_internals import claim_waiting, trial_id
+    from clr_lambda_search.search.optuna_internals import claim_waiting, trial_id
 
     assert isinstance(storage, RDBStorage)
     study = optuna.create_study(storage=storage)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from model.checkpoint import save_page
-from model.errors import InputError
-from model.outputs import (MANIFEST, PAGE_TAG, check_page, check_results_dir, clean_stale,
+from clr_lambda_search.model.checkpoint import save_page
+from clr_lambda_search.model.errors import InputError
+from clr_lambda_search.model.outputs import (MANIFEST, PAGE_TAG, check_page, check_results_dir, clean_stale,
                            is_page, publish_dir)
 from test_cli_errors import diff, script_env, snapshot
 
@@ -216,7 +216,7 @@ def test_a_storage_path_holding_another_file_is_never_written(tmp_path, cifar_ti
 
 
 def test_the_array_cache_deletes_only_its_own_stale_entries(cifar_tiny_dir, tmp_path):
-    from model.dataset import load_cifar10
+    from clr_lambda_search.model.dataset import load_cifar10
 
     cache = tmp_path / "cache"  # $CIFAR10_CACHE may be a folder that holds a user's things
     mine = cache / "arrays" / "project"

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import pixel_data
-from model.errors import ConfigError
-from model.network import init_params
-from model.precision import BF16_FLAGS, bf16_missing, resolve_precision
-from model.step import StepParams, _round_bf16, make_workspace, sgd_step
-from model.train import TrainConfig, fit
+from clr_lambda_search.model.errors import ConfigError
+from clr_lambda_search.model.network import init_params
+from clr_lambda_search.model.precision import BF16_FLAGS, bf16_missing, resolve_precision
+from clr_lambda_search.model.step import StepParams, _round_bf16, make_workspace, sgd_step
+from clr_lambda_search.model.train import TrainConfig, fit
 
 INTEL = ("GenuineIntel", frozenset({"avx512f", "avx512_bf16"}))
 AMD = ("AuthenticAMD", frozenset({"avx512f", "avx512_bf16"}))
@@ -184,9 +184,9 @@ def test_bf16_training_follows_the_fp32_curve():
 def test_bf16_on_a_cpu_without_it_stops_the_run_before_training(monkeypatch, tiny_data):
     """fit() with precision "bf16" where the CPU lacks the instructions: the one-line ConfigError
     (scripts print it and exit 2), before a single step; "auto" trains in fp32 there."""
-    import model.precision
-    model.precision.cpu_info.cache_clear()
-    monkeypatch.setattr(model.precision, "cpu_info", lambda: NO_FLAGS)
+    from clr_lambda_search.model import precision
+    precision.cpu_info.cache_clear()
+    monkeypatch.setattr(precision, "cpu_info", lambda: NO_FLAGS)
     config = TrainConfig(m=8, n_batch=10, n_s=5, cycles=1, evals_per_cycle=1, dtype="float32")
     data = tiny_data
     seen = []

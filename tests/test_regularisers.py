@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from conftest import pixel_data
-from model.dataset import Dataset, Pixels, Split, normalise, normaliser
-from model.errors import ConfigError
-from model.gradcheck import check_gradients
-from model.layers import dropout_mask, softmax
-from model.network import PARAM_KEYS, init_params, loss_and_grads, scores
-from model.step import (DRAW_LEVELS, IMAGE_D, StepParams, draw_noise, gather_batch,
+from clr_lambda_search.model.dataset import Dataset, Pixels, Split, normalise, normaliser
+from clr_lambda_search.model.errors import ConfigError
+from clr_lambda_search.model.gradcheck import check_gradients
+from clr_lambda_search.model.layers import dropout_mask, softmax
+from clr_lambda_search.model.network import PARAM_KEYS, init_params, loss_and_grads, scores
+from clr_lambda_search.model.step import (DRAW_LEVELS, IMAGE_D, StepParams, draw_noise, gather_batch,
                         make_workspace, sgd_step)
-from model.train import TrainConfig, evaluate, evaluate_ensemble, fit
+from clr_lambda_search.model.train import TrainConfig, evaluate, evaluate_ensemble, fit
 
 SIDE = 32
 
@@ -209,7 +209,7 @@ def test_gradient_check_with_a_fixed_dropout_mask_and_a_wide_layer(tiny_data, la
 
 
 def test_gradcheck_report_through_dropout_at_m_above_50(tiny_data):
-    from model.gradcheck import gradcheck_report
+    from clr_lambda_search.model.gradcheck import gradcheck_report
 
     report = gradcheck_report(tiny_data.train.X, tiny_data.train.y, np.random.default_rng(0),
                               dims=12, samples=4, m=60, dropout=0.5)
@@ -218,16 +218,16 @@ def test_gradcheck_report_through_dropout_at_m_above_50(tiny_data):
 
 
 def test_gradient_check_catches_a_mask_the_gradients_ignore(tiny_data, monkeypatch):
-    import model.gradcheck
+    from clr_lambda_search.model import gradcheck
 
-    real = model.gradcheck.loss_and_grads
+    real = gradcheck.loss_and_grads
     calls = {"n": 0}
 
     def analytic_without_mask(params, X, y, lam, mask=None):
         calls["n"] += 1
         return real(params, X, y, lam, mask=None if calls["n"] == 1 else mask)
 
-    monkeypatch.setattr(model.gradcheck, "loss_and_grads", analytic_without_mask)
+    monkeypatch.setattr(gradcheck, "loss_and_grads", analytic_without_mask)
     rng = np.random.default_rng(0)
     X = np.ascontiguousarray(tiny_data.train.X[:4], dtype=np.float64)
     params = init_params(20, 64, 10, rng, dtype=np.float64)
@@ -351,7 +351,7 @@ def test_augmentation_of_rows_that_are_not_images_is_refused(tiny_data, kw):
 def test_warm_up_with_the_regularisers_leaves_the_run_as_it_was():
     """warm_up compiles the dropout and augmentation kernels too (forked final seeds inherit
     them): a throwaway step that changes neither the data nor a run afterwards."""
-    from model.train import warm_up
+    from clr_lambda_search.model.train import warm_up
 
     data = pixel_data()
     config = regularised_config()
@@ -365,7 +365,7 @@ def test_warm_up_with_the_regularisers_leaves_the_run_as_it_was():
 
 
 def test_warm_up_refuses_augmentation_the_data_cannot_take(tiny_data):
-    from model.train import warm_up
+    from clr_lambda_search.model.train import warm_up
 
     with pytest.raises(ConfigError, match="rows of 20 values"):
         warm_up(tiny_data, TrainConfig(m=5, n_batch=10, n_s=3, cycles=1, evals_per_cycle=2,

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import pixel_data
-from model.network import PARAM_KEYS
-from model.precision import bf16_missing
-from model.train import TrainConfig, fit
+from clr_lambda_search.model.network import PARAM_KEYS
+from clr_lambda_search.model.precision import bf16_missing
+from clr_lambda_search.model.train import TrainConfig, fit
 
 # n_s = 37 with 300 images in batches of 50: cycle ends (74, 148) fall mid-epoch (6 batches
 # per epoch), so a resume must restore the epoch's permutation and its place in it

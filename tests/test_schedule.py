@@ -1,7 +1,7 @@
 """The triangular cyclical learning rate and the protocol's step size n_s."""
 import pytest
 
-from model.schedule import cyclic_lr, step_size
+from clr_lambda_search.model.schedule import cyclic_lr, step_size
 
 ETA_MIN, ETA_MAX, N_S = 1e-5, 1e-1, 980
 MID = (ETA_MIN + ETA_MAX) / 2

@@ -19,14 +19,14 @@ import pytest
 from optuna.trial import TrialState
 
 import faultlib as fl
-from model.errors import ConfigError, InputError
-from model.train import TrainConfig
-from search.campaign import Campaign, with_phase
-from search.core import run_context, run_phase
-from search.phases import SearchPhase
-from search.samplers import trial_seed
-from search.space import Float, narrow, on_border, parse_values
-from search.study import open_storage
+from clr_lambda_search.model.errors import ConfigError, InputError
+from clr_lambda_search.model.train import TrainConfig
+from clr_lambda_search.search.campaign import Campaign, with_phase
+from clr_lambda_search.search.core import run_context, run_phase
+from clr_lambda_search.search.phases import SearchPhase
+from clr_lambda_search.search.samplers import trial_seed
+from clr_lambda_search.search.space import Float, narrow, on_border, parse_values
+from clr_lambda_search.search.study import open_storage
 
 # A trial on tiny_data (53 × 20 train) takes a few milliseconds with this protocol.
 TINY_CONFIG = TrainConfig(m=10, n_batch=10, n_s=5, cycles=1, evals_per_cycle=2,
@@ -236,7 +236,7 @@ def test_a_diverging_trial_fails_and_the_phase_completes(tmp_path, tiny_data):
 def _run_phase_in_step(url, spec, data, barrier):
     """run_one, but the worker loop starts only once every process has built its sampler:
     the deterministic form of "two processes load the study at the same moment"."""
-    from search import workers
+    from clr_lambda_search.search import workers
 
     original = workers.work
 
@@ -320,8 +320,8 @@ def _lam_objective(trial):
 
 
 def test_a_dead_trial_that_was_not_requeued_is_requeued_once(tmp_path):
-    from search.recovery import recover_trials
-    from search.study import retried_from
+    from clr_lambda_search.search.recovery import recover_trials
+    from clr_lambda_search.search.study import retried_from
 
     study = _study_with_a_dead_trial(tmp_path)
     for _ in range(3):  # every worker's pass before every trial: re-queued once, not thrice
@@ -331,7 +331,7 @@ def test_a_dead_trial_that_was_not_requeued_is_requeued_once(tmp_path):
 
 
 def test_a_trial_that_failed_for_a_reason_is_not_requeued(tmp_path):
-    from search.recovery import recover_trials
+    from clr_lambda_search.search.recovery import recover_trials
 
     study = _study_with_a_dead_trial(tmp_path, failure="interrupted (Ctrl-C)")
     recover_trials(study)
@@ -339,8 +339,8 @@ def test_a_trial_that_failed_for_a_reason_is_not_requeued(tmp_path):
 
 
 def test_a_terminated_trial_is_requeued_once_with_its_lam(tmp_path):
-    from search.recovery import recover_trials
-    from search.study import retried_from
+    from clr_lambda_search.search.recovery import recover_trials
+    from clr_lambda_search.search.study import retried_from
 
     study = _study_with_a_dead_trial(tmp_path, failure="terminated")  # SIGTERM: retried
     for _ in range(2):
@@ -390,9 +390,9 @@ def test_a_dead_trial_requeued_twice_runs_once(tmp_path):
     trials."""
     import optuna
 
-    from search import record
-    from search.workers import TrialTarget, work
-    from search.study import retried_from
+    from clr_lambda_search.search import record
+    from clr_lambda_search.search.workers import TrialTarget, work
+    from clr_lambda_search.search.study import retried_from
 
     study = _study_with_a_dead_trial(tmp_path)
     callback = study._storage.get_heartbeat_stale_trial_callback()
@@ -413,7 +413,7 @@ def test_an_objective_error_is_recorded_as_the_failure(tmp_path):
     """A trial that fails by an exception says so: only a silent FAIL means "the worker died"."""
     import optuna
 
-    from search.workers import TrialTarget, _guard_trial
+    from clr_lambda_search.search.workers import TrialTarget, _guard_trial
 
     study = optuna.create_study(storage=open_storage(fl.sqlite_url(tmp_path / "s.db")))
 

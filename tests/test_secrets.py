@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from search.study import mask_url, redact, url_secrets
+from clr_lambda_search.search.study import mask_url, redact, url_secrets
 from test_cli_errors import script_env
 
 REPO = Path(__file__).resolve().parents[1]

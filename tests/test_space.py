@@ -9,17 +9,17 @@ import pytest
 from optuna.trial import TrialState
 
 import faultlib as fl
-from model.errors import ConfigError, InputError
-from model.train import TrainConfig
-from search import objective as objective_module
-from search.campaign import Campaign, load_campaign, parse_campaign, shipped
-from search import record
-from search.core import run_context, run_phase
-from search.phases import SearchPhase
-from search.samplers import MarginMedianPruner, make_pruner, make_sampler
-from search.space import (Categorical, Float, Int, make_space, narrow, space_from_dict,
+from clr_lambda_search.model.errors import ConfigError, InputError
+from clr_lambda_search.model.train import TrainConfig
+from clr_lambda_search.search import objective as objective_module
+from clr_lambda_search.search.campaign import Campaign, load_campaign, parse_campaign, shipped
+from clr_lambda_search.search import record
+from clr_lambda_search.search.core import run_context, run_phase
+from clr_lambda_search.search.phases import SearchPhase
+from clr_lambda_search.search.samplers import MarginMedianPruner, make_pruner, make_sampler
+from clr_lambda_search.search.space import (Categorical, Float, Int, make_space, narrow, space_from_dict,
                           space_to_dict, suggest)
-from search.study import open_storage
+from clr_lambda_search.search.study import open_storage
 
 TINY_CONFIG = TrainConfig(m=10, n_batch=10, n_s=5, cycles=1, evals_per_cycle=2,
                           eval_train_samples=0, dtype="float64")

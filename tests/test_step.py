@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from model.errors import DivergedError
-from model.network import PARAM_KEYS, init_params, loss_and_grads
-from model.dataset import Pixels, normalise, normaliser
-from model.step import StepParams, gather_batch, make_workspace, sgd_step
+from clr_lambda_search.model.errors import DivergedError
+from clr_lambda_search.model.network import PARAM_KEYS, init_params, loss_and_grads
+from clr_lambda_search.model.dataset import Pixels, normalise, normaliser
+from clr_lambda_search.model.step import StepParams, gather_batch, make_workspace, sgd_step
 
 D, M, K, N_BATCH = 20, 10, 10, 10
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import optuna
 import pytest
 
-from model.dataset import Split
-from model.errors import InputError
-from model.train import TrainConfig
-from search.campaign import Campaign, with_phase
-from search.core import run_phase
-from search.phases import SearchPhase
-from search.space import Float
-from search.study import open_storage
+from clr_lambda_search.model.dataset import Split
+from clr_lambda_search.model.errors import InputError
+from clr_lambda_search.model.train import TrainConfig
+from clr_lambda_search.search.campaign import Campaign, with_phase
+from clr_lambda_search.search.core import run_phase
+from clr_lambda_search.search.phases import SearchPhase
+from clr_lambda_search.search.space import Float
+from clr_lambda_search.search.study import open_storage
 from test_cli_errors import diff, script_env, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_a_study_written_before_fingerprints_is_adopted_once(tmp_path, tiny_data
 def test_the_fingerprint_is_not_the_path(cifar_tiny_dir, tmp_path):
     import shutil
 
-    from model.dataset import fingerprint, load_cifar10
+    from clr_lambda_search.model.dataset import fingerprint, load_cifar10
 
     copy = tmp_path / "copy" / "cifar-10-batches-py"
     shutil.copytree(cifar_tiny_dir.batches, copy)

@@ -4,8 +4,8 @@ of dying with Optuna's "Cannot tell a FAIL trial"."""
 import optuna
 from optuna.trial import TrialState
 
-from search.study import open_storage
-from search.workers import TrialTarget, work
+from clr_lambda_search.search.study import open_storage
+from clr_lambda_search.search.workers import TrialTarget, work
 
 
 def test_a_worker_taken_for_dead_goes_on(tmp_path):

@@ -4,11 +4,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-import model.train
-from model.errors import ConfigError, DivergedError
-from model.network import init_params, loss_and_grads
-from model.schedule import cyclic_lr
-from model.train import TrainConfig, evaluate, fit, train
+from clr_lambda_search.model import train as train_module
+from clr_lambda_search.model.errors import ConfigError, DivergedError
+from clr_lambda_search.model.network import init_params, loss_and_grads
+from clr_lambda_search.model.schedule import cyclic_lr
+from clr_lambda_search.model.train import TrainConfig, evaluate, fit, train
 
 # tiny_data has 53 training samples: with n_batch 10 an epoch is 5 full batches + 1 of 3.
 N_TRAIN, N_BATCH = 53, 10
@@ -83,13 +83,13 @@ def test_eval_steps_of_the_final_protocol():
 def recorded_steps(monkeypatch):
     """Wrap model.train.sgd_step (train imported it by name) and record every call's idx and η."""
     calls = []
-    real = model.train.sgd_step
+    real = train_module.sgd_step
 
     def spy(params, X, y, idx, eta, lam, ws, pixels=None):
         calls.append((np.array(idx), eta))
         return real(params, X, y, idx, eta, lam, ws, pixels)
 
-    monkeypatch.setattr(model.train, "sgd_step", spy)
+    monkeypatch.setattr(train_module, "sgd_step", spy)
     return calls
 
 
@@ -207,7 +207,7 @@ def test_same_seed_is_bit_identical_and_different_seed_differs(tiny_data):
 
 
 def test_float32_training_stays_float32(tiny_data):
-    from model.dataset import Dataset, Split
+    from clr_lambda_search.model.dataset import Dataset, Split
     f32 = Dataset(*(Split(s.X.astype(np.float32), s.y) for s in (tiny_data.train, tiny_data.val,
                                                                  tiny_data.test)), source="s")
     params, history = run(f32, tiny_config(dtype="float32"))
@@ -267,7 +267,7 @@ def test_train_updates_params_in_place(tiny_data):
 def test_training_from_pixels_equals_training_from_X(cifar_tiny_dir, tmp_path):
     """train() gathers batches from the train split's pixels when it has them: the very same
     run, bit for bit, as gathering the normalised rows of X."""
-    from model.dataset import load_cifar10
+    from clr_lambda_search.model.dataset import load_cifar10
 
     data = load_cifar10(cifar_tiny_dir.batches, n_val=20, cache_dir=tmp_path)
     assert data.train.pixels is not None
@@ -282,7 +282,7 @@ def test_training_from_pixels_equals_training_from_X(cifar_tiny_dir, tmp_path):
 def test_warm_up_compiles_without_touching_the_data(tiny_data):
     """warm_up trains a throwaway step (so forked workers inherit compiled kernels): the data
     stay as they were, and a real run afterwards is the run it would have been."""
-    from model.train import warm_up
+    from clr_lambda_search.model.train import warm_up
 
     config = tiny_config(n_s=5, cycles=1)
     before = fit(tiny_data, config)
@@ -296,7 +296,7 @@ def test_warm_up_compiles_without_touching_the_data(tiny_data):
 
 def test_curves_skip_the_points_where_train_was_not_measured(tiny_data):
     """A history without a train curve draws train at its last point only, val at every point."""
-    from model.curves import curve, metric_figure
+    from clr_lambda_search.model.curves import curve, metric_figure
 
     config = tiny_config(cycles=2)
     _, history = fit(tiny_data, config, train_curve=False)
@@ -309,7 +309,7 @@ def test_curves_skip_the_points_where_train_was_not_measured(tiny_data):
 
 
 def test_the_figures_say_what_they_show():
-    from model.curves import training_figures
+    from clr_lambda_search.model.curves import training_figures
 
     history = [{"step": s, "train": {"acc": 0.1, "loss": 2.0, "cost": 2.1},
                 "val": {"acc": 0.1, "loss": 2.0, "cost": 2.1}} for s in (0, 10, 20)]

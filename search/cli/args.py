@@ -3,11 +3,11 @@ import argparse
 import dataclasses
 import math
 
-from model.train import SEED_LIMIT, TrainConfig
-from search.cli.errors import fail
-from search.cli.storage import STORAGE_ENV, storage_url
-from search.cli.threads import cpu_count
-from search.study import DEFAULT_STORAGE
+from clr_lambda_search.model.train import SEED_LIMIT, TrainConfig
+from clr_lambda_search.search.cli.errors import fail
+from clr_lambda_search.search.cli.storage import STORAGE_ENV, storage_url
+from clr_lambda_search.search.cli.threads import cpu_count
+from clr_lambda_search.search.study import DEFAULT_STORAGE
 
 WORKERS_PER_CPU = 4  # --workers above this many per CPU is a typo, not a plan (each is a process)
 MAX_REPEATS = 1000   # seeds per λ: each trial trains them all, and lists them in the study
@@ -142,7 +142,7 @@ def add_train_args(parser, defaults=TrainConfig(), skip=()):
 
 
 def add_heartbeat_args(parser):
-    from search.study import GRACE_PERIOD, HEARTBEAT_INTERVAL
+    from clr_lambda_search.search.study import GRACE_PERIOD, HEARTBEAT_INTERVAL
 
     parser.add_argument("--heartbeat-interval", type=int, default=HEARTBEAT_INTERVAL,
                         help="seconds between a running trial's heartbeats")
@@ -168,7 +168,7 @@ def storage_opts(parser, args):
 
 
 def add_campaign_args(parser, campaign_help="the campaign's name (default: the file's)"):
-    from search.campaign import DEFAULT, shipped  # imports Optuna: only the scripts that search
+    from clr_lambda_search.search.campaign import DEFAULT, shipped  # imports Optuna: only the scripts that search
 
     parser.add_argument("--config", default=DEFAULT,
                         help="campaign file (TOML), or the name of a shipped one: "

@@ -63,23 +63,23 @@ import numpy as np
 import optuna
 from numba import njit
 
-from model import blas
-from model.dataset import load_cifar10, split_and_normalise
-from model.errors import ConfigError, WorkersFailed
-from model.network import init_params
+from clr_lambda_search.model import blas
+from clr_lambda_search.model.dataset import load_cifar10, split_and_normalise
+from clr_lambda_search.model.errors import ConfigError, WorkersFailed
+from clr_lambda_search.model.network import init_params
 # the step's own bf16 kernels, timed apart from the step
-from model.step import StepParams, _backward_bf16, _round_bf16, gather_batch, make_workspace
-from model.train import evaluation_record, updates
-from search.campaign import DEFAULT, Campaign, load_campaign
-from search.cli.args import Parser, add_common_args
-from search.cli.errors import run
-from search.cli.output import emit, setup_logging
-from search.cli.threads import blas_threads, single_blas_thread
-from search.core import dashboard_maker, run_campaign, run_phase
-from search.objective import Objective
-from search.phases import SearchPhase
-from search.samplers import make_pruner
-from search.study import campaign_studies, open_storage
+from clr_lambda_search.model.step import StepParams, _backward_bf16, _round_bf16, gather_batch, make_workspace
+from clr_lambda_search.model.train import evaluation_record, updates
+from clr_lambda_search.search.campaign import DEFAULT, Campaign, load_campaign
+from clr_lambda_search.search.cli.args import Parser, add_common_args
+from clr_lambda_search.search.cli.errors import run
+from clr_lambda_search.search.cli.output import emit, setup_logging
+from clr_lambda_search.search.cli.threads import blas_threads, single_blas_thread
+from clr_lambda_search.search.core import dashboard_maker, run_campaign, run_phase
+from clr_lambda_search.search.objective import Objective
+from clr_lambda_search.search.phases import SearchPhase
+from clr_lambda_search.search.samplers import make_pruner
+from clr_lambda_search.search.study import campaign_studies, open_storage
 
 CAMPAIGN = load_campaign(DEFAULT)  # the default campaign
 COARSE = CAMPAIGN.phase("coarse")   # and its coarse phase
@@ -503,7 +503,7 @@ def measure_bf16(data, size, rng):
     bf16 copy: a separate rounding pass over W1, and what the backward product in blocks with
     the copy written per block costs beyond one backward GEMM. Where bf16 cannot run,
     {"bf16": why}."""
-    from model.precision import bf16_missing
+    from clr_lambda_search.model.precision import bf16_missing
 
     missing = bf16_missing()
     if missing:

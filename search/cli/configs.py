@@ -1,14 +1,14 @@
 """What the parsed flags configure: the campaign and the TrainConfig of a command."""
 import dataclasses
 
-from model.train import TrainConfig
+from clr_lambda_search.model.train import TrainConfig
 
 
 def campaign(args):
     """The Campaign of --config, renamed by --campaign when given."""
-    from search.campaign import load_campaign
+    from clr_lambda_search.search.campaign import load_campaign
 
-    from search.campaign import check_name
+    from clr_lambda_search.search.campaign import check_name
 
     c = load_campaign(args.config)
     return dataclasses.replace(c, name=check_name(args.campaign, "--campaign")) if args.campaign \

@@ -16,18 +16,18 @@ import socket
 from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from model.checkpoint import save_page
-from model.errors import InputError
-from model.outputs import check_page
-from search.campaign import check_name
-from search.cli.args import Parser, add_campaign_args, add_common_args
-from search.cli.configs import campaign
-from search.cli.errors import run
-from search.cli.output import emit, setup_logging
-from search.cli.storage import protected_paths
-from search.final import artifact_dir, read_final
-from search.plots import dashboard_html
-from search.study import campaign_studies, mask_url, named_study, open_storage
+from clr_lambda_search.model.checkpoint import save_page
+from clr_lambda_search.model.errors import InputError
+from clr_lambda_search.model.outputs import check_page
+from clr_lambda_search.search.campaign import check_name
+from clr_lambda_search.search.cli.args import Parser, add_campaign_args, add_common_args
+from clr_lambda_search.search.cli.configs import campaign
+from clr_lambda_search.search.cli.errors import run
+from clr_lambda_search.search.cli.output import emit, setup_logging
+from clr_lambda_search.search.cli.storage import protected_paths
+from clr_lambda_search.search.final import artifact_dir, read_final
+from clr_lambda_search.search.plots import dashboard_html
+from clr_lambda_search.search.study import campaign_studies, mask_url, named_study, open_storage
 
 
 def parse_args(argv=None):

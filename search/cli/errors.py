@@ -9,10 +9,10 @@ import traceback
 import sqlalchemy
 from optuna.exceptions import StorageInternalError
 
-from model.errors import DivergedError, InputError, Terminated, WorkersFailed
-from model.resources import is_write_problem, write_problem
-from search.cli.storage import hide_secrets
-from search.study import storage_failure
+from clr_lambda_search.model.errors import DivergedError, InputError, Terminated, WorkersFailed
+from clr_lambda_search.model.resources import is_write_problem, write_problem
+from clr_lambda_search.search.cli.storage import hide_secrets
+from clr_lambda_search.search.study import storage_failure
 
 EXIT_BAD_INPUT = 2
 

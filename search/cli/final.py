@@ -12,20 +12,20 @@ figures into studies/<campaign>/final/ (or --out).
 import dataclasses
 import os
 
-from model.dataset import load_cifar10
-from model.outputs import check_results_dir
-from model.resources import check_memory, check_writable
-from search.campaign import with_config
-from search.cli.args import (Parser, add_campaign_args, add_common_args, add_data_args,
+from clr_lambda_search.model.dataset import load_cifar10
+from clr_lambda_search.model.outputs import check_results_dir
+from clr_lambda_search.model.resources import check_memory, check_writable
+from clr_lambda_search.search.campaign import with_config
+from clr_lambda_search.search.cli.args import (Parser, add_campaign_args, add_common_args, add_data_args,
                              add_train_args)
-from search.cli.configs import campaign, given_train_flags
-from search.cli.errors import run
-from search.cli.output import emit, phase_bars, setup_logging
-from search.cli.storage import protected_paths
-from search.cli.threads import single_blas_thread
-from search.core import campaign_best, run_context, run_final
-from search.space import format_params
-from search.study import check_storage, open_storage
+from clr_lambda_search.search.cli.configs import campaign, given_train_flags
+from clr_lambda_search.search.cli.errors import run
+from clr_lambda_search.search.cli.output import emit, phase_bars, setup_logging
+from clr_lambda_search.search.cli.storage import protected_paths
+from clr_lambda_search.search.cli.threads import single_blas_thread
+from clr_lambda_search.search.core import campaign_best, run_context, run_final
+from clr_lambda_search.search.space import format_params
+from clr_lambda_search.search.study import check_storage, open_storage
 
 N_TRAIN = 49_000  # to check the flags before the data is loaded; the real count replaces it
 

@@ -8,12 +8,12 @@ below --tol (exit 0, else 1).
 """
 import numpy as np
 
-from model.dataset import load_cifar10
-from model.gradcheck import gradcheck_report
-from model.network import PARAM_KEYS
-from search.cli.args import Parser, add_common_args, add_data_args
-from search.cli.errors import run
-from search.cli.output import emit, setup_logging
+from clr_lambda_search.model.dataset import load_cifar10
+from clr_lambda_search.model.gradcheck import gradcheck_report
+from clr_lambda_search.model.network import PARAM_KEYS
+from clr_lambda_search.search.cli.args import Parser, add_common_args, add_data_args
+from clr_lambda_search.search.cli.errors import run
+from clr_lambda_search.search.cli.output import emit, setup_logging
 
 # Centred differences cost two forward passes per parameter: with 3072 dims, m = 1000 would be 3M
 # parameters × 2 passes (hours), and m = 10⁹ would not fit in memory. A check needs a small net.

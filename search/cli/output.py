@@ -5,7 +5,7 @@ import logging
 import math
 import sys
 
-from search.cli.storage import HideSecrets
+from clr_lambda_search.search.cli.storage import HideSecrets
 
 
 def setup_logging(args):

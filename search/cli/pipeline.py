@@ -12,22 +12,22 @@ import os
 import time
 from pathlib import Path
 
-from model.dataset import load_cifar10
-from model.errors import ConfigError
-from model.outputs import check_page, check_results_dir
-from model.resources import check_memory, check_writable
-from search import settings
-from search.cli.args import (Parser, add_campaign_args, add_common_args, add_data_args,
+from clr_lambda_search.model.dataset import load_cifar10
+from clr_lambda_search.model.errors import ConfigError
+from clr_lambda_search.model.outputs import check_page, check_results_dir
+from clr_lambda_search.model.resources import check_memory, check_writable
+from clr_lambda_search.search import settings
+from clr_lambda_search.search.cli.args import (Parser, add_campaign_args, add_common_args, add_data_args,
                              add_heartbeat_args, storage_opts)
-from search.cli.configs import campaign
-from search.cli.errors import run
-from search.cli.output import emit, phase_bars, setup_logging
-from search.cli.storage import protected_paths
-from search.cli.threads import single_blas_thread
-from search.core import dashboard_maker, run_campaign
-from search.report import space_text
-from search.space import format_params
-from search.study import check_storage, mask_url, open_storage
+from clr_lambda_search.search.cli.configs import campaign
+from clr_lambda_search.search.cli.errors import run
+from clr_lambda_search.search.cli.output import emit, phase_bars, setup_logging
+from clr_lambda_search.search.cli.storage import protected_paths
+from clr_lambda_search.search.cli.threads import single_blas_thread
+from clr_lambda_search.search.core import dashboard_maker, run_campaign
+from clr_lambda_search.search.report import space_text
+from clr_lambda_search.search.space import format_params
+from clr_lambda_search.search.study import check_storage, mask_url, open_storage
 
 log = logging.getLogger("pipeline")
 N_TRAIN = 49_000  # to check the final settings before the data is loaded

@@ -17,21 +17,21 @@ import time
 
 import optuna
 
-from model.dataset import load_cifar10
-from model.errors import ConfigError
-from model.resources import check_memory
-from search.campaign import MAX_MARGIN, grid_param, validated, with_config, with_phase
-from search.cli.args import (Parser, add_campaign_args, add_common_args, add_data_args,
+from clr_lambda_search.model.dataset import load_cifar10
+from clr_lambda_search.model.errors import ConfigError
+from clr_lambda_search.model.resources import check_memory
+from clr_lambda_search.search.campaign import MAX_MARGIN, grid_param, validated, with_config, with_phase
+from clr_lambda_search.search.cli.args import (Parser, add_campaign_args, add_common_args, add_data_args,
                              add_heartbeat_args, add_train_args, storage_opts)
-from search.cli.configs import campaign, given_train_flags
-from search.cli.errors import run
-from search.cli.output import emit, phase_bars, setup_logging
-from search.core import retire, run_phase
-from search.phases import require_finished
-from search.report import phase_summary, status_report, status_text, summary_text
-from search.samplers import PRUNERS, SAMPLERS
-from search.space import Categorical, Int, parse_values
-from search.study import check_storage, mask_url, open_storage
+from clr_lambda_search.search.cli.configs import campaign, given_train_flags
+from clr_lambda_search.search.cli.errors import run
+from clr_lambda_search.search.cli.output import emit, phase_bars, setup_logging
+from clr_lambda_search.search.core import retire, run_phase
+from clr_lambda_search.search.phases import require_finished
+from clr_lambda_search.search.report import phase_summary, status_report, status_text, summary_text
+from clr_lambda_search.search.samplers import PRUNERS, SAMPLERS
+from clr_lambda_search.search.space import Categorical, Int, parse_values
+from clr_lambda_search.search.study import check_storage, mask_url, open_storage
 
 
 def parse_args(argv=None):

@@ -3,8 +3,8 @@ its files kept from being overwritten by an output."""
 import logging
 import os
 
-from model.errors import InputError
-from search.study import DEFAULT_STORAGE, redact, sqlite_path
+from clr_lambda_search.model.errors import InputError
+from clr_lambda_search.search.study import DEFAULT_STORAGE, redact, sqlite_path
 
 STORAGE_ENV = "OPTUNA_STORAGE"  # what Optuna's own CLI reads: keeps a password out of `ps`
 _storage_urls = []  # every storage URL given to this process: its secrets never reach stderr

@@ -9,13 +9,13 @@ workers), and a dead worker's trial failed and re-queued with the same parameter
 grace period (the proxy looks every --heartbeat-interval seconds). Runs until Ctrl-C or SIGTERM.
 The port is unauthenticated and unencrypted: bind it to a private network only.
 """
-from model.errors import InputError
-from search.cli.args import Parser, add_heartbeat_args, storage_opts
-from search.cli.errors import run
-from search.cli.output import setup_logging
-from search.grpc_client import is_grpc
-from search.grpc_server import serve
-from search.study import check_storage, mask_url, open_storage
+from clr_lambda_search.model.errors import InputError
+from clr_lambda_search.search.cli.args import Parser, add_heartbeat_args, storage_opts
+from clr_lambda_search.search.cli.errors import run
+from clr_lambda_search.search.cli.output import setup_logging
+from clr_lambda_search.search.grpc_client import is_grpc
+from clr_lambda_search.search.grpc_server import serve
+from clr_lambda_search.search.study import check_storage, mask_url, open_storage
 
 
 def parse_args(argv=None):

@@ -7,18 +7,18 @@ lr .png) into --out (default studies/runs/lam<λ>-seed<seed>).
 """
 import time
 
-from model.checkpoint import save_run
-from model.dataset import load_cifar10
-from model.outputs import check_results_dir, publish_dir
-from model.resources import check_memory, check_writable
-from model.train import evaluate, evaluate_ensemble, fit
-from search.cli.args import (WORKERS_PER_CPU, Parser, add_common_args, add_data_args,
+from clr_lambda_search.model.checkpoint import save_run
+from clr_lambda_search.model.dataset import load_cifar10
+from clr_lambda_search.model.outputs import check_results_dir, publish_dir
+from clr_lambda_search.model.resources import check_memory, check_writable
+from clr_lambda_search.model.train import evaluate, evaluate_ensemble, fit
+from clr_lambda_search.search.cli.args import (WORKERS_PER_CPU, Parser, add_common_args, add_data_args,
                              add_train_args)
-from search.cli.configs import train_config
-from search.cli.errors import run
-from search.cli.output import emit, progress_bar, setup_logging
-from search.cli.storage import protected_paths, storage_url
-from search.cli.threads import blas_threads, cpu_count
+from clr_lambda_search.search.cli.configs import train_config
+from clr_lambda_search.search.cli.errors import run
+from clr_lambda_search.search.cli.output import emit, progress_bar, setup_logging
+from clr_lambda_search.search.cli.storage import protected_paths, storage_url
+from clr_lambda_search.search.cli.threads import blas_threads, cpu_count
 
 
 def parse_args(argv=None):

@@ -1,0 +1,13 @@
+"""clr-lambda-search: an Optuna search of a NumPy CLR network's regularisation.
+
+The installed import name of the project's two source folders: `clr_lambda_search.model` (the
+NumPy trainer, folder model/) and `clr_lambda_search.search` (the Optuna layer, folder search/),
+mapped by pyproject.toml, so a user's own `model.py` or `search/` never shadows them. The Python
+API is `clr_lambda_search.search.api`; the command is `clr-search` (`python -m clr_lambda_search`).
+"""
+from importlib import metadata
+
+try:
+    __version__ = metadata.version("clr-lambda-search")
+except metadata.PackageNotFoundError:  # a source tree that was not installed
+    __version__ = "0+unknown"
