@@ -107,7 +107,6 @@ def make_storage(base, beacon_port):
 
 def env():
     e = {k: v for k, v in os.environ.items() if not k.startswith("CIFAR10_")}
-    e["PYTHONPATH"] = str(REPO)
     return e
 
 
