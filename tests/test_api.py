@@ -1,5 +1,5 @@
-"""The Python API: the README's example, extracted from README.md and run as a user would (on the
-tiny CIFAR-10), and run_campaign on a campaign file."""
+"""The Python API: the examples of README.md and docs/python-api.md, extracted and run as a user
+would (on the tiny CIFAR-10), and run_campaign on a campaign file."""
 import functools
 import re
 from pathlib import Path
@@ -13,12 +13,14 @@ from clr_lambda_search.model import dataset as data_module
 from clr_lambda_search.search.api import run_campaign
 from clr_lambda_search.search.study import open_storage
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+API_DOC = ROOT / "docs" / "python-api.md"
 
 
-def readme_example(heading="Search your own hyperparameters"):
-    """The README's Python example: the ```python block of the section `heading`."""
-    section = README.read_text().split(f"## {heading}", 1)[1]
+def readme_example(heading="One study with your own space, sampler and pruner", page=API_DOC):
+    """The Python example of a page: the ```python block of its section `heading`."""
+    section = page.read_text().split(f"## {heading}", 1)[1]
     blocks = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], re.S)
     assert len(blocks) == 1, "the section holds one Python example"
     return blocks[0]
@@ -94,7 +96,7 @@ def test_readme_campaign_example_runs_every_phase(tmp_path, cifar_tiny_dir, monk
                                                  capsys):
     from clr_lambda_search.search import api
 
-    code = readme_example("The whole campaign from Python")
+    code = readme_example("The whole campaign from Python", README)
     real = api.run_campaign
     tiny = {"search.n_s": 5, "search.cycles": 1, "phases.fine.n_trials": 3,
             "final.n_s": 5, "final.cycles": 1}
