@@ -6,6 +6,14 @@ mapped by pyproject.toml, so a user's own `model.py` or `search/` never shadows 
 API is `clr_lambda_search.search.api`; the command is `clr-search` (`python -m clr_lambda_search`).
 """
 from importlib import metadata
+from pathlib import Path
+
+# In a source checkout, model/ and search/ sit beside this folder: found from here whether the
+# checkout is installed (editable) or only on sys.path (a worktree, `python -m pytest` run in it),
+# so the checkout imported is always the one whose clr_lambda_search/ was imported.
+_checkout = Path(__file__).resolve().parent.parent
+if (_checkout / "pyproject.toml").is_file() and (_checkout / "search" / "__init__.py").is_file():
+    __path__.append(str(_checkout))
 
 try:
     __version__ = metadata.version("clr-lambda-search")
