@@ -18,6 +18,7 @@ from pathlib import Path
 
 from clr_lambda_search.model.errors import ConfigError
 from clr_lambda_search.model.train import TrainConfig
+from clr_lambda_search.search.budget import parse_budget
 from clr_lambda_search.search.final import FinalRun
 from clr_lambda_search.search.phases import ConfirmPhase, SearchPhase
 from clr_lambda_search.search.space import Categorical, Float, Int, field_type, is_typed, make_space
@@ -30,7 +31,8 @@ else:  # pragma: no cover - Python 3.10
 DEFAULT = "dd2424"
 _CAMPAIGN_KEYS = ("name", "description", "seed", "config", "search", "phases", "final")
 _PHASE_KEYS = ("name", "kind", "n_trials", "sampler", "pruner", "repeats", "params", "config",
-               "narrow", "max_pruned", "max_failed")
+               "narrow", "max_pruned", "max_failed", "budget", "start")
+BUDGET_TRIALS = 1000  # a phase with a budget and no n_trials ends at its budget, or at these
 _CONFIRM_KEYS = ("name", "kind", "from", "top_k", "seeds", "config")
 CONFIRM_TOP_K, CONFIRM_SEEDS = 3, 5
 _PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "values")
@@ -258,11 +260,31 @@ def _search_phase(raw, where, key, name, earlier):
     _known(raw, _PHASE_KEYS, where, f"{key}.")
     caps = {cap: where.get(raw, cap, int, f"{key}.", None) if cap in raw else None
             for cap in ("max_pruned", "max_failed")}
-    return SearchPhase(name=name, n_trials=where.get(raw, "n_trials", int, f"{key}.", 10),
+    budget = _budget(raw, where, key)
+    return SearchPhase(name=name, n_trials=where.get(raw, "n_trials", int, f"{key}.",
+                                                     10 if budget is None else BUDGET_TRIALS),
                        space=space, sampler=sampler, pruner=raw.get("pruner", "median"),
                        repeats=where.get(raw, "repeats", int, f"{key}.", 1),
                        config=_config(raw.get("config", {}), where, f"{key}.config"),
-                       narrow=narrow, grid=grid, **caps)
+                       narrow=narrow, grid=grid, budget=budget, start=_start(raw, where, key),
+                       **caps)
+
+
+def _budget(raw, where, key):
+    if "budget" not in raw:
+        return None
+    try:
+        return parse_budget(raw["budget"])
+    except ConfigError as e:
+        raise where.error(f"{key}.budget", str(e)) from None
+
+
+def _start(raw, where, key):
+    start = raw.get("start", [])
+    if not isinstance(start, list) or not all(isinstance(s, dict) and s for s in start):
+        raise where.error(f"{key}.start", "a list of configurations to try first, e.g. "
+                          "start = [{lam = 1e-3}, {lam = 3e-3}]")
+    return tuple(start)
 
 
 def _confirm_phase(raw, where, key, name, earlier):

@@ -36,11 +36,16 @@ class Objective:
             trial.user_attrs else self.seeds
         config = dataclasses.replace(self.base_config, **suggest(trial, self.space))
         trial.set_user_attr("seeds", seeds)
-        start = time.perf_counter()
-        finals = [self._train_one(trial, dataclasses.replace(config, seed=seed), first=(i == 0))
-                  for i, seed in enumerate(seeds)]
+        spend = _Spend(trial)
+        try:
+            finals = [self._train_one(trial, dataclasses.replace(config, seed=seed), spend,
+                                      first=(i == 0)) for i, seed in enumerate(seeds)]
+        except BaseException:  # pruned or failed: charged what it trained (search.budget)
+            spend.record()
+            raise
+        spend.record()
         attrs = summarise(finals)
-        attrs.update(steps=config.total_steps, seconds=round(time.perf_counter() - start, 3))
+        attrs.update(steps=config.total_steps, seconds=spend.seconds())
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         log.info("trial %d: %s val acc %.4f%s in %.1f s", trial.number,
@@ -48,20 +53,42 @@ class Objective:
                  f" ± {attrs['val_acc_std']:.4f}" if len(seeds) > 1 else "", attrs["seconds"])
         return attrs["val_acc"]
 
-    def _train_one(self, trial, config, first):
+    def _train_one(self, trial, config, spend, first):
         try:
             with record.failure_said(trial):
-                _, history = fit(self.data, config, on_eval=_reporter(trial) if first else None)
+                _, history = fit(self.data, config, on_eval=_reporter(trial, spend, first))
         except DivergedError as e:
             log.warning("trial %d: %s", trial.number, e)
             raise
+        spend.seed_done(config.total_steps)
         return history[-1]
 
 
-def _reporter(trial):
-    """on_eval callback: report val accuracy at each evaluation point after 0; prune if asked."""
+class _Spend:
+    """What a trial has trained: the updates of its finished seeds, plus the running seed's last
+    evaluation point; recorded as the trial's `updates` and `seconds` (search.budget)."""
+
+    def __init__(self, trial):
+        self.trial, self.start = trial, time.perf_counter()
+        self.finished = self.running = 0
+
+    def seed_done(self, steps):
+        self.finished, self.running = self.finished + steps, 0
+
+    def seconds(self):
+        return round(time.perf_counter() - self.start, 3)
+
+    def record(self):
+        self.trial.set_user_attr("updates", self.finished + self.running)
+        self.trial.set_user_attr("seconds", self.seconds())
+
+
+def _reporter(trial, spend, first):
+    """on_eval callback: count the updates trained; on the first seed, report val accuracy at
+    each evaluation point after 0, and prune if asked."""
     def on_eval(record):
-        if record["step"] == 0:
+        spend.running = record["step"]
+        if record["step"] == 0 or not first:
             return
         trial.report(record["val"]["acc"], record["step"])
         if trial.should_prune():

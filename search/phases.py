@@ -18,7 +18,7 @@ import optuna
 from clr_lambda_search.model.errors import ConfigError, InputError, WorkersFailed
 from clr_lambda_search.model.precision import resolve_precision
 from clr_lambda_search.model.train import TrainConfig
-from clr_lambda_search.search import record
+from clr_lambda_search.search import budget, record
 from clr_lambda_search.search.confirm import SEED_BASE, race, sentence, verdict
 from clr_lambda_search.search.lock import storage_lock
 from clr_lambda_search.search.objective import Objective
@@ -83,10 +83,13 @@ class SearchPhase(Phase):
     max_pruned: int = None      # stop once this many trials were pruned (default 5 × n_trials)
     max_failed: int = None      # stop once this many failed (default max(5, n_trials))
     study: str = None           # the study's name (default <campaign>-<name>)
+    budget: object = None       # a search.budget.Budget: ends the phase once spent, if sooner
+    start: tuple = ()           # configurations ({param: value}) queued first, once
     kind: typing.ClassVar[str] = "search"
     confirmable: typing.ClassVar[bool] = True  # a confirm phase may race its best trials
     settings: typing.ClassVar[tuple] = ("n_trials", "repeats", "sampler", "pruner", "max_pruned",
-                                        "max_failed", "narrow.top_k", "narrow.margin")
+                                        "max_failed", "budget", "start", "narrow.top_k",
+                                        "narrow.margin")
 
     def study_name(self, campaign_name):
         return self.study or super().study_name(campaign_name)
@@ -120,13 +123,18 @@ class SearchPhase(Phase):
         if _is_grid(self.sampler) and not self.grid:
             fail("sampler", "the grid sampler needs values = [...] for every parameter")
         _check(lambda: make_pruner(self.pruner, config), "pruner", fail)
+        for i, params in enumerate(self.start):
+            _check(lambda: check_start(params, self.base_space(campaign)), f"start[{i}]", fail)
 
     def to_dict(self):
         return {"name": self.name, "kind": self.kind, "n_trials": self.n_trials,
                 "space": space_to_dict(self.space), "sampler": sampler_label(self.sampler),
                 "pruner": pruner_label(self.pruner), "repeats": self.repeats,
                 "config": dict(self.config), "narrow": self.narrow, "grid": self.grid,
-                "max_pruned": self.max_pruned, "max_failed": self.max_failed}
+                "max_pruned": self.max_pruned, "max_failed": self.max_failed,
+                # only when set: the digests of the campaigns written before them stay as they were
+                **({"budget": str(self.budget)} if self.budget is not None else {}),
+                **({"start": [dict(s) for s in self.start]} if self.start else {})}
 
     # ---- running ----------------------------------------------------------------------------
 
@@ -138,27 +146,45 @@ class SearchPhase(Phase):
         with storage_lock(run.storage, name):
             space, narrowed = self._space(run, name)
             study = open_study(run, name, self._record(run, space, narrowed))
+            if self.start and not record.read(study).start_queued:
+                for params in self.start:  # queued first, once across runners
+                    study.enqueue_trial(dict(params), skip_if_exists=True)
+                record.update(study, start_queued=True)
         self._check_fresh(run, study)
         return study
 
     def run(self, run):
         """Run (or resume) the phase until its study holds n_trials done trials; the study."""
         study = self.open(run)
-        if record.read(study).n_trials != self.n_trials:  # resumed to another target
-            record.update(study, n_trials=self.n_trials)
+        wanted = {"n_trials": self.n_trials,
+                  "budget": None if self.budget is None else str(self.budget)}
+        recorded = record.read(study)
+        changed = {k: v for k, v in wanted.items() if getattr(recorded, k) != v}
+        if changed:  # resumed to another target
+            record.update(study, **changed)
         rec = record.read(study)
         space = space_from_dict(rec.space) if rec.space is not None else self.space
         config = pinned(run.campaign.phase_config(self))
         goal = TrialTarget(self.n_trials, count_diverged=self.grid is not None,
                            max_pruned=self.max_pruned, max_failed=self.max_failed,
-                           pruner=pruner_label(self.pruner))
-        log.info("%s: %d trials in %s", study.study_name, self.n_trials, _space_text(rec.space))
+                           pruner=pruner_label(self.pruner), budget=self.budget,
+                           trial_updates=self.repeats * config.total_steps)
+        log.info("%s: %s in %s", study.study_name, self._target_text(), _space_text(rec.space))
+        if self.budget is None:
+            total, count = self.n_trials, lambda trials: sum(goal.done([t]) for t in trials)
+        else:  # progress in the budget's unit
+            total = int(self.budget.amount)
+            count = lambda trials: min(total, int(budget.spent(trials, self.budget.unit)))  # noqa: E731
         run_phase_workers(run, study, Objective(run.data, config, space, repeats=self.repeats),
-                          goal, self.n_trials, sampler=lambda: make_sampler(
+                          goal, total, sampler=lambda: make_sampler(
                               self.sampler, run.campaign.seed, self.grid),
-                          pruner=make_pruner(self.pruner, config),
-                          count=lambda trials: sum(goal.done([t]) for t in trials))
+                          pruner=make_pruner(self.pruner, config), count=count)
         return study
+
+    def _target_text(self):
+        if self.budget is None:
+            return f"{self.n_trials} trials"
+        return f"a budget of {self.budget} (at most {self.n_trials} trials)"
 
     def _space(self, run, name):
         """(space, narrowed): the recorded one of a resumed study, else the phase's own or the
@@ -181,6 +207,7 @@ class SearchPhase(Phase):
             config=config, space=space_to_dict(space), sampler=sampler_label(self.sampler),
             grid=self.grid, pruner=pruner_label(self.pruner), repeats=self.repeats, seed=c.seed,
             n_trials=self.n_trials, digest=c.digest(), narrowed=narrowed,
+            budget=None if self.budget is None else str(self.budget),
             fingerprint=run.fingerprint, precision=config["precision"])
 
     def _check_fresh(self, run, study):
@@ -328,6 +355,20 @@ class ConfirmPhase(Phase):
             return None
         return dict(v["params"]), {"study": study.study_name, "phase": self.name,
                                    "trial": None, "val_acc": v["means"][str(v["pick"])]}
+
+
+def check_start(params, space):
+    """ConfigError unless params ({name: value}) is a configuration of space's parameters."""
+    if not isinstance(params, dict) or not params:
+        raise ConfigError("a start configuration is a table {param = value, …}, e.g. "
+                          "start = [{lam = 1e-3}]")
+    known = {p.name: p for p in _params(space)}
+    for name, value in params.items():
+        if name not in known:
+            raise ConfigError(f"{name!r} is not a searched parameter (searched: "
+                              f"{', '.join(known) or 'none'})")
+        if not known[name].contains(value):
+            raise ConfigError(f"{name} = {value!r} lies outside its range ({known[name]})")
 
 
 def _params(space):

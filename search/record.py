@@ -23,7 +23,8 @@ _KEYS = {"campaign": "campaign", "phase": "phase", "kind": "kind", "index": "pha
          "digest": "campaign_digest", "narrowed": "narrowed", "fingerprint": "data_fingerprint",
          "precision": "precision", "candidates": "candidates", "seeds": "confirm_seeds",
          "verdict": "verdict", "pick": "pick", "source": "source", "derived_from": "derived_from",
-         "retired": "retired", "version": "record_version"}
+         "retired": "retired", "budget": "budget", "start_queued": "start_queued",
+         "version": "record_version"}
 # Settings that must match when a study is resumed: changing them would mix incomparable trials.
 PINNED = ("precision", "space", "config", "repeats", "fingerprint")
 
@@ -55,6 +56,8 @@ class StudyRecord:
     source: dict = None         # final: where the pick came from ({"study", "phase", "trial"})
     derived_from: list = None   # confirm: the (study, trial) of the top-k it was derived from
     retired: bool = None        # set by `retire`: kept for the record, never read as a phase
+    budget: str = None          # search: its compute budget (search.budget), if it has one
+    start_queued: bool = None   # search: its start configurations were queued
     version: int = VERSION
 
     @property

@@ -19,6 +19,7 @@ import typing
 
 from clr_lambda_search.model.errors import ConfigError
 from clr_lambda_search.model.train import TrainConfig
+from clr_lambda_search.search.budget import parse_budget
 from clr_lambda_search.search.campaign import validated, with_config
 
 if sys.version_info >= (3, 11):
@@ -126,6 +127,13 @@ def _set(c, path, value):
         changed = dataclasses.replace(phase, config=with_config(phase.config, **{key[1]: value}))
     elif key[0] == "narrow":
         changed = dataclasses.replace(phase, narrow={**phase.narrow, key[1]: value})
+    elif key[0] == "budget":
+        changed = dataclasses.replace(phase, budget=parse_budget(value))
+    elif key[0] == "start":
+        if not isinstance(value, list):
+            raise ConfigError(f"{'.'.join(path)}: a list of configurations, e.g. "
+                              "--set 'phases.coarse.start=[{lam = 1e-3}]'")
+        changed = dataclasses.replace(phase, start=tuple(value))
     else:
         changed = dataclasses.replace(phase, **{key[0]: value})
     return dataclasses.replace(c, phases=tuple(changed if p.name == phase.name else p

@@ -72,6 +72,9 @@ class Float:
     def suggest(self, trial):
         return trial.suggest_float(self.name, self.low, self.high, log=self.log)
 
+    def contains(self, value):
+        return _is_number(value) and self.low <= value <= self.high
+
 
 @dataclasses.dataclass(frozen=True)
 class Int:
@@ -98,6 +101,10 @@ class Int:
     def suggest(self, trial):
         return trial.suggest_int(self.name, self.low, self.high, step=self.step, log=self.log)
 
+    def contains(self, value):
+        return _is_int(value) and self.low <= value <= self.high \
+            and (value - self.low) % self.step == 0
+
 
 @dataclasses.dataclass(frozen=True)
 class Categorical:
@@ -123,6 +130,10 @@ class Categorical:
 
     def suggest(self, trial):
         return trial.suggest_categorical(self.name, self.choices)
+
+    def contains(self, value):
+        return any(value == c and isinstance(value, bool) == isinstance(c, bool)
+                   for c in self.choices)
 
 
 KINDS = {"float": Float, "int": Int, "categorical": Categorical}

@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 from clr_lambda_search.model.errors import DivergedError, InputError, Terminated, WorkersFailed
 from clr_lambda_search.model.train import warm_up
-from clr_lambda_search.search import record
+from clr_lambda_search.search import budget, record
 from clr_lambda_search.search.processes import die_with_parent, exit_code, stop_processes
 from clr_lambda_search.search.recovery import is_duplicate_retry, recover_trials
 from clr_lambda_search.search.study import open_storage, storage_failure_kind, storage_failure_message
@@ -84,21 +84,34 @@ def _common_failure(trials):
 
 @dataclasses.dataclass
 class TrialTarget:
-    """A search phase's goal: n done trials; caps on pruned and failed trials."""
+    """A search phase's goal: n done trials, or its budget spent (search.budget), whichever
+    comes first; caps on pruned and failed trials."""
 
     n: int
     count_diverged: bool = False
     max_pruned: int = None     # default 5 × n
     max_failed: int = None     # default max(5, n)
     pruner: str = "the pruner"
+    budget: object = None      # a search.budget.Budget, or None
+    trial_updates: int = 0     # what one trial trains in full (its expected cost in updates)
 
     def done(self, trials):
-        return sum(is_done(t, self.count_diverged) for t in trials) >= self.n
+        return sum(is_done(t, self.count_diverged) for t in trials) >= self.n \
+            or self._spent(trials)
+
+    def _spent(self, trials):
+        return self.budget is not None and budget.spent(trials, self.budget.unit) \
+            >= self.budget.amount
 
     def may_start(self, trials):
         done = sum(is_done(t, self.count_diverged) for t in trials)
         running = sum(t.state == TrialState.RUNNING for t in trials)
         waiting = sum(t.state == TrialState.WAITING for t in trials)
+        if self.budget is not None:  # the running trials will spend about this much more
+            unit = self.budget.unit
+            ahead = running * budget.expected_cost(trials, unit, self.trial_updates)
+            if budget.spent(trials, unit) + ahead >= self.budget.amount:
+                return False
         return done + running < self.n or waiting > 0
 
     def check(self, study, trials):
@@ -118,7 +131,7 @@ class TrialTarget:
     def bookkeeping(self, trial, trials):
         before = [t for t in trials if t.number < trial.number
                   and (is_done(t, self.count_diverged) or t.state == TrialState.RUNNING)]
-        if len(before) >= self.n:
+        if len(before) >= self.n or self._spent([t for t in trials if t.number < trial.number]):
             return record.SURPLUS
         if is_duplicate_retry(trial.number, trials):
             return record.DUPLICATE
