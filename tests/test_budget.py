@@ -122,6 +122,9 @@ def test_the_study_target_counts_running_trials_against_the_budget():
     goal = TrialTarget(1000, budget=Budget("updates", 100), trial_updates=30)
     two_done = [trial(TrialState.COMPLETE, 30), trial(TrialState.COMPLETE, 30)]
     assert goal.may_start(two_done) and not goal.done(two_done)
-    # 60 spent + one running trial of 30: a fourth would overshoot by more than a trial
-    assert not goal.may_start(two_done + [trial(TrialState.RUNNING)])
+    # 60 spent and one trial running (30 more): a fourth may start, as the budget is not
+    # reached by those (all end within one trial of it); with two running it may not
+    running = trial(TrialState.RUNNING)
+    assert goal.may_start(two_done + [running])
+    assert not goal.may_start(two_done + [running, running])
     assert goal.done(two_done + [trial(TrialState.PRUNED, 40)])
