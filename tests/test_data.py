@@ -510,8 +510,8 @@ def test_a_small_file_declaring_a_huge_array_is_refused_before_allocating(tmp_pa
     path.write_bytes(pickle.dumps(huge_declarations()[kind], protocol=2))
     assert path.stat().st_size < 50_000  # a few hundred bytes (30 kB of them genuine pixels)
     # in a child whose address space is capped at 1 GB: a regression fails, it does not swap
-    code = ("from model.batch_files import load_batch\n"
-            "from model.errors import DataError\n"
+    code = ("from clr_lambda_search.model.batch_files import load_batch\n"
+            "from clr_lambda_search.model.errors import DataError\n"
             "try:\n"
             f"    X, y = load_batch({str(path)!r})\n"
             "    print('LOADED', X.shape)\n"
