@@ -1,5 +1,6 @@
 """Storages written by an earlier release (commit 03d5f40, tests/data/README.md) still resume: the
 same pipeline command on a copy of them finishes the campaign without rerunning what was done.
+And release 0.1.0's storage and results folder (release-0.1.0.tar.xz) work with this one.
 
 - old-complete.db, a finished campaign: no search or confirm trial is added or changed, the
   verdict is the recorded one, and the final run (its results folder is not kept with the
@@ -9,18 +10,27 @@ same pipeline command on a copy of them finishes the campaign without rerunning 
   trial failed, not left RUNNING, and retried once with its λ), then confirm and the final run
   follow.
 
-Both end with every runnerlib check of a campaign one runner ran. The tiny CIFAR-10 of the
+- release-0.1.0.tar.xz, a finished campaign and its results folder: `clr-search status` lists its
+  studies and verdict; the pipeline command that made it adds no trial, trains nothing and
+  leaves the results folder's files as they were; `clr-search final` reads the recorded run and
+  trains nothing; `clr-search dashboard` writes its page with the final run.
+
+The first two end with every runnerlib check of a campaign one runner ran. The tiny CIFAR-10 of the
 conftest fixture is the data the fixtures were made on (each phase pins the data's fingerprint:
 other data would be refused).
 """
+import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 import faultlib as fl
 import runnerlib as rl
 from old_storage import (CAMPAIGN, COMPLETE_DB, INTERRUPTED_DB, N_COARSE, N_FINE, N_SEEDS,
-                         pipeline_command)
+                         PIPELINE_FLAGS, RELEASE_ARCHIVE, RELEASE_FLAGS, pipeline_command,
+                         unpack_release)
 
 pytestmark = pytest.mark.integration
 
@@ -38,10 +48,15 @@ def resume(fixture, cifar_tiny_dir, tmp_path):
     """Copy the fixture to tmp_path and run the pipeline command that made it on the copy."""
     db = tmp_path / fixture
     shutil.copy(DATA / fixture, db)
-    url = fl.sqlite_url(db)
+    return rerun(fl.sqlite_url(db), cifar_tiny_dir, tmp_path)
+
+
+def rerun(url, cifar_tiny_dir, tmp_path, out=None, flags=PIPELINE_FLAGS):
+    """Run the pipeline command that made the storage at url on it: url, the trials and user
+    attrs of each phase before, and the run."""
     before = {p: trials_of(url, p) for p in rl.campaign_study_names_phases(url, CAMPAIGN)}
-    runner = rl.start_pipeline(pipeline_command(url, cifar_tiny_dir.batches, tmp_path / "out")[2:],
-                               rl.env_for(tmp_path), tmp_path / "logs", "resumed")
+    command = pipeline_command(url, cifar_tiny_dir.batches, out or tmp_path / "out", flags)
+    runner = rl.start_pipeline(command[2:], rl.env_for(tmp_path), tmp_path / "logs", "resumed")
     try:
         (run,) = rl.wait_all([runner], 300)
     finally:
@@ -105,3 +120,60 @@ def test_an_old_campaign_killed_in_fine_resumes_and_finishes(cifar_tiny_dir, tmp
     rl.assert_no_problems(rl.campaign_problems(url, CAMPAIGN, [run], 1, killed=1,
                                                n_coarse=N_COARSE, n_fine=N_FINE,
                                                n_seeds=N_SEEDS), [run])
+
+
+def clr_search(tmp_path, *args):
+    """`python -m clr_lambda_search ARGS --json` from tmp_path; its JSON object."""
+    proc = subprocess.run([sys.executable, "-m", "clr_lambda_search", *map(str, args), "--json"],
+                          cwd=tmp_path, env=rl.env_for(tmp_path), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def files_of(folder):
+    """{relative path: bytes} of every file under folder."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.timeout(360)
+def test_release_0_1_0_storage_and_results_work(cifar_tiny_dir, tmp_path):
+    db, results = unpack_release(DATA / RELEASE_ARCHIVE, tmp_path)
+    url, kept = fl.sqlite_url(db), files_of(results)
+    assert "final/metrics.json" in kept and "dashboard.html" not in kept  # as README.md says
+    recorded = json.loads(kept["final/metrics.json"])
+
+    status = clr_search(tmp_path, "status", "--storage", url, "--campaign", CAMPAIGN)
+    by_phase = {s["phase"]: s for s in status["studies"]}
+    assert set(by_phase) == {"coarse", "fine", "confirm"}, status
+    assert (by_phase["coarse"]["n_complete"], by_phase["fine"]["n_complete"]) == (N_COARSE, N_FINE)
+    assert by_phase["fine"]["narrowed"], "the fine range derived by 0.1.0 is shown"
+
+    _, before, run = rerun(url, cifar_tiny_dir, tmp_path, out=results, flags=RELEASE_FLAGS)
+    rl.assert_no_problems(rl.check_exits([run]), [run])
+    for phase, (trials, attrs) in before.items():  # no trial added or changed, records kept
+        now, new_attrs = trials_of(url, phase)
+        assert now == trials, phase
+        assert_record_upgraded(attrs, new_attrs)
+    assert run.summary["final"]["params"] == recorded["params"]
+    assert run.summary["final"]["test_acc"] == [s["test_acc"] for s in recorded["seeds"]]
+    after = files_of(results)
+    assert {k: after.get(k) for k in kept} == kept, "a file of 0.1.0's results changed"
+    assert set(after) - set(kept) == {"dashboard.html"}, set(after) - set(kept)
+
+    final = clr_search(tmp_path, "final", "--storage", url, "--campaign", CAMPAIGN,
+                       "--data-dir", cifar_tiny_dir.batches, "--n-val", 20, "--out",
+                       results / "final", "--seeds", N_SEEDS, "--m", 2, "--n-s", 20,
+                       "--cycles", 1)
+    assert final["params"] == recorded["params"]
+    assert final["test_acc"] == [s["test_acc"] for s in recorded["seeds"]]  # read, not retrained
+    assert trials_of(url, "final")[0] == before["final"][0]
+    assert files_of(results) == after
+
+    page = tmp_path / "page.html"
+    shown = clr_search(tmp_path, "dashboard", "--storage", url, "--campaign", CAMPAIGN, "--out",
+                       page, "--final-dir", results / "final")
+    assert shown["final"] is True and set(shown["studies"]) == {
+        f"{CAMPAIGN}-{p}" for p in ("coarse", "fine", "confirm")}, shown
+    assert page.stat().st_size > 0

@@ -1,7 +1,8 @@
 """Regenerate the old-storage fixtures of tests/data/ (see README.md there) with the code of the
 checkout this file is in. Run from the repository root, with that checkout on PYTHONPATH:
 
-    PYTHONPATH=. python tests/data/make_old_storages.py tests/data
+    PYTHONPATH=. python tests/data/make_old_storages.py tests/data            # 03d5f40's
+    PYTHONPATH=. python tests/data/make_old_storages.py --release tests/data  # a release's
 
 - old-complete.db: the tiny campaign "old" run to its end by one pipeline.py.
 - old-fine-interrupted.db: the same command, SIGKILLed 0.05 s into the fine phase's second trial
@@ -10,6 +11,11 @@ checkout this file is in. Run from the repository root, with that checkout on PY
 The command is tests/old_storage.py's PIPELINE_FLAGS on the tiny CIFAR-10 of conftest.py
 (written to a temporary folder). The files are checkpointed, switched back to the rollback
 journal and vacuumed: one self-contained file each, no -wal or -shm beside it.
+
+--release: release-<RELEASE>.tar.xz, the storage and the results folder of the same campaign
+with m = 2 (old_storage.RELEASE_FLAGS) run to its end, without its dashboard.html (5 MB of
+plotly, written again by any dashboard command); figures saved at 16 dpi with SVG text as text
+(a matplotlibrc), which only makes them small.
 """
 import json
 import signal
@@ -25,7 +31,9 @@ sys.path.insert(0, str(HERE.parent))  # tests/
 
 import faultlib as fl  # noqa: E402
 from conftest import write_tiny_cifar  # noqa: E402
-from old_storage import CAMPAIGN, COMPLETE_DB, INTERRUPTED_DB, pipeline_command  # noqa: E402
+from old_storage import (CAMPAIGN, COMPLETE_DB, INTERRUPTED_DB, RELEASE_ARCHIVE,  # noqa: E402
+                         RELEASE_DB, RELEASE_FLAGS, RELEASE_RESULTS, pack_release,
+                         pipeline_command)
 
 
 def compact(db):
@@ -84,7 +92,30 @@ def main(dest):
         print(json.dumps({"fine_trials": [(t.number, t.state.name, t.params) for t in trials]}))
 
 
+def release(dest):
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = write_tiny_cifar(tmp / "data").batches
+        env = fl.script_env(tmp)
+        (tmp / "mpl").mkdir()
+        (tmp / "mpl" / "matplotlibrc").write_text("savefig.dpi: 16\nsvg.fonttype: none\n")
+        env["MATPLOTLIBRC"] = str(tmp / "mpl")
+        made = tmp / "release"
+        made.mkdir()
+        db, results = made / RELEASE_DB, made / RELEASE_RESULTS
+        proc = subprocess.run(pipeline_command(fl.sqlite_url(db), data, results, RELEASE_FLAGS),
+                              cwd=fl.REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        json.loads(proc.stdout)
+        compact(db)
+        (results / "dashboard.html").unlink()
+        pack_release(made, Path(dest) / RELEASE_ARCHIVE)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) == 3 and sys.argv[1] == "--release":
+        release(sys.argv[2])
+    elif len(sys.argv) == 2:
+        main(sys.argv[1])
+    else:
         sys.exit(__doc__)
-    main(sys.argv[1])
