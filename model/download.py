@@ -1,6 +1,6 @@
 """Finding CIFAR-10's batch folder: a local folder or archive, or the official archive downloaded
-(with a progress bar, and checked against its MD5 before anything in it is read) and extracted
-safely into the cache, like torchvision."""
+by pooch (retried, resumed, with a progress bar, and checked against its MD5 before anything in it
+is read) and extracted safely into the cache, like torchvision."""
 import errno
 import hashlib
 import io
@@ -8,7 +8,6 @@ import os
 import shutil
 import tarfile
 import tempfile
-import urllib.request
 from pathlib import Path
 
 from clr_lambda_search.model.batch_files import BATCHES_DIR, TRAIN_FILES
@@ -19,6 +18,9 @@ URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
 ARCHIVE = "cifar-10-python.tar.gz"
 ENV_DIR, ENV_URL, ENV_MD5, ENV_CACHE = "CIFAR10_DIR", "CIFAR10_URL", "CIFAR10_MD5", "CIFAR10_CACHE"
+RETRIES = 3      # further attempts after a failed one (pooch waits 1 s, 2 s, … between them)
+TIMEOUT = 60     # seconds without a byte before an attempt fails
+CHUNK = 1 << 16  # bytes a read takes: a dropped connection loses at most the last one
 
 
 def default_cache_dir():
@@ -95,36 +97,71 @@ def _download_and_extract(cache_dir):
 
 
 def download(url, dest, md5):
-    """Fetch url to dest with a progress bar; the file appears only once its MD5 matches."""
-    from tqdm import tqdm
+    """Fetch url to dest with pooch: up to RETRIES more attempts, each resuming the bytes the
+    last one left in dest.part; dest appears only once its MD5 matches."""
+    import pooch
+    import requests
 
     dest = Path(dest)
-    if dest.is_file() and file_md5(dest) == md5:
-        return dest
-    part = dest.with_name(dest.name + ".part")
+    if not url.lower().startswith(("http://", "https://", "ftp://")):
+        raise DataError(f"cannot download {url}: only http(s) and ftp URLs are fetched; for a "
+                        f"local copy set ${ENV_DIR} to it instead of ${ENV_URL}")
+    fetcher = pooch.create(path=dest.parent, base_url="", registry={dest.name: f"md5:{md5}"},
+                           urls={dest.name: url}, retry_if_failed=RETRIES)
+    downloader = _resuming(dest) if url.lower().startswith("http") else None
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f, tqdm(
-                total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                desc=f"downloading {Path(url).name}", leave=False) as bar:
-            for chunk in iter(lambda: r.read(1 << 20), b""):
-                f.write(chunk)
-                bar.update(len(chunk))
-    except (OSError, ValueError) as e:
-        _unlink_quietly(part)
+        return Path(fetcher.fetch(dest.name, downloader=downloader))
+    except ValueError as e:  # pooch: the MD5 of every attempt differed
+        raise DataError(f"checksum mismatch for {url}: {_pooch_hashes(e, md5)}; the file is "
+                        f"corrupt or not CIFAR-10 — retry, or set ${ENV_MD5} for a mirror you "
+                        "trust") from None
+    except (OSError, requests.RequestException) as e:
         if is_write_problem(e):  # the network is fine: the cache folder cannot take the file
             raise DataError(f"cannot download {url} into {dest.parent}: {write_problem(e)}; free "
                             f"space there or set ${ENV_CACHE} to a writable folder with ~0.4 GB "
                             "free") from None
         raise DataError(f"cannot download {url} ({e}); check the network, or set ${ENV_DIR} to a "
                         "local copy") from None
-    got = file_md5(part)
-    if got != md5:
-        part.unlink()
-        raise DataError(f"checksum mismatch for {url}: MD5 {got}, expected {md5}; the file is "
-                        f"corrupt or not CIFAR-10 — retry, or set ${ENV_MD5} for a mirror you trust")
-    part.replace(dest)
-    return dest
+
+
+def _pooch_hashes(error, md5):
+    """'MD5 <got>, expected <md5>' from pooch's mismatch message (its wording, else as is)."""
+    words = [w.strip(".,:;'") for w in str(error).split()]
+    got = [w for w in words if len(w) == 32 and w != md5]
+    return f"MD5 {got[-1]}, expected {md5}" if got else str(error)
+
+
+def _resuming(dest):
+    """A pooch downloader over HTTP(S) that keeps the bytes received in dest.part and asks the
+    next attempt (a retry, or the next run) for the rest only: pooch's own starts again from
+    byte 0. The whole file is handed to pooch, which checks its MD5."""
+    part = dest.with_name(dest.name + ".part")
+
+    def fetch(url, output_file, pooch_, check_only=False):
+        import requests
+        from tqdm import tqdm
+
+        have = part.stat().st_size if part.is_file() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT) as r:
+            if r.status_code == 416 and have:  # nothing left to send: part is the whole file
+                return os.replace(part, output_file)
+            r.raise_for_status()
+            if r.status_code != 206:  # the server ignored Range: start again
+                have = 0
+            size = int(r.headers.get("Content-Length") or 0)
+            with open(part, "ab" if have else "wb") as f, tqdm(
+                    total=have + size or None, initial=have, unit="B", unit_scale=True,
+                    desc=f"downloading {dest.name}", leave=False) as bar:
+                for chunk in r.iter_content(CHUNK):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+                got = f.tell()
+        if size and got < have + size:  # the connection closed early: keep part, pooch retries
+            raise requests.ConnectionError(f"connection closed after {got:,} of {have + size:,} "
+                                           "bytes")
+        os.replace(part, output_file)  # pooch moves it to dest once its MD5 matches
+    return fetch
 
 
 def _unlink_quietly(path):

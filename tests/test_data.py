@@ -1,5 +1,6 @@
 """CIFAR-10 loading on a tiny copy in the real format: split, normalisation, and hostile input."""
 import dataclasses
+import http.server
 import io
 import os
 import pickle
@@ -7,15 +8,18 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 
 import numpy as np
+import pooch
 import pytest
 
 from conftest import CONST_COLS, CONST_VALUES, N_PER_BATCH, make_archive, tiny_batch, write_pickle
 from envlib import full_disk, limit_memory, read_only
 from clr_lambda_search.model.batch_files import BATCHES_DIR, D, load_batch
 from clr_lambda_search.model.dataset import fingerprint, load_cifar10, train_stats
-from clr_lambda_search.model.download import ARCHIVE, download, extract_archive, file_md5, resolve_batches_dir
+from clr_lambda_search.model.download import (ARCHIVE, CHUNK, RETRIES, download, extract_archive, file_md5,
+                                              resolve_batches_dir)
 from clr_lambda_search.model.errors import DataError
 from clr_lambda_search.model.step import gather_batch
 
@@ -426,32 +430,115 @@ def test_archive_that_is_not_cifar(tmp_path, content):
 
 # ---- download ------------------------------------------------------------------------------------
 
-def test_download_from_a_file_url(cifar_tiny_dir, tmp_path):
+class ArchiveServer:
+    """The tiny archive over HTTP on 127.0.0.1 (pooch has no file:// downloader), honouring
+    Range; `cut` drops the first response after that many bytes; `requests` logs each GET's
+    Range header."""
+
+    def __init__(self, payload, ranges=True):
+        self.payload, self.ranges, self.cut, self.requests = payload, ranges, None, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append(self.headers.get("Range"))
+                if self.path != "/" + ARCHIVE:
+                    return self.send_error(404)
+                start = int(self.headers["Range"][6:-1]) if self.headers.get("Range") and \
+                    server.ranges else 0
+                body = server.payload[start:]
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if server.cut is not None:  # a connection that drops mid-way, once
+                    body, server.cut = body[:server.cut], None
+                    self.close_connection = True
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/{ARCHIVE}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def served(cifar_tiny_dir, monkeypatch):
+    """ArchiveServer of the tiny archive; pooch retries at once (its waits patched out)."""
+    monkeypatch.setattr(pooch.core.time, "sleep", lambda s: None)
+    server = ArchiveServer(cifar_tiny_dir.archive.read_bytes())
+    yield server
+    server.close()
+
+
+def test_download_over_http(cifar_tiny_dir, served, tmp_path):
     dest = tmp_path / "dl" / "cifar-10-python.tar.gz"
-    got = download(cifar_tiny_dir.archive.as_uri(), dest, cifar_tiny_dir.md5)
+    got = download(served.url, dest, cifar_tiny_dir.md5)
     assert got == dest and file_md5(dest) == cifar_tiny_dir.md5  # the bytes arrived intact
     assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]  # no .part left
+    assert served.requests == [None]
+    assert download(served.url, dest, cifar_tiny_dir.md5) == dest  # present: not fetched again
+    assert served.requests == [None]
 
 
-def test_download_with_a_wrong_md5_leaves_nothing(cifar_tiny_dir, tmp_path):
+def test_a_dropped_download_is_retried_from_where_it_stopped(cifar_tiny_dir, served, tmp_path):
+    served.cut = 300_000  # of 796 kB
+    dest = tmp_path / "dl" / ARCHIVE
+    assert download(served.url, dest, cifar_tiny_dir.md5) == dest
+    assert file_md5(dest) == cifar_tiny_dir.md5
+    first, retry = served.requests
+    # the retry asked for the rest only: what arrived, less the read the drop cut short
+    assert first is None and retry == f"bytes={300_000 // CHUNK * CHUNK}-", served.requests
+
+
+def test_a_download_left_by_an_earlier_run_is_resumed(cifar_tiny_dir, served, tmp_path):
+    dest = tmp_path / "dl" / ARCHIVE
+    dest.parent.mkdir()
+    dest.with_name(ARCHIVE + ".part").write_bytes(served.payload[:500])
+    assert download(served.url, dest, cifar_tiny_dir.md5) == dest
+    assert file_md5(dest) == cifar_tiny_dir.md5 and served.requests == ["bytes=500-"]
+
+
+def test_a_server_without_ranges_sends_the_whole_file_again(cifar_tiny_dir, served, tmp_path):
+    served.ranges, served.cut = False, 300_000
+    dest = tmp_path / "dl" / ARCHIVE
+    assert download(served.url, dest, cifar_tiny_dir.md5) == dest
+    assert file_md5(dest) == cifar_tiny_dir.md5 and len(served.requests) == 2
+
+
+def test_download_with_a_wrong_md5_leaves_nothing(served, tmp_path):
     dest = tmp_path / "dl" / "cifar-10-python.tar.gz"
-    with pytest.raises(DataError, match="checksum mismatch"):
-        download(cifar_tiny_dir.archive.as_uri(), dest, "0" * 32)
+    with pytest.raises(DataError, match="checksum mismatch") as e:
+        download(served.url, dest, "0" * 32)
+    assert f"expected {'0' * 32}" in str(e.value) and "\n" not in str(e.value)
+    assert len(served.requests) == 1 + RETRIES  # pooch retried, each time from byte 0
     assert not dest.exists()
     assert not dest.with_name(dest.name + ".part").exists()
     assert list(dest.parent.iterdir()) == []
 
 
-def test_download_of_a_missing_url_leaves_nothing(tmp_path):
+def test_download_of_a_missing_url_leaves_nothing(served, tmp_path):
     dest = tmp_path / "dl" / "cifar-10-python.tar.gz"
     with pytest.raises(DataError, match="cannot download"):
-        download((tmp_path / "nope.tar.gz").as_uri(), dest, "0" * 32)
+        download(served.url.replace(ARCHIVE, "nope.tar.gz"), dest, "0" * 32)
     assert list(dest.parent.iterdir()) == []
 
 
-def test_no_source_downloads_checks_and_extracts(cifar_tiny_dir, tmp_path, monkeypatch):
+def test_a_file_url_names_the_variable_to_use(cifar_tiny_dir, tmp_path):
+    with pytest.raises(DataError, match="set \\$CIFAR10_DIR to it"):
+        download(cifar_tiny_dir.archive.as_uri(), tmp_path / ARCHIVE, cifar_tiny_dir.md5)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_source_downloads_checks_and_extracts(cifar_tiny_dir, served, tmp_path, monkeypatch):
     """With no --data-dir and no $CIFAR10_DIR the archive is fetched from $CIFAR10_URL."""
-    monkeypatch.setenv("CIFAR10_URL", cifar_tiny_dir.archive.as_uri())
+    monkeypatch.setenv("CIFAR10_URL", served.url)
     monkeypatch.setenv("CIFAR10_MD5", cifar_tiny_dir.md5)
     cache = tmp_path / "cache"
     folder = resolve_batches_dir(None, cache)
@@ -459,12 +546,12 @@ def test_no_source_downloads_checks_and_extracts(cifar_tiny_dir, tmp_path, monke
     ds = load_cifar10(None, n_val=N_VAL, cache_dir=cache)
     assert len(ds.test.y) == N_PER_BATCH
     # a second run finds the extraction and needs no network: a dead URL does not matter
-    monkeypatch.setenv("CIFAR10_URL", (tmp_path / "gone.tar.gz").as_uri())
+    served.close()
     assert resolve_batches_dir(None, cache) == folder
 
 
-def test_no_source_with_a_bad_checksum_extracts_nothing(cifar_tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("CIFAR10_URL", cifar_tiny_dir.archive.as_uri())
+def test_no_source_with_a_bad_checksum_extracts_nothing(served, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_URL", served.url)
     monkeypatch.setenv("CIFAR10_MD5", "0" * 32)
     with pytest.raises(DataError, match="checksum mismatch"):
         resolve_batches_dir(None, tmp_path / "cache")
@@ -599,13 +686,13 @@ def test_disk_full_while_extracting_says_so(cifar_tiny_dir, tmp_path, monkeypatc
         assert not any(cache.rglob("data_batch_*"))  # the partial extraction was removed
 
 
-def test_a_read_only_cache_cannot_take_the_archive(cifar_tiny_dir, tmp_path):
+def test_a_read_only_cache_cannot_take_the_archive(cifar_tiny_dir, served, tmp_path):
     with read_only(tmp_path / "cache") as cache:
         with pytest.raises(DataError, match="CIFAR10_CACHE") as e:
             extract_archive(cifar_tiny_dir.archive, cache / "sub")
         assert "re-download" not in str(e.value)
         with pytest.raises(DataError, match="CIFAR10_CACHE"):
-            download(cifar_tiny_dir.archive.as_uri(), cache / "sub" / ARCHIVE, cifar_tiny_dir.md5)
+            download(served.url, cache / "sub" / ARCHIVE, cifar_tiny_dir.md5)
 
 
 def test_a_read_only_array_cache_falls_back_to_memory(cifar_tiny_dir, tmp_path, caplog):
