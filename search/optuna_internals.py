@@ -13,6 +13,10 @@ from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.storages._heartbeat import BaseHeartbeat  # noqa: F401 - re-exported for grpc_client
 from optuna.trial import TrialState
 
+# The logger Optuna's optimize loop reports a failed trial on, with its traceback (a private
+# module's name): search/workers.py filters out its bookkeeping trials there.
+OPTIMIZE_LOGGER = "optuna.study._optimize"
+
 
 def reseed(sampler, seed):
     """Seed the random states of sampler and of the samplers it holds (TPE's startup sampler,

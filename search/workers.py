@@ -32,6 +32,7 @@ from clr_lambda_search.model.errors import DivergedError, InputError, Terminated
 from clr_lambda_search.model.train import warm_up
 from clr_lambda_search.search import budget, record
 from clr_lambda_search.search.processes import die_with_parent, exit_code, stop_processes
+from clr_lambda_search.search.optuna_internals import OPTIMIZE_LOGGER
 from clr_lambda_search.search.recovery import is_duplicate_retry, recover_trials
 from clr_lambda_search.search.study import open_storage, storage_failure_kind, storage_failure_message
 
@@ -55,7 +56,7 @@ class _QuietBookkeeping(logging.Filter):
         return "Bookkeeping(" not in rec.getMessage()
 
 
-logging.getLogger("optuna.study._optimize").addFilter(_QuietBookkeeping())
+logging.getLogger(OPTIMIZE_LOGGER).addFilter(_QuietBookkeeping())
 
 
 def is_done(t, count_diverged=False):

@@ -1,6 +1,10 @@
 """Each use of Optuna's private modules (search/optuna_internals.py), exercised directly: when an
 Optuna upgrade moves or changes one, the failure names the Optuna version and the use."""
+import ast
 import importlib
+import logging
+import re
+from pathlib import Path
 
 import optuna
 import pytest
@@ -21,6 +25,9 @@ def changed(what):
 @pytest.mark.parametrize("module, names", [
     ("optuna.samplers._lazy_random_state", ["LazyRandomState"]),
     ("optuna.storages._rdb.models", ["TrialModel", "TrialHeartbeatModel"]),
+    ("optuna.storages._heartbeat", ["BaseHeartbeat", "is_heartbeat_enabled"]),
+    ("optuna.storages._grpc.server", ["make_server"]),
+    ("optuna.study._optimize", []),
 ])
 def test_the_private_modules_still_exist(module, names):
     try:
@@ -110,3 +117,73 @@ def test_claim_waiting_claims_a_queued_trial_once(storage):
         "a claimed trial is not RUNNING with a start time (TrialModel.state / datetime_start)")
     # the claim is conditional: a RUNNING trial is not claimed again
     assert claim_waiting(storage, tid) is False, changed("a RUNNING trial was claimed again")
+
+
+def test_base_heartbeat_is_what_storages_with_heartbeats_subclass():
+    from clr_lambda_search.search.grpc_client import ProxyClient
+    from clr_lambda_search.search.optuna_internals import BaseHeartbeat
+
+    assert issubclass(RDBStorage, BaseHeartbeat), changed(
+        "RDBStorage no longer subclasses optuna.storages._heartbeat.BaseHeartbeat")
+    missing = BaseHeartbeat.__abstractmethods__ - set(vars(ProxyClient))
+    assert not missing, changed(f"BaseHeartbeat has new abstract methods {sorted(missing)}, "
+                                "which the gRPC client (search/grpc_client.py) does not define")
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    class Beating(ProxyClient):  # ProxyClient without its gRPC connection
+        def __init__(self):
+            self._heartbeat_interval = 5
+    assert is_heartbeat_enabled(Beating()), changed(
+        "Optuna does not take a BaseHeartbeat with an interval for a storage with heartbeats")
+
+
+def test_make_grpc_server_builds_a_server_not_started(storage):
+    pytest.importorskip("grpc")  # the grpc extra; `make` installs it, so CI runs this
+    from clr_lambda_search.search.optuna_internals import make_grpc_server
+
+    try:
+        server = make_grpc_server(storage, "127.0.0.1", 0)
+    except (ImportError, TypeError) as e:
+        pytest.fail(changed(f"optuna.storages._grpc.server.make_server(storage, host, port): {e}"))
+    assert callable(getattr(server, "start", None)) and callable(getattr(server, "stop", None))
+    server.stop(None)
+
+
+def test_optuna_reports_a_failed_trial_on_the_logger_workers_filter():
+    from clr_lambda_search.search.optuna_internals import OPTIMIZE_LOGGER
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger = logging.getLogger(OPTIMIZE_LOGGER)
+    logger.addHandler(handler)
+    try:
+        def fail(trial):
+            raise RuntimeError("Bookkeeping(surplus)")
+        optuna.create_study().optimize(fail, n_trials=1, catch=(RuntimeError,))
+    finally:
+        logger.removeHandler(handler)
+    assert any("Bookkeeping(surplus)" in r.getMessage() for r in seen), changed(
+        f"a failed trial is no longer logged on {OPTIMIZE_LOGGER!r}")
+
+
+def test_every_private_use_is_here_and_tested():
+    """No other module of model/ or search/ reaches into Optuna's private modules, and every
+    name search/optuna_internals.py exports is exercised by a test of this file."""
+    import clr_lambda_search.search.optuna_internals as internals
+
+    root = Path(internals.__file__).resolve().parents[1]
+    private = re.compile(r"optuna(\.\w+)*\._\w+")
+    elsewhere = [f"{p.relative_to(root)}:{n}" for folder in ("model", "search")
+                 for p in sorted((root / folder).rglob("*.py")) if p.name != "optuna_internals.py"
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if private.search(line)]
+    assert not elsewhere, f"private Optuna uses outside search/optuna_internals.py: {elsewhere}"
+    tree = ast.parse(Path(internals.__file__).read_text())
+    exported = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    exported |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
+                 if isinstance(t, ast.Name) and t.id.isupper()}
+    exported |= {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom)
+                 and "._" in (n.module or "") for a in n.names}
+    source = Path(__file__).read_text()
+    untested = sorted(n for n in exported if not re.search(rf"\b{n}\b", source))
+    assert not untested, f"search/optuna_internals.py exports {untested} with no test here"
