@@ -4,6 +4,7 @@ is read) and extracted safely into the cache, like torchvision."""
 import errno
 import hashlib
 import io
+import logging
 import os
 import shutil
 import tarfile
@@ -21,6 +22,8 @@ ENV_DIR, ENV_URL, ENV_MD5, ENV_CACHE = "CIFAR10_DIR", "CIFAR10_URL", "CIFAR10_MD
 RETRIES = 3      # further attempts after a failed one (pooch waits 1 s, 2 s, … between them)
 TIMEOUT = 60     # seconds without a byte before an attempt fails
 CHUNK = 1 << 16  # bytes a read takes: a dropped connection loses at most the last one
+
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir():
@@ -106,6 +109,8 @@ def download(url, dest, md5):
     if not url.lower().startswith(("http://", "https://", "ftp://")):
         raise DataError(f"cannot download {url}: only http(s) and ftp URLs are fetched; for a "
                         f"local copy set ${ENV_DIR} to it instead of ${ENV_URL}")
+    # pooch's logger prints on its own handler, past the command's -q: ours says what it did
+    pooch.get_logger().setLevel(logging.WARNING)
     fetcher = pooch.create(path=dest.parent, base_url="", registry={dest.name: f"md5:{md5}"},
                            urls={dest.name: url}, retry_if_failed=RETRIES)
     downloader = _resuming(dest) if url.lower().startswith("http") else None
@@ -143,6 +148,7 @@ def _resuming(dest):
 
         have = part.stat().st_size if part.is_file() else 0
         headers = {"Range": f"bytes={have}-"} if have else {}
+        log.info("downloading %s%s", url, f" from byte {have:,}" if have else "")
         with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT) as r:
             if r.status_code == 416 and have:  # nothing left to send: part is the whole file
                 return os.replace(part, output_file)
@@ -158,6 +164,8 @@ def _resuming(dest):
                     bar.update(len(chunk))
                 got = f.tell()
         if size and got < have + size:  # the connection closed early: keep part, pooch retries
+            log.warning("%s: the connection closed after %s of %s bytes", url, f"{got:,}",
+                        f"{have + size:,}")
             raise requests.ConnectionError(f"connection closed after {got:,} of {have + size:,} "
                                            "bytes")
         os.replace(part, output_file)  # pooch moves it to dest once its MD5 matches

@@ -477,9 +477,10 @@ def served(cifar_tiny_dir, monkeypatch):
     server.close()
 
 
-def test_download_over_http(cifar_tiny_dir, served, tmp_path):
+def test_download_over_http(cifar_tiny_dir, served, tmp_path, capfd):
     dest = tmp_path / "dl" / "cifar-10-python.tar.gz"
     got = download(served.url, dest, cifar_tiny_dir.md5)
+    assert "Downloading file" not in capfd.readouterr().err  # pooch's own handler keeps quiet
     assert got == dest and file_md5(dest) == cifar_tiny_dir.md5  # the bytes arrived intact
     assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]  # no .part left
     assert served.requests == [None]
@@ -487,7 +488,8 @@ def test_download_over_http(cifar_tiny_dir, served, tmp_path):
     assert served.requests == [None]
 
 
-def test_a_dropped_download_is_retried_from_where_it_stopped(cifar_tiny_dir, served, tmp_path):
+def test_a_dropped_download_is_retried_from_where_it_stopped(cifar_tiny_dir, served, tmp_path,
+                                                            caplog):
     served.cut = 300_000  # of 796 kB
     dest = tmp_path / "dl" / ARCHIVE
     assert download(served.url, dest, cifar_tiny_dir.md5) == dest
@@ -495,6 +497,7 @@ def test_a_dropped_download_is_retried_from_where_it_stopped(cifar_tiny_dir, ser
     first, retry = served.requests
     # the retry asked for the rest only: what arrived, less the read the drop cut short
     assert first is None and retry == f"bytes={300_000 // CHUNK * CHUNK}-", served.requests
+    assert "the connection closed after" in caplog.text
 
 
 def test_a_download_left_by_an_earlier_run_is_resumed(cifar_tiny_dir, served, tmp_path):
