@@ -159,24 +159,25 @@ def _resuming(dest):
             with open(part, "ab" if have else "wb") as f, tqdm(
                     total=have + size or None, initial=have, unit="B", unit_scale=True,
                     desc=f"downloading {dest.name}", leave=False) as bar:
-                for chunk in r.iter_content(CHUNK):
-                    f.write(chunk)
-                    bar.update(len(chunk))
+                try:
+                    for chunk in r.iter_content(CHUNK):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                except requests.RequestException:
+                    _closed_early(url, f.tell(), have + size)
+                    raise
                 got = f.tell()
-        if size and got < have + size:  # the connection closed early: keep part, pooch retries
-            log.warning("%s: the connection closed after %s of %s bytes", url, f"{got:,}",
-                        f"{have + size:,}")
+        if size and got < have + size:  # closed early without an error: pooch retries too
+            _closed_early(url, got, have + size)
             raise requests.ConnectionError(f"connection closed after {got:,} of {have + size:,} "
                                            "bytes")
         os.replace(part, output_file)  # pooch moves it to dest once its MD5 matches
     return fetch
 
 
-def _unlink_quietly(path):
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
+def _closed_early(url, got, total):
+    log.warning("%s: the connection closed after %s of %s bytes (kept for the next attempt)",
+                url, f"{got:,}", f"{total:,}" if total else "?")
 
 
 def extract_archive(archive, cache_dir, expected_md5=None):
