@@ -68,3 +68,21 @@ def test_bad_input_is_still_exit_2_and_writes_no_file(bug_dir, capsys):
     code, out = run_failing(main, capsys)
     assert code == 2 and out.err.startswith("error: no such study") and SECRET not in out.err
     assert list(Path(bug_dir).iterdir()) == []
+
+
+def test_a_reader_that_leaves_the_pipe_is_no_bug(tmp_path):
+    """`clr-search status --json | head`: the command stops quietly (exit 141, like any Unix
+    tool whose reader left), with no bug report."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom clr_lambda_search.search.cli import errors\n"
+            "def main():\n    while True:\n        print('x' * 100)\n"
+            "errors.run(main)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tmp_path)
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader leaves
+    assert proc.wait(timeout=30) == 128 + signal.SIGPIPE
+    err = proc.stderr.read().decode()
+    assert "bug" not in err and "Traceback" not in err, err

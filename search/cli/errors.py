@@ -56,6 +56,9 @@ def run(main):
         sys.exit(main())
     except InputError as e:
         fail(str(e))
+    except BrokenPipeError:  # `clr-search status | head`: the reader left, as with any Unix tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
     except OSError as e:
         if not is_write_problem(e):
             report_bug(e)
