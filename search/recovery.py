@@ -43,7 +43,10 @@ def _requeue_lost_retries(study):
                 and t.user_attrs.get("failure") in (None, Terminated.FAILURE)
                 and t.number not in requeued
                 and (limit is None or len(retry_chain(t)) < limit)):
-            log.warning("trial %d died and was not re-queued: re-queued now", t.number)
+            # a terminated (SIGTERM) trial's retry is routine; a silent death is worth a warning
+            log.log(logging.INFO if t.user_attrs.get("failure") else logging.WARNING,
+                    "trial %d %s and was not re-queued: re-queued now", t.number,
+                    "was terminated" if t.user_attrs.get("failure") else "died")
             callback(study, t)
 
 

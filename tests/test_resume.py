@@ -70,11 +70,11 @@ def test_a_checkpoint_of_another_run_is_ignored_and_overwritten(tmp_path, caplog
     with pytest.raises(Killed):
         fit(data, CONFIG, on_eval=kill_at(100), checkpoint=path)
     other = dataclasses.replace(CONFIG, lam=2e-3)
-    with caplog.at_level(logging.INFO, logger="model.train"):
+    with caplog.at_level(logging.INFO, logger="clr_lambda_search.model.train"):
         params, _ = fit(data, other, checkpoint=path)
     assert "of another run" in caplog.text
     assert digest(params) == digest(fit(data, other)[0])  # trained from scratch
-    with caplog.at_level(logging.INFO, logger="model.train"):
+    with caplog.at_level(logging.INFO, logger="clr_lambda_search.model.train"):
         again, _ = fit(data, other, checkpoint=path)  # the state is now the other run's end
     assert "resuming" in caplog.text and digest(again) == digest(params)
 
@@ -83,7 +83,7 @@ def test_a_damaged_checkpoint_is_a_fresh_start(tmp_path, caplog):
     data = pixel_data("float32")
     path = tmp_path / "state.npz"
     path.write_bytes(b"not an npz")
-    with caplog.at_level(logging.WARNING, logger="model.train"):
+    with caplog.at_level(logging.WARNING, logger="clr_lambda_search.model.train"):
         params, _ = fit(data, CONFIG, checkpoint=path)
     assert "unreadable" in caplog.text
     assert digest(params) == digest(fit(data, CONFIG)[0])
