@@ -247,7 +247,9 @@ def train(params, data, config, rng, on_eval=None, train_curve=True, snapshots=N
     D = data.train.X.shape[1]
     _check_augmentation(data, config, params["W1"].dtype)
     precision, why = resolve_precision(config.precision)
-    log.info("precision %s (%s)", precision, why)
+    # said once per training only where "auto" chose (or bf16 runs slow here); fp32 as asked is quiet
+    log.log(logging.DEBUG if why == f"{config.precision} requested" else logging.INFO,
+            "precision %s (%s)", precision, why)
     ws = make_workspace(config.n_batch, D, config.m, params["b2"].shape[0], params["W1"].dtype,
                         config.dropout, config.flip, config.shift, precision)
     stepped = StepParams(params)  # the same arrays; reading W1 through it settles its decay
