@@ -200,7 +200,7 @@ def check_kind(key, value, label=None):
     last = key.split(".")[-1]
     tail = ".".join(key.split(".")[-2:])
     if key.startswith(("config.", "search.")) or ".config." in key or (
-            key.startswith("final.") and last in FIELDS):
+            key.startswith("final.") and last in FIELDS and key != "final.n_s"):
         want = _FIELD_TYPES[last]
         ok = isinstance(value, bool) if want is bool else (
             isinstance(value, str) if want is str else
