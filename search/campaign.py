@@ -20,7 +20,7 @@ from clr_lambda_search.model.errors import ConfigError
 from clr_lambda_search.model.train import TrainConfig
 from clr_lambda_search.search.budget import parse_budget
 from clr_lambda_search.search.final import FinalRun
-from clr_lambda_search.search.phases import MAX_MARGIN, ConfirmPhase, SearchPhase
+from clr_lambda_search.search.phases import MAX_MARGIN, ConfirmPhase, SearchPhase  # noqa: F401
 from clr_lambda_search.search.space import Categorical, Float, Int, field_type, is_typed, make_space
 
 if sys.version_info >= (3, 11):

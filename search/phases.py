@@ -118,8 +118,8 @@ class SearchPhase(Phase):
             top_k, margin = self.narrow["top_k"], self.narrow["margin"]
             if not (top_k >= 1 and isinstance(margin, (int, float)) and not isinstance(margin, bool)
                     and 0 < margin <= MAX_MARGIN):
-                fail("narrow", f"top_k must be ≥ 1 and margin a number in (0, {MAX_MARGIN}] (e.g. "
-                     "{from = \"coarse\", top_k = 3, margin = 0.25})")
+                fail("narrow", f"top_k must be ≥ 1 and margin a number in (0, {MAX_MARGIN}] "
+                     "(e.g. {from = \"coarse\", top_k = 3, margin = 0.25})")
         config = campaign.phase_config(self)
         fixed = {**dict(campaign.search), **dict(self.config)}
         for p in _params(self.base_space(campaign)):

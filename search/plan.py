@@ -3,14 +3,14 @@ and an estimate of its updates and of its time on this machine.
 
     plan(campaign, ["coarse", "fine", "confirm", "final"], n_train=49_000, n_val=1_000)
 
-Updates: a search phase trains n_trials × repeats × cycles × 2·n_s, a confirm phase top_k × seeds
-trainings of the search protocol, the final run seeds × its cycles × 2·n_s. A searched parameter
-counts at a typical value (the middle of its range, geometrically for a log range; the mean of
-numeric choices), and so does a narrowed range (derived at run time, inside its source's).
-Pruned and failed trials come on top of n_trials, and stop early: not counted. Time: the updates
-× a step time measured here on synthetic data of CIFAR-10's width for each part's m, batch and
-regularisers (one BLAS thread, as a worker runs; the best of a few short blocks), plus the evaluations (images evaluated × a
-measured per-image time).
+Updates: a search phase trains n_trials × repeats × cycles × 2·n_s, a confirm phase top_k ×
+seeds trainings of the search protocol, the final run seeds × its cycles × 2·n_s. A searched
+parameter counts at a typical value (the middle of its range, geometrically for a log range; the
+mean of numeric choices), and so does a narrowed range (derived at run time, inside its
+source's). Pruned and failed trials come on top of n_trials, and stop early: not counted. Time:
+the updates × a step time measured here on synthetic data of CIFAR-10's width for each part's m,
+batch and regularisers (one BLAS thread, as a worker runs; the best of a few short blocks), plus
+the evaluations (images evaluated × a measured per-image time).
 """
 import dataclasses
 import math

@@ -186,7 +186,7 @@ def add_campaign_args(parser, campaign_help="the campaign's name (default: the f
 
 def add_set_arg(parser, example="phases.coarse.n_trials=4"):
     """--set KEY=VALUE (repeatable): a setting by its dotted name (search.settings; docs/cli.md)."""
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
                         help=f"override a setting by its dotted name, e.g. {example} (repeatable; "
                              "wins over the flags; see docs/cli.md)")
 
@@ -194,4 +194,4 @@ def add_set_arg(parser, example="phases.coarse.n_trials=4"):
 def add_dry_run_arg(parser):
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved campaign and an estimate of its updates and time, "
-                             "then stop: nothing is read or written")
+                             "then stop: no data or storage is read, nothing is written")

@@ -39,10 +39,11 @@ too, as *_over_best_floor):
                           of 1 runner with 1 worker; the same trials as workers2_over_workers1,
                           each span from the first trial's start to the last one's end
   pipeline_over_floor     the whole default campaign with --set applied (search.core.run_campaign,
-                          --workers 2: gradcheck, coarse, fine, confirm, 3 final seeds, dashboard) in a
-                          temporary storage, wall time ÷ (updates it trained × sustained floor ÷
-                          2 workers), the floor the mean of one just before and one just after
-                          the pipeline; needs CIFAR-10 (--data-dir), skipped with --quick
+                          --workers 2: gradcheck, coarse, fine, confirm, 3 final seeds,
+                          dashboard) in a temporary storage, wall time ÷ (updates it trained ×
+                          sustained floor ÷ 2 workers), the floor the mean of one just before
+                          and one just after the pipeline; needs CIFAR-10 (--data-dir), skipped
+                          with --quick
 The output also names the BLAS library the step's kernels call (blas: model.blas.SOURCE); the
 floor's np.matmul calls NumPy's, the same one unless that is not OpenBLAS.
 Without --data-dir (or $CIFAR10_DIR) the data are synthetic uniform pixels of CIFAR-10's

@@ -49,12 +49,6 @@ def train_flag_shortcuts(args, prefix, skip=()):
             for f in dataclasses.fields(TrainConfig) if f.name not in skip]
 
 
-def given_train_flags(args, skip=()):
-    """{field: value} of the TrainConfig flags given on the command line (not None)."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-            if f.name not in skip and getattr(args, f.name, None) is not None}
-
-
 def train_config(args, **overrides):
     """TrainConfig from the parsed flags, then --set config.<field>=… (raises ConfigError on a
     bad value or an unknown key)."""

@@ -20,7 +20,8 @@ from clr_lambda_search.model.checkpoint import save_page
 from clr_lambda_search.model.errors import InputError
 from clr_lambda_search.model.outputs import check_page
 from clr_lambda_search.search.campaign import check_name
-from clr_lambda_search.search.cli.args import Parser, add_campaign_args, add_common_args, add_set_arg
+from clr_lambda_search.search.cli.args import (Parser, add_campaign_args, add_common_args,
+                                              add_set_arg)
 from clr_lambda_search.search.cli.configs import campaign, resolved
 from clr_lambda_search.search.cli.errors import run
 from clr_lambda_search.search.cli.output import emit, setup_logging

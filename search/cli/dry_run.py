@@ -32,7 +32,7 @@ def dry_run(args, c, parts, pick=None, gradcheck=False):
 
 def text(s):
     lines = [f"dry run of campaign {s['campaign']} ({s['source']}; storage {s['storage']}, "
-             f"sampler seed {s['seed']}): nothing was read or written"]
+             f"sampler seed {s['seed']}): no data or storage read, nothing written"]
     if s["gradcheck"]:
         lines.append("  gradient check (seconds)")
     for r in s["phases"]:
@@ -46,8 +46,8 @@ def text(s):
                      f"{f['n_s']}")
         lines.append(f"    {_config_text(f['config'])}")
         lines.append("    " + _cost_text(f))
-    lines.append(f"  total ≈ {s['updates']:,} updates ≈ {_duration(s['seconds'])} on one worker, "
-                 f"≈ {_duration(s['wall_seconds'])} with {s['workers']} worker(s) on "
+    lines.append(f"  total ≈ {s['updates']:,} updates ≈ {_duration(s['seconds'])} on one "
+                 f"worker, ≈ {_duration(s['wall_seconds'])} with {s['workers']} worker(s) on "
                  f"{s['cpus']} CPU(s); pruned trials stop early, failed and pruned ones add "
                  "trials: not counted")
     return "\n".join(lines)

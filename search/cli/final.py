@@ -16,7 +16,8 @@ from clr_lambda_search.model.outputs import check_results_dir
 from clr_lambda_search.model.resources import check_memory, check_writable
 from clr_lambda_search.search.cli.args import (Parser, add_campaign_args, add_common_args, add_data_args,
                              add_dry_run_arg, add_set_arg, add_train_args)
-from clr_lambda_search.search.cli.configs import check_final_processes, resolved, train_flag_shortcuts
+from clr_lambda_search.search.cli.configs import (check_final_processes, resolved,
+                                                 train_flag_shortcuts)
 from clr_lambda_search.search.cli.dry_run import dry_run
 from clr_lambda_search.search.cli.errors import run
 from clr_lambda_search.search.cli.output import emit, phase_bars, setup_logging

@@ -103,8 +103,8 @@ def shortcuts(args, phase):
     at = f"phases.{phase.name}."
     searching = "n_trials" in phase.settings
     return [("--seed", "seed", args.seed), ("--n-trials", at + "n_trials", args.n_trials),
-            ("--repeats", at + "repeats", args.repeats), ("--sampler", at + "sampler", args.sampler),
-            ("--pruner", at + "pruner", args.pruner),
+            ("--repeats", at + "repeats", args.repeats),
+            ("--sampler", at + "sampler", args.sampler), ("--pruner", at + "pruner", args.pruner),
             ("--train-seed", at + "config.seed", args.train_seed),
             ("--top-k", at + ("narrow.top_k" if searching else "top_k"), args.top_k),
             ("--margin", at + "narrow.margin", args.margin),
