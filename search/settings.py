@@ -91,7 +91,6 @@ def apply(campaign, overrides, named=None):
 def _unknown(campaign, key, valid, label):
     """The one line for a key campaign does not have: the closest valid key, or for a flag's
     key, what the flag would set and what the campaign has instead."""
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     if label:
         parts = key.split(".")
         if parts[0] == "phases" and parts[1] not in [p.name for p in campaign.phases]:
@@ -104,9 +103,14 @@ def _unknown(campaign, key, valid, label):
             return (f"{label} does not apply to phase {phase.name} (it sets {', '.join(own)} and "
                     "its config fields)")
         return f"{label} sets {key}, which campaign {campaign.name} does not have"
-    hint = f"; did you mean {close[0]}?" if close else \
-        "; see the campaign file's keys (phases.<name>.n_trials, search.n_s, final.seeds …)"
-    return f"unknown setting {key!r}{hint}"
+    return unknown_key(key, valid, "see the campaign file's keys (phases.<name>.n_trials, "
+                                   "search.n_s, final.seeds …)")
+
+
+def unknown_key(key, valid, otherwise):
+    """The one line for an unknown key: the closest of `valid`, else `otherwise`."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"unknown setting {key!r}; " + (f"did you mean {close[0]}?" if close else otherwise)
 
 
 def config_keys():
@@ -121,10 +125,7 @@ def apply_config(config, overrides):
     values = {}
     for key, value in (overrides or {}).items():
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            raise ConfigError(f"unknown setting {key!r}; "
-                              + (f"did you mean {close[0]}?" if close else
-                                 "use config.<field>, e.g. config.lam"))
+            raise ConfigError(unknown_key(key, valid, "use config.<field>, e.g. config.lam"))
         check_kind(key, value)
         values[key.split(".", 1)[1]] = value
     try:

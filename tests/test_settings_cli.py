@@ -202,6 +202,7 @@ def test_set_wins_over_its_flag():
     (pipeline, ["--config", "eta_max", "--set", "final.seeds=0"], "final.seeds"),
     (train, ["--set", "config.dropout=2.0"], "config.dropout"),
     (gradcheck, ["--set", "config.m=0"], "--m"),
+    (search, ["retire", "fine", "--dry-run"], "retire takes no --dry-run"),
 ])
 def test_an_unknown_key_or_a_bad_value_on_any_command_is_one_line(module, argv, needle, exits,
                                                                    monkeypatch, tmp_path):

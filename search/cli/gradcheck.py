@@ -6,8 +6,6 @@ Runs in float64 on a slice of the normalised CIFAR-10 training split (first --di
 --samples images, a hidden layer of --m units); passes when every key's max relative error is
 below --tol (exit 0, else 1).
 """
-import difflib
-
 import numpy as np
 
 from clr_lambda_search.model.dataset import load_cifar10
@@ -59,10 +57,8 @@ def apply_set(args):
     """--set's values onto the flags they are the keys of (checked below, as the flags are)."""
     for key, value in settings.parse_pairs(args.set).items():
         if key not in SET_KEYS:
-            close = difflib.get_close_matches(key, SET_KEYS, n=1, cutoff=0.5)
-            raise ConfigError(f"unknown setting {key!r} for a gradient check; "
-                              + (f"did you mean {close[0]}?" if close else
-                                 f"use one of {', '.join(SET_KEYS)}"))
+            raise ConfigError(settings.unknown_key(key, list(SET_KEYS), "a gradient check takes "
+                                                   + ", ".join(SET_KEYS)))
         settings.check_kind(key, value)
         setattr(args, SET_KEYS[key], value)
 

@@ -199,6 +199,8 @@ def build_retire_campaign(args):
 def main():
     args = parse_args()
     setup_logging(args)
+    if args.dry_run and args.phase in ("status", "retire"):  # retire writes: never by surprise
+        raise ConfigError(f"--dry-run runs nothing of a phase; {args.phase} takes no --dry-run")
     if args.phase == "status":
         return status(args)
     if args.phase == "retire":
