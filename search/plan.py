@@ -7,8 +7,9 @@ Updates: a search phase trains n_trials × repeats × cycles × 2·n_s, a confir
 seeds trainings of the search protocol, the final run seeds × its cycles × 2·n_s. A searched
 parameter counts at a typical value (the middle of its range, geometrically for a log range; the
 mean of numeric choices), and so does a narrowed range (derived at run time, inside its
-source's). Pruned and failed trials come on top of n_trials, and stop early: not counted. Time:
-the updates × a step time measured here on synthetic data of CIFAR-10's width for each part's m,
+source's). Pruned and failed trials come on top of n_trials, and stop early: not counted. A
+phase with a budget (search.budget) counts up to it when its trials would spend more. Time: the
+updates × a step time measured here on synthetic data of CIFAR-10's width for each part's m,
 batch and regularisers (one BLAS thread, as a worker runs; the best of a few short blocks), plus
 the evaluations (images evaluated × a measured per-image time).
 """
@@ -73,7 +74,19 @@ def _phase_row(campaign, phase, n_train, n_val, timer):
     row = {**spec, "study": phase.study_name(campaign.name),
            "base_space": space_to_dict(space), "config": dataclasses.asdict(
                campaign.phase_config(phase)), "trainings": phase.trials * phase.repeats}
-    return {**row, **_cost(config, row["trainings"], n_train, n_val, timer)}
+    return {**row, **_capped(_cost(config, row["trainings"], n_train, n_val, timer),
+                             getattr(phase, "budget", None))}
+
+
+def _capped(cost, budget):
+    """cost, cut at the phase's budget (search.budget: updates or training seconds) when it
+    ends the phase before its n_trials."""
+    if budget is None:
+        return cost
+    share = min(1.0, budget.amount / max(cost[budget.unit], 1e-12))
+    return {**cost, "updates_without_budget": cost["updates"],
+            **{k: type(cost[k])(cost[k] * share) for k in ("updates", "evaluated_images",
+                                                           "seconds")}}
 
 
 def _final_row(campaign, pick, n_train, n_val, timer):

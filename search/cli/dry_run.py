@@ -60,8 +60,11 @@ def _spec(r):
     space = (f"narrowed from {r['narrow']['from']} at run time (best {r['narrow']['top_k']}, "
              f"margin {r['narrow']['margin']}) inside {space_text(r['base_space'])}"
              if r.get("narrow") else space_text(r["space"]))
-    return (f"{space}; sampler {r['sampler']}, pruner {r['pruner']}; {r['n_trials']} trials"
-            + (f" × {r['repeats']} seeds" if r["repeats"] > 1 else ""))
+    trials = (f"a budget of {r['budget']} (at most {r['n_trials']} trials)" if r.get("budget")
+              else f"{r['n_trials']} trials")
+    start = f"; first {format_params(r['start'][0])} …" if r.get("start") else ""
+    return (f"{space}; sampler {r['sampler']}, pruner {r['pruner']}; {trials}"
+            + (f" × {r['repeats']} seeds" if r["repeats"] > 1 else "") + start)
 
 
 def _config_text(config):
@@ -76,8 +79,10 @@ def _config_text(config):
 
 def _cost_text(r):
     w = r["estimated_with"]
+    full = r.get("updates_without_budget", r["updates"])
+    cut = f", cut to {r['updates']:,} by the budget" if full != r["updates"] else ""
     return (f"{r['trainings']} trainings × {r['updates_per_training']:,} updates = "
-            f"{r['updates']:,} updates, {r['evaluated_images']:,} images evaluated; step "
+            f"{full:,} updates{cut}, {r['evaluated_images']:,} images evaluated; step "
             f"{r['step_ms']:.2f} ms measured here at m={w['m']}, batch {w['n_batch']} ≈ "
             f"{_duration(r['seconds'])}")
 
