@@ -20,7 +20,7 @@ from clr_lambda_search.model.errors import ConfigError
 from clr_lambda_search.model.train import TrainConfig
 from clr_lambda_search.search.budget import parse_budget
 from clr_lambda_search.search.final import FinalRun
-from clr_lambda_search.search.phases import ConfirmPhase, SearchPhase
+from clr_lambda_search.search.phases import MAX_MARGIN, ConfirmPhase, SearchPhase  # noqa: F401
 from clr_lambda_search.search.space import Categorical, Float, Int, field_type, is_typed, make_space
 
 if sys.version_info >= (3, 11):
@@ -37,7 +37,6 @@ _CONFIRM_KEYS = ("name", "kind", "from", "top_k", "seeds", "config")
 CONFIRM_TOP_K, CONFIRM_SEEDS = 3, 5
 _PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "values")
 _NARROW_KEYS = ("from", "top_k", "margin")
-MAX_MARGIN = 100  # decades (log) or × the range (linear): more widens nothing, the range clips it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,8 +165,12 @@ def validated(campaign):
         def fail(key, message, i=i):
             raise where.error(f"phases[{i}]" + (f".{key}" if key else ""), message)
         phase.validate(campaign, fail)
-    where.check(lambda: campaign.final.training_config(campaign, {}, 49_000), "final")
+    campaign.final.validate(campaign, lambda key, message: _raise(where.error(key, message)))
     return campaign
+
+
+def _raise(error):
+    raise error
 
 
 def with_phase(campaign, name, **changes):
@@ -314,13 +317,9 @@ def _narrow(raw, where, key, earlier):
     if source not in [p.name for p in earlier]:
         raise where.error(f"{key}.from", f"{source!r} names no earlier phase; use one of "
                           f"{', '.join(p.name for p in earlier) or '(none: this is the first)'}")
-    rule = {"from": source, "top_k": where.get(raw, "top_k", int, f"{key}.", 3),
+    # top_k ≥ 1 and margin in (0, MAX_MARGIN]: SearchPhase.validate (overrides are checked too)
+    return {"from": source, "top_k": where.get(raw, "top_k", int, f"{key}.", 3),
             "margin": raw.get("margin", 0.25)}
-    if rule["top_k"] < 1 or not (isinstance(rule["margin"], (int, float))
-                                 and 0 < rule["margin"] <= MAX_MARGIN):
-        raise where.error(key, f"top_k must be ≥ 1 and margin a number in (0, {MAX_MARGIN}] "
-                          "(e.g. {from = \"coarse\", top_k = 3, margin = 0.25})")
-    return rule
 
 
 def _params(table, where, key):
@@ -382,13 +381,6 @@ def _final(raw, where):
     _known(raw, ("seeds", "n_s") + tuple(f.name for f in dataclasses.fields(TrainConfig)), where,
            "final.")
     table = {k: v for k, v in raw.items() if k not in ("seeds", "n_s")}
-    n_s = raw.get("n_s", "2 epochs")
-    ok = (isinstance(n_s, int) and not isinstance(n_s, bool) and n_s > 0) or (
-        isinstance(n_s, str) and re.fullmatch(r"\s*[1-9]\d*\s+epochs?\s*", n_s))
-    if not ok:
-        raise where.error("final.n_s", f"{n_s!r} is neither a number of updates > 0 nor a rule "
-                          "such as \"2 epochs\"")
-    seeds = where.get(raw, "seeds", int, "final.", 3)
-    if seeds < 1:
-        raise where.error("final.seeds", "train at least one seed (e.g. seeds = 3)")
-    return FinalRun(seeds=seeds, n_s=n_s, config=_config(table, where, "final"))
+    # seeds ≥ 1 and the n_s rule: FinalRun.validate (overrides are checked too)
+    return FinalRun(seeds=where.get(raw, "seeds", int, "final.", 3), n_s=raw.get("n_s", "2 epochs"),
+                    config=_config(table, where, "final"))

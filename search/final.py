@@ -36,6 +36,9 @@ from clr_lambda_search.search.workers import QueuedTarget
 log = logging.getLogger(__name__)
 
 
+N_S_RULE = r"\s*[1-9]\d*\s+epochs?\s*"  # final.n_s = "K epochs"
+
+
 def final_study_name(campaign):
     return study_name(campaign, "final")
 
@@ -60,6 +63,20 @@ class FinalRun(Phase):
         force."""
         config = pinned(TrainConfig(**{**dict(campaign.config), **best, **dict(self.config)}))
         return dataclasses.replace(config, n_s=final_n_s(self.n_s, n_train, config.n_batch))
+
+    def validate(self, campaign, fail):
+        """Check the final section against its campaign; fail(key, message) raises."""
+        if self.seeds < 1:
+            fail("final.seeds", f"train at least one seed (got {self.seeds}; e.g. seeds = 3)")
+        n_s = self.n_s
+        if not ((isinstance(n_s, int) and not isinstance(n_s, bool) and n_s > 0) or (
+                isinstance(n_s, str) and re.fullmatch(N_S_RULE, n_s))):
+            fail("final.n_s", f"{n_s!r} is neither a number of updates > 0 nor a rule such as "
+                 "\"2 epochs\"")
+        try:
+            self.training_config(campaign, {}, 49_000)
+        except InputError as e:
+            fail("final", str(e))
 
     def to_dict(self):
         return {"seeds": self.seeds, "n_s": self.n_s, "config": dict(self.config)}

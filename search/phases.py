@@ -29,6 +29,7 @@ from clr_lambda_search.search.workers import QueuedTarget, TrialTarget, n_done, 
 
 log = logging.getLogger(__name__)
 
+MAX_MARGIN = 100  # decades (log) or × the range (linear): more widens nothing, the range clips it
 METRIC = "val_acc"  # the objective's name in Optuna's tools (our own figures: validation accuracy)
 
 
@@ -113,6 +114,12 @@ class SearchPhase(Phase):
         for cap in ("max_pruned", "max_failed"):
             if getattr(self, cap) is not None and getattr(self, cap) < 1:
                 fail(cap, f"must be ≥ 1 (got {getattr(self, cap)})")
+        if self.narrow:
+            top_k, margin = self.narrow["top_k"], self.narrow["margin"]
+            if not (top_k >= 1 and isinstance(margin, (int, float)) and not isinstance(margin, bool)
+                    and 0 < margin <= MAX_MARGIN):
+                fail("narrow", f"top_k must be ≥ 1 and margin a number in (0, {MAX_MARGIN}] "
+                     "(e.g. {from = \"coarse\", top_k = 3, margin = 0.25})")
         config = campaign.phase_config(self)
         fixed = {**dict(campaign.search), **dict(self.config)}
         for p in _params(self.base_space(campaign)):

@@ -67,22 +67,69 @@ def parse_pairs(pairs):
     return out
 
 
-def apply(campaign, overrides):
+def apply(campaign, overrides, named=None):
     """campaign with every override applied, validated; ConfigError naming an unknown key and
-    the closest valid one."""
+    the closest valid one. named: {key: how the user gave it} (a flag, for the messages; default
+    the key itself)."""
     if not overrides:
         return campaign
+    named = named or {}
     valid = keys(campaign)
     for key, value in overrides.items():
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]}?" if close else \
-                "; see the campaign file's keys (phases.<name>.n_trials, search.n_s, final.seeds …)"
-            raise ConfigError(f"unknown setting {key!r}{hint}")
-        _check_kind(key, value)
-        campaign = _set(campaign, key.split("."), value)
+            raise ConfigError(_unknown(campaign, key, valid, named.get(key)))
+        check_kind(key, value, named.get(key))
     try:
+        for key, value in overrides.items():
+            campaign = _set(campaign, key.split("."), value)
         return validated(campaign)
+    except ConfigError as e:
+        said = ", ".join(named.get(k, k) for k in overrides)
+        raise ConfigError(f"{e} (after the overrides {said})") from None
+
+
+def _unknown(campaign, key, valid, label):
+    """The one line for a key campaign does not have: the closest valid key, or for a flag's
+    key, what the flag would set and what the campaign has instead."""
+    if label:
+        parts = key.split(".")
+        if parts[0] == "phases" and parts[1] not in [p.name for p in campaign.phases]:
+            return (f"{label}: campaign {campaign.name} has no phase {parts[1]} (phases: "
+                    f"{', '.join(p.name for p in campaign.phases)})")
+        if parts[0] == "phases":
+            phase = campaign.phase(parts[1])
+            own = [k for k in phase.settings if not k.startswith("narrow.")
+                   or getattr(phase, "narrow", None)]
+            return (f"{label} does not apply to phase {phase.name} (it sets {', '.join(own)} and "
+                    "its config fields)")
+        return f"{label} sets {key}, which campaign {campaign.name} does not have"
+    return unknown_key(key, valid, "see the campaign file's keys (phases.<name>.n_trials, "
+                                   "search.n_s, final.seeds …)")
+
+
+def unknown_key(key, valid, otherwise):
+    """The one line for an unknown key: the closest of `valid`, else `otherwise`."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"unknown setting {key!r}; " + (f"did you mean {close[0]}?" if close else otherwise)
+
+
+def config_keys():
+    """The keys of one training's settings (scripts/train.py): config.<TrainConfig field>."""
+    return [f"config.{f}" for f in FIELDS]
+
+
+def apply_config(config, overrides):
+    """A TrainConfig with overrides {"config.<field>": value} applied; ConfigError naming an
+    unknown key and the closest valid one, or a bad value (TrainConfig's checks)."""
+    valid = config_keys()
+    values = {}
+    for key, value in (overrides or {}).items():
+        if key not in valid:
+            raise ConfigError(unknown_key(key, valid, "use config.<field>, e.g. config.lam"))
+        check_kind(key, value)
+        values[key.split(".", 1)[1]] = value
+    try:
+        return dataclasses.replace(config, **values)
     except ConfigError as e:
         raise ConfigError(f"{e} (after the overrides {', '.join(overrides)})") from None
 
@@ -113,18 +160,18 @@ def _set(c, path, value):
     if head == "seed":
         return dataclasses.replace(c, seed=value)
     if head in ("config", "search"):
-        return dataclasses.replace(c, **{head: with_config(getattr(c, head), **{rest[0]: value})})
+        return dataclasses.replace(c, **{head: _table(getattr(c, head), rest[0], value)})
     if head == "final":
         final = c.final
         if rest[0] in ("seeds", "n_s"):
             final = dataclasses.replace(final, **{rest[0]: value})
         else:
-            final = dataclasses.replace(final, config=with_config(final.config, **{rest[0]: value}))
+            final = dataclasses.replace(final, config=_table(final.config, rest[0], value))
         return dataclasses.replace(c, final=final)
     phase = c.phase(rest[0])
     key = rest[1:]
     if key[0] == "config":
-        changed = dataclasses.replace(phase, config=with_config(phase.config, **{key[1]: value}))
+        changed = dataclasses.replace(phase, config=_table(phase.config, key[1], value))
     elif key[0] == "narrow":
         changed = dataclasses.replace(phase, narrow={**phase.narrow, key[1]: value})
     elif key[0] == "budget":
@@ -140,12 +187,21 @@ def _set(c, path, value):
                                                for p in c.phases))
 
 
-def _check_kind(key, value):
-    """ConfigError when value is not of the kind key takes (its range is the file's checks')."""
+def _table(config, field, value):
+    """A (field, value) table with one value changed, once TrainConfig takes the table alone: the
+    file's check of a [config] table (a value another table overrides is still checked)."""
+    table = with_config(config, **{field: value})
+    TrainConfig(**dict(table))
+    return table
+
+
+def check_kind(key, value, label=None):
+    """ConfigError when value is not of the kind key takes (its range is the file's checks');
+    label: how the user gave it, when not --set (a flag)."""
     last = key.split(".")[-1]
     tail = ".".join(key.split(".")[-2:])
     if key.startswith(("config.", "search.")) or ".config." in key or (
-            key.startswith("final.") and last in FIELDS):
+            key.startswith("final.") and last in FIELDS and key != "final.n_s"):
         want = _FIELD_TYPES[last]
         ok = isinstance(value, bool) if want is bool else (
             isinstance(value, str) if want is str else
@@ -161,5 +217,5 @@ def _check_kind(key, value):
     else:
         ok, kind = True, None  # sampler, pruner, final.n_s: their own checks
     if not ok:
-        raise ConfigError(f"{key} = {value!r} is not a {kind}; e.g. --set {key}="
-                          f"{_EXAMPLES.get(kind, 1)}")
+        said = f"{label} {value!r}" if label else f"{key} = {value!r}"
+        raise ConfigError(f"{said} is not a {kind}; e.g. --set {key}={_EXAMPLES.get(kind, 1)}")

@@ -96,16 +96,24 @@ class Parser(argparse.ArgumentParser):
             self.error(f"--{_flag(dest)} {getattr(args, dest)} is more than {WORKERS_PER_CPU} per "
                        f"CPU ({limit} on this machine's {cpu_count()}); on several machines, run "
                        "the command on each against one --storage")
-        seeds = getattr(args, "seeds", None) or 1  # None: the campaign file's
-        if getattr(args, dest) > 1 and seeds > limit:
-            self.error(f"--seeds {seeds} would start as many processes at once (at most {limit} "
-                       f"here: {WORKERS_PER_CPU} per CPU); use fewer, or --workers 1 to train them "
-                       "one after another")
+        problem = final_processes_problem(getattr(args, "seeds", None) or 1, getattr(args, dest))
+        if problem:  # seeds None: the campaign file's, checked once it is resolved
+            self.error(problem)
 
 
     def require_repeats(self, args):
         if args.repeats > MAX_REPEATS:
             self.error(f"--repeats {args.repeats} is more than {MAX_REPEATS} seeds per λ")
+
+
+def final_processes_problem(seeds, workers, said="--seeds"):
+    """Why `seeds` final seeds with `workers` workers are too many processes at once, or None."""
+    limit = WORKERS_PER_CPU * cpu_count()
+    if workers > 1 and seeds > limit:
+        return (f"{said} {seeds} would start as many processes at once (at most {limit} here: "
+                f"{WORKERS_PER_CPU} per CPU); use fewer, or --workers 1 to train them one after "
+                "another")
+    return None
 
 
 def _flag(dest):
@@ -174,3 +182,16 @@ def add_campaign_args(parser, campaign_help="the campaign's name (default: the f
                         help="campaign file (TOML), or the name of a shipped one: "
                              f"{', '.join(shipped())} (default {DEFAULT})")
     parser.add_argument("--campaign", default=None, help=campaign_help)
+
+
+def add_set_arg(parser, example="phases.coarse.n_trials=4"):
+    """--set KEY=VALUE (repeatable): a setting by its dotted name (search.settings; docs/cli.md)."""
+    parser.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                        help=f"override a setting by its dotted name, e.g. {example} (repeatable; "
+                             "wins over the flags; see docs/cli.md)")
+
+
+def add_dry_run_arg(parser):
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved campaign and an estimate of its updates and time, "
+                             "then stop: no data or storage is read, nothing is written")

@@ -38,11 +38,12 @@ too, as *_over_best_floor):
                           SQLite storage: they share the phase through the storage alone) ÷ that
                           of 1 runner with 1 worker; the same trials as workers2_over_workers1,
                           each span from the first trial's start to the last one's end
-  pipeline_over_floor     the whole default campaign (search.core.run_campaign, --workers 2:
-                          gradcheck, coarse, fine, confirm, 3 final seeds, dashboard) in a
-                          temporary storage, wall time ÷ (updates it trained × sustained floor ÷
-                          2 workers), the floor the mean of one just before and one just after
-                          the pipeline; needs CIFAR-10 (--data-dir), skipped with --quick
+  pipeline_over_floor     the whole default campaign with --set applied (search.core.run_campaign,
+                          --workers 2: gradcheck, coarse, fine, confirm, 3 final seeds,
+                          dashboard) in a temporary storage, wall time ÷ (updates it trained ×
+                          sustained floor ÷ 2 workers), the floor the mean of one just before
+                          and one just after the pipeline; needs CIFAR-10 (--data-dir), skipped
+                          with --quick
 The output also names the BLAS library the step's kernels call (blas: model.blas.SOURCE); the
 floor's np.matmul calls NumPy's, the same one unless that is not OpenBLAS.
 Without --data-dir (or $CIFAR10_DIR) the data are synthetic uniform pixels of CIFAR-10's
@@ -71,7 +72,8 @@ from clr_lambda_search.model.network import init_params
 from clr_lambda_search.model.step import StepParams, _backward_bf16, _round_bf16, gather_batch, make_workspace
 from clr_lambda_search.model.train import evaluation_record, updates
 from clr_lambda_search.search.campaign import DEFAULT, Campaign, load_campaign
-from clr_lambda_search.search.cli.args import Parser, add_common_args
+from clr_lambda_search.search import settings
+from clr_lambda_search.search.cli.args import Parser, add_common_args, add_set_arg
 from clr_lambda_search.search.cli.errors import run
 from clr_lambda_search.search.cli.output import emit, setup_logging
 from clr_lambda_search.search.cli.threads import blas_threads, single_blas_thread
@@ -152,9 +154,12 @@ def parse_args(argv=None):
                         "cifar-10-python.tar.gz (default: $CIFAR10_DIR, else synthetic arrays of "
                         "the same shapes; the benchmark never downloads)")
     p.add_argument("--n-val", type=int, default=N_VAL, help="validation images of CIFAR-10")
+    add_set_arg(p, "final.seeds=1: a setting of the default campaign whose whole pipeline the "
+                   "full benchmark times (the other figures time fixed shapes)")
     add_common_args(p)
     args = p.parse_args(argv)
     p.require_seed(args, "seed")
+    args.campaign = settings.apply(CAMPAIGN, settings.parse_pairs(args.set))
     return args
 
 
@@ -425,7 +430,7 @@ def measure_pipeline(args, rng):
     deciding with confidence costs."""
     gemms = _gemm_pair(rng)
     data = load_cifar10(args.data_dir)
-    c = dataclasses.replace(CAMPAIGN, name="bench")
+    c = dataclasses.replace(args.campaign, name="bench")
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         with single_blas_thread():
             before = _sustained_floor_s(gemms)

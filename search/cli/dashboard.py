@@ -20,8 +20,9 @@ from clr_lambda_search.model.checkpoint import save_page
 from clr_lambda_search.model.errors import InputError
 from clr_lambda_search.model.outputs import check_page
 from clr_lambda_search.search.campaign import check_name
-from clr_lambda_search.search.cli.args import Parser, add_campaign_args, add_common_args
-from clr_lambda_search.search.cli.configs import campaign
+from clr_lambda_search.search.cli.args import (Parser, add_campaign_args, add_common_args,
+                                              add_set_arg)
+from clr_lambda_search.search.cli.configs import campaign, resolved
 from clr_lambda_search.search.cli.errors import run
 from clr_lambda_search.search.cli.output import emit, setup_logging
 from clr_lambda_search.search.cli.storage import protected_paths
@@ -43,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--allow-writes", action="store_true",
                    help="--serve: let the dashboard change the storage (delete studies, notes, "
                         "artifacts); by default it is read-only")
+    add_set_arg(p)
     add_common_args(p)
     args = p.parse_args(argv)
     if not 1 <= args.port <= 65535:
@@ -136,6 +138,8 @@ def serve(args, storage, artifacts):
 def main():
     args = parse_args()
     setup_logging(args)
+    if args.set:  # checked against the campaign, as on every command (the page shows the studies)
+        resolved(args)
     name = args.study or args.campaign or campaign(args).name
     check_name(name, "--study" if args.study else "--campaign")
     out = Path(args.out or f"studies/{name}/dashboard.html")

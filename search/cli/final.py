@@ -9,16 +9,16 @@ the flags give every searched parameter no search study is read. The run is reco
 2·⌊49,000/n_batch⌋ = 980 for 3 cycles per seed; writes params, histories, config, metrics and
 figures into studies/<campaign>/final/ (or --out).
 """
-import dataclasses
 import os
 
 from clr_lambda_search.model.dataset import load_cifar10
 from clr_lambda_search.model.outputs import check_results_dir
 from clr_lambda_search.model.resources import check_memory, check_writable
-from clr_lambda_search.search.campaign import with_config
 from clr_lambda_search.search.cli.args import (Parser, add_campaign_args, add_common_args, add_data_args,
-                             add_train_args)
-from clr_lambda_search.search.cli.configs import campaign, given_train_flags
+                             add_dry_run_arg, add_set_arg, add_train_args)
+from clr_lambda_search.search.cli.configs import (check_final_processes, resolved,
+                                                 train_flag_shortcuts)
+from clr_lambda_search.search.cli.dry_run import dry_run
 from clr_lambda_search.search.cli.errors import run
 from clr_lambda_search.search.cli.output import emit, phase_bars, setup_logging
 from clr_lambda_search.search.cli.storage import protected_paths
@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--force-final", action="store_true",
                    help="retire a recorded final run whose pick differs from this one (it is "
                         "kept as a study of its own) and train this one")
+    add_set_arg(p, "final.seeds=5, final.lam=0.001")
+    add_dry_run_arg(p)
     add_train_args(p, None, skip=("seed",))
     add_data_args(p)
     add_common_args(p)
@@ -54,13 +56,14 @@ def parse_args(argv=None):
 
 
 def build_campaign(args):
-    """The campaign with the flags in its final section (they win over the best parameters)."""
-    c = campaign(args)
-    given = given_train_flags(args, skip=("seed",))
-    final = dataclasses.replace(c.final, config=with_config(c.final.config, **given),
-                                seeds=args.seeds or c.final.seeds,
-                                n_s=given.get("n_s", c.final.n_s))
-    return dataclasses.replace(c, final=final), given
+    """(campaign, given): the campaign with the flags and --set in its final section (they win
+    over the best parameters), and {field: value} of the TrainConfig values they gave."""
+    flags = [("--seeds", "final.seeds", args.seeds),
+             *train_flag_shortcuts(args, "final.", skip=("seed",))]
+    c, overrides = resolved(args, flags)
+    given = {key.split(".", 1)[1]: value for key, value in overrides.items()
+             if key.startswith("final.") and key != "final.seeds"}
+    return c, given
 
 
 def given_pick(c, given):
@@ -74,6 +77,9 @@ def main():
     args = parse_args()
     setup_logging(args)
     c, given = build_campaign(args)
+    check_final_processes(c, args.workers)
+    if args.dry_run:
+        return dry_run(args, c, ["final"], pick=given_pick(c, given))
     out = args.out or f"studies/{c.name}/final"
     protect = protected_paths(args.storage)
     check_results_dir(out, protect)

@@ -9,15 +9,20 @@ below --tol (exit 0, else 1).
 import numpy as np
 
 from clr_lambda_search.model.dataset import load_cifar10
+from clr_lambda_search.model.errors import ConfigError
 from clr_lambda_search.model.gradcheck import gradcheck_report
 from clr_lambda_search.model.network import PARAM_KEYS
-from clr_lambda_search.search.cli.args import Parser, add_common_args, add_data_args
+from clr_lambda_search.search import settings
+from clr_lambda_search.search.cli.args import Parser, add_common_args, add_data_args, add_set_arg
 from clr_lambda_search.search.cli.errors import run
 from clr_lambda_search.search.cli.output import emit, setup_logging
 
 # Centred differences cost two forward passes per parameter: with 3072 dims, m = 1000 would be 3M
 # parameters × 2 passes (hours), and m = 10⁹ would not fit in memory. A check needs a small net.
 MAX_M = 1000
+# --set: the TrainConfig fields a check uses, as in a campaign's [config] (the flags' shortcuts)
+SET_KEYS = {"config.lam": "lam", "config.m": "m", "config.dropout": "dropout",
+            "config.seed": "seed"}
 
 
 def parse_args(argv=None):
@@ -31,8 +36,10 @@ def parse_args(argv=None):
                    help="check through inverted dropout with one fixed mask of this rate, in [0, 1)")
     p.add_argument("--tol", type=float, default=1e-5, help="pass below this relative error")
     p.add_argument("--seed", type=int, default=0, help="seed of the params")
+    add_set_arg(p, f"config.m=20 (keys: {', '.join(SET_KEYS)})")
     add_common_args(p)
     args = p.parse_args(argv)
+    apply_set(args)
     p.require_finite(args, "lam", "tol")
     if not args.lam > 0:
         p.error(f"--lam must be > 0 (got {args.lam}); λ = 0 is always checked too")
@@ -44,6 +51,16 @@ def parse_args(argv=None):
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must lie in [0, 1) (got {args.dropout})")
     return args
+
+
+def apply_set(args):
+    """--set's values onto the flags they are the keys of (checked below, as the flags are)."""
+    for key, value in settings.parse_pairs(args.set).items():
+        if key not in SET_KEYS:
+            raise ConfigError(settings.unknown_key(key, list(SET_KEYS), "a gradient check takes "
+                                                   + ", ".join(SET_KEYS)))
+        settings.check_kind(key, value)
+        setattr(args, SET_KEYS[key], value)
 
 
 def table(report, args):

@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 
 from clr_lambda_search.model.dataset import load_cifar10
-from clr_lambda_search.model.errors import ConfigError
 from clr_lambda_search.model.outputs import check_page, check_results_dir
 from clr_lambda_search.model.resources import check_memory, check_writable
-from clr_lambda_search.search import settings
 from clr_lambda_search.search.cli.args import (Parser, add_campaign_args, add_common_args, add_data_args,
-                             add_heartbeat_args, storage_opts)
-from clr_lambda_search.search.cli.configs import campaign
+                             add_dry_run_arg, add_heartbeat_args, add_set_arg, storage_opts)
+from clr_lambda_search.search.cli.configs import check_final_processes, campaign, resolved
+from clr_lambda_search.search.cli.dry_run import dry_run
 from clr_lambda_search.search.cli.errors import run
 from clr_lambda_search.search.cli.output import emit, phase_bars, setup_logging
 from clr_lambda_search.search.cli.storage import protected_paths
@@ -55,9 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--force-final", action="store_true",
                    help="retire a recorded final run whose pick differs from the search's (it is "
                         "kept as a study of its own) and train the new pick")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any setting of the campaign by its dotted name, e.g. "
-                        "phases.coarse.n_trials=4, search.n_s=20, final.seeds=5 (repeatable)")
+    add_set_arg(p, "phases.coarse.n_trials=4, search.n_s=20, final.seeds=5")
+    add_dry_run_arg(p)
     add_heartbeat_args(p)
     add_data_args(p)
     add_common_args(p)
@@ -72,27 +70,25 @@ def parse_args(argv=None):
     return args
 
 
-def overrides(args, c):
-    """{dotted name: value} of the flags (shortcuts of --set) and of --set (which wins)."""
-    out = {"search.n_s": args.search_n_s, "search.cycles": args.search_cycles,
-           "seed": args.seed, "final.seeds": args.seeds, "final.n_s": args.final_n_s,
-           "final.cycles": args.final_cycles}
-    for name, n in (("coarse", args.coarse_trials), ("fine", args.fine_trials)):
-        if n is not None and name not in [p.name for p in c.phases]:
-            raise ConfigError(f"--{name}-trials: campaign {c.name} has no phase {name}")
-        out[f"phases.{name}.n_trials"] = n
+def shortcuts(args, c):
+    """(flag, dotted key, value) of the flags: shortcuts of --set (docs/cli.md)."""
+    out = [("--search-n-s", "search.n_s", args.search_n_s),
+           ("--search-cycles", "search.cycles", args.search_cycles), ("--seed", "seed", args.seed),
+           ("--seeds", "final.seeds", args.seeds), ("--final-n-s", "final.n_s", args.final_n_s),
+           ("--final-cycles", "final.cycles", args.final_cycles),
+           ("--coarse-trials", "phases.coarse.n_trials", args.coarse_trials),
+           ("--fine-trials", "phases.fine.n_trials", args.fine_trials)]
     for phase in c.phases:  # --repeats and --pruner: every phase that has them
-        for key, value in (("repeats", args.repeats), ("pruner", args.pruner)):
+        for key in ("repeats", "pruner"):
             if key in phase.settings:
-                out[f"phases.{phase.name}.{key}"] = value
-    out = {k: v for k, v in out.items() if v is not None}
-    return {**out, **settings.parse_pairs(args.set)}
+                out.append((f"--{key}", f"phases.{phase.name}.{key}", getattr(args, key)))
+    return out
 
 
 def build_campaign(args):
-    """The campaign file with the flags applied; ConfigError when they do not fit it."""
+    """The campaign file with the flags and --set applied; ConfigError when they do not fit it."""
     c = campaign(args)
-    return settings.apply(c, overrides(args, c))
+    return resolved(args, shortcuts(args, c), c)[0]
 
 
 def summary_text(s):
@@ -129,6 +125,9 @@ def main():
     args = parse_args()
     setup_logging(args)
     c = build_campaign(args)
+    check_final_processes(c, args.workers)
+    if args.dry_run:
+        return dry_run(args, c, [p.name for p in c.phases] + ["final"], gradcheck=True)
     out_dir = Path(args.out_dir or f"studies/{c.name}")
     protect = protected_paths(args.storage)
     check_results_dir(out_dir / "final", protect)  # both outputs, before any work

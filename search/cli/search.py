@@ -20,10 +20,12 @@ import optuna
 from clr_lambda_search.model.dataset import load_cifar10
 from clr_lambda_search.model.errors import ConfigError
 from clr_lambda_search.model.resources import check_memory
-from clr_lambda_search.search.campaign import MAX_MARGIN, grid_param, validated, with_config, with_phase
+from clr_lambda_search.search.campaign import MAX_MARGIN, grid_param, validated, with_phase
 from clr_lambda_search.search.cli.args import (Parser, add_campaign_args, add_common_args, add_data_args,
-                             add_heartbeat_args, add_train_args, storage_opts)
-from clr_lambda_search.search.cli.configs import campaign, given_train_flags
+                             add_dry_run_arg, add_heartbeat_args, add_set_arg, add_train_args,
+                             storage_opts)
+from clr_lambda_search.search.cli.configs import campaign, resolved, train_flag_shortcuts
+from clr_lambda_search.search.cli.dry_run import dry_run
 from clr_lambda_search.search.cli.errors import run
 from clr_lambda_search.search.cli.output import emit, phase_bars, setup_logging
 from clr_lambda_search.search.core import retire, run_phase
@@ -61,10 +63,13 @@ def parse_args(argv=None):
     p.add_argument("--high", type=float, default=None, help="its upper bound")
     p.add_argument("--values", default=None,
                    help="a comma-separated list of values of the phase's parameter (grid)")
-    p.add_argument("--top-k", type=int, default=None, help="narrowed phase: best trials spanned")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="narrowed phase: best trials spanned; confirm: configurations raced")
     p.add_argument("--margin", type=float, default=None,
                    help="narrowed phase: added on each side of the span (decades for a log "
                         "parameter, fractions of the earlier range for a linear one)")
+    add_set_arg(p)
+    add_dry_run_arg(p)
     add_heartbeat_args(p)
     add_train_args(p, None, skip=("seed",))
     add_data_args(p)
@@ -92,35 +97,35 @@ def check_args(p, args):
     args.storage_opts = storage_opts(p, args)
 
 
+def shortcuts(args, phase):
+    """(flag, dotted key, value) of the flags for this phase: shortcuts of --set (docs/cli.md);
+    --top-k is a narrowed phase's narrow.top_k, a confirm phase's top_k."""
+    at = f"phases.{phase.name}."
+    searching = "n_trials" in phase.settings
+    return [("--seed", "seed", args.seed), ("--n-trials", at + "n_trials", args.n_trials),
+            ("--repeats", at + "repeats", args.repeats),
+            ("--sampler", at + "sampler", args.sampler), ("--pruner", at + "pruner", args.pruner),
+            ("--train-seed", at + "config.seed", args.train_seed),
+            ("--top-k", at + ("narrow.top_k" if searching else "top_k"), args.top_k),
+            ("--margin", at + "narrow.margin", args.margin),
+            *train_flag_shortcuts(args, at + "config.", skip=("seed",))]
+
+
 def build_campaign(args):
-    """The campaign with the flags applied to the requested phase (ConfigError if they do not
-    fit it)."""
+    """The campaign with the flags and --set applied (ConfigError if they do not fit it); --low,
+    --high and --values change the requested phase's space."""
     c = campaign(args)
-    if args.seed is not None:
-        c = dataclasses.replace(c, seed=args.seed)
     phase = c.phase(args.phase)
-    changes = {k: v for k, v in (("n_trials", args.n_trials), ("repeats", args.repeats),
-                                 ("sampler", args.sampler), ("pruner", args.pruner)) if v is not None}
-    for key in changes:
-        if key not in phase.settings:
-            raise ConfigError(f"--{key.replace('_', '-')} does not apply to phase {phase.name} "
-                              f"(it sets {', '.join(phase.settings)})")
-    changes["config"] = with_config(phase.config, seed=args.train_seed,
-                                    **given_train_flags(args, skip=("seed",)))
+    flags = shortcuts(args, phase)
     if args.low is not None or args.high is not None:
-        changes["space"] = (_bounds(c, phase, args.low, args.high),)
+        c = with_phase(c, phase.name, space=(_bounds(c, phase, args.low, args.high),))
     if args.values is not None:  # each value once, unpruned, unless the flags say otherwise
         grid = _grid(c, phase, args.values)
-        changes = {**grid, "n_trials": len(next(iter(grid["grid"].values()))), "pruner": "none",
-                   **changes}
-    if args.top_k is not None or args.margin is not None:
-        if not getattr(phase, "narrow", None):
-            raise ConfigError(f"--top-k and --margin belong to a narrowed phase; phase "
-                              f"{phase.name} has its own ranges")
-        changes["narrow"] = {**phase.narrow, **{k: v for k, v in
-                                                (("top_k", args.top_k), ("margin", args.margin))
-                                                if v is not None}}
-    return validated(with_phase(c, args.phase, **changes))
+        c = with_phase(c, phase.name, **grid)
+        at = f"phases.{phase.name}."
+        flags = [("--values", at + "n_trials", len(next(iter(grid["grid"].values())))),
+                 ("--values", at + "pruner", "none"), *flags]
+    return validated(resolved(args, flags, c)[0])
 
 
 def _only_param(c, phase, flag):
@@ -164,6 +169,8 @@ def _grid(c, phase, text):
 
 
 def status(args):
+    if args.set:  # checked against the campaign, as on every command
+        resolved(args)
     storage = open_storage(args.storage, create=False)
     name = None if args.study else (args.campaign or campaign(args).name)
     report = status_report(storage, name, args.study)
@@ -174,8 +181,8 @@ def status(args):
 def retire_phase(args):
     if not args.target:
         raise ConfigError("retire which phase? e.g. scripts/search.py retire fine")
-    storage = open_storage(args.storage, create=False)
     c = build_retire_campaign(args)
+    storage = open_storage(args.storage, create=False)
     kept = retire(c, args.target, storage)
     emit({"campaign": c.name, "phase": args.target, "retired": kept}, args,
          f"retired {', '.join(kept) or 'nothing (no study of that phase yet)'}; the next run "
@@ -184,7 +191,7 @@ def retire_phase(args):
 
 
 def build_retire_campaign(args):
-    c = campaign(args)
+    c = resolved(args)[0]
     c.phase(args.target)
     return c
 
@@ -192,6 +199,8 @@ def build_retire_campaign(args):
 def main():
     args = parse_args()
     setup_logging(args)
+    if args.dry_run and args.phase in ("status", "retire"):  # retire writes: never by surprise
+        raise ConfigError(f"--dry-run runs nothing of a phase; {args.phase} takes no --dry-run")
     if args.phase == "status":
         return status(args)
     if args.phase == "retire":
@@ -199,6 +208,8 @@ def main():
     storage_opts = args.storage_opts
     c = build_campaign(args)
     phase = c.phase(args.phase)
+    if args.dry_run:
+        return dry_run(args, c, [phase.name])
     config = c.phase_config(phase)
     if not phase.upstream():  # data before the storage: a bad data dir must leave no storage
         check_storage(args.storage)

@@ -13,7 +13,7 @@ from clr_lambda_search.model.outputs import check_results_dir, publish_dir
 from clr_lambda_search.model.resources import check_memory, check_writable
 from clr_lambda_search.model.train import evaluate, evaluate_ensemble, fit
 from clr_lambda_search.search.cli.args import (WORKERS_PER_CPU, Parser, add_common_args, add_data_args,
-                             add_train_args)
+                             add_set_arg, add_train_args)
 from clr_lambda_search.search.cli.configs import train_config
 from clr_lambda_search.search.cli.errors import run
 from clr_lambda_search.search.cli.output import emit, progress_bar, setup_logging
@@ -24,6 +24,7 @@ from clr_lambda_search.search.cli.threads import blas_threads, cpu_count
 def parse_args(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     add_train_args(p)
+    add_set_arg(p, "config.lam=0.001 (TrainConfig fields, as in a campaign's [config])")
     add_data_args(p)
     p.add_argument("--out", default=None, help="results folder (default studies/runs/lam<λ>-seed<seed>)")
     p.add_argument("--threads", type=int, default=1,
