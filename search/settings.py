@@ -44,7 +44,9 @@ def keys(campaign):
         out += [f"phases.{p.name}.{k}" for k in p.settings
                 if not k.startswith("narrow.") or getattr(p, "narrow", None)]
         out += [f"phases.{p.name}.config.{f}" for f in FIELDS]
-    out += ["final.seeds", "final.n_s"] + [f"final.{f}" for f in FIELDS if f != "n_s"]
+    # final.seed is not a key: the final run trains seeds 0 … final.seeds − 1
+    out += ["final.seeds", "final.n_s"] + [f"final.{f}" for f in FIELDS
+                                           if f not in ("n_s", "seed")]
     return out
 
 
