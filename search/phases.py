@@ -249,8 +249,9 @@ class SearchPhase(Phase):
 
 @dataclasses.dataclass(frozen=True)
 class ConfirmPhase(Phase):
-    """The best top_k configurations of earlier search phases, raced on paired seeds
-    (search.confirm); every (candidate, seed) is one queued trial, trained once."""
+    """The best top_k configurations of earlier search phases, raced on at most `seeds` paired
+    seeds (search.confirm: losers dropped early, stopped once the pick is decided); every
+    (candidate, seed) is one queued trial, trained once."""
 
     sources: tuple = ()         # the search phases it confirms
     top_k: int = 3
