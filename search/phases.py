@@ -305,6 +305,9 @@ class ConfirmPhase(Phase):
         """Race the candidates (resuming what is done); records the verdict; the study."""
         study = self.open(run)
         rec = record.read(study)
+        if isinstance(rec.verdict, dict):
+            # decided: a resumed campaign keeps its pick, even one raced by an earlier rule
+            return study
         cands, seeds = rec.candidates, rec.seeds
         config = pinned(run.campaign.phase_config(self))
         objective = Objective(run.data, config, self.base_space(run.campaign))
