@@ -738,3 +738,22 @@ def test_two_processes_on_postgresql(cifar_tiny_dir, tmp_path):
     assert fl.unfinished(trials) == []
     # no λ trained twice
     assert fl.duplicated_lams(trials) == []
+
+
+def test_a_study_deleted_while_the_campaign_is_listed_is_read_again(tmp_path, monkeypatch):
+    # another runner releasing its storage lock deletes that lock's study while Optuna reads
+    # every study's trials: Optuna raises KeyError, and the listing is read again
+    from clr_lambda_search.search import study as study_module
+
+    storage = open_storage(fl.sqlite_url(tmp_path / "s.db"))
+    optuna.create_study(study_name="x-coarse", storage=storage)
+    real, calls = optuna.get_all_study_summaries, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("Record does not exist.")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(optuna, "get_all_study_summaries", flaky)
+    assert [s.study_name for s in study_module.campaign_studies(storage, "x")] == ["x-coarse"]
+    assert len(calls) == 2
