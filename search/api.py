@@ -55,7 +55,9 @@ def run_phase(name, space, data, storage, *, n_trials, config=TrainConfig(), sam
       storage: an SQLAlchemy URL or a search.study.open_storage(...) storage.
       config: the TrainConfig every trial starts from (the space's fields are overridden).
       sampler, pruner: Optuna objects, or names as in a campaign file. A sampler is reseeded
-        from (seed, trial number) before each trial, so parallel workers never replay draws.
+        from (study seed, trial number) before each trial, so parallel workers never replay
+        draws; the study seed is the sampler's own when it was built with one
+        (RandomSampler(seed=42)), else `seed`.
       repeats: training seeds per trial (the objective is their mean).
       workers: processes on this machine (forked: the data is shared).
       progress: optional callable(study_name, done, total, unit).

@@ -21,7 +21,9 @@ class Objective:
     its space (search.space parameters, or a define-by-run callable trial -> {field: value}).
     Every trial is trained with the same seeds (base_config.seed, +1, …): comparisons are paired.
     The first seed reports validation accuracy at every evaluation point (the end of every half
-    cycle when evals_per_cycle = 2) and is pruned when the pruner says so.
+    cycle when evals_per_cycle = 2) and is pruned when the pruner says so, but never at its last
+    report: a trial that has trained to its end is judged by its final value (whatever the
+    pruner, Hyperband's and successive halving's top rung included).
     """
 
     def __init__(self, data, base_config, space, repeats=1):
@@ -56,7 +58,8 @@ class Objective:
     def _train_one(self, trial, config, spend, first):
         try:
             with record.failure_said(trial):
-                _, history = fit(self.data, config, on_eval=_reporter(trial, spend, first))
+                _, history = fit(self.data, config,
+                                 on_eval=_reporter(trial, spend, first, config.total_steps))
         except DivergedError as e:
             log.warning("trial %d: %s", trial.number, e)
             raise
@@ -83,16 +86,18 @@ class _Spend:
         self.trial.set_user_attr("seconds", self.seconds())
 
 
-def _reporter(trial, spend, first):
+def _reporter(trial, spend, first, last_step):
     """on_eval callback: count the updates trained; on the first seed, report val accuracy at
-    each evaluation point after 0, and prune if asked."""
+    each evaluation point after 0, and prune if asked before last_step (the pruner is not asked
+    at or after it: the training is done)."""
     def on_eval(record):
-        spend.running = record["step"]
-        if record["step"] == 0 or not first:
+        step = record["step"]
+        spend.running = step
+        if step == 0 or not first:
             return
-        trial.report(record["val"]["acc"], record["step"])
-        if trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {record['step']}")
+        trial.report(record["val"]["acc"], step)
+        if step < last_step and trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step}")
     return on_eval
 
 

@@ -5,6 +5,7 @@ one against the installed Optuna and names the version when one breaks.
 """
 import datetime
 
+import numpy as np
 import optuna
 # no public module exports it; see reseed
 from optuna.samplers._lazy_random_state import LazyRandomState
@@ -28,6 +29,32 @@ def reseed(sampler, seed):
             value.rng.seed(seed)
         elif isinstance(value, optuna.samplers.BaseSampler):
             reseed(value, seed)
+
+
+def own_seed(sampler):
+    """The seed a sampler object was built with (seed=…), None when it was built without one.
+
+    Optuna keeps no seed: a sampler seeded at construction holds a seeded RandomState in its
+    private LazyRandomState (an unseeded one makes it at its first draw), and MT19937's first
+    state word is the seed (one below 2**32, before any draw). A state that has drawn, or was
+    seeded with an array, gives a seed derived from the state: still one per seed."""
+    def state_seed(rng):
+        _, key, pos, *_ = rng.get_state()
+        if pos == len(key) and np.array_equal(np.random.RandomState(int(key[0])).get_state()[1],
+                                              key):
+            return int(key[0])
+        return int(np.random.SeedSequence([*key.tolist(), pos]).generate_state(1)[0])
+
+    for value in vars(sampler).values():
+        if isinstance(value, optuna.samplers.BaseSampler):
+            found = own_seed(value)
+        elif isinstance(value, LazyRandomState):
+            found = state_seed(value._rng) if value._rng is not None else None
+        else:
+            continue
+        if found is not None:
+            return found
+    return None
 
 
 def rdb_storage(study):

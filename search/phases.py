@@ -126,7 +126,7 @@ class SearchPhase(Phase):
             if p.name in fixed:
                 fail(f"params.{p.name}", "both searched and fixed (in [search] or the phase's "
                      "config); drop one")
-        _check(lambda: make_sampler(self.sampler, campaign.seed, self.grid), "sampler", fail)
+        _check(lambda: self.make_sampler(campaign), "sampler", fail)
         if _is_grid(self.sampler) and not self.grid:
             fail("sampler", "the grid sampler needs values = [...] for every parameter")
         _check(lambda: make_pruner(self.pruner, config), "pruner", fail)
@@ -183,8 +183,7 @@ class SearchPhase(Phase):
             total = int(self.budget.amount)
             count = lambda trials: min(total, int(budget.spent(trials, self.budget.unit)))  # noqa: E731
         run_phase_workers(run, study, Objective(run.data, config, space, repeats=self.repeats),
-                          goal, total, sampler=lambda: make_sampler(
-                              self.sampler, run.campaign.seed, self.grid),
+                          goal, total, sampler=lambda: self.make_sampler(run.campaign),
                           pruner=make_pruner(self.pruner, config), count=count)
         return study
 
@@ -192,6 +191,11 @@ class SearchPhase(Phase):
         if self.budget is None:
             return f"{self.n_trials} trials"
         return f"a budget of {self.budget} (at most {self.n_trials} trials)"
+
+    def make_sampler(self, campaign):
+        """The phase's sampler, its draws seeded from (study seed, phase index, trial number): no
+        phase of the campaign replays another's (search.samplers)."""
+        return make_sampler(self.sampler, campaign.seed, self.grid, phase=campaign.index(self.name))
 
     def _space(self, run, name):
         """(space, narrowed): the recorded one of a resumed study, else the phase's own or the
@@ -212,7 +216,8 @@ class SearchPhase(Phase):
         return record.StudyRecord(
             campaign=c.name, phase=self.name, kind=self.kind, index=c.index(self.name),
             config=config, space=space_to_dict(space), sampler=sampler_label(self.sampler),
-            grid=self.grid, pruner=pruner_label(self.pruner), repeats=self.repeats, seed=c.seed,
+            grid=self.grid, pruner=pruner_label(self.pruner), repeats=self.repeats,
+            seed=self.make_sampler(c).study_seed,
             n_trials=self.n_trials, digest=c.digest(), narrowed=narrowed,
             budget=None if self.budget is None else str(self.budget),
             fingerprint=run.fingerprint, precision=config["precision"])
@@ -244,8 +249,9 @@ class SearchPhase(Phase):
 
 @dataclasses.dataclass(frozen=True)
 class ConfirmPhase(Phase):
-    """The best top_k configurations of earlier search phases, raced on paired seeds
-    (search.confirm); every (candidate, seed) is one queued trial, trained once."""
+    """The best top_k configurations of earlier search phases, raced on at most `seeds` paired
+    seeds (search.confirm: losers dropped early, stopped once the pick is decided); every
+    (candidate, seed) is one queued trial, trained once."""
 
     sources: tuple = ()         # the search phases it confirms
     top_k: int = 3
@@ -299,6 +305,9 @@ class ConfirmPhase(Phase):
         """Race the candidates (resuming what is done); records the verdict; the study."""
         study = self.open(run)
         rec = record.read(study)
+        if isinstance(rec.verdict, dict):
+            # decided: a resumed campaign keeps its pick, even one raced by an earlier rule
+            return study
         cands, seeds = rec.candidates, rec.seeds
         config = pinned(run.campaign.phase_config(self))
         objective = Objective(run.data, config, self.base_space(run.campaign))

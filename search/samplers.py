@@ -1,8 +1,11 @@
 """Samplers and pruners by name, and the trial seeding of every sampler.
 
-Samplers draw from a random state seeded by (study seed, trial number) before every trial: the λ
-of a trial does not depend on which worker or process runs it, parallel and resumed workers never
-replay one λ sequence (optuna #3255), and a random phase is reproducible trial by trial.
+Samplers draw from a random state seeded by (study seed, phase, trial number) before every
+trial: the draws of a trial do not depend on which worker or process runs it, parallel and
+resumed workers never replay one sequence (optuna #3255), a phase never replays another phase's
+draws (a narrowed phase's random startup trials, where a range did not narrow), and a random
+phase is reproducible trial by trial. The study seed is the campaign's, or the seed the user
+gave the sampler ({name = "RandomSampler", seed = 42}, or RandomSampler(seed=42) through the API).
 """
 import importlib.util
 import inspect
@@ -13,7 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from clr_lambda_search.model.errors import ConfigError
-from clr_lambda_search.search.optuna_internals import reseed
+from clr_lambda_search.search.optuna_internals import own_seed, reseed
 
 # Short names of the samplers and pruners the scripts offer; any optuna.samplers / optuna.pruners
 # class is nameable too, as {name = "TPESampler", multivariate = true} in a campaign file.
@@ -24,34 +27,43 @@ PRUNERS = ("none", "median", "hyperband")
 _NEEDS = {"GPSampler": ("torch",), "CmaEsSampler": ("cmaes",)}
 
 
-def trial_seed(study_seed, number):
-    """The seed of trial `number`'s random draws."""
-    return int(np.random.SeedSequence([study_seed, number]).generate_state(1)[0])
+def trial_seed(study_seed, number, phase=0):
+    """The seed of trial `number`'s random draws in the campaign's phase of index `phase`.
+
+    The first phase (0) draws from (study seed, number), as before phases were seeded apart, so
+    its values are those of earlier releases; the others from (study seed, number, phase): the
+    phase goes last because SeedSequence ignores trailing zeros ([s, 1, 0] is [s, 1])."""
+    entropy = [study_seed, number] + ([phase] if phase else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 _SEEDED_CLASSES = {}
 
 
 def _seeded_class(cls):
-    """cls with a before_trial that first reseeds from (study seed, trial number). A direct
+    """cls with a before_trial that first reseeds from (study seed, trial number, phase). A direct
     subclass: Python lets an object's class be swapped only for one with the same layout."""
     if cls not in _SEEDED_CLASSES:
         def before_trial(self, study, trial):
-            reseed(self, trial_seed(self.study_seed, trial.number))
+            reseed(self, trial_seed(self.study_seed, trial.number, self.phase))
             cls.before_trial(self, study, trial)
         _SEEDED_CLASSES[cls] = type(f"TrialSeeded{cls.__name__}", (cls,),
                                     {"before_trial": before_trial, "trial_seeded": True})
     return _SEEDED_CLASSES[cls]
 
 
-def trial_seeded(sampler, study_seed):
-    """The sampler, its draws now seeded from (study_seed, trial number) before every trial.
+def trial_seeded(sampler, seed, phase=0):
+    """The sampler, its draws now seeded from (study seed, trial number, phase) before every
+    trial. The study seed is the one the sampler was built with, else `seed` (the campaign's).
 
     Works for any sampler object, a user's included: its class is swapped for a subclass that
-    adds the reseeding (isinstance checks and the object's state are kept)."""
+    adds the reseeding (isinstance checks and the object's state are kept). Its own seed is read
+    once, before the first reseeding replaces its random state."""
     if not getattr(sampler, "trial_seeded", False):
+        sampler.own_seed = own_seed(sampler)
         sampler.__class__ = _seeded_class(type(sampler))
-    sampler.study_seed = study_seed
+    sampler.study_seed = seed if sampler.own_seed is None else sampler.own_seed
+    sampler.phase = phase
     return sampler
 
 
@@ -76,14 +88,16 @@ def _build(cls, kwargs, what):
                           f"documentation of {cls.__name__}") from None
 
 
-def make_sampler(spec, seed, grid=None):
-    """A trial-seeded sampler: a short name (random, tpe, grid), any optuna.samplers class by name
-    (with keyword arguments: {name = "TPESampler", multivariate = true}), or a sampler object.
+def make_sampler(spec, seed, grid=None, phase=0):
+    """A trial-seeded sampler (trial_seeded) of the campaign's phase of index `phase`: a short
+    name (random, tpe, grid), any optuna.samplers class by name (with keyword arguments:
+    {name = "TPESampler", multivariate = true, seed = 42}), or a sampler object.
 
-    Named classes get seed=seed when they take one; grid: {param: values} for GridSampler.
+    Named classes get seed=seed when they take one and none is given; grid: {param: values} for
+    GridSampler.
     """
     if isinstance(spec, optuna.samplers.BaseSampler):
-        return trial_seeded(spec, seed)
+        return trial_seeded(spec, seed, phase)
     name, kwargs = split_spec(spec, "sampler")
     cls_name, defaults = SAMPLERS.get(name, (name, {}))
     cls = getattr(optuna.samplers, cls_name, None)
@@ -100,7 +114,7 @@ def make_sampler(spec, seed, grid=None):
         kwargs.setdefault("search_space", grid or {})
     if "seed" in inspect.signature(cls).parameters:
         kwargs.setdefault("seed", seed)
-    return trial_seeded(_build(cls, kwargs, "sampler"), seed)
+    return trial_seeded(_build(cls, kwargs, "sampler"), seed, phase)
 
 
 def sampler_label(spec):

@@ -367,7 +367,7 @@ def campaign_studies(storage, campaign):
     A study belongs to the campaign its user attrs name (every release recorded it); a study
     without them is found under the old names <campaign>-coarse / -fine."""
     # the final run's study (search.final) is no search phase: its test accuracy must not be a pick
-    mine = [s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+    mine = [s for s in _summaries(storage)
             if _campaign_of(s) == campaign and record.read(s).is_phase]
     if not mine:
         have = ", ".join(campaigns(storage)) or "none"
@@ -376,6 +376,17 @@ def campaign_studies(storage, campaign):
     mine.sort(key=lambda s: (s.user_attrs.get("phase_index", _old_index(s.study_name)),
                              s.study_name))
     return [optuna.load_study(study_name=s.study_name, storage=storage) for s in mine]
+
+
+def _summaries(storage, tries=5):
+    """Every study's summary. A study deleted while they are read (a storage lock that another
+    runner released: search.lock) makes Optuna raise KeyError: read them again."""
+    for _ in range(tries - 1):
+        try:
+            return optuna.get_all_study_summaries(storage, include_best_trial=False)
+        except KeyError:
+            continue
+    return optuna.get_all_study_summaries(storage, include_best_trial=False)
 
 
 def _campaign_of(frozen):
@@ -392,7 +403,7 @@ def _old_index(name):
 
 def campaigns(storage):
     """Campaign names that have at least one phase study in the storage."""
-    return sorted({c for s in optuna.get_all_study_summaries(storage, include_best_trial=False) if (c := _campaign_of(s))})
+    return sorted({c for s in _summaries(storage) if (c := _campaign_of(s))})
 
 
 def named_study(storage, name):

@@ -58,6 +58,19 @@ def test_reseed_sets_the_samplers_draws(cls):
     assert draw(1) == draw(2), changed(f"reseeding {cls.__name__}'s LazyRandomState has no effect")
 
 
+@pytest.mark.parametrize("cls", [optuna.samplers.RandomSampler, optuna.samplers.TPESampler,
+                                 optuna.samplers.NSGAIISampler, optuna.samplers.QMCSampler])
+def test_own_seed_reads_the_seed_a_sampler_was_built_with(cls):
+    from clr_lambda_search.search.optuna_internals import own_seed
+
+    assert own_seed(cls(seed=42)) == 42, changed(f"{cls.__name__}(seed=42) keeps no seeded "
+                                                 "LazyRandomState whose first state word is 42")
+    assert own_seed(cls()) is None, changed(f"an unseeded {cls.__name__} has a seeded state")
+    drawn = cls(seed=42)
+    optuna.create_study(sampler=drawn).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert own_seed(drawn) not in (None, own_seed(cls(seed=7)))  # still one per seed
+
+
 def test_rdb_storage_is_the_storage_behind_a_study(storage):
     from clr_lambda_search.search.optuna_internals import rdb_storage
 

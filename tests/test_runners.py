@@ -97,3 +97,28 @@ def test_a_runner_killed_mid_coarse_leaves_the_studies_of_one(cifar_tiny_dir, tm
         rl.kill_all(runners)
     assert runs[-1].returncode == -signal.SIGKILL
     rl.assert_no_problems(rl.campaign_problems(url, campaign, runs[:-1], RUNNERS, killed=1), runs)
+
+
+@pytest.mark.timeout(WAIT + 60)
+def test_a_narrowed_phase_never_replays_its_source_phases_draws(cifar_tiny_dir, tmp_path):
+    # fine narrows coarse by ± 10 decades: λ's range is coarse's own (clipped), so fine's random
+    # startup trials (TPE's first 4; fine has 3) drew coarse's λ values when both phases seeded
+    # trial n alike. Two runners: neither replays the other's draws either.
+    url = fl.sqlite_url(tmp_path / "s.db")
+    flags = [*rl.TINY_PIPELINE, "--set", "phases.fine.narrow.margin=10"]
+    runners = rl.start_runners(2, lambda i: rl.pipeline_args(
+        url, "draws", cifar_tiny_dir.batches, tmp_path / f"out{i}", flags),
+        rl.env_for(tmp_path), tmp_path / "logs")
+    try:
+        runs = rl.wait_all(runners, WAIT)
+    finally:
+        rl.kill_all(runners)
+    rl.assert_no_problems(
+        rl.check_exits(runs) + rl.check_search_phase(url, "draws", "coarse", rl.N_COARSE, 2)
+        + rl.check_search_phase(url, "draws", "fine", rl.N_FINE, 2)
+        + rl.check_narrowed(url, "draws", runs, margin=10) + rl.check_confirm(url, "draws"),
+        runs)
+    (coarse, _), (fine, attrs) = rl.load(url, "draws", "coarse"), rl.load(url, "draws", "fine")
+    assert [(p["low"], p["high"]) for p in attrs["space"]] == [(1e-5, 1e-1)]  # did not narrow
+    drawn = [{t.params["lam"] for t in trials if t.params} for trials in (coarse, fine)]
+    assert len(drawn[1]) >= rl.N_FINE and not drawn[0] & drawn[1], drawn

@@ -15,6 +15,7 @@ import sqlite3
 import uuid
 
 import numpy as np
+import optuna
 import pytest
 from optuna.trial import TrialState
 
@@ -212,6 +213,52 @@ def test_trial_seed_depends_on_study_seed_and_trial_number_only():
     assert len({base, *others}) == 8
     # valid for numpy / Optuna samplers (an unsigned 32-bit integer)
     assert all(0 <= s < 2 ** 32 for s in [base, *others])
+
+
+class _PrunesFrom(optuna.pruners.BasePruner):
+    """Says "prune" at every report from `step` on, to every trial or to odd-numbered ones."""
+
+    def __init__(self, step, odd_only=False):
+        self.step, self.odd_only = step, odd_only
+
+    def prune(self, study, trial):
+        return (trial.last_step is not None and trial.last_step >= self.step
+                and (trial.number % 2 == 1 or not self.odd_only))
+
+
+# Two cycles of n_s = 5 on tiny_data: reports at 5, 10, 15 and 20 (the last).
+PRUNED_CONFIG = dataclasses.replace(TINY_CONFIG, cycles=2)
+PRUNERS = {
+    "at-the-last-report": _PrunesFrom(PRUNED_CONFIG.total_steps),
+    "from-the-second-report": _PrunesFrom(10, odd_only=True),
+    # asked from step 20 on only, and prunes a value equal to the median
+    "median": {"name": "MarginMedianPruner", "margin": -0.001, "n_startup_trials": 1,
+               "n_warmup_steps": 15},
+    "successive-halving": {"name": "SuccessiveHalvingPruner", "min_resource": 5,
+                           "reduction_factor": 2},
+    "hyperband": {"name": "HyperbandPruner", "min_resource": 5, "max_resource": 20,
+                  "reduction_factor": 2},
+}
+
+
+@pytest.mark.parametrize("name", PRUNERS)
+def test_a_pruner_never_prunes_at_the_last_report(tmp_path, tiny_data, name):
+    """A trial that trained to its end is judged by its final value, whatever the pruner says
+    there; the pruner still stops trials before it (the aggressive ones here prune at once)."""
+    storage = open_storage(fl.sqlite_url(tmp_path / "s.db"))
+    # λ up to 10: values that differ on tiny_data, for the pruners that rank trials
+    study = run_one(tiny_spec(n_trials=4, config=PRUNED_CONFIG, pruner=PRUNERS[name],
+                              space=(Float("lam", 1e-3, 10, log=True),)), storage, tiny_data)
+    last = PRUNED_CONFIG.total_steps
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert all(max(t.intermediate_values) < last for t in pruned), \
+        [(t.number, sorted(t.intermediate_values)) for t in pruned]
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 4 and all(last in t.intermediate_values for t in done)
+    if name == "at-the-last-report":
+        assert not pruned  # it says prune only at the end: nothing is thrown away
+    if name == "from-the-second-report":
+        assert pruned  # earlier, it still prunes
 
 
 @pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
@@ -691,3 +738,22 @@ def test_two_processes_on_postgresql(cifar_tiny_dir, tmp_path):
     assert fl.unfinished(trials) == []
     # no λ trained twice
     assert fl.duplicated_lams(trials) == []
+
+
+def test_a_study_deleted_while_the_campaign_is_listed_is_read_again(tmp_path, monkeypatch):
+    # another runner releasing its storage lock deletes that lock's study while Optuna reads
+    # every study's trials: Optuna raises KeyError, and the listing is read again
+    from clr_lambda_search.search import study as study_module
+
+    storage = open_storage(fl.sqlite_url(tmp_path / "s.db"))
+    optuna.create_study(study_name="x-coarse", storage=storage)
+    real, calls = optuna.get_all_study_summaries, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("Record does not exist.")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(optuna, "get_all_study_summaries", flaky)
+    assert [s.study_name for s in study_module.campaign_studies(storage, "x")] == ["x-coarse"]
+    assert len(calls) == 2

@@ -4,6 +4,7 @@ import dataclasses
 import math
 import textwrap
 
+import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -123,12 +124,37 @@ def test_a_users_sampler_object_is_kept_and_reseeded():
     # the very object the user passed, still a TPESampler, with its own settings
     assert sampler is mine and isinstance(sampler, optuna.samplers.TPESampler)
     assert sampler._multivariate is True
-    values = []
-    for _ in range(2):  # two fresh studies: trial 0 draws the same value (seeded from (7, 0))
-        study = optuna.create_study(sampler=make_sampler(
-            optuna.samplers.TPESampler(seed=999 if values else 1), 7))
-        values.append(study.ask().suggest_float("x", 0, 1))
-    assert values[0] == values[1]
+
+    def first(spec, seed=7):
+        return optuna.create_study(sampler=make_sampler(spec, seed)).ask().suggest_float("x", 0, 1)
+    # unseeded objects draw from the campaign's seed, like a sampler named in a campaign file
+    assert first(optuna.samplers.TPESampler()) == first(optuna.samplers.TPESampler()) \
+        == first("tpe")
+    # a seed the user set is the study seed: another seed, other draws, whatever the campaign's
+    assert first(optuna.samplers.RandomSampler(seed=42)) != first(
+        optuna.samplers.RandomSampler(seed=7))
+    assert first(optuna.samplers.RandomSampler(seed=42), 0) == first(
+        optuna.samplers.RandomSampler(seed=42), 5)
+    # and the same seed given in a campaign file draws the same values
+    assert first(optuna.samplers.RandomSampler(seed=42)) == first(
+        {"name": "RandomSampler", "seed": 42}) != first({"name": "RandomSampler", "seed": 7})
+    assert make_sampler(optuna.samplers.RandomSampler(seed=42), 0).study_seed == 42
+
+
+def test_each_phase_draws_its_own_values():
+    """Phase p's trial n draws from (study seed, n, p): the first phase keeps the draws of the
+    releases before phases were seeded apart, and no two (phase, trial) pairs share a seed."""
+    from clr_lambda_search.search.samplers import trial_seed
+
+    assert trial_seed(0, 3) == trial_seed(0, 3, phase=0) == int(
+        np.random.SeedSequence([0, 3]).generate_state(1)[0])
+    seeds = {trial_seed(0, n, p) for n in range(50) for p in range(4)}
+    assert len(seeds) == 200
+
+    def draws(phase):
+        study = optuna.create_study(sampler=make_sampler("random", 0, phase=phase))
+        return [study.ask().suggest_float("x", 0, 1) for _ in range(5)]
+    assert not set(draws(0)) & set(draws(1)) and not set(draws(1)) & set(draws(2))
 
 
 @pytest.mark.parametrize("spec, needle", [
