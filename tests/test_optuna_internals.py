@@ -170,12 +170,15 @@ def test_optuna_reports_a_failed_trial_on_the_logger_workers_filter():
     handler.emit = seen.append
     logger = logging.getLogger(OPTIMIZE_LOGGER)
     logger.addHandler(handler)
+    verbosity = optuna.logging.get_verbosity()  # a script run in this process may have set ERROR
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         def fail(trial):
             raise RuntimeError("Bookkeeping(surplus)")
         optuna.create_study().optimize(fail, n_trials=1, catch=(RuntimeError,))
     finally:
         logger.removeHandler(handler)
+        optuna.logging.set_verbosity(verbosity)
     assert any("Bookkeeping(surplus)" in r.getMessage() for r in seen), changed(
         f"a failed trial is no longer logged on {OPTIMIZE_LOGGER!r}")
 
