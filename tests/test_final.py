@@ -205,6 +205,19 @@ def test_the_final_run_is_an_optuna_study_with_artifacts(tiny_data, tmp_path):
     assert "c-final" in optuna.get_all_study_names(storage)
 
 
+def test_final_trials_carry_their_params_and_training_time(tiny_data, tmp_path):
+    """Optuna's views of the final study tell the truth: each trial's params are what it
+    trained (the pick and its seed, with distributions), and its duration spans its training
+    (the trial is claimed, then trained: not a bookkeeping moment after the fact)."""
+    config = dataclasses.replace(CONFIG, n_s=30)  # long enough to measure
+    _, study, _ = run_seeds(tmp_path, tiny_data, config=config, seeds=2, first_seed=5)
+    for seed, t in zip((5, 6), study.get_trials()):
+        assert t.params == {"lam": config.lam, "seed": seed}
+        assert t.distributions["seed"] == optuna.distributions.CategoricalDistribution([5, 6])
+        duration = (t.datetime_complete - t.datetime_start).total_seconds()
+        assert t.user_attrs["seconds"] > 0 and duration >= t.user_attrs["seconds"] - 0.01  # (rounded)
+
+
 def test_a_final_run_of_another_pick_is_refused_unless_forced(tiny_data, tmp_path):
     from clr_lambda_search.model.errors import InputError
     from clr_lambda_search.search import record
