@@ -1,5 +1,6 @@
 """Storage and studies: open an RDB storage safely, name a campaign's studies, read results."""
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -110,6 +111,27 @@ def sqlite_path(url):
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     return Path(parsed.database)
+
+
+def outputs_dir(campaign, storage=DEFAULT_STORAGE):
+    """Where a campaign's results folder and dashboard go: studies/<campaign> for the default
+    storage (sqlite:///studies/studies.db, by any URL of that file), studies/<campaign>-<digest>
+    for any other, the digest being 8 hex digits of the masked URL's SHA-256: two storages that
+    hold a campaign of one name never overwrite each other's outputs. storage: a URL, or a
+    storage opened from one (its URL is read when it keeps one)."""
+    url = storage if isinstance(storage, str) else getattr(storage, "url", None)
+    if url is None or _is_default(url):
+        return DEFAULT_HOME / campaign
+    digest = hashlib.sha256(mask_url(url).encode()).hexdigest()[:8]
+    return DEFAULT_HOME / f"{campaign}-{digest}"
+
+
+def _is_default(url):
+    try:
+        path = sqlite_path(url)
+    except Exception:  # a malformed URL: open_storage says so
+        return False
+    return path is not None and path.resolve() == (DEFAULT_HOME / "studies.db").resolve()
 
 
 def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,

@@ -117,6 +117,41 @@ def test_campaign_name_is_escaped(small_campaign):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 
+def test_outputs_are_keyed_by_storage(tmp_path, monkeypatch):
+    """The default storage's campaign writes studies/<campaign>/; any other storage's
+    studies/<campaign>-<8 hex digits of its masked URL>/ (no secret in the name, and a new
+    password does not move the outputs)."""
+    from clr_lambda_search.search.study import DEFAULT_STORAGE, outputs_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert outputs_dir("c") == outputs_dir("c", DEFAULT_STORAGE) == Path("studies/c")
+    same_file = f"sqlite:///{tmp_path / 'studies' / 'studies.db'}"
+    assert outputs_dir("c", same_file) == Path("studies/c")  # the default file, by another URL
+    others = ["sqlite:///a.db", "sqlite:///b.db", "postgresql+psycopg://u:secret@h/db"]
+    dirs = [outputs_dir("c", url) for url in others]
+    assert len(set(dirs)) == 3 and all(re.fullmatch(r"c-[0-9a-f]{8}", d.name) for d in dirs)
+    assert all(d.parent == Path("studies") for d in dirs)
+    assert outputs_dir("c", "postgresql+psycopg://u:other@h/db") == dirs[2]
+    assert "secret" not in str(dirs[2])
+
+
+def test_two_storages_do_not_overwrite_each_others_dashboard(tmp_path):
+    """scripts/dashboard.py of one campaign name in two storages, default paths: two pages."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for db, n in (("a.db", 2), ("b.db", 3)):
+        fake_study(open_storage(f"sqlite:///{tmp_path / db}"), "u-coarse", n=n)
+    pages = []
+    for db in ("a.db", "b.db"):
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "dashboard.py"),
+                               "--campaign", "u", "--storage", f"sqlite:///{db}", "-q", "--json"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        pages.append(tmp_path / json.loads(proc.stdout)["out"])
+    assert pages[0] != pages[1] and all(p.is_file() for p in pages)
+    assert {p.parent.name[:2] for p in pages} == {"u-"}
+    assert "sqlite:///a.db" in pages[0].read_text() and "sqlite:///b.db" in pages[1].read_text()
+
+
 # ---- browser: headless Chromium loads the page written by scripts/dashboard.py -----------------
 
 # Injected at the top of <head>, before plotly.js: records every error, and after load checks
