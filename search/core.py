@@ -24,7 +24,7 @@ from clr_lambda_search.search import record
 from clr_lambda_search.search.campaign import load_campaign
 from clr_lambda_search.search.final import final_study_name, read_final
 from clr_lambda_search.search.phases import PhaseRun
-from clr_lambda_search.search.report import best_row, narrowing
+from clr_lambda_search.search.report import best_row, narrowing, phase_spec
 from clr_lambda_search.search.study import campaign_studies, open_storage, outputs_dir, retire_study
 
 log = logging.getLogger(__name__)
@@ -154,9 +154,11 @@ def campaign_best(run):
 
 
 def phase_summary(phase, study):
-    """{"study", "space", "narrowed", "best"} of a phase's study."""
+    """{"study", "space", "spec", "narrowed", "best"} of a phase's study (spec: what it ran, as
+    text: search.report.phase_spec)."""
     rec = record.read(study)
     return {"study": study.study_name, "phase": phase.name, "space": rec.space,
+            "spec": phase_spec(rec)[1],
             "narrowed": narrowing(study), "best": best_row(study)}
 
 

@@ -30,6 +30,7 @@ from clr_lambda_search.model.train import TrainConfig, evaluate, evaluate_ensemb
 from clr_lambda_search.search import record
 from clr_lambda_search.search.lock import storage_lock
 from clr_lambda_search.search.phases import Phase, open_study, pinned, queue, run_phase_workers, same_config
+from clr_lambda_search.search.space import format_params
 from clr_lambda_search.search.study import retire_study, study_name
 from clr_lambda_search.search.workers import QueuedTarget
 
@@ -271,7 +272,7 @@ def publish(run, study, out, protect=()):
         tagged = [(f"_seed{r['seed']}", r["params"], r["history"]) for r in runs]
         config = dataclasses.replace(config, seed=rec.seeds[0])
         publish_dir(out, lambda folder: save_run(folder, config, metrics, tagged, {
-            "data": run.data.source, "seeds": rec.seeds}), protect)
+            "data": run.data.source, "seeds": rec.seeds}, named=format_params(rec.pick)), protect)
         _attach_figures(study, store, out)
         return metrics
 

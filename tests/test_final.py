@@ -205,12 +205,20 @@ def test_the_final_run_is_an_optuna_study_with_artifacts(tiny_data, tmp_path):
     assert "c-final" in optuna.get_all_study_names(storage)
 
 
-def test_final_trials_carry_their_params_and_training_time(tiny_data, tmp_path):
+def test_final_trials_carry_their_params_and_training_time(tiny_data, tmp_path, monkeypatch):
     """Optuna's views of the final study tell the truth: each trial's params are what it
     trained (the pick and its seed, with distributions), and its duration spans its training
-    (the trial is claimed, then trained: not a bookkeeping moment after the fact)."""
+    (the trial is claimed, then trained: not a bookkeeping moment after the fact). The
+    figures' titles name the pick and the seed drawn."""
+    from clr_lambda_search.model import curves
+
+    titles = []
+    drawn = curves.training_figures
+    monkeypatch.setattr(curves, "training_figures",
+                        lambda h, c, suffix="": titles.append(suffix) or drawn(h, c, suffix))
     config = dataclasses.replace(CONFIG, n_s=30)  # long enough to measure
     _, study, _ = run_seeds(tmp_path, tiny_data, config=config, seeds=2, first_seed=5)
+    assert titles == ["lam=0.01, seed 5"]
     for seed, t in zip((5, 6), study.get_trials()):
         assert t.params == {"lam": config.lam, "seed": seed}
         assert t.distributions["seed"] == optuna.distributions.CategoricalDistribution([5, 6])

@@ -24,7 +24,6 @@ from clr_lambda_search.search.cli.output import emit, phase_bars, setup_logging
 from clr_lambda_search.search.cli.storage import protected_paths
 from clr_lambda_search.search.cli.threads import single_blas_thread
 from clr_lambda_search.search.core import dashboard_maker, run_campaign
-from clr_lambda_search.search.report import space_text
 from clr_lambda_search.search.space import format_params
 from clr_lambda_search.search.study import check_storage, mask_url, open_storage, outputs_dir
 
@@ -97,7 +96,7 @@ def summary_text(s):
              f"  gradient check: max relative error {s['gradcheck']['max_rel_error']:.1e}"]
     for ph in s["phases"]:
         b = ph["best"]
-        lines.append(f"  {ph['study']}: {space_text(ph['space'])}; best "
+        lines.append(f"  {ph['study']}: {ph['spec']}; best "
                      + (f"{format_params(b['params'])}, val acc {b['val_acc']:.4f}" if b else "—"))
     if s["verdict"]:
         lines.append(f"  verdict: {s['verdict']['sentence']}")
@@ -112,7 +111,7 @@ def summary_of(result, storage_text):
     """The --json summary of a CampaignResult."""
     f = result.final
     return {"campaign": result.campaign, "storage": storage_text, "gradcheck": result.gradcheck,
-            "phases": [{k: ph[k] for k in ("study", "space", "narrowed", "best")}
+            "phases": [{k: ph[k] for k in ("study", "space", "spec", "narrowed", "best")}
                        for ph in result.phases],
             "verdict": result.verdict,
             "final": {"params": f["params"], "source": f["source"],

@@ -25,6 +25,7 @@ from clr_lambda_search.search.cli.errors import run
 from clr_lambda_search.search.cli.output import emit, progress_bar, setup_logging
 from clr_lambda_search.search.cli.storage import protected_paths, storage_url
 from clr_lambda_search.search.cli.threads import blas_threads, cpu_count
+from clr_lambda_search.search.space import format_params
 
 
 def parse_args(argv=None):
@@ -50,19 +51,23 @@ def parse_args(argv=None):
 N_VAL = 1000  # search.cli.args' default --n-val
 
 
-def run_name(config, n_val=N_VAL):
-    """The default folder name of a run: λ, then every TrainConfig field that is not its
-    default (and --n-val), then the seed: two runs of other settings never share a folder."""
+def settings(config, n_val=N_VAL):
+    """{name: value}: λ, then every TrainConfig field that is not its default (and --n-val):
+    what the run's folder name and figure titles name (the seed comes last, apart)."""
     default = TrainConfig()
-    parts = [f"lam{config.lam:g}"]
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(config, f.name)
-        if f.name in ("lam", "seed") or value == getattr(default, f.name):
-            continue
-        parts.append(f.name if value is True else f"no-{f.name}" if value is False
-                     else f"{f.name}{value:g}" if isinstance(value, float) else f"{f.name}{value}")
-    if n_val != N_VAL:
-        parts.append(f"n_val{n_val}")
+    named = {"lam": config.lam}
+    named.update({f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)
+                  if f.name not in ("lam", "seed")
+                  and getattr(config, f.name) != getattr(default, f.name)})
+    return {**named, **({"n_val": n_val} if n_val != N_VAL else {})}
+
+
+def run_name(config, n_val=N_VAL):
+    """The default folder name of a run: its settings(), then the seed; two runs of other
+    settings never share a folder."""
+    parts = [name if value is True else f"no-{name}" if value is False
+             else f"{name}{value:g}" if isinstance(value, float) else f"{name}{value}"
+             for name, value in settings(config, n_val).items()]
     return "-".join(parts + [f"seed{config.seed}"])
 
 
@@ -107,7 +112,9 @@ def main():
                "test_acc_ensemble": ensemble["acc"], "steps": config.total_steps,
                "seconds": round(seconds, 2), "threads": args.threads}
     publish_dir(out, lambda folder: save_run(folder, config, metrics, [("", params, history)],
-                                                     {"data": data.source}), protect)
+                                             {"data": data.source},
+                                             named=format_params(settings(config, args.n_val))),
+                protect)
     summary = {**metrics, "out": str(out)}
     emit(summary, args,
                  f"λ={config.lam:g}: train acc {metrics['train_acc']:.4f}, val acc "
