@@ -263,7 +263,7 @@ def test_a_study_never_mixes_precisions(tmp_path, tiny_data, monkeypatch):
     campaign = parse_campaign(raw)
     study, _ = core.run_phase(campaign, "a", tiny_data, url)
     resolved = record.read(study).precision
-    assert resolved in ("fp32", "bf16") and study.user_attrs["config"]["precision"] == resolved
+    assert resolved in ("fp32", "bf16") and record.read(study).config["precision"] == resolved
     other = "bf16" if resolved == "fp32" else "fp32"
     monkeypatch.setattr(phases, "resolve_precision", lambda requested: (other, "test"))
     with pytest.raises(InputError, match=f"trained in {resolved}"):
