@@ -44,7 +44,7 @@ def study_figures(study):
     would show the history of the luckiest seed and importances over a handful of candidates.
     Every title ends with the searched parameters. (Titles hold parameter names from the
     storage: _Page escapes every figure.)"""
-    if record.read(study).kind == "confirm":
+    if record.read(study).races:
         return confirm_figures(study)
     names = param_names(study, study.get_trials(deepcopy=False))
     makers = [("Optimization history", ov.plot_optimization_history)]

@@ -73,6 +73,12 @@ class StudyRecord:
     version: int = VERSION
 
     @property
+    def races(self):
+        """Whether the study races candidates on paired seeds (a confirm phase): its trials are
+        queued (candidate, seed) pairs, not a sampler's draws, and its views are its own."""
+        return isinstance(self.candidates, list) and self.pick is None
+
+    @property
     def is_phase(self):
         """Whether the study is one of its campaign's phases (not its final run, whose test
         accuracy must never be a pick; not a retired study)."""

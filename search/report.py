@@ -102,7 +102,7 @@ def _trial_ref(best):
 def confirm_summary(study):
     """A confirm study's candidates, per-seed means and verdict (its sentence), else None."""
     rec = record.read(study)
-    if not isinstance(rec.candidates, list) or rec.pick is not None:
+    if not rec.races:
         return None
     verdict = rec.verdict if isinstance(rec.verdict, dict) else None
     return {"candidates": rec.candidates, "seeds": rec.seeds,
@@ -150,7 +150,7 @@ def phase_spec(rec):
     """(sampler, space) cells of a phase as it ran: a confirm phase's candidates and seeds (its
     trials are queued: no sampler draws them), a search phase's space as recorded (a narrowed
     one's narrowed range, and where it came from) and its sampler as configured."""
-    if rec.kind == "confirm":
+    if rec.races:
         cands = rec.candidates if isinstance(rec.candidates, list) else []
         seeds = rec.seeds or []
         span = f"{seeds[0]}–{seeds[-1]}" if len(seeds) > 1 else ", ".join(map(str, seeds))
@@ -177,7 +177,7 @@ def study_text(rep):
     names = rep["params"]
     lines = [f"== {rep['name']}: {rep['n_complete']} complete trials"
              + (f", {rep['repeats']} seeds per trial" if rep["repeats"] > 1 else ""),
-             f"   {'ran' if rep['kind'] == 'confirm' else 'space'}: {rep['spec']}"]
+             f"   {'ran' if rep.get('confirm') else 'space'}: {rep['spec']}"]
     if rep["narrowed"]:
         n = rep["narrowed"]
         lines.append(f"   narrowed from {n['from_study']} trials {n['from_trials']} ({n['rule']})")
