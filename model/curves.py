@@ -41,8 +41,8 @@ def lr_figure(config, title_suffix=""):
     ax.plot(t, eta)
     ax.set_xlabel("update step")
     ax.set_ylabel("learning rate η")
-    ax.set_title(f"Cyclical learning rate (n_s = {config.n_s}, η {config.eta_min:g}–"
-                 f"{config.eta_max:g})" + (f"\n{title_suffix}" if title_suffix else ""),
+    ax.set_title(f"Cyclical learning rate (n_s = {config.n_s}, η {config.eta_min:.4g}–"
+                 f"{config.eta_max:.4g})" + (f"\n{title_suffix}" if title_suffix else ""),
                  fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()

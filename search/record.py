@@ -89,9 +89,8 @@ def stored(study):
     """The record's attrs of a study as stored, by key: its user attrs and (version 3) the
     record's system attrs (a StudySummary: its user attrs alone, the SHORT fields)."""
     attrs = dict(study.user_attrs)
-    for key, value in study_system_attrs(study).items():
-        if key.startswith(PREFIX):
-            attrs.setdefault(key[len(PREFIX):], value)
+    attrs.update({key[len(PREFIX):]: value for key, value in study_system_attrs(study).items()
+                  if key.startswith(PREFIX)})
     return attrs
 
 

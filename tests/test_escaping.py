@@ -62,7 +62,8 @@ def hostile_confirm(storage, campaign):
                "sentence": HOSTILE, "params": cands[0]["params"],
                "scores": {"0": [0.4, 0.42], "1": [0.39, 0.43]}, "dropped": {"1": HOSTILE},
                "means": {"0": 0.41, "1": 0.41}}
-    for key, value in {"phase": "confirm", "kind": "confirm", "phase_index": 2,
+    for key, value in {"campaign": campaign, "phase": "confirm", "kind": "confirm",
+                       "phase_index": 2,
                        "candidates": cands, "confirm_seeds": [HOSTILE, 1001],
                        "sampler": HOSTILE, "pruner": HOSTILE, "verdict": verdict}.items():
         study.set_user_attr(key, value)
