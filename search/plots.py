@@ -21,6 +21,7 @@ from clr_lambda_search.model.outputs import PAGE_TAG
 from clr_lambda_search.model.schedule import cyclic_lr
 from clr_lambda_search.search import record
 from clr_lambda_search.search.report import param_names, phase_spec, study_report
+from clr_lambda_search.search.study import STORAGE_LINE
 from clr_lambda_search.search.space import format_params
 
 log = logging.getLogger(__name__)
@@ -428,7 +429,7 @@ class Dashboard:
 
     def __init__(self, campaign, storage_label, studies):
         self.header = (f"<h1>Hyperparameter search — campaign {_esc(campaign)}</h1>"
-                       f"<p>storage {_esc(storage_label)}</p>")
+                       + STORAGE_LINE.format(_esc(storage_label)))
         self.campaign = campaign
         self.studies = studies
         page = _Page("study-fig")

@@ -133,6 +133,13 @@ def test_outputs_are_keyed_by_storage(tmp_path, monkeypatch):
     assert all(d.parent == Path("studies") for d in dirs)
     assert outputs_dir("c", "postgresql+psycopg://u:other@h/db") == dirs[2]
     assert "secret" not in str(dirs[2])
+    # a release before the rule wrote a's outputs to studies/c/: they stay a's, not b's
+    Path("studies/c").mkdir(parents=True)
+    Path("studies/c/dashboard.html").write_text("<h1>x</h1><p>storage sqlite:///a.db</p>")
+    assert outputs_dir("c", "sqlite:///a.db") == Path("studies/c")
+    assert outputs_dir("c", "sqlite:///b.db") == dirs[1]
+    dirs[0].mkdir()  # once a's keyed folder exists, it is a's
+    assert outputs_dir("c", "sqlite:///a.db") == dirs[0]
 
 
 def test_two_storages_do_not_overwrite_each_others_dashboard(tmp_path):
