@@ -58,11 +58,13 @@ def _to_builtin(x):
     raise TypeError(f"cannot save {type(x).__name__} as JSON")
 
 
-def save_run(folder, config, metrics, runs, extra_config=None):
+def save_run(folder, config, metrics, runs, extra_config=None, named="λ"):
     """Write a results folder: config.json, metrics.json, per run params<tag>.npz and
     history<tag>.json, and the figures (cost, loss, accuracy, lr .png) of the first run.
 
     runs: list of (tag, params, history); tag "" for a single run, "_seed1" etc. for several.
+    named: the parameters the run trained as the figures' titles name them (the searched
+    ones, search.space.format_params; "λ" names config.lam), followed by the first run's seed.
     """
     from clr_lambda_search.model.curves import training_figures  # matplotlib: loaded only when figures are drawn
 
@@ -73,7 +75,8 @@ def save_run(folder, config, metrics, runs, extra_config=None):
             save_params(folder / f"params{tag}.npz", params)
         save_json(folder / f"history{tag}.json", history)
     _, _, history = runs[0]
-    suffix = f" — λ={config.lam:.3g}" + (f", seed {config.seed}" if len(runs) > 1 else "")
+    named = f"lam={config.lam:.4g}" if named == "λ" else named
+    suffix = f"{named}, seed {config.seed}"
     for name, fig in training_figures(history, config, suffix).items():
         for ext in ("png", "svg"):
             fig.savefig(folder / f"{name}.{ext}")

@@ -29,7 +29,8 @@ def run_campaign(campaign, data, storage, *, overrides=None, workers=1, out_dir=
     overrides: {dotted name: value} as on the command line's --set (search.settings), e.g.
       {"search.n_s": 20, "phases.coarse.n_trials": 4, "final.seeds": 2}.
     storage: an SQLAlchemy URL or a search.study.open_storage(...) storage.
-    out_dir: where the results folder and the dashboard go (default studies/<campaign>).
+    out_dir: where the results folder and the dashboard go (default studies/<campaign>, or
+      studies/<campaign>-<digest> for a storage other than the default: search.study.outputs_dir).
     progress: optional callable(study_name, done, total, unit).
     dashboard: write the campaign's dashboard page (plotly) beside the results.
     Everything is checked before the storage is opened.

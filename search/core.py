@@ -24,8 +24,8 @@ from clr_lambda_search.search import record
 from clr_lambda_search.search.campaign import load_campaign
 from clr_lambda_search.search.final import final_study_name, read_final
 from clr_lambda_search.search.phases import PhaseRun
-from clr_lambda_search.search.report import best_row, narrowing
-from clr_lambda_search.search.study import campaign_studies, open_storage, retire_study
+from clr_lambda_search.search.report import best_row, narrowing, phase_spec
+from clr_lambda_search.search.study import campaign_studies, open_storage, outputs_dir, retire_study
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ def run_campaign(campaign, data, storage, *, workers=1, out_dir=None, protect=()
 
     campaign: a search.campaign.Campaign (overrides applied: search.settings.apply).
     storage: an SQLAlchemy URL or a search.study.open_storage storage.
-    out_dir: the results folder's parent (default studies/<campaign>).
+    out_dir: the results folder's parent (default search.study.outputs_dir: studies/<campaign>
+      for the default storage, studies/<campaign>-<digest of the URL> for another).
     progress: optional callable(study_name, done, total, unit).
     on_step: optional callable(i, n, text) as each step starts (the scripts print it).
     make_dashboard: optional callable() -> an object with .html(final) (the dashboard page),
@@ -79,7 +80,7 @@ def run_campaign(campaign, data, storage, *, workers=1, out_dir=None, protect=()
     run = run_context(campaign, data, storage, workers=workers, storage_opts=storage_opts,
                       progress=progress)
     c = run.campaign
-    out_dir = Path(out_dir or f"studies/{c.name}")
+    out_dir = Path(out_dir or outputs_dir(c.name, storage))
     n = len(c.phases) + 3
     step = on_step or (lambda i, n, text: log.info("[%d/%d] %s", i, n, text))
     check = None
@@ -129,7 +130,7 @@ def run_final(campaign, data, storage, *, pick=None, source=None, out=None, firs
                       progress=progress)
     if pick is None:
         pick, source = campaign_best(run)
-    out = out or f"studies/{run.campaign.name}/final"
+    out = out or outputs_dir(run.campaign.name, storage) / "final"
     metrics = run.campaign.final.run(run, pick, source or {"study": None, "phase": "given",
                                                            "trial": None},
                                      out, first_seed=first_seed, protect=protect, force=force)
@@ -153,9 +154,11 @@ def campaign_best(run):
 
 
 def phase_summary(phase, study):
-    """{"study", "space", "narrowed", "best"} of a phase's study."""
+    """{"study", "space", "spec", "narrowed", "best"} of a phase's study (spec: what it ran, as
+    text: search.report.phase_spec)."""
     rec = record.read(study)
     return {"study": study.study_name, "phase": phase.name, "space": rec.space,
+            "spec": phase_spec(rec)[1],
             "narrowed": narrowing(study), "best": best_row(study)}
 
 

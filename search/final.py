@@ -30,6 +30,7 @@ from clr_lambda_search.model.train import TrainConfig, evaluate, evaluate_ensemb
 from clr_lambda_search.search import record
 from clr_lambda_search.search.lock import storage_lock
 from clr_lambda_search.search.phases import Phase, open_study, pinned, queue, run_phase_workers, same_config
+from clr_lambda_search.search.space import format_params
 from clr_lambda_search.search.study import retire_study, study_name
 from clr_lambda_search.search.workers import QueuedTarget
 
@@ -94,9 +95,9 @@ class FinalRun(Phase):
         study = self.open(run, pick, source, config, seeds, force, out)
         log.info("%s: %s from %s, %d seeds × %d updates", study.study_name, pick,
                  source.get("study") or "the flags", len(seeds), config.total_steps)
-        queue(run, study, [(dict(pick), {record.FINAL_SEED: s}) for s in seeds])
+        queue(run, study, [(seed_params(pick, s), {record.FINAL_SEED: s}) for s in seeds])
         checkpoints = Path(f"{out}.checkpoints")  # a seed killed mid-run resumes from here
-        objective = FinalObjective(run.data, config, pick, seeds[0], artifact_dir(out),
+        objective = FinalObjective(run.data, config, pick, seeds, artifact_dir(out),
                                    checkpoints)
         # a diverged seed has no test accuracy: it stops the run (a confirm trial's scores 0)
         goal = QueuedTarget([("final", s) for s in seeds], count_diverged=False)
@@ -137,6 +138,14 @@ class FinalRun(Phase):
             return open_study(run, name, wanted, metric="test_acc")
 
 
+def seed_params(pick, seed):
+    """The params a final trial is queued with: the pick's values and its training seed."""
+    return {SEED_PARAM: seed, **pick}  # (a pick that holds a seed keeps it)
+
+
+SEED_PARAM = "seed"  # a final trial's param: the seed it trains (also its user attr, the key)
+
+
 def _seeds_done(trials):
     return sum(t.state == TrialState.COMPLETE and record.FINAL_SEED in t.user_attrs
                for t in trials)
@@ -151,13 +160,18 @@ def final_n_s(rule, n_train, n_batch):
 
 class FinalObjective:
     """Callable(trial) -> the test accuracy of the seed the trial was queued with; the seed's
-    metrics and history go to its user attrs, its parameters (and history) to its artifacts."""
+    metrics and history go to its user attrs, its parameters (and history) to its artifacts.
 
-    def __init__(self, data, config, pick, first_seed, artifacts, checkpoints=None):
+    The trial's params are what it trains: the pick (each a one-choice categorical: the final
+    run searches nothing) and its `seed` (a category of the run's seeds), so Optuna's views of the
+    final study show them. The training runs inside the trial (a worker claims the queued
+    trial, then calls this): the trial's duration is its seed's training and test."""
+
+    def __init__(self, data, config, pick, seeds, artifacts, checkpoints=None):
         self.data = data
         self.base_config = config
         self.pick = pick
-        self.first_seed = first_seed
+        self.seeds = list(seeds)
         self.artifacts = Path(artifacts)
         self.checkpoints = checkpoints  # a folder of the seeds' training states, or None
 
@@ -165,10 +179,14 @@ class FinalObjective:
         seed = trial.user_attrs[record.FINAL_SEED]
         for name, value in self.pick.items():  # recorded as the trial's params
             trial.suggest_categorical(name, [value])
+        if SEED_PARAM not in self.pick:
+            # the run's seeds as categories (one distribution for every trial of a study); the
+            # trial was queued with its seed as a fixed param
+            trial.suggest_categorical(SEED_PARAM, self.seeds)
         state = Path(self.checkpoints) / f"seed{seed}.npz" if self.checkpoints else None
         with record.failure_said(trial):
             r = train_seed(self.data, dataclasses.replace(self.base_config, seed=seed),
-                           train_curve=seed == self.first_seed, checkpoint=state)
+                           train_curve=seed == self.seeds[0], checkpoint=state)
         for key, value in {"val_acc": r["val"]["acc"], "val_loss": r["val"]["loss"],
                            "train_acc": r["train"]["acc"], "test_loss": r["test"]["loss"],
                            "test_acc_ensemble": r["test_ensemble"]["acc"],
@@ -254,7 +272,7 @@ def publish(run, study, out, protect=()):
         tagged = [(f"_seed{r['seed']}", r["params"], r["history"]) for r in runs]
         config = dataclasses.replace(config, seed=rec.seeds[0])
         publish_dir(out, lambda folder: save_run(folder, config, metrics, tagged, {
-            "data": run.data.source, "seeds": rec.seeds}), protect)
+            "data": run.data.source, "seeds": rec.seeds}, named=format_params(rec.pick)), protect)
         _attach_figures(study, store, out)
         return metrics
 

@@ -116,3 +116,19 @@ def make_grpc_server(storage, host, port):
     from optuna.storages._grpc.server import make_server
 
     return make_server(storage, host, port)
+
+
+def study_system_attrs(study):
+    """A study's system attrs (search.record keeps its large fields there). Study.system_attrs
+    is gone since Optuna 3.1 (deprecated) and a Study has no public accessor for its storage and
+    id, whose get_study_system_attrs is public; a FrozenStudy carries them publicly, a
+    StudySummary holds none ({})."""
+    if isinstance(study, optuna.Study):
+        return study._storage.get_study_system_attrs(study._study_id)
+    return getattr(study, "system_attrs", None) or {}
+
+
+def set_study_system_attr(study, key, value):
+    """Write a study system attr (the storage's public set_study_system_attr, reached through
+    the Study's private _storage and _study_id; see study_system_attrs)."""
+    study._storage.set_study_system_attr(study._study_id, key, value)

@@ -20,17 +20,33 @@ from clr_lambda_search.model.curves import curve
 from clr_lambda_search.model.outputs import PAGE_TAG
 from clr_lambda_search.model.schedule import cyclic_lr
 from clr_lambda_search.search import record
-from clr_lambda_search.search.report import param_names, space_text, study_report
+from clr_lambda_search.search.report import param_names, phase_spec, study_report
+from clr_lambda_search.search.study import STORAGE_LINE
 from clr_lambda_search.search.space import format_params
 
 log = logging.getLogger(__name__)
 
 
+def searched(names):
+    """The end of a figure's title: which parameters were searched (every title names them)."""
+    return subtitle(f"searched: {', '.join(names)}") if names else ""
+
+
+def subtitle(text):
+    """A second, smaller title line (plotly's pseudo-HTML; text escaped by _Page with the rest)."""
+    return f"<br><sup>{text}</sup>" if text else ""
+
+
 def study_figures(study):
-    """[(title, go.Figure)] for a study, from Optuna's figures: the optimization history, a slice
-    per parameter (on a log axis where the parameter is log), intermediate values, EDF and
-    timeline; with two parameters or more also the contour, parallel-coordinate and importance
-    figures. (Titles hold parameter names from the storage: _Page escapes every figure.)"""
+    """[(title, go.Figure)] for a study. A search phase: Optuna's figures, the optimization
+    history, a slice per parameter (on a log axis where the parameter is log), intermediate
+    values, EDF and timeline; with two parameters or more also the contour, parallel-coordinate
+    and importance figures. A confirm phase: its own figures (confirm_figures) instead, Optuna's
+    would show the history of the luckiest seed and importances over a handful of candidates.
+    Every title ends with the searched parameters. (Titles hold parameter names from the
+    storage: _Page escapes every figure.)"""
+    if record.read(study).races:
+        return confirm_figures(study)
     names = param_names(study, study.get_trials(deepcopy=False))
     makers = [("Optimization history", ov.plot_optimization_history)]
     makers += [(f"Validation accuracy over {name}", functools.partial(ov.plot_slice, params=[name]))
@@ -45,7 +61,8 @@ def study_figures(study):
     for title, make in makers:
         fig = _figure(make, study)
         if fig is not None:
-            fig.update_layout(title=title, height=380, margin=dict(l=60, r=20, t=50, b=50))
+            fig.update_layout(title=title + searched(names), height=380,
+                              margin=dict(l=60, r=20, t=70, b=50))
             if title not in ("Empirical distribution of validation accuracy", "Timeline",
                              "Parameter importances", "Contour", "Parallel coordinates"):
                 fig.update_yaxes(title_text="validation accuracy")  # not "Objective Value"
@@ -73,7 +90,8 @@ def overview_figures(studies):
                                          error_y=dict(type="data", array=err, visible=bool(err))))
         log_axis = any(p.get("name") == name and p.get("log") for s in studies
                        for p in (record.read(s).space or []) if isinstance(p, dict))
-        fig.update_layout(title=f"Validation accuracy over {name}, every phase", height=380,
+        fig.update_layout(title=f"Validation accuracy over {name}, every phase{searched(names)}",
+                          height=380,
                           xaxis_title=name, yaxis_title="validation accuracy",
                           xaxis_type="log" if log_axis else None)
         figs.append((name, fig))
@@ -97,25 +115,67 @@ def _phase_points(study, name):
     return [t.params[name] for t in done], [t.value for t in done], []
 
 
-def confirm_figure(study):
-    """(title, go.Figure) of a confirm study: each candidate's validation accuracy on each paired
-    seed (lines join a candidate's seeds), or None for another study."""
+def confirm_figures(study):
+    """[(title, go.Figure)] of a confirm study: the paired differences to the pick with their
+    interval (confirm_difference_figure) and each candidate's accuracy per seed
+    (confirm_seeds_figure); [] before its race has a verdict."""
     rec = record.read(study)
     verdict = rec.verdict
-    if not isinstance(verdict, dict):
-        return None
-    seeds = rec.seeds or []
+    if not isinstance(verdict, dict) or not isinstance(rec.candidates, list):
+        return []
+    names = list(dict.fromkeys(n for c in rec.candidates for n in c.get("params", {})))
+    scores = {int(c): list(s) for c, s in verdict.get("scores", {}).items()}
+    labels = {i: format_params(c.get("params", {})) for i, c in enumerate(rec.candidates)}
+    seeds = [f"seed {s}" for s in rec.seeds or []]
+    return [confirm_difference_figure(scores, labels, seeds, verdict, names),
+            confirm_seeds_figure(scores, labels, seeds, verdict.get("dropped", {}), names)]
+
+
+def confirm_difference_figure(scores, labels, seeds, verdict, names):
+    """(title, go.Figure): for every candidate but the pick, its paired difference to the pick
+    in points of accuracy — one marker per seed (seeds as categories, one colour each) and the
+    mean with its t interval — beside the line of no difference."""
+    from clr_lambda_search.search.confirm import CONFIDENCE, paired_interval
+
+    pick = verdict["pick"]
+    others = [c for c in scores if c != pick and scores[c]]
+    ys = [labels.get(c, str(c)) for c in others]
     fig = go.Figure()
-    for i, cand in enumerate(rec.candidates or []):
-        scores = verdict["scores"].get(str(i), [])
-        dropped = verdict["dropped"].get(str(i))
+    for k, seed in enumerate(seeds):
+        xs = [100 * (scores[c][k] - scores[pick][k]) if k < min(len(scores[c]), len(scores[pick]))
+              else None for c in others]
+        if any(x is not None for x in xs):
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name=seed,
+                                     marker=dict(size=9, opacity=0.7)))
+    means, halves = zip(*(paired_interval(scores[c], scores[pick]) for c in others)) \
+        if others else ((), ())
+    fig.add_trace(go.Scatter(
+        x=[100 * m for m in means], y=ys, mode="markers", name=f"mean, {CONFIDENCE:.0%} CI",
+        marker=dict(symbol="diamond", size=13, color="black"),
+        error_x=dict(type="data", array=[100 * h if np.isfinite(h) else 0 for h in halves])))
+    fig.add_vline(x=0, line_dash="dash", line_color="grey")
+    title = f"Confirm phase: paired difference to the pick {labels.get(pick, pick)}"
+    fig.update_layout(title=title + searched(names), height=380,
+                      xaxis_title="candidate − pick, validation accuracy (points)",
+                      yaxis=dict(type="category", title="candidate"))
+    return title, fig
+
+
+def confirm_seeds_figure(scores, labels, seeds, dropped, names):
+    """(title, go.Figure): each candidate's validation accuracy on each paired seed (the seeds
+    are categories, not numbers: there is no seed 1,000.5)."""
+    fig = go.Figure()
+    for c, values in scores.items():
+        out = dropped.get(str(c))
         fig.add_trace(go.Scatter(
-            x=seeds[:len(scores)], y=scores, mode="lines+markers",
-            name=format_params(cand["params"]) + (f" (dropped after {dropped} seeds)"
-                                                   if dropped else "")))
-    fig.update_layout(title="Confirm phase: paired seeds", xaxis_title="training seed",
-                      yaxis_title="validation accuracy", height=380)
-    return "Confirm phase: paired seeds", fig
+            x=seeds[:len(values)], y=values, mode="lines+markers",
+            name=labels.get(c, str(c)) + (f" (dropped after {out} seeds)" if out else "")))
+    title = "Confirm phase: validation accuracy per paired seed"
+    fig.update_layout(title=title + searched(names), height=380,
+                      xaxis=dict(type="category", title="training seed",
+                                 categoryorder="array", categoryarray=seeds),
+                      yaxis_title="validation accuracy")
+    return title, fig
 
 
 def _figure(make, study):
@@ -128,8 +188,10 @@ def _figure(make, study):
         return None
 
 
-def curve_figures(history, config):
-    """[(title, go.Figure)] of a training run: accuracy, loss, cost (train and val) and η."""
+def curve_figures(history, config, named=""):
+    """[(title, go.Figure)] of a training run: accuracy, loss, cost (train and val) and η; every
+    title ends with `named` (the parameters the run trained)."""
+    suffix = subtitle(named)
     figs = []
     train = _train_label(config)
     for metric, title in (("acc", "Accuracy"), ("loss", "Loss"), ("cost", "Cost")):
@@ -137,14 +199,14 @@ def curve_figures(history, config):
         for split, label in (("train", train), ("val", "validation")):
             steps, values = curve(history, split, metric)
             fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name=label))
-        fig.update_layout(title=title, xaxis_title="update step",
+        fig.update_layout(title=title + suffix, xaxis_title="update step",
                           yaxis_title={"acc": "accuracy", "loss": "loss (cross-entropy)",
                                        "cost": "cost (loss + λ‖W‖²)"}[metric], height=340)
         figs.append((title, fig))
     t = list(range(0, 2 * config["n_s"] * config["cycles"] + 1, max(1, config["n_s"] // 50)))
     eta = [cyclic_lr(s, config["eta_min"], config["eta_max"], config["n_s"]) for s in t]
     fig = go.Figure([go.Scatter(x=t, y=eta, mode="lines", name="η")])
-    fig.update_layout(title="Cyclical learning rate η", xaxis_title="update step",
+    fig.update_layout(title="Cyclical learning rate η" + suffix, xaxis_title="update step",
                       yaxis_title="learning rate η", height=340)
     figs.append(("η", fig))
     return figs
@@ -155,9 +217,10 @@ def _train_label(config):
     return f"train ({n:,}-image subset)" if isinstance(n, int) and n > 0 else "train"
 
 
-def seeds_band_figure(histories, config):
+def seeds_band_figure(histories, config, named=""):
     """(title, go.Figure): the final seeds' validation accuracy as mean ± std over the seeds at
-    each evaluation point, with the first seed's train-subset accuracy."""
+    each evaluation point, with the first seed's train-subset accuracy; the title ends with
+    `named` (the parameters trained)."""
     curves = [curve(h, "val", "acc") for h in histories.values()]
     steps = curves[0][0]
     values = np.array([v for s, v in curves if s == steps])
@@ -173,7 +236,8 @@ def seeds_band_figure(histories, config):
     fig.add_trace(go.Scatter(x=train_steps, y=train_acc, mode="lines",
                              line=dict(color="#1f77b4"),
                              name=f"{_train_label(config)}, seed {next(iter(histories))}"))
-    fig.update_layout(title="Final run: accuracy over the seeds", xaxis_title="update step",
+    fig.update_layout(title="Final run: accuracy over the seeds" + subtitle(named),
+                      xaxis_title="update step",
                       yaxis_title="accuracy", height=380)
     return "Final run: accuracy over the seeds", fig
 
@@ -196,7 +260,8 @@ def _seeds_table(metrics):
 
 def campaign_table(studies, final=None):
     """The resolved campaign in a short table: each phase's study, kind, trials, sampler,
-    pruner, space and protocol, then the final run's settings."""
+    pruner, space (a confirm phase: its candidates and seeds) and protocol, then the final
+    run's settings."""
     head = ("<tr><th>phase</th><th>kind</th><th>trials</th><th>sampler</th><th>pruner</th>"
             "<th>space</th><th>protocol</th></tr>")
     rows = []
@@ -205,9 +270,10 @@ def campaign_table(studies, final=None):
         config = a.config if isinstance(a.config, dict) else {}
         protocol = ", ".join(f"{k} {_esc(config[k])}" for k in ("n_s", "cycles", "m", "n_batch")
                              if k in config)
+        sampler, space = phase_spec(a)
         rows.append(f"<tr><td>{_esc(s.study_name)}</td><td>{_esc(a.kind)}</td>"
-                    f"<td>{len(s.get_trials(deepcopy=False))}</td><td>{_esc(a.sampler)}</td>"
-                    f"<td>{_esc(a.pruner)}</td><td>{_esc(space_text(a.space))}</td>"
+                    f"<td>{len(s.get_trials(deepcopy=False))}</td><td>{_esc(sampler)}</td>"
+                    f"<td>{_esc(a.pruner)}</td><td class=spec>{_esc(space)}</td>"
                     f"<td>{protocol}</td></tr>")
     if final:
         c = final["config"]
@@ -310,7 +376,7 @@ def study_section(page, study):
     page.text(f"<h2>{_esc(rep['name'])}</h2>")
     best = rep["best"]
     which = "confirmed" if best and best["number"] is None else f"trial #{_esc(best and best['number'])}"
-    page.text(f"<p>{_esc(rep['n_complete'])} complete trials in {_esc(space_text(rep['space']))}"
+    page.text(f"<p>{_esc(rep['n_complete'])} complete trials in {_esc(rep['spec'])}"
               + (f"; best {_esc(format_params(best['params']))} ({which}), "
                  f"validation accuracy {_num(best['val_acc'], '.4f')}" if best else "") + "</p>")
     confirm = rep.get("confirm")
@@ -323,9 +389,7 @@ def study_section(page, study):
                   f"{_esc(n.get('from_trials'))}: {_esc(n.get('rule'))}</p>")
     for warning in rep["warnings"]:
         page.text(f"<p class=warn>Warning: {_esc(warning)}</p>")
-    figs = study_figures(study)
-    confirm = confirm_figure(study)
-    page.figures([confirm, *figs] if confirm else figs)
+    page.figures(study_figures(study))
     page.text(_table(rep))
 
 
@@ -345,14 +409,16 @@ def final_section(page, final):
               f"cycle(s) of n_s = {_esc(final['config']['n_s'])}</p>")
     page.text(_seeds_table(m))
     histories = final.get("histories") or {}
-    band = [seeds_band_figure(histories, final["config"])] if len(histories) > 1 else []
-    page.figures(band + curve_figures(final["history"], final["config"]))
+    named = format_params(params) if isinstance(params, dict) else ""
+    first = f"{named}, seed {m['seeds'][0]['seed']}" if m.get("seeds") else named
+    band = [seeds_band_figure(histories, final["config"], named)] if len(histories) > 1 else []
+    page.figures(band + curve_figures(final["history"], final["config"], first))
 
 
 _STYLE = """body{font-family:sans-serif;margin:2em;max-width:1400px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(600px,1fr));gap:8px}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
-.warn{color:#b00}.final{font-size:1.2em}"""
+td.spec{text-align:left}.warn{color:#b00}.final{font-size:1.2em}"""
 _PLOTLY_CONFIG = "window.PlotlyConfig = {MathJaxConfig: 'local'};"  # as plotly's own to_html has it
 
 
@@ -363,7 +429,7 @@ class Dashboard:
 
     def __init__(self, campaign, storage_label, studies):
         self.header = (f"<h1>Hyperparameter search — campaign {_esc(campaign)}</h1>"
-                       f"<p>storage {_esc(storage_label)}</p>")
+                       + STORAGE_LINE.format(_esc(storage_label)))
         self.campaign = campaign
         self.studies = studies
         page = _Page("study-fig")

@@ -2,9 +2,15 @@
 
 Runners on several machines coordinate through the storage alone, so everything a later phase
 or another runner needs (the spec, the narrowed space, the candidates, the verdict, the final
-pick) lives in the study's user attrs; only large files (a final seed's parameters) are
-artifacts. The attrs keep the keys the releases before this schema wrote (a study of 03d5f40
-reads as version 1 and resumes); a study written now also records `record_version` and `kind`.
+pick) lives in the study; only large files (a final seed's parameters) are artifacts.
+
+Where (record_version 3): the few short fields that say what a study is (campaign, phase, kind,
+phase index, n_trials, retired, record_version) are its user attrs, so that `optuna studies`
+and optuna-dashboard list a study on one short row; the rest (config, space, candidates,
+verdict, …, kilobytes of JSON) are study system attrs under the prefix PREFIX. A study of an
+earlier version (1: 03d5f40, no record_version; 2: everything in user attrs) keeps its record
+where it is: it is read from the user attrs, and what a resumed one writes goes there too (no
+public API deletes a user attr, so it cannot be moved).
 """
 import contextlib
 import dataclasses
@@ -13,8 +19,11 @@ import math
 from optuna.trial import TrialState
 
 from clr_lambda_search.model.errors import DivergedError, Terminated
+from clr_lambda_search.search.optuna_internals import set_study_system_attr, study_system_attrs
 
-VERSION = 2
+VERSION = 3
+LEGACY_VERSION = 2  # the last version that kept the whole record in user attrs
+PREFIX = "clr_lambda_search:"  # the system attrs of the record's large fields (version 3)
 
 # StudyRecord field -> user attr key (the keys of version 1, kept)
 _KEYS = {"campaign": "campaign", "phase": "phase", "kind": "kind", "index": "phase_index",
@@ -25,6 +34,9 @@ _KEYS = {"campaign": "campaign", "phase": "phase", "kind": "kind", "index": "pha
          "verdict": "verdict", "pick": "pick", "source": "source", "derived_from": "derived_from",
          "retired": "retired", "budget": "budget", "start_queued": "start_queued",
          "version": "record_version"}
+# The fields a study of version 3 keeps in its user attrs: short, and what a listing needs (a
+# StudySummary carries user attrs only: search.study.campaign_studies reads kind and retired).
+SHORT = ("campaign", "phase", "kind", "index", "n_trials", "retired", "version")
 # Settings that must match when a study is resumed: changing them would mix incomparable trials.
 PINNED = ("precision", "space", "config", "repeats", "fingerprint")
 
@@ -61,20 +73,45 @@ class StudyRecord:
     version: int = VERSION
 
     @property
+    def races(self):
+        """Whether the study races candidates on paired seeds (a confirm phase): its trials are
+        queued (candidate, seed) pairs, not a sampler's draws, and its views are its own."""
+        return isinstance(self.candidates, list) and self.pick is None
+
+    @property
     def is_phase(self):
         """Whether the study is one of its campaign's phases (not its final run, whose test
         accuracy must never be a pick; not a retired study)."""
         return self.kind != "final" and not self.retired
 
-    def attrs(self):
-        """The user attrs this record writes (None fields left out)."""
-        return {_KEYS[f.name]: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) is not None}
+
+def stored(study):
+    """The record's attrs of a study as stored, by key: its user attrs and (version 3) the
+    record's system attrs (a StudySummary: its user attrs alone, the SHORT fields)."""
+    attrs = dict(study.user_attrs)
+    attrs.update({key[len(PREFIX):]: value for key, value in study_system_attrs(study).items()
+                  if key.startswith(PREFIX)})
+    return attrs
+
+
+def _legacy(user_attrs):
+    """Whether a study keeps its whole record in its user attrs (version 1 or 2). A study written
+    now records record_version before anything else (write_missing): one that names a campaign
+    or a phase but no version 3 is an older release's."""
+    return ("phase" in user_attrs or "campaign" in user_attrs) \
+        and user_attrs.get(_KEYS["version"], 1) < 3
+
+
+def _set(study, field, value, legacy):
+    if legacy or field in SHORT:
+        study.set_user_attr(_KEYS[field], value)
+    else:
+        set_study_system_attr(study, PREFIX + _KEYS[field], value)
 
 
 def read(study):
     """The StudyRecord of a study (or a FrozenStudy / StudySummary): of any release."""
-    attrs = study.user_attrs
+    attrs = stored(study)
     values = {field: attrs[key] for field, key in _KEYS.items() if key in attrs}
     values.setdefault("version", 1)
     if "kind" not in values:  # version 1 wrote it for confirm studies only
@@ -89,23 +126,31 @@ def read(study):
 
 def holds(study, field):
     """Whether the study records field `field` (read() gives a field it lacks its default)."""
-    return _KEYS[field] in study.user_attrs
+    return _KEYS[field] in stored(study)
 
 
 def write_missing(study, record):
     """Record what the study does not hold yet (a resumed study keeps what it recorded, and a
-    key another runner wrote meanwhile is not overwritten); returns the record as stored."""
-    have = study.user_attrs
-    for key, value in record.attrs().items():
-        if key not in have:
-            study.set_user_attr(key, value)
+    key another runner wrote meanwhile is not overwritten); returns the record as stored. A new
+    study gets record_version first (see _legacy); an older release's study is upgraded to
+    version 2 (its layout: the record in its user attrs), not to this one."""
+    have = stored(study)
+    legacy = _legacy(study.user_attrs)
+    if legacy:
+        record = dataclasses.replace(record, version=LEGACY_VERSION)
+    fields = sorted((f.name for f in dataclasses.fields(record)
+                     if getattr(record, f.name) is not None), key=lambda f: f != "version")
+    for field in fields:
+        if _KEYS[field] not in have:
+            _set(study, field, getattr(record, field), legacy)
     return read(study)
 
 
 def update(study, **fields):
     """Write these record fields (e.g. verdict=…), whatever the study held."""
+    legacy = _legacy(study.user_attrs)
     for name, value in fields.items():
-        study.set_user_attr(_KEYS[name], value)
+        _set(study, name, value, legacy)
 
 
 def is_ours(study):

@@ -82,8 +82,9 @@ def study_report(study):
     trials = [t for t in trials if not record.is_bookkeeping(t)]
     best = best_row(study)
     rec = record.read(study)
-    return {"name": study.study_name, "phase": rec.phase,
+    return {"name": study.study_name, "phase": rec.phase, "kind": rec.kind,
             "params": param_names(study, trials), "space": rec.space,
+            "spec": phase_spec(rec)[1], "sampler": phase_spec(rec)[0],
             "best": best, "trials": [trial_row(t) for t in trials],
             "n_complete": sum(t.state == TrialState.COMPLETE for t in trials),
             "n_surplus": len(surplus),
@@ -101,7 +102,7 @@ def _trial_ref(best):
 def confirm_summary(study):
     """A confirm study's candidates, per-seed means and verdict (its sentence), else None."""
     rec = record.read(study)
-    if not isinstance(rec.candidates, list) or rec.pick is not None:
+    if not rec.races:
         return None
     verdict = rec.verdict if isinstance(rec.verdict, dict) else None
     return {"candidates": rec.candidates, "seeds": rec.seeds,
@@ -145,11 +146,38 @@ def space_text(space):
     return ", ".join(parts) or "define-by-run"
 
 
+def phase_spec(rec):
+    """(sampler, space) cells of a phase as it ran: a confirm phase's candidates and seeds (its
+    trials are queued: no sampler draws them), a search phase's space as recorded (a narrowed
+    one's narrowed range, and where it came from) and its sampler as configured."""
+    if rec.races:
+        cands = rec.candidates if isinstance(rec.candidates, list) else []
+        seeds = rec.seeds or []
+        span = f"{seeds[0]}–{seeds[-1]}" if len(seeds) > 1 else ", ".join(map(str, seeds))
+        text = (f"{len(cands)} candidates: " + "; ".join(format_params(c.get("params", {}))
+                                                         for c in cands)
+                + f" × {len(seeds)} paired seeds ({span})") if cands else "candidates not derived yet"
+        return "queued (candidates × seeds)", text
+    space = space_text(rec.space)
+    n = rec.narrowed
+    if isinstance(n, dict):
+        space += f" (narrowed from {n.get('from_study')}: {n.get('rule')})"
+    return sampler_text(rec.sampler), space
+
+
+def sampler_text(spec):
+    """'TPESampler(multivariate=True, n_startup_trials=3)' of a recorded sampler spec."""
+    if isinstance(spec, dict):
+        kwargs = ", ".join(f"{k}={v!r}" for k, v in spec.items() if k != "name")
+        return f"{spec.get('name')}({kwargs})"
+    return "—" if spec is None else str(spec)
+
+
 def study_text(rep):
     names = rep["params"]
     lines = [f"== {rep['name']}: {rep['n_complete']} complete trials"
              + (f", {rep['repeats']} seeds per trial" if rep["repeats"] > 1 else ""),
-             f"   space: {space_text(rep['space'])}"]
+             f"   {'ran' if rep.get('confirm') else 'space'}: {rep['spec']}"]
     if rep["narrowed"]:
         n = rep["narrowed"]
         lines.append(f"   narrowed from {n['from_study']} trials {n['from_trials']} ({n['rule']})")
@@ -198,6 +226,7 @@ def phase_summary(study, storage_label, seconds):
     return {"campaign": rec.campaign, "phase": rec.phase, "study": study.study_name,
             "storage": storage_label, "n_complete": len(finished_trials(study)),
             "n_trials": rec.n_trials, "best": best, "space": rec.space,
+            "spec": phase_spec(rec)[1],
             "narrowed": narrowing(study), "verdict": rec.verdict, "warnings": warnings,
             "seconds": round(seconds, 2)}
 

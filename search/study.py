@@ -1,5 +1,7 @@
 """Storage and studies: open an RDB storage safely, name a campaign's studies, read results."""
 import contextlib
+import hashlib
+import html
 import logging
 import os
 import re
@@ -110,6 +112,45 @@ def sqlite_path(url):
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     return Path(parsed.database)
+
+
+def outputs_dir(campaign, storage=DEFAULT_STORAGE):
+    """Where a campaign's results folder and dashboard go: studies/<campaign> for the default
+    storage (sqlite:///studies/studies.db, by any URL of that file), studies/<campaign>-<digest>
+    for any other, the digest being 8 hex digits of the masked URL's SHA-256: two storages that
+    hold a campaign of one name never overwrite each other's outputs. A studies/<campaign>/
+    whose dashboard names this storage (written by a release before this rule) stays its
+    folder until a keyed one exists. storage: a URL, or a storage opened from one (its URL is
+    read when it keeps one)."""
+    url = storage if isinstance(storage, str) else getattr(storage, "url", None)
+    if url is None or _is_default(url):
+        return DEFAULT_HOME / campaign
+    keyed = DEFAULT_HOME / f"{campaign}-{hashlib.sha256(mask_url(url).encode()).hexdigest()[:8]}"
+    legacy = DEFAULT_HOME / campaign
+    if not keyed.exists() and _page_of(legacy / "dashboard.html", url):
+        return legacy  # written there by a release before this one: its artifacts are there
+    return keyed
+
+
+# How a dashboard page names its storage (search.plots writes it; outputs_dir reads it)
+STORAGE_LINE = "<p>storage {}</p>"
+
+
+def _page_of(page, url):
+    """Whether the dashboard page `page` shows the storage url (masked, escaped)."""
+    try:
+        text = Path(page).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return STORAGE_LINE.format(html.escape(mask_url(url), quote=True)) in text
+
+
+def _is_default(url):
+    try:
+        path = sqlite_path(url)
+    except Exception:  # a malformed URL: open_storage says so
+        return False
+    return path is not None and path.resolve() == (DEFAULT_HOME / "studies.db").resolve()
 
 
 def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,

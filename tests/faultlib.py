@@ -23,6 +23,7 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from clr_lambda_search.search import record
 from clr_lambda_search.search.study import retried_from
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,12 +162,13 @@ def beating(url, study_name):
 
 
 def load_trials(url, study_name):
-    """The study's FrozenTrials (by number) and user attrs, via Optuna without heartbeats."""
+    """The study's FrozenTrials (by number) and record attrs (search.record.stored: its user
+    attrs and the record's system attrs), via Optuna without heartbeats."""
     kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
     storage = RDBStorage(url, engine_kwargs=kwargs)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
-        return study.trials, study.user_attrs
+        return study.trials, record.stored(study)
     finally:
         storage.remove_session()
         storage.engine.dispose()

@@ -10,6 +10,7 @@ from optuna.trial import TrialState
 
 import faultlib as fl
 from clr_lambda_search.model import dataset as data_module
+from clr_lambda_search.search import record
 from clr_lambda_search.search.api import run_campaign
 from clr_lambda_search.search.study import open_storage
 
@@ -82,7 +83,7 @@ def test_run_campaign_runs_every_phase_of_a_file(tmp_path, tiny_data):
     a, b = (optuna.load_study(study_name=n, storage=storage) for n in result.studies[:2])
     best2 = sorted((t for t in a.trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)[:2]
     # the second phase searched η_max alone, inside the range derived from the first's best two
-    (space,) = b.user_attrs["space"]
+    (space,) = record.read(b).space
     assert space["low"] <= min(t.params["eta_max"] for t in best2)
     assert all(set(t.params) == {"eta_max"} for t in a.trials + b.trials)
     # the final run trained the second phase's best
@@ -112,6 +113,6 @@ def test_readme_campaign_example_runs_every_phase(tmp_path, cifar_tiny_dir, monk
     coarse = optuna.load_study(study_name="cifar10-coarse", storage=storage)
     assert sum(t.state == TrialState.COMPLETE for t in coarse.trials) == 6  # its overrides
     confirm = optuna.load_study(study_name="cifar10-confirm", storage=storage)
-    assert confirm.user_attrs["confirm_seeds"] == [1000, 1001, 1002]
+    assert record.read(confirm).seeds == [1000, 1001, 1002]
     assert [t.user_attrs["seed"] for t in optuna.load_study(
         study_name="cifar10-final", storage=storage).trials] == [0, 1]

@@ -47,7 +47,7 @@ def test_run_campaign_races_confirm_and_trains_the_pick(tmp_path, tiny_data):
     # the final run trained that pick, each seed once, and the result says where it is
     final = optuna.load_study(study_name="cifar10-final", storage=storage)
     assert sorted(t.user_attrs["seed"] for t in final.trials) == [0, 1]
-    assert all(t.params == result.pick for t in final.trials)
+    assert all(t.params == {**result.pick, "seed": t.user_attrs["seed"]} for t in final.trials)
     assert result.final["test_acc_mean"] == pytest.approx(
         sum(t.value for t in final.trials) / 2)
     assert Path(result.outputs["final"], "metrics.json").is_file()
@@ -263,7 +263,7 @@ def test_a_study_never_mixes_precisions(tmp_path, tiny_data, monkeypatch):
     campaign = parse_campaign(raw)
     study, _ = core.run_phase(campaign, "a", tiny_data, url)
     resolved = record.read(study).precision
-    assert resolved in ("fp32", "bf16") and study.user_attrs["config"]["precision"] == resolved
+    assert resolved in ("fp32", "bf16") and record.read(study).config["precision"] == resolved
     other = "bf16" if resolved == "fp32" else "fp32"
     monkeypatch.setattr(phases, "resolve_precision", lambda requested: (other, "test"))
     with pytest.raises(InputError, match=f"trained in {resolved}"):

@@ -22,7 +22,7 @@ STUDY_FIGURES = 5  # history, slice over λ, intermediate values, EDF, timeline
 FINAL_FIGURES = 4  # accuracy, loss, cost, η
 OVERVIEW_FIGURES = 1  # validation accuracy over λ with every phase overlaid (one per parameter)
 BAND_FIGURES = 1  # the final seeds' validation accuracy, mean ± std (two seeds or more)
-CONFIRM_FIGURES = 1  # the confirm phase's candidates over its paired seeds
+CONFIRM_FIGURES = 2  # the confirm phase: paired differences to the pick, accuracy per seed (not Optuna's)
 BUNDLE = re.compile(r"^\* plotly\.js v\d", re.MULTILINE)  # opens the plotly.js bundle
 FIG_DIV = re.compile(r'<div id="([^"]+)" class="plotly-graph-div"')
 NEW_PLOT = re.compile(r'Plotly\.newPlot\(\s*"([^"]+)"')
@@ -117,6 +117,48 @@ def test_campaign_name_is_escaped(small_campaign):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 
+def test_outputs_are_keyed_by_storage(tmp_path, monkeypatch):
+    """The default storage's campaign writes studies/<campaign>/; any other storage's
+    studies/<campaign>-<8 hex digits of its masked URL>/ (no secret in the name, and a new
+    password does not move the outputs)."""
+    from clr_lambda_search.search.study import DEFAULT_STORAGE, outputs_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert outputs_dir("c") == outputs_dir("c", DEFAULT_STORAGE) == Path("studies/c")
+    same_file = f"sqlite:///{tmp_path / 'studies' / 'studies.db'}"
+    assert outputs_dir("c", same_file) == Path("studies/c")  # the default file, by another URL
+    others = ["sqlite:///a.db", "sqlite:///b.db", "postgresql+psycopg://u:secret@h/db"]
+    dirs = [outputs_dir("c", url) for url in others]
+    assert len(set(dirs)) == 3 and all(re.fullmatch(r"c-[0-9a-f]{8}", d.name) for d in dirs)
+    assert all(d.parent == Path("studies") for d in dirs)
+    assert outputs_dir("c", "postgresql+psycopg://u:other@h/db") == dirs[2]
+    assert "secret" not in str(dirs[2])
+    # a release before the rule wrote a's outputs to studies/c/: they stay a's, not b's
+    Path("studies/c").mkdir(parents=True)
+    Path("studies/c/dashboard.html").write_text("<h1>x</h1><p>storage sqlite:///a.db</p>")
+    assert outputs_dir("c", "sqlite:///a.db") == Path("studies/c")
+    assert outputs_dir("c", "sqlite:///b.db") == dirs[1]
+    dirs[0].mkdir()  # once a's keyed folder exists, it is a's
+    assert outputs_dir("c", "sqlite:///a.db") == dirs[0]
+
+
+def test_two_storages_do_not_overwrite_each_others_dashboard(tmp_path):
+    """scripts/dashboard.py of one campaign name in two storages, default paths: two pages."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for db, n in (("a.db", 2), ("b.db", 3)):
+        fake_study(open_storage(f"sqlite:///{tmp_path / db}"), "u-coarse", n=n)
+    pages = []
+    for db in ("a.db", "b.db"):
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "dashboard.py"),
+                               "--campaign", "u", "--storage", f"sqlite:///{db}", "-q", "--json"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        pages.append(tmp_path / json.loads(proc.stdout)["out"])
+    assert pages[0] != pages[1] and all(p.is_file() for p in pages)
+    assert {p.parent.name[:2] for p in pages} == {"u-"}
+    assert "sqlite:///a.db" in pages[0].read_text() and "sqlite:///b.db" in pages[1].read_text()
+
+
 # ---- browser: headless Chromium loads the page written by scripts/dashboard.py -----------------
 
 # Injected at the top of <head>, before plotly.js: records every error, and after load checks
@@ -198,7 +240,7 @@ def dashboard_page(tmp_path_factory, cifar_tiny_dir):
     summary = run_script("dashboard.py", [*common, "--out", str(base / "dashboard.html"),
                                           "--final-dir", str(base / "final")], env)
     assert summary["studies"] == ["b-coarse", "b-fine", "b-confirm"] and summary["final"] is True
-    assert summary["figures"] == (OVERVIEW_FIGURES + 3 * STUDY_FIGURES + CONFIRM_FIGURES
+    assert summary["figures"] == (OVERVIEW_FIGURES + 2 * STUDY_FIGURES + CONFIRM_FIGURES
                                   + BAND_FIGURES + FINAL_FIGURES)
     return base / "dashboard.html"
 
@@ -274,7 +316,7 @@ def test_dashboard_opens_without_errors_and_every_figure_has_data(browser_runs, 
     expected = FIG_DIV.findall(dashboard_page.read_text(encoding="utf-8"))
     # every figure div of the page was turned into a plot ...
     assert [f["id"] for f in v["figures"]] == expected
-    assert len(expected) == (OVERVIEW_FIGURES + 3 * STUDY_FIGURES + CONFIRM_FIGURES
+    assert len(expected) == (OVERVIEW_FIGURES + 2 * STUDY_FIGURES + CONFIRM_FIGURES
                              + BAND_FIGURES + FINAL_FIGURES)
     for fig in v["figures"]:
         # ... with at least one trace, and at least one trace holding points
@@ -320,6 +362,96 @@ def test_two_parameters_get_a_slice_each_on_their_scale_and_the_joint_figures(tm
     # with two parameters: Optuna's contour, parallel-coordinate and importance figures too
     assert {"Contour", "Parallel coordinates", "Parameter importances"} <= set(figs)
     assert len(figs) == STUDY_FIGURES - 1 + 2 + 3
+
+
+def fake_confirm(storage, name="u-confirm"):
+    """A confirm study as the confirm phase records it: 3 candidates on 4 paired seeds, the
+    third dropped after 3; its space is the coarse phase's, its class sampler 'random'."""
+    from clr_lambda_search.search import record
+
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    cands = [{"params": {"lam": lam, "m": m}, "study": "u-fine", "trial": i}
+             for i, (lam, m) in enumerate([(1e-3, 50), (2e-3, 100), (5e-2, 50)])]
+    scores = {"0": [0.50, 0.52, 0.51, 0.53], "1": [0.49, 0.50, 0.50, 0.50],
+              "2": [0.40, 0.41, 0.39]}
+    record.update(study, campaign="u", phase="confirm", kind="confirm", index=2,
+                  space=[{"name": "lam", "low": 1e-5, "high": 1e-1, "log": True}],
+                  sampler="random", pruner="none", candidates=cands,
+                  seeds=[1000, 1001, 1002, 1003],
+                  verdict={"pick": 0, "runner_up": 1, "sentence": "lam=0.001 m=50 is better",
+                           "params": cands[0]["params"], "scores": scores,
+                           "dropped": {"2": 3}, "means": {}})
+    return study
+
+
+@pytest.fixture
+def storage(tmp_path):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return open_storage(f"sqlite:///{tmp_path / 's.db'}")
+
+
+def test_the_confirm_phase_gets_its_own_figures_not_optunas(storage):
+    """Paired differences to the pick with their t interval, and the accuracy per seed with
+    the seeds as categories (no tick at seed 1,000.5); none of Optuna's search figures."""
+    from clr_lambda_search.search.confirm import paired_interval
+    from clr_lambda_search.search.plots import study_figures
+
+    study = fake_confirm(storage)
+    (t1, diff), (t2, per_seed) = study_figures(study)
+    assert t1.startswith("Confirm phase: paired difference to the pick lam=0.001 m=50")
+    assert t2 == "Confirm phase: validation accuracy per paired seed"
+    *seeds, mean = diff.data
+    assert [t.name for t in seeds] == ["seed 1000", "seed 1001", "seed 1002", "seed 1003"]
+    assert list(seeds[0].y) == ["lam=0.002 m=100", "lam=0.05 m=50"]
+    assert seeds[0].x == pytest.approx([-1.0, -10.0])  # candidate − pick, in points
+    assert seeds[3].x[1] is None  # the dropped candidate has no 4th seed
+    d, half = paired_interval([0.49, 0.50, 0.50, 0.50], [0.50, 0.52, 0.51, 0.53])
+    assert mean.x[0] == pytest.approx(100 * d) and mean.error_x.array[0] == pytest.approx(100 * half)
+    assert diff.layout.yaxis.type == "category" and per_seed.layout.xaxis.type == "category"
+    axis = ["seed 1000", "seed 1001", "seed 1002", "seed 1003"]
+    assert list(per_seed.data[0].x) == axis == list(per_seed.layout.xaxis.categoryarray)
+    assert per_seed.data[2].name.endswith("(dropped after 3 seeds)")
+
+
+def test_the_campaign_table_shows_each_phases_real_spec(storage):
+    from clr_lambda_search.search import record
+    from clr_lambda_search.search.plots import campaign_table
+
+    confirm = fake_confirm(storage, "u2-confirm")
+    fine = fake_study(storage, "u-fine")
+    record.update(fine, sampler={"name": "TPESampler", "multivariate": True},
+                  narrowed={"from_study": "u-coarse", "from_trials": [1, 2], "rule": "span"})
+    table = html.unescape(campaign_table([fine, confirm]))
+    row = table[table.index("u2-confirm"):]
+    assert "queued (candidates × seeds)" in row and "random" not in row
+    assert "3 candidates: lam=0.001 m=50; lam=0.002 m=100; lam=0.05 m=50" in row
+    assert "× 4 paired seeds (1000–1003)" in row and "1e-05" not in row  # not coarse's range
+    assert "TPESampler(multivariate=True)" in table  # the sampler as configured
+    assert "(narrowed from u-coarse: span)" in table
+
+
+def test_every_figure_title_names_the_searched_parameters(storage):
+    """Optuna's figures, the overview, the confirm figures and the final run's curves: each
+    title names what was searched (the final run's: the values it trained, and the seed)."""
+    from clr_lambda_search.search.plots import curve_figures, overview_figures, seeds_band_figure
+    from clr_lambda_search.search.plots import study_figures
+
+    study = optuna.create_study(study_name="w-coarse", storage=storage, direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: 0.4 + t.suggest_float("dropout", 0.0, 0.5)
+                   - 0.01 * abs(np.log10(t.suggest_float("lam", 1e-5, 1e-1, log=True)) + 3),
+                   n_trials=4)
+    figs = [f for _, f in study_figures(study) + overview_figures([study])]
+    figs += [f for _, f in study_figures(fake_confirm(storage, "w-confirm"))]
+    final = fake_final()
+    figs += [f for _, f in curve_figures(final["history"], final["config"], "lam=0.001 m=512, seed 0")]
+    figs.append(seeds_band_figure({0: final["history"], 1: final["history"]}, final["config"],
+                                  "lam=0.001 m=512")[1])
+    assert len(figs) >= 16
+    for fig in figs:
+        title = fig.layout.title.text
+        assert ("searched: dropout, lam" in title or "searched: lam, m" in title
+                or "lam=0.001 m=512" in title), title
 
 
 def test_overview_overlays_every_phase_and_the_final_section_shows_the_seeds(small_campaign):

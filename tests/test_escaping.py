@@ -47,7 +47,26 @@ def hostile_campaign(storage):
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
             else:
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    hostile_confirm(storage, campaign)
     return campaign
+
+
+def hostile_confirm(storage, campaign):
+    """A confirm study whose candidates, seeds and verdict hold HOSTILE: its own figures (the
+    paired differences, the seeds as categories) and the campaign table's spec show them."""
+    study = optuna.create_study(study_name=f"{campaign}-confirm", storage=storage,
+                                direction="maximize")
+    cands = [{"params": {"lam": 1e-3, HOSTILE: HOSTILE}, "study": HOSTILE, "trial": 0},
+             {"params": {"lam": 2e-3, HOSTILE: "plain"}, "study": HOSTILE, "trial": 1}]
+    verdict = {"pick": 0, "runner_up": 1, "diff": 0.01, "half_width": 0.02,
+               "sentence": HOSTILE, "params": cands[0]["params"],
+               "scores": {"0": [0.4, 0.42], "1": [0.39, 0.43]}, "dropped": {"1": HOSTILE},
+               "means": {"0": 0.41, "1": 0.41}}
+    for key, value in {"campaign": campaign, "phase": "confirm", "kind": "confirm",
+                       "phase_index": 2,
+                       "candidates": cands, "confirm_seeds": [HOSTILE, 1001],
+                       "sampler": HOSTILE, "pruner": HOSTILE, "verdict": verdict}.items():
+        study.set_user_attr(key, value)
 
 
 def hostile_final():
@@ -113,6 +132,7 @@ def test_hostile_fields_reach_the_page_as_text(pages):
     for payload in PAYLOADS:
         assert payload not in text  # raw markup nowhere: neither in the HTML nor in a figure
     assert "&lt;img src=x onerror=alert(document.domain)&gt;" in text  # but shown, escaped
+    assert "Confirm phase: paired difference to the pick" in text  # the confirm figures are on it
     # the rendered page shows the text (no element was made of it)
     assert "<img src=\"x\"" not in pages["page"] and "<svg onload" not in pages["page"]
 

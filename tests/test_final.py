@@ -205,6 +205,27 @@ def test_the_final_run_is_an_optuna_study_with_artifacts(tiny_data, tmp_path):
     assert "c-final" in optuna.get_all_study_names(storage)
 
 
+def test_final_trials_carry_their_params_and_training_time(tiny_data, tmp_path, monkeypatch):
+    """Optuna's views of the final study tell the truth: each trial's params are what it
+    trained (the pick and its seed, with distributions), and its duration spans its training
+    (the trial is claimed, then trained: not a bookkeeping moment after the fact). The
+    figures' titles name the pick and the seed drawn."""
+    from clr_lambda_search.model import curves
+
+    titles = []
+    drawn = curves.training_figures
+    monkeypatch.setattr(curves, "training_figures",
+                        lambda h, c, suffix="": titles.append(suffix) or drawn(h, c, suffix))
+    config = dataclasses.replace(CONFIG, n_s=1500)  # long enough to measure (~0.1 s)
+    _, study, _ = run_seeds(tmp_path, tiny_data, config=config, seeds=2, first_seed=5)
+    assert titles == ["lam=0.01, seed 5"]
+    for seed, t in zip((5, 6), study.get_trials()):
+        assert t.params == {"lam": config.lam, "seed": seed}
+        assert t.distributions["seed"] == optuna.distributions.CategoricalDistribution([5, 6])
+        duration = (t.datetime_complete - t.datetime_start).total_seconds()
+        assert t.user_attrs["seconds"] > 0.02 and duration >= t.user_attrs["seconds"] - 0.01  # (rounded)
+
+
 def test_a_final_run_of_another_pick_is_refused_unless_forced(tiny_data, tmp_path):
     from clr_lambda_search.model.errors import InputError
     from clr_lambda_search.search import record

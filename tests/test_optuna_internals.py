@@ -203,3 +203,19 @@ def test_every_private_use_is_here_and_tested():
     source = Path(__file__).read_text()
     untested = sorted(n for n in exported if not re.search(rf"\b{n}\b", source))
     assert not untested, f"search/optuna_internals.py exports {untested} with no test here"
+
+
+def test_study_system_attrs_reach_the_storage(tmp_path):
+    """search.record keeps its large fields in study system attrs through a Study's private
+    _storage and _study_id."""
+    from clr_lambda_search.search.optuna_internals import set_study_system_attr, study_system_attrs
+
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    study = optuna.create_study(study_name="s", storage=storage)
+    try:
+        set_study_system_attr(study, "k", {"a": [1]})
+        seen = study_system_attrs(study)
+    except AttributeError as e:
+        pytest.fail(changed(f"Study._storage / Study._study_id ({e})"))
+    assert seen["k"] == {"a": [1]}
+    assert storage.get_study_system_attrs(storage.get_study_id_from_name("s"))["k"] == {"a": [1]}

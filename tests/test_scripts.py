@@ -194,3 +194,23 @@ def test_diverged_training_is_one_line_and_exit_1(runs):
     assert last.startswith("error:") and "diverged" in last and "η_max" in last
     assert out == ""
     assert not (case_dir / "run").exists()
+
+
+def test_train_folder_name_covers_every_non_default_setting(tmp_path):
+    """Two runs of other settings never share train.py's default folder, and a folder holding a
+    run of other settings is refused (one line), whatever --out named it."""
+    from clr_lambda_search.model.errors import InputError
+    from clr_lambda_search.model.train import TrainConfig
+    from clr_lambda_search.search.cli.train import check_same_run, run_name
+
+    assert run_name(TrainConfig()) == "lam0.01-seed0"
+    wide = TrainConfig(m=512, dropout=0.3, flip=True, eta_max=0.05, seed=2)
+    assert run_name(wide, n_val=500) == "lam0.01-m512-eta_max0.05-dropout0.3-flip-n_val500-seed2"
+    names = {run_name(TrainConfig(**{f: v})) for f, v in
+             [("m", 100), ("n_batch", 50), ("n_s", 500), ("cycles", 2), ("shift", 2),
+              ("precision", "bf16"), ("dtype", "float64"), ("eval_train_samples", 0)]}
+    assert len(names) == 8 and "lam0.01-seed0" not in names
+    (tmp_path / "config.json").write_text(json.dumps(vars(TrainConfig())))
+    check_same_run(tmp_path, TrainConfig())  # a re-run of the same settings may replace it
+    with pytest.raises(InputError, match=r"other settings \(m 50 \(now 512\)\)"):
+        check_same_run(tmp_path, TrainConfig(m=512))

@@ -12,6 +12,7 @@ import pytest
 from clr_lambda_search.model.dataset import Split
 from clr_lambda_search.model.errors import InputError
 from clr_lambda_search.model.train import TrainConfig
+from clr_lambda_search.search import record
 from clr_lambda_search.search.campaign import Campaign, with_phase
 from clr_lambda_search.search.core import run_phase
 from clr_lambda_search.search.phases import SearchPhase
@@ -91,10 +92,12 @@ def test_a_study_written_before_fingerprints_is_adopted_once(tmp_path, tiny_data
 
     session = storage.scoped_session()
     session.query(models.StudyUserAttributeModel).filter_by(key="data_fingerprint").delete()
+    session.query(models.StudySystemAttributeModel).filter_by(
+        key=record.PREFIX + "data_fingerprint").delete()
     session.commit()
     storage.scoped_session.remove()
     resumed = run_spec(with_trials(3), open_storage(url), tiny_data)
-    assert len(resumed.user_attrs["data_fingerprint"]) == 64  # it got one
+    assert len(record.read(resumed).fingerprint) == 64  # it got one
     with pytest.raises(InputError, match="other data"):
         run_spec(with_trials(4), open_storage(url), other_data(tiny_data))
 

@@ -28,7 +28,7 @@ from clr_lambda_search.search.cli.output import emit, setup_logging
 from clr_lambda_search.search.cli.storage import protected_paths
 from clr_lambda_search.search.final import artifact_dir, read_final
 from clr_lambda_search.search.plots import dashboard_html
-from clr_lambda_search.search.study import campaign_studies, mask_url, named_study, open_storage
+from clr_lambda_search.search.study import campaign_studies, mask_url, named_study, open_storage, outputs_dir
 
 
 def parse_args(argv=None):
@@ -36,8 +36,8 @@ def parse_args(argv=None):
     add_campaign_args(p, "the campaign to show (default: the --config file's)")
     p.add_argument("--study", default=None, help="show this one study (any name) instead")
     p.add_storage()
-    p.add_argument("--out", default=None, help="page path (default studies/<campaign>/dashboard.html)")
-    p.add_argument("--final-dir", default=None, help="final results (default studies/<campaign>/final)")
+    p.add_argument("--out", default=None, help="page path (default studies/<campaign>/dashboard.html; studies/<campaign>-<digest>/ for a storage other than the default)")
+    p.add_argument("--final-dir", default=None, help="final results (default studies/<campaign>/final; -<digest> for another storage)")
     p.add_argument("--serve", action="store_true", help="start optuna-dashboard instead")
     p.add_argument("--host", default="127.0.0.1", help="--serve: address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8080, help="--serve: port (1..65535)")
@@ -142,12 +142,12 @@ def main():
         resolved(args)
     name = args.study or args.campaign or campaign(args).name
     check_name(name, "--study" if args.study else "--campaign")
-    out = Path(args.out or f"studies/{name}/dashboard.html")
+    out = Path(args.out or outputs_dir(name, args.storage) / "dashboard.html")
     protect = protected_paths(args.storage)
     if not args.serve:
         check_page(out, protect)
     storage = open_storage(args.storage, create=False)
-    final_dir = Path(args.final_dir or f"studies/{name}/final")
+    final_dir = Path(args.final_dir or outputs_dir(name, args.storage) / "final")
     if args.serve:
         return serve(args, storage, artifact_dir(final_dir))
     studies = named_study(storage, args.study) if args.study else campaign_studies(storage, name)

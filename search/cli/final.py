@@ -25,7 +25,7 @@ from clr_lambda_search.search.cli.storage import protected_paths
 from clr_lambda_search.search.cli.threads import single_blas_thread
 from clr_lambda_search.search.core import campaign_best, run_context, run_final
 from clr_lambda_search.search.space import format_params
-from clr_lambda_search.search.study import check_storage, open_storage
+from clr_lambda_search.search.study import check_storage, open_storage, outputs_dir
 
 N_TRAIN = 49_000  # to check the flags before the data is loaded; the real count replaces it
 
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="the first training seed")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes the seeds train in, at once (default: cores)")
-    p.add_argument("--out", default=None, help="results folder (default studies/<campaign>/final)")
+    p.add_argument("--out", default=None, help="results folder (default studies/<campaign>/final; studies/<campaign>-<digest>/final for a storage other than the default)")
     p.add_argument("--force-final", action="store_true",
                    help="retire a recorded final run whose pick differs from this one (it is "
                         "kept as a study of its own) and train this one")
@@ -80,7 +80,7 @@ def main():
     check_final_processes(c, args.workers)
     if args.dry_run:
         return dry_run(args, c, ["final"], pick=given_pick(c, given))
-    out = args.out or f"studies/{c.name}/final"
+    out = args.out or outputs_dir(c.name, args.storage) / "final"
     protect = protected_paths(args.storage)
     check_results_dir(out, protect)
     check_writable(out)

@@ -24,9 +24,8 @@ from clr_lambda_search.search.cli.output import emit, phase_bars, setup_logging
 from clr_lambda_search.search.cli.storage import protected_paths
 from clr_lambda_search.search.cli.threads import single_blas_thread
 from clr_lambda_search.search.core import dashboard_maker, run_campaign
-from clr_lambda_search.search.report import space_text
 from clr_lambda_search.search.space import format_params
-from clr_lambda_search.search.study import check_storage, mask_url, open_storage
+from clr_lambda_search.search.study import check_storage, mask_url, open_storage, outputs_dir
 
 log = logging.getLogger("pipeline")
 N_TRAIN = 49_000  # to check the final settings before the data is loaded
@@ -50,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--final-n-s", type=int, default=None,
                    help="final: CLR half cycle (dd2424: 2 epochs, 2·⌊n_train/n_batch⌋ = 980)")
     p.add_argument("--final-cycles", type=int, default=None, help="final: cycles")
-    p.add_argument("--out-dir", default=None, help="results folder (default studies/<campaign>)")
+    p.add_argument("--out-dir", default=None, help="results folder (default studies/<campaign>; studies/<campaign>-<digest> for a storage other than the default)")
     p.add_argument("--force-final", action="store_true",
                    help="retire a recorded final run whose pick differs from the search's (it is "
                         "kept as a study of its own) and train the new pick")
@@ -97,7 +96,7 @@ def summary_text(s):
              f"  gradient check: max relative error {s['gradcheck']['max_rel_error']:.1e}"]
     for ph in s["phases"]:
         b = ph["best"]
-        lines.append(f"  {ph['study']}: {space_text(ph['space'])}; best "
+        lines.append(f"  {ph['study']}: {ph['spec']}; best "
                      + (f"{format_params(b['params'])}, val acc {b['val_acc']:.4f}" if b else "—"))
     if s["verdict"]:
         lines.append(f"  verdict: {s['verdict']['sentence']}")
@@ -112,7 +111,7 @@ def summary_of(result, storage_text):
     """The --json summary of a CampaignResult."""
     f = result.final
     return {"campaign": result.campaign, "storage": storage_text, "gradcheck": result.gradcheck,
-            "phases": [{k: ph[k] for k in ("study", "space", "narrowed", "best")}
+            "phases": [{k: ph[k] for k in ("study", "space", "spec", "narrowed", "best")}
                        for ph in result.phases],
             "verdict": result.verdict,
             "final": {"params": f["params"], "source": f["source"],
@@ -128,7 +127,7 @@ def main():
     check_final_processes(c, args.workers)
     if args.dry_run:
         return dry_run(args, c, [p.name for p in c.phases] + ["final"], gradcheck=True)
-    out_dir = Path(args.out_dir or f"studies/{c.name}")
+    out_dir = Path(args.out_dir or outputs_dir(c.name, args.storage))
     protect = protected_paths(args.storage)
     check_results_dir(out_dir / "final", protect)  # both outputs, before any work
     check_page(out_dir / "dashboard.html", protect)
