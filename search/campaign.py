@@ -21,7 +21,8 @@ from clr_lambda_search.model.train import TrainConfig
 from clr_lambda_search.search.budget import parse_budget
 from clr_lambda_search.search.final import FinalRun
 from clr_lambda_search.search.phases import MAX_MARGIN, ConfirmPhase, SearchPhase  # noqa: F401
-from clr_lambda_search.search.space import Categorical, Float, Int, field_type, is_typed, make_space
+from clr_lambda_search.search.space import (Categorical, Float, Int, corners, field_type, format_params,
+                                           is_typed, make_space)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -62,6 +63,20 @@ class Campaign:
     def phase_config(self, phase):
         """The TrainConfig of a phase's trials, before its parameters are applied."""
         return TrainConfig(**{**dict(self.config), **dict(self.search), **dict(phase.config)})
+
+    def phase_configs(self, phase):
+        """The TrainConfigs at the corners of the phase's space (search.space.corners): every
+        trial's lies between them. ConfigError for a corner TrainConfig refuses: a range that
+        reaches past a field's limits is refused before any study exists."""
+        base = {**dict(self.config), **dict(self.search), **dict(phase.config)}
+        out = []
+        for corner in corners(phase.base_space(self)):
+            try:
+                out.append(TrainConfig(**{**base, **corner}))
+            except ConfigError as e:
+                raise ConfigError(f"a trial could draw {format_params(corner)}: {e}; keep the "
+                                  "range within the field's limits") from None
+        return out
 
     def searched_names(self):
         """The names of the parameters the phases search, in order of appearance."""

@@ -132,3 +132,14 @@ def set_study_system_attr(study, key, value):
     """Write a study system attr (the storage's public set_study_system_attr, reached through
     the Study's private _storage and _study_id; see study_system_attrs)."""
     study._storage.set_study_system_attr(study._study_id, key, value)
+
+
+def startup_trials(obj):
+    """A sampler's or pruner's n_startup_trials (None when it has none). Optuna keeps it in the
+    private _n_startup_trials (TPESampler, MedianPruner, …); our MarginMedianPruner in a public
+    one. Read only to size the scratch study that exercises it (search.samplers.exercise)."""
+    for name in ("n_startup_trials", "_n_startup_trials"):
+        value = getattr(obj, name, None)
+        if value is not None:
+            return value
+    return None

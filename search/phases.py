@@ -22,8 +22,10 @@ from clr_lambda_search.search import budget, record
 from clr_lambda_search.search.confirm import SEED_BASE, race, sentence, verdict
 from clr_lambda_search.search.lock import storage_lock
 from clr_lambda_search.search.objective import Objective
-from clr_lambda_search.search.samplers import make_pruner, make_sampler, pruner_label, sampler_label
-from clr_lambda_search.search.space import format_params, is_typed, narrow, space_from_dict, space_to_dict
+from clr_lambda_search.search.samplers import (exercise, make_pruner, make_sampler, pruner_label,
+                                               sampler_label)
+from clr_lambda_search.search.space import (format_params, is_typed, narrow, space_from_dict,
+                                           space_to_dict, suggest)
 from clr_lambda_search.search.study import finished_trials, load_study, study_name
 from clr_lambda_search.search.workers import QueuedTarget, TrialTarget, n_done, run_workers
 
@@ -126,12 +128,17 @@ class SearchPhase(Phase):
             if p.name in fixed:
                 fail(f"params.{p.name}", "both searched and fixed (in [search] or the phase's "
                      "config); drop one")
-        _check(lambda: self.make_sampler(campaign), "sampler", fail)
+        _check(lambda: campaign.phase_configs(self), "params", fail)
+        sampler = _check(lambda: self.make_sampler(campaign), "sampler", fail)
         if _is_grid(self.sampler) and not self.grid:
             fail("sampler", "the grid sampler needs values = [...] for every parameter")
-        _check(lambda: make_pruner(self.pruner, config), "pruner", fail)
+        pruner = _check(lambda: make_pruner(self.pruner, config), "pruner", fail)
         for i, params in enumerate(self.start):
             _check(lambda: check_start(params, self.base_space(campaign)), f"start[{i}]", fail)
+        try:
+            exercise(sampler, pruner, self.base_space(campaign), config, self.n_trials, suggest)
+        except ConfigError as e:
+            fail(e.key, str(e))
 
     def to_dict(self):
         return {"name": self.name, "kind": self.kind, "n_trials": self.n_trials,

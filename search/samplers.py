@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from clr_lambda_search.model.errors import ConfigError
-from clr_lambda_search.search.optuna_internals import own_seed, reseed
+from clr_lambda_search.search.optuna_internals import own_seed, reseed, startup_trials
 
 # Short names of the samplers and pruners the scripts offer; any optuna.samplers / optuna.pruners
 # class is nameable too, as {name = "TPESampler", multivariate = true} in a campaign file.
@@ -176,3 +176,59 @@ def make_pruner(spec, config):
 
 def pruner_label(spec):
     return type(spec).__name__ if isinstance(spec, optuna.pruners.BasePruner) else spec
+
+
+# ---- exercised before a real study exists -------------------------------------------------------
+
+MAX_EXERCISE = 20  # scratch trials at most: past the startup trials, where lazy arguments break
+
+
+def exercise(sampler, pruner, space, config, n_trials, suggest):
+    """Run a few trials of a sampler and a pruner (built objects) on a scratch in-memory study
+    with the phase's space (suggest(trial, space)), reporting at the pruner's steps: keyword
+    arguments a class takes but that break only when it samples or prunes (TPESampler(gamma=1),
+    BruteForceSampler on a continuous range, a pruner's margin = "x") fail here, before a real
+    study exists. ConfigError naming the sampler or pruner (its .key: "sampler" or "pruner")."""
+    steps = [config.n_s * k for k in range(1, 2 * config.cycles + 1)]
+    state = {"stage": "sampler"}
+
+    def objective(trial):
+        state["stage"] = "sampler"
+        suggest(trial, space)
+        value = 0.1 + 0.8 * ((trial.number * 7919) % 97) / 97  # spread values: medians differ
+        state["stage"] = "pruner"
+        for step in steps:
+            trial.report(value * step / steps[-1], step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        state["stage"] = "sampler"
+        return value
+
+    n = min(n_trials, max(_startup(sampler), _startup(pruner)) + 2, MAX_EXERCISE)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the scratch study's lines are noise
+    try:
+        with warnings.catch_warnings():  # the real study warns once, where it counts
+            warnings.simplefilter("ignore")
+            study = optuna.create_study(storage=None, direction="maximize", sampler=sampler,
+                                        pruner=pruner)
+            study.optimize(objective, n_trials=max(n, 1), catch=())
+    except Exception as e:  # any failure of a user's sampler or pruner on this space is input
+        what = type(sampler if state["stage"] == "sampler" else pruner).__name__
+        error = ConfigError(f"{what.removeprefix('TrialSeeded')} fails on this phase's space "
+                            f"({type(e).__name__}: {str(e)[:200]}); fix its arguments or choose "
+                            "another")
+        error.key = state["stage"]  # the campaign key to name
+        raise error from None
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _startup(obj):
+    """The trials an object waits before its own rule applies (n_startup_trials): its attribute,
+    else its constructor's default."""
+    value = startup_trials(obj)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return min(value, MAX_EXERCISE)
+    default = inspect.signature(type(obj)).parameters.get("n_startup_trials")
+    return default.default if default is not None and isinstance(default.default, int) else 0

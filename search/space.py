@@ -7,6 +7,7 @@ callable space(trial) -> {field: value}; such a space cannot be narrowed by a la
 checked for a change when its study is resumed (nothing describes it but its code).
 """
 import dataclasses
+import itertools
 import math
 import numbers
 import typing
@@ -163,6 +164,30 @@ def suggest(trial, space):
     for name in values:
         field_type(name)
     return values
+
+
+MAX_CORNERS = 256  # combinations of bounds checked together; past it, each parameter alone
+
+
+def extremes(p):
+    """The values of parameter p that bound every draw: its ends (an int range's reachable top)
+    or every choice."""
+    if isinstance(p, Categorical):
+        return list(p.choices)
+    if isinstance(p, Int):
+        return [p.low, p.low + p.step * ((p.high - p.low) // p.step)]
+    return [p.low, p.high]
+
+
+def corners(space):
+    """{name: value} at every corner of a typed space (all combinations of extremes, or each
+    parameter's alone when there are more than MAX_CORNERS): TrainConfig's checks are ranges
+    and pairs (η_min ≤ η_max), so a draw is valid when every corner is."""
+    params = list(space) if is_typed(space) else []
+    if math.prod(len(extremes(p)) for p in params) <= MAX_CORNERS:
+        return [dict(zip([p.name for p in params], values))
+                for values in itertools.product(*(extremes(p) for p in params))]
+    return [{p.name: v} for p in params for v in extremes(p)]
 
 
 def param_to_dict(p):

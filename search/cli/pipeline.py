@@ -133,8 +133,9 @@ def main():
     check_page(out_dir / "dashboard.html", protect)
     check_writable(out_dir, flag="--out-dir")
     check_storage(args.storage)
-    for phase in c.phases:
-        check_memory(c.phase_config(phase), processes=args.workers)
+    for phase in c.phases:  # at every corner of its space: the largest trial it allows
+        for config in c.phase_configs(phase):
+            check_memory(config, processes=args.workers)
     check_memory(c.final.training_config(c, {}, N_TRAIN),
                  processes=c.final.seeds if args.workers > 1 else 1)
     data = load_cifar10(args.data_dir, n_val=args.n_val)

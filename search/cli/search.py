@@ -213,7 +213,8 @@ def main():
     config = c.phase_config(phase)
     if not phase.upstream():  # data before the storage: a bad data dir must leave no storage
         check_storage(args.storage)
-        check_memory(config, processes=args.workers)
+        for corner in c.phase_configs(phase):  # the largest trial the space allows
+            check_memory(corner, processes=args.workers)
         data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=config.dtype)
         storage = open_storage(args.storage, **storage_opts)
     else:  # derived from earlier phases: their storage must exist
@@ -221,7 +222,8 @@ def main():
         if phase.study_name(c.name) not in optuna.get_all_study_names(storage):
             for source in phase.upstream():  # not derivable: say so before loading the data
                 require_finished(storage, c, source, phase.name)
-        check_memory(config, processes=args.workers)
+        for corner in c.phase_configs(phase):  # the largest trial the space allows
+            check_memory(corner, processes=args.workers)
         data = load_cifar10(args.data_dir, n_val=args.n_val, dtype=config.dtype)
     start = time.perf_counter()
     with phase_bars(args) as progress:
