@@ -1,12 +1,16 @@
 """Saving results: params as .npz, everything else as JSON, each file written atomically."""
 import dataclasses
+import io
 import json
 import os
+import stat
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from clr_lambda_search.model.errors import InputError
 from clr_lambda_search.model.network import PARAM_KEYS
 from clr_lambda_search.model.outputs import check_page, clean_stale, current_umask, temp_prefix
 
@@ -31,9 +35,34 @@ def save_params(path, params):
     _atomic_write(path, lambda f: np.savez(f, **{k: params[k] for k in PARAM_KEYS}))
 
 
+def read_regular(path):
+    """The bytes of the regular file at path. Everything read back is untrusted: InputError naming
+    the file when it is missing, unreadable, a directory or a FIFO (opened without blocking and
+    refused, where a plain open() would wait forever for a writer)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise InputError(f"cannot read {path} ({e.strerror}); {_REWRITE}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise InputError(f"{path} is not a regular file; {_REWRITE}")
+        try:
+            return f.read()
+        except OSError as e:
+            raise InputError(f"cannot read {path} ({e.strerror}); {_REWRITE}") from None
+
+
+_REWRITE = "delete it, or re-run the command that wrote it"
+
+
 def load_params(path):
-    with np.load(path) as z:
-        return {k: z[k] for k in PARAM_KEYS}
+    """The parameters of a .npz file (W1, b1, W2, b2); InputError when it holds anything else."""
+    try:
+        with np.load(io.BytesIO(read_regular(path)), allow_pickle=False) as z:
+            return {k: z[k] for k in PARAM_KEYS}
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise InputError(f"{path} is not a parameters file of this project ({e}); "
+                         f"{_REWRITE}") from None
 
 
 def save_json(path, obj):
@@ -46,8 +75,17 @@ def save_text(path, text):
     _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def load_json(path):
-    return json.loads(Path(path).read_text())
+def load_json(path, kind=None):
+    """The JSON value of a file (of type kind when given: dict, list); InputError naming the file
+    when it is truncated, empty, not UTF-8, nested past the parser's depth or of another type."""
+    try:
+        value = json.loads(read_regular(path).decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError included
+        raise InputError(f"{path} is not valid JSON ({str(e)[:100]}); {_REWRITE}") from None
+    if kind is not None and not isinstance(value, kind):
+        raise InputError(f"{path} holds a JSON {type(value).__name__}, not a {kind.__name__}; "
+                         f"{_REWRITE}")
+    return value
 
 
 def _to_builtin(x):

@@ -13,7 +13,7 @@ import numbers
 from clr_lambda_search.model.errors import ConfigError
 from clr_lambda_search.model.train import TrainConfig
 from clr_lambda_search.search import core, settings
-from clr_lambda_search.search.campaign import Campaign, load_campaign, validated
+from clr_lambda_search.search.campaign import Campaign, check_name, load_campaign, validated
 from clr_lambda_search.search.phases import SearchPhase
 from clr_lambda_search.search.space import is_typed, make_space
 from clr_lambda_search.search.study import mask_url, open_storage
@@ -37,7 +37,7 @@ def run_campaign(campaign, data, storage, *, overrides=None, workers=1, out_dir=
     """
     c = load_campaign(campaign) if isinstance(campaign, str) else campaign
     c = settings.apply(c, overrides)
-    _check_workers(workers)
+    core.check_workers(workers)
     storage = open_storage(storage) if isinstance(storage, str) else storage
     make = core.dashboard_maker(c.name, storage, mask_url(storage.url)) if dashboard else None
     return core.run_campaign(c, data, storage, workers=workers, out_dir=out_dir,
@@ -63,10 +63,11 @@ def run_phase(name, space, data, storage, *, n_trials, config=TrainConfig(), sam
       workers: processes on this machine (forked: the data is shared).
       progress: optional callable(study_name, done, total, unit).
     """
+    check_name(name, "name")  # it names the study and studies/<name>/, as in a campaign file
     for what, value in (("n_trials", n_trials), ("repeats", repeats)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{what} must be a whole number ≥ 1 (got {value!r})")
-    _check_workers(workers)
+    core.check_workers(workers)
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"config must be a model.train.TrainConfig (got {type(config).__name__})")
     if is_typed(space):
@@ -82,9 +83,3 @@ def run_phase(name, space, data, storage, *, n_trials, config=TrainConfig(), sam
     study, _ = core.run_phase(campaign, "search", data, storage, workers=workers,
                               progress=progress)
     return study
-
-
-def _check_workers(workers):
-    if not isinstance(workers, numbers.Integral) or isinstance(workers, bool) or workers < 1:
-        raise ConfigError(f"workers must be a whole number ≥ 1 (got {workers!r})")
-

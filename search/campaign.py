@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from clr_lambda_search.model.errors import ConfigError
-from clr_lambda_search.model.train import TrainConfig
+from clr_lambda_search.model.train import SEED_LIMIT, TrainConfig
 from clr_lambda_search.search.budget import parse_budget
 from clr_lambda_search.search.final import FinalRun
 from clr_lambda_search.search.phases import MAX_MARGIN, ConfirmPhase, SearchPhase  # noqa: F401
@@ -38,6 +38,7 @@ _CONFIRM_KEYS = ("name", "kind", "from", "top_k", "seeds", "config")
 CONFIRM_TOP_K, CONFIRM_SEEDS = 3, 5
 _PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "values")
 _NARROW_KEYS = ("from", "top_k", "margin")
+MAX_FINAL_SEEDS = 100  # final seeds (and confirm seeds): each trains a whole final run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +137,9 @@ def load_campaign(name_or_path=DEFAULT):
         raise ConfigError(f"{path}: malformed TOML ({e}); {fix}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the campaign file ({e}); check the path") from None
+    except RecursionError:  # tomllib recurses per level of [[…]] or {…}
+        raise ConfigError(f"{path}: values nested too deeply to read; a campaign file needs a "
+                          "few levels") from None
     return parse_campaign(raw, str(path))
 
 
@@ -176,6 +180,12 @@ def validated(campaign):
     """campaign, once every phase fits it (its config, sampler and pruner work together; checked
     again after overrides changed it)."""
     where = _Where(campaign.source)
+    if not (_is_count(campaign.seed) and 0 <= campaign.seed < SEED_LIMIT):
+        raise where.error("seed", f"{campaign.seed!r} must be an integer in 0..{SEED_LIMIT - 1} "
+                          "(Optuna's samplers take 32-bit seeds)")
+    if not (_is_count(campaign.final.seeds) and 1 <= campaign.final.seeds <= MAX_FINAL_SEEDS):
+        raise where.error("final.seeds", f"{campaign.final.seeds!r} must lie in "
+                          f"1..{MAX_FINAL_SEEDS} (seeds train at once, a process each)")
     for i, phase in enumerate(campaign.phases):
         def fail(key, message, i=i):
             raise where.error(f"phases[{i}]" + (f".{key}" if key else ""), message)
@@ -186,6 +196,18 @@ def validated(campaign):
 
 def _raise(error):
     raise error
+
+
+def check_first_seed(campaign, first_seed):
+    """ConfigError unless the final run's seeds first_seed … + final.seeds − 1 are 32-bit."""
+    last = first_seed + campaign.final.seeds - 1 if _is_count(first_seed) else None
+    if last is None or first_seed < 0 or last >= SEED_LIMIT:
+        raise ConfigError(f"the final run's seeds {first_seed!r}… ({campaign.final.seeds} of "
+                          f"them) must lie in 0..{SEED_LIMIT - 1}; lower the first seed")
+
+
+def _is_count(x):
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def with_phase(campaign, name, **changes):

@@ -11,6 +11,7 @@ runner (search.workers for the trials, search.lock for what must happen once).
 import dataclasses
 import functools
 import logging
+import numbers
 import time
 from pathlib import Path
 
@@ -18,10 +19,10 @@ import numpy as np
 import optuna
 
 from clr_lambda_search.model.dataset import fingerprint
-from clr_lambda_search.model.errors import DivergedError, InputError
+from clr_lambda_search.model.errors import ConfigError, DivergedError, InputError
 from clr_lambda_search.model.gradcheck import gradcheck_report
 from clr_lambda_search.search import record
-from clr_lambda_search.search.campaign import load_campaign
+from clr_lambda_search.search.campaign import Campaign, check_first_seed, load_campaign, validated
 from clr_lambda_search.search.final import final_study_name, read_final
 from clr_lambda_search.search.phases import PhaseRun
 from clr_lambda_search.search.report import best_row, narrowing, phase_spec
@@ -52,8 +53,14 @@ class CampaignResult:
 
 
 def run_context(campaign, data, storage, *, workers=1, storage_opts=None, progress=None):
-    """The PhaseRun every phase of this runner runs with."""
+    """The PhaseRun every phase of this runner runs with; everything checked before the storage
+    is opened (a Campaign made in Python as one read from a file)."""
     campaign = load_campaign(campaign) if isinstance(campaign, str) else campaign
+    if not isinstance(campaign, Campaign):
+        raise ConfigError(f"campaign must be a search.campaign.Campaign, a campaign file or a "
+                          f"shipped campaign's name (got {type(campaign).__name__})")
+    campaign = validated(campaign)
+    check_workers(workers)
     storage = open_storage(storage, **(storage_opts or {})) if isinstance(storage, str) \
         else storage
     return PhaseRun(campaign=campaign, storage=storage, data=data, workers=workers,
@@ -126,6 +133,8 @@ def run_final(campaign, data, storage, *, pick=None, source=None, out=None, firs
               workers=1, protect=(), force=False, progress=None, storage_opts=None):
     """The campaign's final run alone: pick = the given parameters (every searched one), else
     the campaign's best (its last phase with a result). Returns (metrics, pick, source)."""
+    c = load_campaign(campaign) if isinstance(campaign, str) else campaign
+    check_first_seed(c, first_seed)  # before the storage is opened
     run = run_context(campaign, data, storage, workers=workers, storage_opts=storage_opts,
                       progress=progress)
     if pick is None:
@@ -135,6 +144,11 @@ def run_final(campaign, data, storage, *, pick=None, source=None, out=None, firs
                                                            "trial": None},
                                      out, first_seed=first_seed, protect=protect, force=force)
     return metrics, pick, source
+
+
+def check_workers(workers):
+    if not isinstance(workers, numbers.Integral) or isinstance(workers, bool) or workers < 1:
+        raise ConfigError(f"workers must be a whole number ≥ 1 (got {workers!r})")
 
 
 def campaign_best(run):
@@ -170,7 +184,7 @@ def result_of(run, metrics, out_dir, dashboard, check=None, seconds=None):
     for phase in c.phases:
         studies.append((phase, optuna.load_study(study_name=phase.study_name(c.name),
                                                  storage=run.storage)))
-    verdict = next((record.read(s).verdict for _, s in studies if record.read(s).verdict), None)
+    verdict = next((record.verdict(s) for _, s in studies if record.verdict(s)), None)
     return CampaignResult(
         campaign=c.name, pick=metrics["params"], source=metrics["source"], verdict=verdict,
         studies=[s.study_name for _, s in studies] + [final_study_name(c.name)],

@@ -127,7 +127,7 @@ class FinalRun(Phase):
                         f"pick is now {pick}; use a new --campaign to keep both, or "
                         "--force-final to retire that final run (kept as a study of its own)")
                 # (a release before the schema recorded no seeds or fingerprint: not compared)
-                shown = read_final(out)
+                shown = read_final(out, strict=False)
                 if any(getattr(old, f) not in (None, getattr(wanted, f))
                        for f in ("pick", "seeds", "fingerprint", "precision")) or not same_config(
                         old.config, wanted.config) or (
@@ -261,7 +261,7 @@ def publish(run, study, out, protect=()):
         trials = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
                         key=lambda t: rec.seeds.index(t.user_attrs[record.FINAL_SEED]))
         numbers = [t.number for t in trials]
-        shown = read_final(out)
+        shown = read_final(out, strict=False)
         if shown and shown["metrics"].get("trials") == numbers \
                 and shown["metrics"].get("params") == rec.pick:
             return shown["metrics"]
@@ -333,15 +333,29 @@ def artifact_dir(out):
     return Path(out).parent / "artifacts"
 
 
-def read_final(folder):
+def read_final(folder, strict=True):
     """{"metrics", "config", "history" (of the first seed), "histories" (every seed's, by seed)}
-    of a final results folder, or None."""
+    of a final results folder, or None when it has none. Its files are untrusted: one that is
+    corrupt, of the wrong type or missing is an InputError naming it (strict=False: None, for a
+    run about to rewrite the folder)."""
     folder = Path(folder)
-    if not (folder / "metrics.json").is_file():
+    if not (folder / "metrics.json").exists():
         return None
-    metrics = load_json(folder / "metrics.json")
-    histories = {s["seed"]: load_json(folder / f"history_seed{s['seed']}.json")
-                 for s in metrics["seeds"] if (folder / f"history_seed{s['seed']}.json").is_file()}
-    first = metrics["seeds"][0]["seed"]
-    return {"metrics": metrics, "config": load_json(folder / "config.json"),
-            "history": histories[first], "histories": histories}
+    try:
+        metrics = load_json(folder / "metrics.json", dict)
+        seeds = metrics.get("seeds")
+        if not (isinstance(seeds, list) and seeds and all(
+                isinstance(s, dict) and isinstance(s.get("seed"), int) for s in seeds)):
+            raise InputError(f"{folder / 'metrics.json'} lists no seeds of a final run; "
+                             "re-run scripts/final.py")
+        first = seeds[0]["seed"]  # the curves drawn; another seed's history may be absent
+        histories = {s["seed"]: load_json(folder / f"history_seed{s['seed']}.json", list)
+                     for s in seeds if s["seed"] == first
+                     or (folder / f"history_seed{s['seed']}.json").exists()}
+        return {"metrics": metrics, "config": load_json(folder / "config.json", dict),
+                "folder": str(folder),
+                "history": histories[first], "histories": histories}
+    except InputError:
+        if strict:
+            raise
+        return None

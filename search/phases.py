@@ -17,7 +17,7 @@ import optuna
 
 from clr_lambda_search.model.errors import ConfigError, InputError, WorkersFailed
 from clr_lambda_search.model.precision import resolve_precision
-from clr_lambda_search.model.train import TrainConfig
+from clr_lambda_search.model.train import SEED_LIMIT, TrainConfig
 from clr_lambda_search.search import budget, record
 from clr_lambda_search.search.confirm import SEED_BASE, race, sentence, verdict
 from clr_lambda_search.search.lock import storage_lock
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 MAX_MARGIN = 100  # decades (log) or × the range (linear): more widens nothing, the range clips it
 METRIC = "val_acc"  # the objective's name in Optuna's tools (our own figures: validation accuracy)
+MAX_TRIALS = 100_000  # trials of one phase: more is a typo (each is a row of the storage and a run)
+MAX_REPEATS = 1000    # seeds per trial: each trial trains them all, and lists them in the study
 
 
 class StalePhase(InputError):
@@ -111,8 +113,9 @@ class SearchPhase(Phase):
 
     def validate(self, campaign, fail):
         """Check the phase against its campaign; fail(key, message) raises."""
-        if self.n_trials < 1 or self.repeats < 1:
-            fail("", f"n_trials and repeats must be ≥ 1 (got {self.n_trials}, {self.repeats})")
+        if not (1 <= self.n_trials <= MAX_TRIALS and 1 <= self.repeats <= MAX_REPEATS):
+            fail("", f"n_trials must lie in 1..{MAX_TRIALS} and repeats in 1..{MAX_REPEATS} (got "
+                 f"{self.n_trials}, {self.repeats})")
         for cap in ("max_pruned", "max_failed"):
             if getattr(self, cap) is not None and getattr(self, cap) < 1:
                 fail(cap, f"must be ≥ 1 (got {getattr(self, cap)})")
@@ -123,6 +126,9 @@ class SearchPhase(Phase):
                 fail("narrow", f"top_k must be ≥ 1 and margin a number in (0, {MAX_MARGIN}] "
                      "(e.g. {from = \"coarse\", top_k = 3, margin = 0.25})")
         config = campaign.phase_config(self)
+        if config.seed + self.repeats > SEED_LIMIT:  # every trial trains seeds seed … + repeats − 1
+            fail("repeats", f"the training seeds {config.seed}..{config.seed + self.repeats - 1} "
+                 f"pass {SEED_LIMIT - 1}; lower config.seed or repeats")
         fixed = {**dict(campaign.search), **dict(self.config)}
         for p in _params(self.base_space(campaign)):
             if p.name in fixed:
@@ -312,7 +318,11 @@ class ConfirmPhase(Phase):
         """Race the candidates (resuming what is done); records the verdict; the study."""
         study = self.open(run)
         rec = record.read(study)
-        if isinstance(rec.verdict, dict):
+        try:
+            decided = record.verdict(study) is not None
+        except InputError:
+            decided = False  # a malformed verdict (read back, untrusted) is raced anew
+        if decided:
             # decided: a resumed campaign keeps its pick, even one raced by an earlier rule
             return study
         cands, seeds = rec.candidates, rec.seeds
@@ -373,8 +383,8 @@ class ConfirmPhase(Phase):
 
     def best(self, study):
         """(params, source) of the verdict's pick, or None before the race ended."""
-        v = record.read(study).verdict
-        if not isinstance(v, dict):
+        v = record.verdict(study)
+        if v is None:
             return None
         return dict(v["params"]), {"study": study.study_name, "phase": self.name,
                                    "trial": None, "val_acc": v["means"][str(v["pick"])]}

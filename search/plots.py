@@ -17,6 +17,7 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from clr_lambda_search.model.curves import curve
+from clr_lambda_search.model.errors import InputError
 from clr_lambda_search.model.outputs import PAGE_TAG
 from clr_lambda_search.model.schedule import cyclic_lr
 from clr_lambda_search.search import record
@@ -102,8 +103,8 @@ def _phase_points(study, name):
     """(x, y, error bars or []) of a study's complete trials for parameter `name`; a confirm
     study: one point per candidate, its mean over the seeds ± their std."""
     rec = record.read(study)
-    verdict = rec.verdict
-    if isinstance(verdict, dict):
+    verdict = record.verdict(study)
+    if verdict is not None:
         cands = rec.candidates or []
         points = [(c["params"].get(name), np.mean(verdict["scores"][str(i)]),
                    np.std(verdict["scores"][str(i)])) for i, c in enumerate(cands)
@@ -120,8 +121,8 @@ def confirm_figures(study):
     interval (confirm_difference_figure) and each candidate's accuracy per seed
     (confirm_seeds_figure); [] before its race has a verdict."""
     rec = record.read(study)
-    verdict = rec.verdict
-    if not isinstance(verdict, dict) or not isinstance(rec.candidates, list):
+    verdict = record.verdict(study)
+    if verdict is None or not isinstance(rec.candidates, list):
         return []
     names = list(dict.fromkeys(n for c in rec.candidates for n in c.get("params", {})))
     scores = {int(c): list(s) for c, s in verdict.get("scores", {}).items()}
@@ -442,13 +443,18 @@ class Dashboard:
     def html(self, final=None):
         """The whole page as one HTML string (plotly.js inlined: opens offline)."""
         page = _Page("final-fig")
-        if final:
-            final_section(page, final)
-        summary = campaign_table(self.studies, final) + "".join(
+        try:  # the results folder is read back, untrusted: a value of the wrong shape is input
+            if final:
+                final_section(page, final)
+            table = campaign_table(self.studies, final)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise InputError(f"the final results in {final.get('folder', 'the results folder')} "
+                             f"hold a value of the wrong shape ({type(e).__name__}: "
+                             f"{str(e)[:80]}); re-run scripts/final.py") from None
+        summary = table + "".join(
             f"<p class=verdict><b>Verdict of {_esc(s.study_name)}:</b> "
-            f"{_esc(record.read(s).verdict.get('sentence'))} (seed noise on the one fixed "
-            "validation set)</p>" for s in self.studies
-            if isinstance(record.read(s).verdict, dict))
+            f"{_esc(record.verdict(s)['sentence'])} (seed noise on the one fixed "
+            "validation set)</p>" for s in self.studies if record.verdict(s) is not None)
         body = "\n".join([self.header, summary, *page.parts, *self.studies_part])
         return (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{PAGE_TAG}<title>search — "
                 f"{_esc(self.campaign)}</title><style>{_STYLE}</style>"

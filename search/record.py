@@ -18,7 +18,7 @@ import math
 
 from optuna.trial import TrialState
 
-from clr_lambda_search.model.errors import DivergedError, Terminated
+from clr_lambda_search.model.errors import DivergedError, InputError, Terminated
 from clr_lambda_search.search.optuna_internals import set_study_system_attr, study_system_attrs
 
 VERSION = 3
@@ -122,6 +122,28 @@ def read(study):
         values["narrowed"] = {"from_study": old.get("coarse_study"),
                               "from_trials": old.get("from_trials"), "rule": old.get("rule")}
     return StudyRecord(**values)
+
+
+def verdict(study):
+    """The confirm verdict a study records, or None. It is read back from a storage (untrusted):
+    InputError naming the study when it is malformed or names a candidate the study does not
+    hold (its confirm phase records it anew when run again)."""
+    rec = read(study)
+    v = rec.verdict
+    if v is None:
+        return None
+    cands = rec.candidates if isinstance(rec.candidates, list) else []
+    pick = v.get("pick") if isinstance(v, dict) else None
+    ok = (isinstance(pick, int) and not isinstance(pick, bool) and 0 <= pick < len(cands)
+          and isinstance(v.get("params"), dict) and isinstance(v.get("sentence"), str)
+          and all(isinstance(v.get(k), dict) for k in ("scores", "dropped", "means"))
+          and all(isinstance(x, list) and all(finite(y) for y in x) for x in v["scores"].values())
+          and v["scores"].get(str(pick)) and finite(v["means"].get(str(pick))))
+    if not ok:
+        raise InputError(f"study {study.study_name}: its recorded verdict is malformed or names "
+                         f"a candidate it does not hold (pick {str(pick)[:40]!r} of "
+                         f"{len(cands)}); run its confirm phase again to record it anew")
+    return v
 
 
 def holds(study, field):

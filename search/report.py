@@ -36,8 +36,8 @@ def _fail_reason(t):
 
 def best_row(study):
     """The best trial as a dict; of a confirm study, its verdict's pick (mean over its seeds)."""
-    verdict = record.read(study).verdict
-    if isinstance(verdict, dict):
+    verdict = record.verdict(study)
+    if verdict is not None:
         scores = verdict["scores"][str(verdict["pick"])]
         return {"number": None, "params": dict(verdict["params"]),
                 "val_acc": float(np.mean(scores)), "val_acc_std": float(np.std(scores))}
@@ -104,7 +104,7 @@ def confirm_summary(study):
     rec = record.read(study)
     if not rec.races:
         return None
-    verdict = rec.verdict if isinstance(rec.verdict, dict) else None
+    verdict = record.verdict(study)
     return {"candidates": rec.candidates, "seeds": rec.seeds,
             "verdict": verdict, "sentence": verdict and verdict.get("sentence")}
 
@@ -227,7 +227,7 @@ def phase_summary(study, storage_label, seconds):
             "storage": storage_label, "n_complete": len(finished_trials(study)),
             "n_trials": rec.n_trials, "best": best, "space": rec.space,
             "spec": phase_spec(rec)[1],
-            "narrowed": narrowing(study), "verdict": rec.verdict, "warnings": warnings,
+            "narrowed": narrowing(study), "verdict": record.verdict(study), "warnings": warnings,
             "seconds": round(seconds, 2)}
 
 

@@ -56,6 +56,8 @@ def parse_value(text):
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:  # tomllib recurses per level of [ or {
+        raise ConfigError(f"--set value {text[:40]!r}… is nested too deeply") from None
 
 
 def parse_pairs(pairs):

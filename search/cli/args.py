@@ -62,6 +62,11 @@ class Parser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
+        for dest, values in vars(parsed).items():  # "" must not fall back to a default unseen
+            for value in values if isinstance(values, list) else [values]:
+                if isinstance(value, str) and not value.strip():
+                    self.error(f"--{_flag(dest)} is empty; give a value or leave the flag out "
+                               "for its default")
         if hasattr(parsed, "storage"):
             parsed.storage = storage_url(parsed.storage)
         return parsed

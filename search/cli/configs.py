@@ -13,8 +13,8 @@ def campaign(args):
     from clr_lambda_search.search.campaign import check_name, load_campaign
 
     c = load_campaign(args.config)
-    return dataclasses.replace(c, name=check_name(args.campaign, "--campaign")) if args.campaign \
-        else c
+    return c if args.campaign is None else dataclasses.replace(
+        c, name=check_name(args.campaign, "--campaign"))
 
 
 def resolved(args, shortcuts=(), c=None):
