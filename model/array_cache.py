@@ -23,9 +23,10 @@ from clr_lambda_search.model.batch_files import D, K, TEST_FILE, TRAIN_FILES
 
 log = logging.getLogger(__name__)
 ARRAYS_DIR = "arrays"  # the normalised-array cache, under the cache dir
-ARRAYS_FORMAT = 4      # bump when the cached files or the normalisation change (2: exact variance,
+ARRAYS_FORMAT = 5      # bump when the cached files or the normalisation change (2: exact variance,
                        # 3: normalised in the target dtype, train pixels kept for the step's gather,
-                       # 4: the content fingerprint)
+                       # 4: the content fingerprint, 5: every split's pixels, no fingerprint file:
+                       # the loader computes it from the pixels it uses)
 SPLITS = ("train", "val", "test")
 
 
@@ -54,41 +55,43 @@ def _cache_key(spec):
 
 
 def read(entry, n_val, dtype):
-    """The arrays cached in entry, memory-mapped read-only, or None if absent or unusable:
-    {"splits": {name: (X, y)}, "pixels": (raw, scale, shift) of train, "fingerprint": hex}."""
+    """The arrays cached in entry (the training X memory-mapped read-only), or None if absent or
+    unusable: {"splits": {name: (X, y)}, "pixels": {name: raw uint8}, "scale", "shift"}; the X
+    of val and test is None (the loader normalises their pixels: what is validated on is what
+    the fingerprint covers)."""
     try:
         if not entry.is_dir():
             return None
-        splits = {name: (_load_mapped(entry / f"{name}_X.npy"), np.load(entry / f"{name}_y.npy"))
-                  for name in SPLITS}
-        pixels = (_load_mapped(entry / "train_pixels.npy"), np.load(entry / "scale.npy"),
-                  np.load(entry / "shift.npy"))
-        digest = (entry / "fingerprint").read_text().strip()
+        splits = {name: (_load_mapped(entry / "train_X.npy") if name == "train" else None,
+                         np.load(entry / f"{name}_y.npy", allow_pickle=False)) for name in SPLITS}
+        pixels = {name: _load_mapped(entry / f"{name}_pixels.npy") for name in SPLITS}
+        scale, shift = (np.load(entry / f"{k}.npy", allow_pickle=False) for k in ("scale", "shift"))
     except (OSError, ValueError) as e:
         log.warning("array cache %s is unreadable (%s); rebuilding it", entry, e)
         shutil.rmtree(entry, ignore_errors=True)
         return None
-    if not (_cached_arrays_ok(splits, pixels, dtype) and len(splits["val"][1]) == n_val
-            and len(digest) == 64):
+    if not (_cached_arrays_ok(splits, pixels, scale, shift, dtype)
+            and len(splits["val"][1]) == n_val):
         log.warning("array cache %s does not hold the expected arrays; rebuilding it", entry)
         shutil.rmtree(entry, ignore_errors=True)
         return None
-    return {"splits": splits, "pixels": pixels, "fingerprint": digest}
+    return {"splits": splits, "pixels": pixels, "scale": scale, "shift": shift}
 
 
-def _cached_arrays_ok(splits, pixels, dtype):
+def _cached_arrays_ok(splits, pixels, scale, shift, dtype):
     """Whether arrays read from the cache are what the loader writes: the step's kernels index
     with the labels and the normaliser without bounds checks, so an edited or damaged file must
     not reach them (an out-of-range label would read or write outside its buffers)."""
-    for X, y in splits.values():
-        if not (X.dtype == dtype and X.ndim == 2 and X.shape == (len(y), D)
-                and X.flags["C_CONTIGUOUS"] and y.dtype == np.int64 and y.ndim == 1
-                and len(y) > 0 and 0 <= y.min() and y.max() < K):
+    for name, (X, y) in splits.items():
+        raw = pixels[name]
+        if not (y.dtype == np.int64 and y.ndim == 1 and len(y) > 0 and 0 <= y.min()
+                and y.max() < K and raw.dtype == np.uint8 and raw.shape == (len(y), D)
+                and raw.flags["C_CONTIGUOUS"]):
             return False
-    raw, scale, shift = pixels
-    return (raw.dtype == np.uint8 and raw.shape == splits["train"][0].shape
-            and raw.flags["C_CONTIGUOUS"] and scale.dtype == shift.dtype == dtype
-            and scale.shape == shift.shape == (D,)
+        if X is not None and not (X.dtype == dtype and X.shape == (len(y), D)
+                                  and X.flags["C_CONTIGUOUS"]):
+            return False
+    return (scale.dtype == shift.dtype == dtype and scale.shape == shift.shape == (D,)
             and bool(np.isfinite(scale).all() and np.isfinite(shift).all()))
 
 
@@ -109,12 +112,12 @@ def write(entry, spec, arrays):
         log.warning("cannot cache the normalised arrays in %s (%s)", entry.parent, e)
         return False
     try:
-        for name, (X, y) in arrays["splits"].items():
-            np.save(tmp / f"{name}_X.npy", X)
+        np.save(tmp / "train_X.npy", arrays["splits"]["train"][0])
+        for name, (_, y) in arrays["splits"].items():
             np.save(tmp / f"{name}_y.npy", y)
-        for name, array in zip(("train_pixels", "scale", "shift"), arrays["pixels"]):
-            np.save(tmp / f"{name}.npy", array)
-        (tmp / "fingerprint").write_text(arrays["fingerprint"] + "\n")
+            np.save(tmp / f"{name}_pixels.npy", arrays["pixels"][name])
+        for name in ("scale", "shift"):
+            np.save(tmp / f"{name}.npy", arrays[name])
         (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
         try:
             tmp.replace(entry)

@@ -43,13 +43,15 @@ def read_regular(path):
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise InputError(f"cannot read {path} ({e.strerror}); {_REWRITE}") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise InputError(f"{path} is not a regular file; {_REWRITE}")
-        try:
+        with os.fdopen(os.dup(fd), "rb") as f:
             return f.read()
-        except OSError as e:
-            raise InputError(f"cannot read {path} ({e.strerror}); {_REWRITE}") from None
+    except OSError as e:
+        raise InputError(f"cannot read {path} ({e.strerror}); {_REWRITE}") from None
+    finally:
+        os.close(fd)
 
 
 _REWRITE = "delete it, or re-run the command that wrote it"
@@ -57,8 +59,9 @@ _REWRITE = "delete it, or re-run the command that wrote it"
 
 def load_params(path):
     """The parameters of a .npz file (W1, b1, W2, b2); InputError when it holds anything else."""
+    data = read_regular(path)
     try:
-        with np.load(io.BytesIO(read_regular(path)), allow_pickle=False) as z:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return {k: z[k] for k in PARAM_KEYS}
     except (ValueError, KeyError, OSError, zipfile.BadZipFile, EOFError) as e:
         raise InputError(f"{path} is not a parameters file of this project ({e}); "
@@ -78,8 +81,9 @@ def save_text(path, text):
 def load_json(path, kind=None):
     """The JSON value of a file (of type kind when given: dict, list); InputError naming the file
     when it is truncated, empty, not UTF-8, nested past the parser's depth or of another type."""
+    data = read_regular(path)
     try:
-        value = json.loads(read_regular(path).decode("utf-8"))
+        value = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError included
         raise InputError(f"{path} is not valid JSON ({str(e)[:100]}); {_REWRITE}") from None
     if kind is not None and not isinstance(value, kind):

@@ -40,8 +40,9 @@ class Pixels:
 class Split:
     X: np.ndarray  # (N, D), samples in rows, C-contiguous
     y: np.ndarray  # (N,), int64 labels
-    # the training split keeps its pixels: the step gathers a batch from them, a quarter of the
-    # bytes of X, and normalises it on the fly (model.step) into exactly X's rows
+    # every split keeps its pixels: the step gathers a training batch from them, a quarter of
+    # the bytes of X, and normalises it on the fly (model.step) into exactly X's rows; the
+    # fingerprint is computed from them
     pixels: "Pixels | None" = None
 
 
@@ -72,25 +73,37 @@ def load_cifar10(source=None, n_val=1000, dtype="float32", cache_dir=None, cache
     arrays = array_cache.read(entry, n_val, dt)
     if arrays is not None:
         log.info("CIFAR-10 from %s (normalised arrays cached in %s)", folder, entry)
-        return _from_arrays(arrays, folder)
+        return _from_arrays(arrays, folder, n_val)
     data = build_dataset(folder, n_val, dt)
     if array_cache.write(entry, spec, _to_arrays(data)):
         # the memory maps from the cache instead: pages shared with every later process
         arrays = array_cache.read(entry, n_val, dt)
-    return data if arrays is None else _from_arrays(arrays, folder)
+    return data if arrays is None else _from_arrays(arrays, folder, n_val)
 
 
 def _to_arrays(data):
     """A Dataset as array_cache stores it."""
     pixels = data.train.pixels
     return {"splits": {name: (getattr(data, name).X, getattr(data, name).y) for name in SPLITS},
-            "pixels": (pixels.raw, pixels.scale, pixels.shift), "fingerprint": data.fingerprint}
+            "pixels": {name: getattr(data, name).pixels.raw for name in SPLITS},
+            "scale": pixels.scale, "shift": pixels.shift}
 
 
-def _from_arrays(arrays, folder):
-    splits = {name: Split(X, y) for name, (X, y) in arrays["splits"].items()}
-    splits["train"] = dataclasses.replace(splits["train"], pixels=Pixels(*arrays["pixels"]))
-    return Dataset(**splits, source=str(folder), fingerprint=arrays["fingerprint"])
+def _from_arrays(arrays, folder, n_val):
+    """The Dataset of cached arrays. Val and test are normalised from their pixels here, and the
+    fingerprint is computed from the pixels and labels used (not read from the cache): an entry
+    whose labels or pixels were changed is another data set to the studies."""
+    scale, shift = arrays["scale"], arrays["shift"]
+    splits = {}
+    for name in SPLITS:
+        X, y = arrays["splits"][name]
+        raw = arrays["pixels"][name]
+        splits[name] = Split(normalise(raw, scale, shift) if X is None else X, y,
+                             Pixels(raw, scale, shift))
+    train, val, test = (arrays["pixels"][n] for n in SPLITS)
+    labels = [arrays["splits"][n][1] for n in SPLITS]
+    digest = content_fingerprint((train, val), tuple(labels[:2]), test, labels[2], n_val)
+    return Dataset(**splits, source=str(folder), fingerprint=digest)
 
 
 def build_dataset(folder, n_val, dtype):
@@ -115,8 +128,10 @@ def split_and_normalise(X_all, y_all, X_test, y_test, n_val, dtype, source):
     return Dataset(
         train=Split(normalise(train_raw, scale, shift), y_all[:n_train],
                     Pixels(train_raw, scale, shift)),
-        val=Split(normalise(X_all[n_train:], scale, shift), y_all[n_train:]),
-        test=Split(normalise(X_test, scale, shift), y_test),
+        val=Split(normalise(X_all[n_train:], scale, shift), y_all[n_train:],
+                  Pixels(np.ascontiguousarray(X_all[n_train:]), scale, shift)),
+        test=Split(normalise(X_test, scale, shift), y_test,
+                   Pixels(np.ascontiguousarray(X_test), scale, shift)),
         source=source,
         fingerprint=content_fingerprint(X_all, y_all, X_test, y_test, n_val),
     )
@@ -127,12 +142,15 @@ _FINGERPRINT_VERSION = b"clr-lambda-search data fingerprint 1"
 
 def content_fingerprint(X_all, y_all, X_test, y_test, n_val):
     """sha256 (hex) of the uint8 pixels and the labels of the training batches and of the test
-    batch, and of n_val (where the split falls): the content, not the path. 0.1 s for 60k images."""
+    batch, and of n_val (where the split falls): the content, not the path. 0.1 s for 60k images.
+    An argument may be a tuple of arrays (train, val): hashed as their concatenation."""
     h = hashlib.sha256(_FINGERPRINT_VERSION)
     for a in (X_all, y_all, X_test, y_test):
-        a = np.ascontiguousarray(a)
-        h.update(f"|{a.dtype.str}{a.shape}|".encode())
-        h.update(a)
+        parts = [np.ascontiguousarray(x) for x in (a if isinstance(a, tuple) else (a,))]
+        shape = (sum(len(x) for x in parts),) + parts[0].shape[1:]
+        h.update(f"|{parts[0].dtype.str}{shape}|".encode())
+        for x in parts:  # a tuple of parts hashes as their concatenation, without a copy
+            h.update(x)
     h.update(f"|n_val={n_val}".encode())
     return h.hexdigest()
 

@@ -220,9 +220,28 @@ def _safe_extract(archive, dest):
     except OSError as e:
         if is_write_problem(e) and str(getattr(e, "filename", "")) != str(archive):
             raise _cache_write_error(archive, dest.parent, e) from None
-        raise DataError(f"{archive} is not a readable tar.gz archive ({e}); re-download it") from None
+        raise _not_an_archive(archive, e) from None
     except (tarfile.TarError, EOFError, io.UnsupportedOperation) as e:
-        raise DataError(f"{archive} is not a readable tar.gz archive ({e}); re-download it") from None
+        raise _not_an_archive(archive, e) from None
+
+
+SQLITE_HEADER = b"SQLite format 3\0"
+
+
+def _not_an_archive(archive, e):
+    """The one-line DataError for a file tarfile cannot read (its error spans lines), saying
+    what it is when we can tell: an SQLite file is a study storage given as --data-dir."""
+    try:
+        with open(archive, "rb") as f:  # a regular file: tarfile has just opened it
+            head = f.read(len(SQLITE_HEADER))
+    except OSError:
+        head = b""
+    if head == SQLITE_HEADER:
+        return DataError(f"{archive} is an SQLite database (a study storage?), not CIFAR-10: point "
+                         "--data-dir (or $CIFAR10_DIR) at a cifar-10-batches-py folder or "
+                         "cifar-10-python.tar.gz")
+    why = " ".join(str(e).split())[:200]
+    return DataError(f"{archive} is not a readable tar.gz archive ({why}); re-download it")
 
 
 def _cache_write_error(archive, folder, e):

@@ -141,10 +141,17 @@ class SearchPhase(Phase):
         pruner = _check(lambda: make_pruner(self.pruner, config), "pruner", fail)
         for i, params in enumerate(self.start):
             _check(lambda: check_start(params, self.base_space(campaign)), f"start[{i}]", fail)
-        try:
-            exercise(sampler, pruner, self.base_space(campaign), config, self.n_trials, suggest)
-        except ConfigError as e:
-            fail(e.key, str(e))
+        # a Python user's own sampler or pruner object is not exercised: it keeps state (the
+        # study it samples) and its methods may watch its calls; the named ones are made anew
+        sampler = sampler if not isinstance(self.sampler, optuna.samplers.BaseSampler) else None
+        pruner = pruner if not isinstance(self.pruner, optuna.pruners.BasePruner) else None
+        if sampler is not None or pruner is not None:
+            try:
+                exercise(sampler or optuna.samplers.RandomSampler(seed=0),
+                         pruner or optuna.pruners.NopPruner(), self.base_space(campaign), config,
+                         self.n_trials, suggest)
+            except ConfigError as e:
+                fail(e.key, str(e))
 
     def to_dict(self):
         return {"name": self.name, "kind": self.kind, "n_trials": self.n_trials,
@@ -607,6 +614,11 @@ def _same(key, recorded, wanted):
         return {**{k: defaults[k] for k in wanted if k not in recorded}, **recorded} == wanted
     if key == "space":
         return space_from_dict(recorded) == space_from_dict(wanted)
+    if key == "grid":  # the values tried, in any order
+        def values(grid):
+            return {k: sorted(v, key=repr) for k, v in grid.items()} if isinstance(grid, dict) \
+                else grid
+        return values(recorded) == values(wanted)
     return recorded == wanted
 
 

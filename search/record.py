@@ -38,7 +38,8 @@ _KEYS = {"campaign": "campaign", "phase": "phase", "kind": "kind", "index": "pha
 # StudySummary carries user attrs only: search.study.campaign_studies reads kind and retired).
 SHORT = ("campaign", "phase", "kind", "index", "n_trials", "retired", "version")
 # Settings that must match when a study is resumed: changing them would mix incomparable trials.
-PINNED = ("precision", "space", "config", "repeats", "fingerprint")
+# (a grid too: values of the same min and max span the same space, not the same trials)
+PINNED = ("precision", "space", "config", "repeats", "fingerprint", "grid")
 
 
 @dataclasses.dataclass(frozen=True)

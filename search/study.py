@@ -179,9 +179,11 @@ def open_storage(url, *, create=True, heartbeat_interval=HEARTBEAT_INTERVAL,
             _write_ahead_log(storage)
         return storage
     except ImportError as e:
-        raise InputError(f"storage {mask_url(url)} needs a driver that is not installed ({e.name}); "
-                         "for PostgreSQL: pip install 'clr-lambda-search[postgres]' and use "
-                         "postgresql+psycopg://") from None
+        # Optuna re-raises SQLAlchemy's ImportError without the module's name: name the dialect
+        driver = e.name or f"the DB-API module of {mask_url(url.split(':', 1)[0][:40])}://"
+        raise InputError(f"storage {mask_url(url)} needs a driver that is not installed "
+                         f"({driver}): install it (for PostgreSQL: pip install "
+                         "'clr-lambda-search[postgres]' and use postgresql+psycopg://)") from None
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError,
             ValueError) as e:
         e = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) else e

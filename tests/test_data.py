@@ -630,7 +630,7 @@ def cached_entry(cache):
 
 
 @pytest.mark.parametrize("damage", ["label-out-of-range", "negative-label", "scale-shape",
-                                    "shift-not-finite", "labels-2d", "no-fingerprint"])
+                                    "shift-not-finite", "labels-2d", "no-val-pixels"])
 def test_a_damaged_cache_entry_is_rebuilt_not_trained_on(cifar_tiny_dir, tmp_path, damage, caplog):
     folder = copy_batches(cifar_tiny_dir, tmp_path)
     cache = tmp_path / "cache"
@@ -652,7 +652,7 @@ def test_a_damaged_cache_entry_is_rebuilt_not_trained_on(cifar_tiny_dir, tmp_pat
     elif damage == "labels-2d":
         np.save(entry / "test_y.npy", np.load(entry / "test_y.npy")[:, None])
     else:
-        (entry / "fingerprint").unlink()
+        (entry / "val_pixels.npy").unlink()
     data = load_cifar10(folder, n_val=N_VAL, cache_dir=cache)
     assert "rebuilding" in caplog.text
     for split in ("train", "val", "test"):

@@ -1,6 +1,7 @@
 """A command's errors: one line on stderr, exit 2 for bad input, 1, 130 or 143 otherwise; a bug
 is one line too, naming the file its traceback was written to."""
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -19,8 +20,18 @@ EXIT_BAD_INPUT = 2
 
 def fail(message):
     """One line on stderr, exit status 2, no traceback."""
-    sys.stderr.write(f"error: {hide_secrets(str(message))}\n")
+    sys.stderr.write(f"error: {one_line(hide_secrets(str(message)))}\n")
     sys.exit(EXIT_BAD_INPUT)
+
+
+LONGEST_WORD = 120  # characters of one word an error echoes (a 5,000-character name: its start)
+
+
+def one_line(text):
+    """text on one line, every word longer than LONGEST_WORD cut to its start and its length."""
+    return re.sub(rf"\S{{{LONGEST_WORD + 1},}}",
+                  lambda m: f"{m.group()[:LONGEST_WORD - 20]}…({len(m.group())} characters)",
+                  " ".join(text.splitlines()))
 
 
 def _terminate(signum, frame):
@@ -74,7 +85,7 @@ def run(main):
             traceback.print_exc()
         fail(why)
     except (WorkersFailed, DivergedError) as e:  # not the input's fault: exit 1, still one line
-        sys.stderr.write(f"error: {hide_secrets(str(e))}\n")
+        sys.stderr.write(f"error: {one_line(hide_secrets(str(e)))}\n")
         sys.exit(1)
     except Terminated:
         sys.stderr.write("terminated: running trials were marked FAIL and are retried by the next "
