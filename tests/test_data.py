@@ -17,7 +17,7 @@ import pytest
 from conftest import CONST_COLS, CONST_VALUES, N_PER_BATCH, make_archive, tiny_batch, write_pickle
 from envlib import full_disk, limit_memory, read_only
 from clr_lambda_search.model.batch_files import BATCHES_DIR, D, load_batch
-from clr_lambda_search.model.dataset import fingerprint, load_cifar10, train_stats
+from clr_lambda_search.model.dataset import fingerprint, load_cifar10, normalise, train_stats
 from clr_lambda_search.model.download import (ARCHIVE, CHUNK, RETRIES, download, extract_archive, file_md5,
                                               resolve_batches_dir)
 from clr_lambda_search.model.errors import DataError
@@ -94,7 +94,9 @@ def test_a_batch_normalised_from_pixels_is_the_rows_of_X(cifar_tiny_dir, tmp_pat
     px = ds.train.pixels
     assert px.raw.dtype == np.uint8 and px.raw.shape == ds.train.X.shape
     assert px.scale.dtype == px.shift.dtype == np.dtype(dtype)
-    assert ds.val.pixels is None and ds.test.pixels is None
+    for split in (ds.val, ds.test):  # they keep their pixels too: the fingerprint hashes them
+        assert split.pixels.raw.dtype == np.uint8 and split.pixels.raw.shape == split.X.shape
+        np.testing.assert_array_equal(normalise(split.pixels.raw, px.scale, px.shift), split.X)
     idx = np.random.default_rng(3).permutation(N_TRAIN)[:37]
     out = np.empty((37, 3072), dtype=dtype)
     gather_batch(ds.train.X, idx, out, px)
