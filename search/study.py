@@ -341,6 +341,9 @@ def _prepare_sqlite_path(path, create, dry_run=False):
     if path.is_dir():
         raise InputError(f"storage path {path} is a folder; name a database file, e.g. "
                          f"sqlite:///{path}/studies.db")
+    if path.exists() and not path.is_file():  # a FIFO, a socket, a device: SQLite fails on it
+        raise InputError(f"storage path {path} is not a regular file (a FIFO or a device?); "
+                         "name a database file, e.g. sqlite:///studies/studies.db")
     if path.is_file() and (os.getpid(), path.resolve()) not in _CHECKED:
         _check_foreign_sqlite(path)
         _CHECKED.add((os.getpid(), path.resolve()))

@@ -320,3 +320,11 @@ def test_run_phase_refuses_the_names_the_dashboard_refuses(tmp_path, tiny_data):
             api_run_phase(name, (Float("lam", 1e-4, 1e-2, log=True),), tiny_data,
                           f"sqlite:///{tmp_path / 's.db'}", n_trials=1, config=TrainConfig(**TINY))
     assert not (tmp_path / "s.db").exists()
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_as_the_storage_is_named_not_a_disk_error(tmp_path):
+    os.mkfifo(tmp_path / "s.db")
+    for create in (True, False):
+        with pytest.raises(InputError, match="not a regular file"):
+            open_storage(f"sqlite:///{tmp_path / 's.db'}", create=create)
