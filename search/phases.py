@@ -13,6 +13,7 @@ import logging
 import typing
 import warnings
 
+import numpy as np
 import optuna
 
 from clr_lambda_search.model.errors import ConfigError, InputError, WorkersFailed
@@ -394,7 +395,8 @@ class ConfirmPhase(Phase):
         if v is None:
             return None
         return dict(v["params"]), {"study": study.study_name, "phase": self.name,
-                                   "trial": None, "val_acc": v["means"][str(v["pick"])]}
+                                   "trial": None, "val_acc": v["means"].get(
+                                       str(v["pick"]), float(np.mean(v["scores"][str(v["pick"])])))}
 
 
 def check_start(params, space):

@@ -139,7 +139,8 @@ def verdict(study):
           and isinstance(v.get("params"), dict) and isinstance(v.get("sentence"), str)
           and all(isinstance(v.get(k), dict) for k in ("scores", "dropped", "means"))
           and all(isinstance(x, list) and all(finite(y) for y in x) for x in v["scores"].values())
-          and v["scores"].get(str(pick)) and finite(v["means"].get(str(pick))))
+          and v["scores"].get(str(pick))
+          and all(finite(m) for m in v["means"].values()))
     if not ok:
         raise InputError(f"study {study.study_name}: its recorded verdict is malformed or names "
                          f"a candidate it does not hold (pick {str(pick)[:40]!r} of "

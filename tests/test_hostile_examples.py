@@ -202,7 +202,7 @@ GOOD_VERDICT = {"pick": 1, "params": {"lam": 1e-2}, "sentence": "lam=0.01 …",
                 "means": {"0": 0.45, "1": 0.55}}
 
 
-@pytest.mark.parametrize("change", [{"pick": 7}, {"pick": "1"}, {"means": {}}, {"scores": []}])
+@pytest.mark.parametrize("change", [{"pick": 7}, {"pick": "1"}, {"means": []}, {"scores": []}])
 def test_a_verdict_naming_a_candidate_that_does_not_exist_is_one_error(change):
     phase = ConfirmPhase(name="confirm", sources=("coarse",))
     assert phase.best(confirm_study(GOOD_VERDICT))[0] == {"lam": 1e-2}  # control
