@@ -16,6 +16,7 @@ the first trial that reaches its budget, so a baseline spends B rounded up to wh
 most one trial more than the service (recorded per run).
 """
 import dataclasses
+import json
 import logging
 import math
 import multiprocessing
@@ -47,13 +48,13 @@ def compare(data, *, campaign="dd2424", overrides=None, seeds=range(5), reeval_s
             storage_dir, workers=1, final=True, progress=None, on_seed=None):
     """Run the comparison; returns {"runs", "differences", "summary", "anytime", ...} (see
     module docstring). storage_dir holds one SQLite storage per campaign seed (a rerun resumes
-    its studies). progress: optional callable(study_name, done, total, unit) of the phases.
+    its studies, and trained.json its re-evaluations and tests). progress: optional callable(study_name, done, total, unit) of the phases.
     on_seed: optional callable(result so far), called as each campaign seed is done (all its
     methods run, re-evaluated and tested)."""
     base = settings.apply(load_campaign(campaign) if isinstance(campaign, str) else campaign,
                           overrides)
     Path(storage_dir).mkdir(parents=True, exist_ok=True)
-    scorer = Scorer(base, data, reeval_seeds, workers)
+    scorer = Scorer(base, data, reeval_seeds, workers, cache=Path(storage_dir) / "trained.json")
     runs, done = [], []
     for s in seeds:
         storage = open_storage(f"sqlite:///{Path(storage_dir) / f'seed{s}.db'}")
@@ -145,20 +146,37 @@ class Scorer:
     once, in `workers` forked processes sharing the data) and sets their mean val accuracy;
     trains each distinct pick once under the final protocol (seed FINAL_SEED) and tests it."""
 
-    def __init__(self, base, data, seeds, workers):
+    def __init__(self, base, data, seeds, workers, cache=None):
         self.base, self.config = base, pinned(base.phase_config(base.phases[0]))
         self.data, self.seeds, self.workers = data, tuple(seeds), workers
         self.vals, self.tests = {}, {}  # by (params key, seed) and by params key
+        self.cache = cache  # a JSON file of both: a rerun trains nothing twice
+        if cache is not None and Path(cache).exists():
+            saved = json.loads(Path(cache).read_text())
+            if saved.get("config") == self._fingerprint():
+                self.vals = {(key(v["params"]), v["seed"]): v["acc"] for v in saved["vals"]}
+                self.tests = {key(v["params"]): v["acc"] for v in saved["tests"]}
+
+    def _fingerprint(self):
+        return repr((self.config, self.base.final))
+
+    def _save(self):
+        if self.cache is not None:
+            Path(self.cache).write_text(json.dumps({
+                "config": self._fingerprint(),
+                "vals": [{"params": dict(k), "seed": s, "acc": a} for (k, s), a in self.vals.items()],
+                "tests": [{"params": dict(k), "acc": a} for k, a in self.tests.items()]}))
 
     def score(self, runs):
         points = [p for r in runs for p in r["incumbents"]]
         picks = [{"params": r["pick"]} for r in runs]
-        wanted = [k for k in dict.fromkeys(key(p["params"]) for p in points + picks)
-                  if (k, self.seeds[0]) not in self.vals]
-        jobs = [(k, s) for k in wanted for s in self.seeds]
-        log.info("re-evaluating %d configurations on %d seeds", len(wanted), len(self.seeds))
+        wanted = dict.fromkeys(key(p["params"]) for p in points + picks)
+        jobs = [(k, s) for k in wanted for s in self.seeds if (k, s) not in self.vals]
+        log.info("re-evaluating %d configurations on %d seeds (%d trainings)", len(wanted),
+                 len(self.seeds), len(jobs))
         configs = [dataclasses.replace(self.config, **dict(k), seed=s) for k, s in jobs]
         self.vals.update(zip(jobs, parallel(_val_acc, self.data, configs, self.workers)))
+        self._save()
         for p in points + picks:
             k = key(p["params"])
             p["reeval_vals"] = [self.vals[(k, s)] for s in self.seeds]
@@ -173,6 +191,7 @@ class Scorer:
                                        seed=FINAL_SEED) for k in picks]
         log.info("final protocol: %d picks", len(picks))
         self.tests.update(zip(picks, parallel(_test_acc, self.data, configs, self.workers)))
+        self._save()
         for r in runs:
             r["test_acc"] = self.tests[key(r["pick"])]
 

@@ -40,6 +40,9 @@ def test_compare_spends_equal_updates_and_reports_every_method(tiny_data, tmp_pa
     a = result["anytime"]
     assert len(a["updates"]) == len(a["service"]) == len(a["tpe"])
     json.dumps(result, allow_nan=False)  # what the command writes
+    saved = json.loads((tmp_path / "db" / "trained.json").read_text())  # a rerun retrains none
+    assert len(saved["vals"]) == 2 * len({compare.key(p["params"]) for r in runs.values()
+                                          for p in r["incumbents"]})
     png = compare.plot_anytime(result, tmp_path / "c.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
