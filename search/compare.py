@@ -48,7 +48,8 @@ def compare(data, *, campaign="dd2424", overrides=None, seeds=range(5), reeval_s
             storage_dir, workers=1, final=True, progress=None, on_seed=None):
     """Run the comparison; returns {"runs", "differences", "summary", "anytime", ...} (see
     module docstring). storage_dir holds one SQLite storage per campaign seed (a rerun resumes
-    its studies, and trained.json its re-evaluations and tests). progress: optional callable(study_name, done, total, unit) of the phases.
+    its studies) and trained.json (its re-evaluations and tests: a rerun reads them).
+    progress: optional callable(study_name, done, total, unit) of the phases.
     on_seed: optional callable(result so far), called as each campaign seed is done (all its
     methods run, re-evaluated and tested)."""
     base = settings.apply(load_campaign(campaign) if isinstance(campaign, str) else campaign,
@@ -106,8 +107,7 @@ def run_baseline(base, method, seed, amount, data, storage, workers, progress):
     best = max((t for t in trials if t.state == optuna.trial.TrialState.COMPLETE),
                key=lambda t: t.value)
     return run_record(method, seed, trials, incumbents([(t, True) for t in trials]),
-                      dict(best.params), best.value,
-                      [study.study_name])
+                      dict(best.params), best.value, [study.study_name])
 
 
 def ordered(study):
