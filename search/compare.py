@@ -30,7 +30,7 @@ from scipy import stats
 from clr_lambda_search.model.train import fit
 from clr_lambda_search.search import budget, core, record, settings
 from clr_lambda_search.search.budget import Budget
-from clr_lambda_search.search.campaign import Campaign, load_campaign, validated
+from clr_lambda_search.search.campaign import load_campaign, validated
 from clr_lambda_search.search.final import train_seed
 from clr_lambda_search.search.phases import SearchPhase, pinned
 from clr_lambda_search.search.study import open_storage
@@ -164,7 +164,8 @@ class Scorer:
         if self.cache is not None:
             Path(self.cache).write_text(json.dumps({
                 "config": self._fingerprint(),
-                "vals": [{"params": dict(k), "seed": s, "acc": a} for (k, s), a in self.vals.items()],
+                "vals": [{"params": dict(k), "seed": s, "acc": a}
+                         for (k, s), a in self.vals.items()],
                 "tests": [{"params": dict(k), "acc": a} for k, a in self.tests.items()]}))
 
     def score(self, runs):

@@ -168,9 +168,10 @@ def parse_args(argv=None):
                    help="paired campaign (sampler) seeds: --first-seed, +1, …")
     g.add_argument("--first-seed", type=int, default=0, help="the first campaign seed")
     g.add_argument("--reeval-seeds", type=int, default=len(REEVAL_SEEDS),
-                   help=f"fresh training seeds every pick is re-evaluated on ({REEVAL_SEEDS[0]}, …)")
-    g.add_argument("--workers", type=int, default=1, help="worker processes (compute is counted "
-                                                          "in updates: they change the wall time only)")
+                   help=f"fresh training seeds to re-evaluate each pick on ({REEVAL_SEEDS[0]}, …)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="worker processes (compute is counted in updates: they change the wall "
+                        "time only)")
     g.add_argument("--no-final", action="store_true", help="skip the picks' test trainings")
     g.add_argument("--storage-dir", default=None,
                    help="keep the studies here, one SQLite file per seed (a rerun resumes them; "
