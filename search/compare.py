@@ -296,7 +296,7 @@ def paired(a, b):
     return row
 
 
-def anytime(runs, points=60):
+def anytime(runs, points=200):
     """Best re-evaluated val accuracy (of the incumbent: the method's best trial so far by its
     own val) against updates spent, on a common grid; per method, the mean over seeds (None
     where some seed has no incumbent yet)."""
@@ -328,15 +328,18 @@ def plot_anytime(result, path):
 
     a = result["anytime"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    styles = {"service": dict(lw=2.4, zorder=3), "tpe": dict(ls="--", lw=1.6, zorder=2),
+              "random": dict(ls=":", lw=1.6, zorder=2)}  # the service on top: they share a start
     for m in METHODS:
         y = [np.nan if v is None else 100 * v for v in a[m]]
-        ax.plot(a["updates"], y, label=m, drawstyle="steps-post")
+        ax.plot(a["updates"], y, label=m, drawstyle="steps-post", **styles[m])
     for r in result["runs"]:  # where each run ended
         if r["method"] == "service":
             ax.axvline(r["updates"], color="0.85", lw=0.8, zorder=0)
     ax.set_xlabel("training updates spent (pruned and confirm trainings included)")
     ax.set_ylabel("re-evaluated val accuracy of the incumbent (%)")
-    ax.set_title(f"{result['campaign']}: mean over {len(result['seeds'])} campaign seeds, "
+    n = len(result["seeds"])
+    ax.set_title(f"{result['campaign']}: mean over {n} campaign seed{'s' * (n > 1)}, "
                  f"re-evaluated on {len(result['reeval_seeds'])} fresh seeds", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
