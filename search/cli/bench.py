@@ -1,6 +1,12 @@
 """Speed benchmark: the training step, a search trial and parallel workers against the GEMM floor.
 
     python scripts/bench.py [--data-dir DIR] [--quick] [--json]
+    python scripts/bench.py --search [--campaign-seeds 5] [--workers 2] [--out FILE.json]
+
+--search runs the measured comparison with plain Optuna instead (search.compare, documented in
+docs/search-comparison.md): the campaign's phases against a TPE and a random study of the same
+budget in updates, per campaign seed; its numbers to --out, its anytime figure to --figure.
+
 
 Everything runs in float32 with one BLAS thread (but the figures named for two threads), and
 every figure is a ratio to a floor measured in the same run, like for like. Floor, step and
@@ -73,6 +79,7 @@ from clr_lambda_search.model.step import StepParams, _backward_bf16, _round_bf16
 from clr_lambda_search.model.train import evaluation_record, updates
 from clr_lambda_search.search.campaign import DEFAULT, Campaign, load_campaign
 from clr_lambda_search.search import settings
+from clr_lambda_search.search.compare import REEVAL_SEEDS
 from clr_lambda_search.search.cli.args import Parser, add_common_args, add_set_arg
 from clr_lambda_search.search.cli.errors import run
 from clr_lambda_search.search.cli.output import emit, setup_logging
@@ -154,12 +161,37 @@ def parse_args(argv=None):
                         "cifar-10-python.tar.gz (default: $CIFAR10_DIR, else synthetic arrays of "
                         "the same shapes; the benchmark never downloads)")
     p.add_argument("--n-val", type=int, default=N_VAL, help="validation images of CIFAR-10")
-    add_set_arg(p, "final.seeds=1: a setting of the default campaign whose whole pipeline the "
-                   "full benchmark times (the other figures time fixed shapes)")
+    g = p.add_argument_group("--search: the comparison with plain Optuna (search.compare)")
+    g.add_argument("--search", action="store_true",
+                   help="compare the campaign with TPE and random studies at equal updates")
+    g.add_argument("--campaign-seeds", type=int, default=5,
+                   help="paired campaign (sampler) seeds: --first-seed, +1, …")
+    g.add_argument("--first-seed", type=int, default=0, help="the first campaign seed")
+    g.add_argument("--reeval-seeds", type=int, default=len(REEVAL_SEEDS),
+                   help=f"fresh training seeds to re-evaluate each pick on ({REEVAL_SEEDS[0]}, …)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="worker processes (compute is counted in updates: they change the wall "
+                        "time only)")
+    g.add_argument("--no-final", action="store_true", help="skip the picks' test trainings")
+    g.add_argument("--storage-dir", default=None,
+                   help="keep the studies here, one SQLite file per seed (a rerun resumes them; "
+                        "default: a temporary folder)")
+    g.add_argument("--out", default="docs/search-comparison.json", help="the numbers (JSON)")
+    g.add_argument("--figure", default="docs/search-comparison.png", help="the anytime curve (PNG)")
+    add_set_arg(p, "final.seeds=1: a setting of the default campaign, whose whole pipeline the "
+                   "full benchmark times (the other figures time fixed shapes) and which --search "
+                   "compares")
     add_common_args(p)
     args = p.parse_args(argv)
     p.require_seed(args, "seed")
     args.campaign = settings.apply(CAMPAIGN, settings.parse_pairs(args.set))
+    if args.search:
+        p.require_positive(args, "campaign_seeds", "reeval_seeds", "workers")
+        p.require_seed(args, "first_seed", args.campaign_seeds)
+        p.require_workers(args)
+        for flag, path in (("--out", args.out), ("--figure", args.figure)):
+            if not Path(path).resolve().parent.is_dir():
+                p.error(f"{flag} {path}: its folder does not exist; create it or choose another")
     return args
 
 
@@ -602,9 +634,48 @@ def table(results):
     return "\n".join([head, *lines, *([f"bf16: {results['bf16']}"] if "bf16" in results else [])])
 
 
+def search_main(args):
+    """--search: the comparison, its JSON and its figure."""
+    from clr_lambda_search.search import compare
+
+    if not (args.data_dir or os.environ.get("CIFAR10_DIR")):
+        raise ConfigError("the search comparison needs CIFAR-10: give --data-dir DIR or set "
+                          "CIFAR10_DIR")
+    c = args.campaign
+    data = load_cifar10(args.data_dir, n_val=args.n_val, dtype="float32")
+    seeds = range(args.first_seed, args.first_seed + args.campaign_seeds)
+    reeval = tuple(REEVAL_SEEDS[0] + i for i in range(args.reeval_seeds))
+    def save(result):  # after every seed: a long run that stops early keeps what it measured
+        result.update(data=f"CIFAR-10 ({data.source})", command=" ".join(sys.argv))
+        Path(args.out).write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+        compare.plot_anytime(result, args.figure)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = compare.compare(data, campaign=c, seeds=seeds, reeval_seeds=reeval,
+                                 storage_dir=args.storage_dir or tmp, workers=args.workers,
+                                 final=not args.no_final, on_seed=save)
+    emit(result, args, search_table(result))
+    return 0
+
+
+def search_table(result):
+    s = result["summary"]
+    lines = [f"{'method':<8} {'updates':>9} {'re-eval val':>11} {'test':>7}"]
+    for m in s:
+        lines.append(f"{m:<8} {s[m]['updates_mean']:>9.0f} {100 * s[m]['reeval_val_mean']:>10.2f}%"
+                     + (f" {100 * s[m]['test_acc_mean']:>6.2f}%" if "test_acc_mean" in s[m] else ""))
+    for name, d in result["differences"].items():
+        ci = "n/a" if d["ci95"] is None else \
+            f"[{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"
+        lines.append(f"{name:<28} {100 * d['mean']:+.2f} points, 95% CI {ci}")
+    return "\n".join(lines)
+
+
 def main():
     args = parse_args()
     setup_logging(args)
+    if args.search:
+        return search_main(args)
     size = {k: v[0 if args.quick else 1] for k, v in SIZES.items()}
     rng = np.random.default_rng(args.seed)
     data, described = get_data(args, rng)
