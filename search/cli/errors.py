@@ -1,6 +1,7 @@
 """A command's errors: one line on stderr, exit 2 for bad input, 1, 130 or 143 otherwise; a bug
 is one line too, naming the file its traceback was written to."""
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -15,11 +16,18 @@ from clr_lambda_search.search.cli.storage import hide_secrets
 from clr_lambda_search.search.study import storage_failure
 
 EXIT_BAD_INPUT = 2
+_LONG_WORD = re.compile(r"\S{200,}")  # a value no message needs whole (a pasted file, a typo)
+
+
+def shorten(text):
+    """text with every run of 200 or more non-space characters cut to its start and length: a
+    5,000-character value leaves the error one readable line."""
+    return _LONG_WORD.sub(lambda m: f"{m.group()[:60]}…({len(m.group())} characters)", text)
 
 
 def fail(message):
     """One line on stderr, exit status 2, no traceback."""
-    sys.stderr.write(f"error: {hide_secrets(str(message))}\n")
+    sys.stderr.write(f"error: {shorten(hide_secrets(str(message)))}\n")
     sys.exit(EXIT_BAD_INPUT)
 
 
