@@ -21,6 +21,9 @@ DTYPES = ("float32", "float64")
 # Seeds are 32-bit: Optuna's samplers seed numpy's RandomState, which refuses 2**32 and above, and
 # one range for every seed keeps a training seed usable as a sampler seed and back.
 SEED_LIMIT = 2**32
+# More updates than any run makes (10^10 at ~1 ms each is four months): a bigger n_s or cycles is
+# a typo, and would otherwise train forever.
+MAX_UPDATES = 10**10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +86,11 @@ _CHECKS = [
     ("eta_min", lambda c: c.eta_min > 0, "η_min must be > 0 (e.g. 1e-5)"),
     ("eta_max", lambda c: c.eta_max >= c.eta_min and np.isfinite(c.eta_max),
      "η_max must be finite and ≥ η_min (e.g. --eta-min 1e-5 --eta-max 0.1)"),
-    ("n_s", lambda c: _whole(c.n_s) and c.n_s > 0,
-     "the CLR half cycle must be a whole positive number of updates"),
-    ("cycles", lambda c: _whole(c.cycles) and c.cycles > 0, "train a whole number ≥ 1 of cycles"),
+    ("n_s", lambda c: _whole(c.n_s) and 0 < c.n_s <= MAX_UPDATES // 2,
+     f"the CLR half cycle must be a whole positive number of updates, 2·n_s at most {MAX_UPDATES:.0e}"),
+    ("cycles", lambda c: _whole(c.cycles) and c.cycles > 0 and (
+        not _whole(c.n_s) or 2 * c.n_s * c.cycles <= MAX_UPDATES),
+     f"train a whole number ≥ 1 of cycles, 2·n_s·cycles at most {MAX_UPDATES:.0e} updates"),
     ("evals_per_cycle", lambda c: 0 < c.evals_per_cycle <= 2 * c.n_s,
      "evaluate at least once per cycle and at most once per update (≤ 2·n_s)"),
     ("eval_train_samples", lambda c: c.eval_train_samples >= 0, "use 0 or more samples"),
