@@ -24,6 +24,7 @@ SEED_LIMIT = 2**32
 # More updates than any run makes (10^10 at ~1 ms each is four months): a bigger n_s or cycles is
 # a typo, and would otherwise train forever.
 MAX_UPDATES = 10**10
+MAX_ETA = 10.0  # an η_max far past any rate that trains (the protocol's is 0.1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,19 +74,31 @@ class TrainConfig:
         return sorted(points)
 
 
+def _finite(x):
+    """A finite real number (an int too big for a float, a string or None is not)."""
+    try:
+        return isinstance(x, numbers.Real) and not isinstance(x, bool) and np.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
 def _whole(x):
     """An integer (a float such as 77.2, or a bool, is not a count of units, updates or cycles)."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 _CHECKS = [
-    ("lam", lambda c: c.lam >= 0 and np.isfinite(c.lam), "λ must be ≥ 0 (e.g. --lam 0.01)"),
+    ("lam", lambda c: _finite(c.lam) and c.lam >= 0, "λ must be ≥ 0 (e.g. --lam 0.01)"),
     ("m", lambda c: _whole(c.m) and c.m > 0, "the hidden layer needs a whole number ≥ 1 of units"),
     ("n_batch", lambda c: _whole(c.n_batch) and c.n_batch > 0,
      "use a whole positive batch size (e.g. 100)"),
     ("eta_min", lambda c: c.eta_min > 0, "η_min must be > 0 (e.g. 1e-5)"),
-    ("eta_max", lambda c: c.eta_max >= c.eta_min and np.isfinite(c.eta_max),
-     "η_max must be finite and ≥ η_min (e.g. --eta-min 1e-5 --eta-max 0.1)"),
+    ("eta_max", lambda c: _finite(c.eta_max) and c.eta_min <= c.eta_max <= MAX_ETA,
+     f"η_max must be ≥ η_min and at most {MAX_ETA:g} (e.g. --eta-min 1e-5 --eta-max 0.1)"),
+    ("lam with eta_max", lambda c: not (_finite(c.lam) and _finite(c.eta_max))
+     or c.lam * c.eta_max < 1,
+     "λ·η_max ≥ 1: the weight decay alone multiplies W by 1 − 2ηλ ≤ −1 each update and diverges; "
+     "lower λ or η_max"),
     ("n_s", lambda c: _whole(c.n_s) and 0 < c.n_s <= MAX_UPDATES // 2,
      f"the CLR half cycle must be a whole positive number of updates, 2·n_s at most {MAX_UPDATES:.0e}"),
     ("cycles", lambda c: _whole(c.cycles) and c.cycles > 0 and (
