@@ -59,12 +59,16 @@ def read(entry, n_val, dtype):
     try:
         if not entry.is_dir():
             return None
+        files = [entry / f"{n}_{a}.npy" for n in SPLITS for a in "Xy"] + [
+            entry / f"{n}.npy" for n in ("train_pixels", "scale", "shift")] + [entry / "fingerprint"]
+        if not all(f.is_file() for f in files):  # missing, or a FIFO or folder: never opened
+            raise ValueError("a file is missing or not a regular file")
         splits = {name: (_load_mapped(entry / f"{name}_X.npy"), np.load(entry / f"{name}_y.npy"))
                   for name in SPLITS}
         pixels = (_load_mapped(entry / "train_pixels.npy"), np.load(entry / "scale.npy"),
                   np.load(entry / "shift.npy"))
         digest = (entry / "fingerprint").read_text().strip()
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:  # EOFError: np.load of an empty file
         log.warning("array cache %s is unreadable (%s); rebuilding it", entry, e)
         shutil.rmtree(entry, ignore_errors=True)
         return None
