@@ -2,6 +2,8 @@
 import dataclasses
 import logging
 import numbers
+import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +199,10 @@ def _resumable(path, key, params, rng, kept):
     path = Path(path)
     if not path.exists():
         return None
+    if not path.is_file():  # a FIFO would block the read, a folder the save: our file, replaced
+        log.warning("checkpoint %s is not a regular file; removed, starting afresh", path)
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return None
     try:
         saved, snapshots, meta = load_training_state(path)
         if meta["key"] != key:
@@ -209,7 +215,7 @@ def _resumable(path, key, params, rng, kept):
             if v.shape != params[k].shape or v.dtype != params[k].dtype:
                 raise ValueError(f"{k} has another shape or dtype")
         rng.bit_generator.state = meta["rng"]  # the last thing that can fail
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
         log.warning("checkpoint %s is unreadable (%s); starting afresh", path, e)
         return None
     for k, v in saved.items():
