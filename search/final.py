@@ -10,6 +10,7 @@ and the artifacts by the runner that sees the last seed finish, and by any runne
 does not show that run yet.
 """
 import dataclasses
+import json
 import logging
 import re
 import shutil
@@ -335,13 +336,38 @@ def artifact_dir(out):
 
 def read_final(folder):
     """{"metrics", "config", "history" (of the first seed), "histories" (every seed's, by seed)}
-    of a final results folder, or None."""
+    of a final results folder, or None: none there, or one whose files are unreadable (logged,
+    naming the file: truncated, of the wrong type, a FIFO or a folder; the run rewrites it)."""
     folder = Path(folder)
-    if not (folder / "metrics.json").is_file():
+    if not (folder / "metrics.json").exists():
         return None
-    metrics = load_json(folder / "metrics.json")
-    histories = {s["seed"]: load_json(folder / f"history_seed{s['seed']}.json")
-                 for s in metrics["seeds"] if (folder / f"history_seed{s['seed']}.json").is_file()}
-    first = metrics["seeds"][0]["seed"]
-    return {"metrics": metrics, "config": load_json(folder / "config.json"),
-            "history": histories[first], "histories": histories}
+    try:
+        metrics = _results_json(folder / "metrics.json", dict)
+        seeds = metrics.get("seeds")
+        if not (isinstance(seeds, list) and seeds and all(
+                isinstance(s, dict) and isinstance(s.get("seed"), int) for s in seeds)):
+            raise ValueError(f"{folder / 'metrics.json'}: its seeds are not a list of seeds")
+        histories = {s["seed"]: _results_json(folder / f"history_seed{s['seed']}.json", list)
+                     for s in seeds if (folder / f"history_seed{s['seed']}.json").exists()}
+        first = seeds[0]["seed"]
+        if first not in histories:
+            raise ValueError(f"{folder / f'history_seed{first}.json'} is missing")
+        return {"metrics": metrics, "config": _results_json(folder / "config.json", dict),
+                "history": histories[first], "histories": histories}
+    except ValueError as e:
+        log.warning("results folder %s is unreadable (%s); it is rewritten by the next final "
+                    "run", folder, e)
+        return None
+
+
+def _results_json(path, kind):
+    """The JSON value of a results file, of type kind; ValueError naming the file otherwise."""
+    if not path.is_file():  # a FIFO would block the read
+        raise ValueError(f"{path} is not a regular file")
+    try:
+        value = load_json(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path} holds a {type(value).__name__}, not a {kind.__name__}")
+    return value
