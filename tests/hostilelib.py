@@ -125,6 +125,7 @@ class Flag:
     dest: str
     takes_value: bool   # False: a switch
     positional: bool = False
+    text: bool = False  # takes any text (no type): an error may name the value instead
 
     @property
     def names(self):
@@ -167,11 +168,13 @@ def flags(name):
         if not action.option_strings:
             positionals += 1
             if positionals > fixed:
-                out.append(Flag(name, action.dest, action.dest, True, positional=True))
+                out.append(Flag(name, action.dest, action.dest, True, positional=True,
+                                text=True))
             continue
         switch = action.nargs == 0
         for option in action.option_strings if switch else [max(action.option_strings, key=len)]:
-            out.append(Flag(name, option, action.dest, not switch))
+            out.append(Flag(name, option, action.dest, not switch,
+                            text=not switch and action.type in (None, str)))
     return out
 
 
@@ -446,6 +449,7 @@ def verdict(code, err, names, before, after):
     if len(lines[0]) > MAX_LINE:
         return f"exit 2 but its line has {len(lines[0])} characters: {lines[0][:300]!r}…"
     low = lines[0].lower()
+    names = {n[:60] if len(n) >= 200 else n for n in names}  # fail() shortens long values
     if not any(n and n.lower() in low for n in names):
         return f"exit 2 but the line names none of {sorted(names)}: {lines[0]!r}"
     changed = diff(before, after)

@@ -211,7 +211,7 @@ def test_flag(workspace, item):
     def check(value):
         folder = workspace.case_dir()
         text = _text(value, folder)
-        names = flag.names | ({text} if value in hl.PATH_VALUES or flag.positional else set())
+        names = flag.names | ({text} if value in hl.PATH_VALUES or flag.text else set())
         run_case(workspace, folder, flag_argv(command, variant, flag, text), names,
                  f"flag {_id(*item)} = {value}")
     check()
@@ -247,7 +247,9 @@ def test_key(workspace, item):
         text = _text(value, folder)
         argv = ["pipeline", "--config", config, "--campaign", "new", "--storage", URL, *D,
                 "--workers", "1", *tiny, "--set", f"{key}={text}"]
-        names = {key} | ({text} if value in hl.PATH_VALUES else set())
+        last = key.rsplit(".", 1)[-1]  # a TrainConfig check names its field: "m=…", "n_s = …"
+        names = {key, f"{last}=", f"{last} =", f"--{last.replace('_', '-')}"} | (
+            {text} if value in hl.PATH_VALUES else set())
         run_case(workspace, folder, argv, names, f"key {key} = {value} in {config}")
     check()
 
