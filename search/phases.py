@@ -109,8 +109,9 @@ class SearchPhase(Phase):
 
     def validate(self, campaign, fail):
         """Check the phase against its campaign; fail(key, message) raises."""
-        if self.n_trials < 1 or self.repeats < 1:
-            fail("", f"n_trials and repeats must be ≥ 1 (got {self.n_trials}, {self.repeats})")
+        if not (1 <= self.n_trials <= MAX_TRIALS and 1 <= self.repeats <= MAX_REPEATS):
+            fail("", f"n_trials must lie in 1..{MAX_TRIALS} and repeats in 1..{MAX_REPEATS} (got "
+                 f"{self.n_trials}, {self.repeats})")
         for cap in ("max_pruned", "max_failed"):
             if getattr(self, cap) is not None and getattr(self, cap) < 1:
                 fail(cap, f"must be ≥ 1 (got {getattr(self, cap)})")
@@ -399,6 +400,10 @@ def _refs(pairs):
 def _is_grid(sampler):
     return sampler in ("grid", "GridSampler") or (
         isinstance(sampler, dict) and sampler.get("name") in ("grid", "GridSampler"))
+
+
+MAX_TRIALS = 100_000  # trials of a phase: more never finish (and no storage lists them fast)
+MAX_REPEATS = 1000   # seeds per λ: each trial trains them all, and lists them in the study
 
 
 def _check(fn, key, fail):

@@ -7,10 +7,10 @@ from clr_lambda_search.model.train import SEED_LIMIT, TrainConfig
 from clr_lambda_search.search.cli.errors import fail
 from clr_lambda_search.search.cli.storage import STORAGE_ENV, storage_url
 from clr_lambda_search.search.cli.threads import cpu_count
+from clr_lambda_search.search.phases import MAX_REPEATS
 from clr_lambda_search.search.study import DEFAULT_STORAGE
 
 WORKERS_PER_CPU = 4  # --workers above this many per CPU is a typo, not a plan (each is a process)
-MAX_REPEATS = 1000   # seeds per λ: each trial trains them all, and lists them in the study
 
 TRAIN_FLAG_HELP = {
     "lam": "L2 strength λ (cost = loss + λ(‖W1‖²+‖W2‖²))",
