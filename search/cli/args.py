@@ -54,6 +54,14 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         fail(f"{message} (see {self.prog} --help)")
 
+    def add_argument(self, *args, **kwargs):
+        """argparse's, but a text option given an empty value is an error: '--storage ""' (an
+        unset variable in a script) would otherwise mean the default without a word."""
+        if args and args[0].startswith("-") and kwargs.get("type", str) is str \
+                and kwargs.get("action", "store") in ("store", "append"):
+            kwargs["type"] = _non_empty
+        return super().add_argument(*args, **kwargs)
+
     def add_storage(self):
         self.add_argument("--storage", default=None,
                           help=f"SQLAlchemy URL of the study storage (default: ${STORAGE_ENV}, else "
@@ -114,6 +122,13 @@ def final_processes_problem(seeds, workers, said="--seeds"):
                 f"{WORKERS_PER_CPU} per CPU); use fewer, or --workers 1 to train them one after "
                 "another")
     return None
+
+
+def _non_empty(text):
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty value; give one, or leave the flag out for "
+                                         "the default")
+    return text
 
 
 def _flag(dest):
