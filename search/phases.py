@@ -127,6 +127,8 @@ class SearchPhase(Phase):
             if p.name in fixed:
                 fail(f"params.{p.name}", "both searched and fixed (in [search] or the phase's "
                      "config); drop one")
+        for p in _params(self.space):  # every value a trial may draw, against TrainConfig
+            _check(lambda p=p: check_values(config, p.name, corners(p)), f"params.{p.name}", fail)
         _check(lambda: self.make_sampler(campaign), "sampler", fail)
         if _is_grid(self.sampler) and not self.grid:
             fail("sampler", "the grid sampler needs values = [...] for every parameter")
@@ -386,6 +388,18 @@ def check_start(params, space):
                               f"{', '.join(known) or 'none'})")
         if not known[name].contains(value):
             raise ConfigError(f"{name} = {value!r} lies outside its range ({known[name]})")
+
+
+def corners(param):
+    """The values that bound what a parameter draws: its range's ends, or its choices."""
+    return list(param.choices) if hasattr(param, "choices") else [param.low, param.high]
+
+
+def check_values(config, name, values):
+    """ConfigError (TrainConfig's) unless config with field `name` at each value is valid: a
+    range is checked before a study exists, not by its first trial."""
+    for value in values:
+        dataclasses.replace(config, **{name: value})
 
 
 def _params(space):

@@ -29,7 +29,7 @@ from clr_lambda_search.search.cli.dry_run import dry_run
 from clr_lambda_search.search.cli.errors import run
 from clr_lambda_search.search.cli.output import emit, phase_bars, setup_logging
 from clr_lambda_search.search.core import retire, run_phase
-from clr_lambda_search.search.phases import require_finished
+from clr_lambda_search.search.phases import check_values, corners, require_finished
 from clr_lambda_search.search.report import phase_summary, status_report, status_text, summary_text
 from clr_lambda_search.search.samplers import PRUNERS, SAMPLERS
 from clr_lambda_search.search.space import Categorical, Int, parse_values
@@ -148,8 +148,10 @@ def _bounds(c, phase, low, high):
         raise ConfigError(f"--low/--high: {p.name} is a list of choices; use --values")
     cast = int if isinstance(p, Int) else float
     try:
-        return dataclasses.replace(p, low=p.low if low is None else cast(low),
-                                   high=p.high if high is None else cast(high))
+        bounded = dataclasses.replace(p, low=p.low if low is None else cast(low),
+                                      high=p.high if high is None else cast(high))
+        check_values(c.phase_config(phase), p.name, corners(bounded))
+        return bounded
     except ConfigError as e:
         raise ConfigError(f"--low/--high: {e}") from None
 
@@ -163,6 +165,7 @@ def _grid(c, phase, text):
     try:
         param = grid_param(p.name, "int" if isinstance(p, Int) else "float", values,
                            getattr(p, "log", False))
+        check_values(c.phase_config(phase), p.name, values)
     except ConfigError as e:
         raise ConfigError(f"--values {text!r}: {e}") from None
     return {"space": (param,), "grid": {p.name: values}, "narrow": None, "sampler": "grid"}
