@@ -19,6 +19,7 @@ it was given), is at most MAX_LINE characters long, and the workspace is byte fo
 """
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import logging
@@ -129,10 +130,37 @@ class Flag:
 
     @property
     def names(self):
-        """What an error about this flag may call it."""
-        return {self.option, self.dest, self.dest.replace("_", "-"), self.dest.replace("-", "_")}
+        """What an error about this flag may call it: itself, or the campaign keys it is a
+        shortcut of (an error after the overrides names the key)."""
+        return {self.option, self.dest, self.dest.replace("_", "-"), self.dest.replace("-", "_"),
+                self.dest.replace("_", ".", 1), *shortcut_keys(self.command, self.dest)}
 
 
+@functools.lru_cache(maxsize=None)
+def shortcut_keys(command, dest):
+    """The campaign keys flag `dest` of `command` sets, found by its module's overrides(args,
+    campaign) (the pipeline's flags are shortcuts of --set), else none."""
+    import argparse
+    import importlib
+
+    from clr_lambda_search.search.campaign import load_campaign
+    from clr_lambda_search.search.cli import command as cmd
+
+    program = importlib.import_module(f"clr_lambda_search.search.cli.{cmd.COMMANDS[command][0]}")
+    if not hasattr(program, "overrides"):
+        return set()
+    parser = command_parser(command)
+    defaults = argparse.Namespace(**{a.dest: a.default for a in parser._actions})
+    c = load_campaign("dd2424")
+    try:
+        before = program.overrides(defaults, c)
+        setattr(defaults, dest, 1)
+        return set(program.overrides(defaults, c)) - set(before)
+    except Exception:  # not a value this flag takes: no keys
+        return set()
+
+
+@functools.lru_cache(maxsize=None)
 def command_parser(name):
     """The argparse parser command `name` builds (captured from its parse_args)."""
     import importlib

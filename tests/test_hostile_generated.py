@@ -217,6 +217,26 @@ def test_flag(workspace, item):
     check()
 
 
+def has_set(command):
+    return any(f.option == "--set" for f in hl.flags(command))
+
+
+def key_runner(key, config):
+    """The cheapest command that takes --set and runs what key configures: one phase, the
+    confirm phase or the final run once those commands have --set, else the whole pipeline."""
+    common = ["--config", config, "--storage", URL, *D]
+    if config == "tiny.toml" and has_set("phase"):
+        if key.startswith("phases.fine."):
+            return ["phase", "fine", *common, "--campaign", "half"]
+        if key.startswith("phases.confirm.") and has_set("confirm"):
+            return ["confirm", *common, "--campaign", "nearly"]
+        if key.startswith("final.") and has_set("final"):
+            return ["final", *common, "--campaign", "hg", "--workers", "1"]
+        if not key.startswith(("phases.", "final.")) or key.startswith("phases.coarse."):
+            return ["phase", "coarse", *common, "--campaign", "new"]
+    return ["pipeline", *common, "--campaign", "new", "--workers", "1"]
+
+
 def key_items():
     from clr_lambda_search.search.campaign import shipped
 
@@ -245,8 +265,7 @@ def test_key(workspace, item):
     def check(value):
         folder = workspace.case_dir()
         text = _text(value, folder)
-        argv = ["pipeline", "--config", config, "--campaign", "new", "--storage", URL, *D,
-                "--workers", "1", *tiny, "--set", f"{key}={text}"]
+        argv = [*key_runner(key, config), *tiny, "--set", f"{key}={text}"]
         last = key.rsplit(".", 1)[-1]  # a TrainConfig check names its field: "m=…", "n_s = …"
         names = {key, f"{last}=", f"{last} =", f"--{last.replace('_', '-')}"} | (
             {text} if value in hl.PATH_VALUES else set())
