@@ -140,6 +140,8 @@ def run_case(ws, folder, argv, names, kind):
     after = hl.snapshot(folder)
     broke = hl.verdict(code, err, names, before, after)
     TALLY[f"exit {code}" if broke is None else "broken"] += 1
+    if os.environ.get("CLR_HOSTILE_TALLY"):  # kept up to date: a long run may be stopped
+        Path(os.environ["CLR_HOSTILE_TALLY"]).write_text(json.dumps(dict(TALLY)) + "\n")
     if broke is None:
         shutil.rmtree(folder, ignore_errors=True)
     elif os.environ.get("CLR_HOSTILE_FAILURES"):  # one line per broken case, for a long run
