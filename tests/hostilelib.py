@@ -202,7 +202,7 @@ def flags(name):
         switch = action.nargs == 0
         for option in action.option_strings if switch else [max(action.option_strings, key=len)]:
             out.append(Flag(name, option, action.dest, not switch,
-                            text=not switch and action.type in (None, str)))
+                            text=not switch and action.type not in (int, float)))
     return out
 
 
