@@ -312,3 +312,37 @@ def test_every_flag_and_key_is_sampled():
     assert {k for k, _ in KEY_ITEMS} == set(KEYS)
     used = {v for n in range(len(FLAG_ITEMS)) for v in _rotation(n, 2, "flags")}
     assert used == set(hl.HOSTILE)
+
+
+SUBPROCESS_CASES = [  # (command, flag option, hostile value): a few, of several commands
+    ("train", "--lam", "nan"), ("phase", "--config", "fifo"), ("status", "--storage", "storage-file"),
+    ("dashboard", "--final-dir", "5000-chars"), ("gradcheck", "--seed", "10**30"),
+]
+
+
+@pytest.mark.parametrize("command, option, value", SUBPROCESS_CASES)
+def test_a_real_process_agrees(workspace, command, option, value):
+    """A handful of cases run as real processes too (`python -m clr_lambda_search`): the same
+    exit status and the same one error line as in-process, and the workspace unchanged."""
+    import subprocess
+
+    variant = next(iter(BASES[command]))
+    flag = next(f for f in hl.flags(command) if f.option == option)
+    lines = {}
+    for how in ("in-process", "process"):
+        folder = workspace.case_dir()
+        argv = expand(flag_argv(command, variant, flag, _text(value, folder)), workspace, folder)
+        before = hl.snapshot(folder)
+        if how == "in-process":
+            code, _, err = hl.run_inprocess(argv, folder)
+        else:
+            env = {k: v for k, v in os.environ.items() if k != "CIFAR10_DIR"}
+            done = subprocess.run([sys.executable, "-m", "clr_lambda_search", *argv], cwd=folder,
+                                  env={**env, "CIFAR10_CACHE": str(folder / "cache")},
+                                  capture_output=True, text=True, timeout=hl.CASE_TIMEOUT)
+            code, err = done.returncode, done.stderr
+        assert code == 2, f"{how}: {argv}: exit {code}: {err[-500:]}"
+        assert hl.verdict(code, err, flag.names | {_text(value, folder)[:40]}, before,
+                          hl.snapshot(folder)) is None
+        lines[how] = err.strip().replace(str(folder), "<case>")
+    assert lines["in-process"] == lines["process"]
