@@ -339,6 +339,8 @@ def _prepare_sqlite_path(path, create, dry_run=False):
     if path.is_dir():
         raise InputError(f"storage path {path} is a folder; name a database file, e.g. "
                          f"sqlite:///{path}/studies.db")
+    if path.exists() and not path.is_file():  # a FIFO, a device: SQLite says "disk I/O error"
+        raise InputError(f"storage path {path} is not a regular file; name a database file")
     if path.is_file() and (os.getpid(), path.resolve()) not in _CHECKED:
         _check_foreign_sqlite(path)
         _CHECKED.add((os.getpid(), path.resolve()))
