@@ -183,7 +183,8 @@ def status(args):
 
 def retire_phase(args):
     if not args.target:
-        raise ConfigError("retire which phase? e.g. scripts/search.py retire fine")
+        raise ConfigError("retire which phase? give the target phase, e.g. "
+                          "scripts/search.py retire fine")
     c = build_retire_campaign(args)
     storage = open_storage(args.storage, create=False)
     kept = retire(c, args.target, storage)
