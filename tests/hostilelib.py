@@ -477,7 +477,8 @@ def verdict(code, err, names, before, after):
     if len(lines[0]) > MAX_LINE:
         return f"exit 2 but its line has {len(lines[0])} characters: {lines[0][:300]!r}…"
     low = lines[0].lower()
-    names = {n[:40] if len(n) >= 200 else n for n in names}  # fail() shortens long values
+    # fail() shortens long values; a message may quote a value by its repr (escapes)
+    names = {m[:40] if len(m) >= 200 else m for n in names for m in (n, repr(n)[1:-1])}
     if not any(n and n.lower() in low for n in names):
         return f"exit 2 but the line names none of {sorted(names)}: {lines[0]!r}"
     changed = diff(before, after)
