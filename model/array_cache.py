@@ -62,11 +62,15 @@ def read(entry, n_val, dtype):
     try:
         if not entry.is_dir():
             return None
+        files = [entry / "train_X.npy", entry / "scale.npy", entry / "shift.npy"] + [
+            entry / f"{n}_{a}.npy" for n in SPLITS for a in ("y", "pixels")]
+        if not all(f.is_file() for f in files):  # missing, or a FIFO or folder: never opened
+            raise ValueError("a file is missing or not a regular file")
         splits = {name: (_load_mapped(entry / "train_X.npy") if name == "train" else None,
                          np.load(entry / f"{name}_y.npy", allow_pickle=False)) for name in SPLITS}
         pixels = {name: _load_mapped(entry / f"{name}_pixels.npy") for name in SPLITS}
         scale, shift = (np.load(entry / f"{k}.npy", allow_pickle=False) for k in ("scale", "shift"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:  # EOFError: np.load of an empty file
         log.warning("array cache %s is unreadable (%s); rebuilding it", entry, e)
         shutil.rmtree(entry, ignore_errors=True)
         return None

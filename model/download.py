@@ -72,6 +72,9 @@ def _check_exists(path):
         if e.errno == errno.ELOOP:
             raise DataError(f"data path {path} is a symlink loop (a link that leads back to "
                             "itself); fix the link or point --data-dir at the real folder") from None
+        if e.errno == errno.ENAMETOOLONG:
+            raise DataError(f"data path {path} is too long a name for this system; point "
+                            "--data-dir at a cifar-10-batches-py folder or the archive") from None
         if e.errno not in (errno.ENOENT, errno.ENOTDIR):
             raise
     if path.is_symlink():

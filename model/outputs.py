@@ -150,6 +150,8 @@ def check_page(path, protect=()):
 
 def is_page(path):
     """Whether the file at path is a dashboard page this project wrote (now or earlier)."""
+    if not Path(path).is_file():  # a FIFO would block the read: not a page
+        return False
     try:
         with open(path, "rb") as f:
             head = f.read(4096).decode("utf-8", errors="replace")

@@ -2,6 +2,8 @@
 import dataclasses
 import logging
 import numbers
+import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,13 @@ DTYPES = ("float32", "float64")
 # Seeds are 32-bit: Optuna's samplers seed numpy's RandomState, which refuses 2**32 and above, and
 # one range for every seed keeps a training seed usable as a sampler seed and back.
 SEED_LIMIT = 2**32
+# More updates than any run makes (10^10 at ~1 ms each is four months): a bigger n_s or cycles is
+# a typo, and would otherwise train forever.
+MAX_UPDATES = 10**10
+# λ and η_max far past any value that trains (the protocol's: λ ≈ 1e-3, η_max 0.1; such runs
+# diverge at once, which the divergence tests rely on), yet not 1e30: every bound is finite.
+MAX_LAM = 1e6
+MAX_ETA = 1e6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,22 +79,33 @@ class TrainConfig:
         return sorted(points)
 
 
+def _finite(x):
+    """A finite real number (an int too big for a float, a string or None is not)."""
+    try:
+        return isinstance(x, numbers.Real) and not isinstance(x, bool) and np.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
 def _whole(x):
     """An integer (a float such as 77.2, or a bool, is not a count of units, updates or cycles)."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 _CHECKS = [
-    ("lam", lambda c: c.lam >= 0 and np.isfinite(c.lam), "λ must be ≥ 0 (e.g. --lam 0.01)"),
+    ("lam", lambda c: _finite(c.lam) and 0 <= c.lam <= MAX_LAM,
+     f"λ must lie in [0, {MAX_LAM:g}] (e.g. --lam 0.01)"),
     ("m", lambda c: _whole(c.m) and c.m > 0, "the hidden layer needs a whole number ≥ 1 of units"),
     ("n_batch", lambda c: _whole(c.n_batch) and c.n_batch > 0,
      "use a whole positive batch size (e.g. 100)"),
     ("eta_min", lambda c: c.eta_min > 0, "η_min must be > 0 (e.g. 1e-5)"),
-    ("eta_max", lambda c: c.eta_max >= c.eta_min and np.isfinite(c.eta_max),
-     "η_max must be finite and ≥ η_min (e.g. --eta-min 1e-5 --eta-max 0.1)"),
-    ("n_s", lambda c: _whole(c.n_s) and c.n_s > 0,
-     "the CLR half cycle must be a whole positive number of updates"),
-    ("cycles", lambda c: _whole(c.cycles) and c.cycles > 0, "train a whole number ≥ 1 of cycles"),
+    ("eta_max", lambda c: _finite(c.eta_max) and c.eta_min <= c.eta_max <= MAX_ETA,
+     f"η_max must be ≥ η_min and at most {MAX_ETA:g} (e.g. --eta-min 1e-5 --eta-max 0.1)"),
+    ("n_s", lambda c: _whole(c.n_s) and 0 < c.n_s <= MAX_UPDATES // 2,
+     f"the CLR half cycle must be a whole positive number of updates, 2·n_s at most {MAX_UPDATES:.0e}"),
+    ("cycles", lambda c: _whole(c.cycles) and c.cycles > 0 and (
+        not _whole(c.n_s) or 2 * c.n_s * c.cycles <= MAX_UPDATES),
+     f"train a whole number ≥ 1 of cycles, 2·n_s·cycles at most {MAX_UPDATES:.0e} updates"),
     ("evals_per_cycle", lambda c: 0 < c.evals_per_cycle <= 2 * c.n_s,
      "evaluate at least once per cycle and at most once per update (≤ 2·n_s)"),
     ("eval_train_samples", lambda c: c.eval_train_samples >= 0, "use 0 or more samples"),
@@ -179,6 +199,10 @@ def _resumable(path, key, params, rng, kept):
     path = Path(path)
     if not path.exists():
         return None
+    if not path.is_file():  # a FIFO would block the read, a folder the save: our file, replaced
+        log.warning("checkpoint %s is not a regular file; removed, starting afresh", path)
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return None
     try:
         saved, snapshots, meta = load_training_state(path)
         if meta["key"] != key:
@@ -191,7 +215,7 @@ def _resumable(path, key, params, rng, kept):
             if v.shape != params[k].shape or v.dtype != params[k].dtype:
                 raise ValueError(f"{k} has another shape or dtype")
         rng.bit_generator.state = meta["rng"]  # the last thing that can fail
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
         log.warning("checkpoint %s is unreadable (%s); starting afresh", path, e)
         return None
     for k, v in saved.items():

@@ -117,8 +117,11 @@ def shipped():
 def locate(name_or_path):
     """A campaign file's path: an existing file, else a shipped campaign by name."""
     path = Path(name_or_path)
-    if path.is_file():
-        return path
+    try:
+        if path.is_file():
+            return path
+    except OSError:  # a name too long for the system: no such file
+        pass
     if name_or_path in shipped():
         return Path(str(resources.files("clr_lambda_search.search").joinpath("campaigns", f"{name_or_path}.toml")))
     raise ConfigError(f"no campaign file {name_or_path!r}; give a .toml file or a shipped "

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 N_S_RULE = r"\s*[1-9]\d*\s+epochs?\s*"  # final.n_s = "K epochs"
 
 
+MAX_FINAL_SEEDS = 100  # as a confirm phase's seeds: each trains the final protocol, one process
+
+
 def final_study_name(campaign):
     return study_name(campaign, "final")
 
@@ -67,8 +70,9 @@ class FinalRun(Phase):
 
     def validate(self, campaign, fail):
         """Check the final section against its campaign; fail(key, message) raises."""
-        if self.seeds < 1:
-            fail("final.seeds", f"train at least one seed (got {self.seeds}; e.g. seeds = 3)")
+        if not 1 <= self.seeds <= MAX_FINAL_SEEDS:
+            fail("final.seeds", f"train 1..{MAX_FINAL_SEEDS} seeds (got {self.seeds}; e.g. "
+                 "seeds = 3)")
         n_s = self.n_s
         if not ((isinstance(n_s, int) and not isinstance(n_s, bool) and n_s > 0) or (
                 isinstance(n_s, str) and re.fullmatch(N_S_RULE, n_s))):

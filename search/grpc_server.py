@@ -57,7 +57,8 @@ def serve(rdb, host, port, recovery_interval, ready=None, stop=None):
     try:
         server = make_grpc_server(_RelayHeartbeats(rdb), host, port)  # binds the port
     except RuntimeError as e:
-        raise InputError(f"cannot listen on {host}:{port} ({e}); choose another --port") from None
+        raise InputError(f"cannot listen on {host}:{port} ({e}); choose another --host or "
+                         "--port") from None
     server.start()
     previous = {}
     if threading.current_thread() is threading.main_thread():

@@ -122,9 +122,9 @@ class SearchPhase(Phase):
                 fail(cap, f"must be ≥ 1 (got {getattr(self, cap)})")
         if self.narrow:
             top_k, margin = self.narrow["top_k"], self.narrow["margin"]
-            if not (top_k >= 1 and isinstance(margin, (int, float)) and not isinstance(margin, bool)
-                    and 0 < margin <= MAX_MARGIN):
-                fail("narrow", f"top_k must be ≥ 1 and margin a number in (0, {MAX_MARGIN}] "
+            if not (1 <= top_k <= MAX_TRIALS and isinstance(margin, (int, float))
+                    and not isinstance(margin, bool) and 0 < margin <= MAX_MARGIN):
+                fail("narrow", f"top_k must lie in 1..{MAX_TRIALS} and margin in (0, {MAX_MARGIN}] "
                      "(e.g. {from = \"coarse\", top_k = 3, margin = 0.25})")
         config = campaign.phase_config(self)
         if config.seed + self.repeats > SEED_LIMIT:  # every trial trains seeds seed … + repeats − 1
@@ -425,6 +425,10 @@ def _refs(pairs):
 def _is_grid(sampler):
     return sampler in ("grid", "GridSampler") or (
         isinstance(sampler, dict) and sampler.get("name") in ("grid", "GridSampler"))
+
+
+MAX_TRIALS = 100_000  # trials of a phase: more never finish (and no storage lists them fast)
+MAX_REPEATS = 1000   # seeds per λ: each trial trains them all, and lists them in the study
 
 
 def _check(fn, key, fail):

@@ -179,7 +179,10 @@ def _set(c, path, value):
     elif key[0] == "narrow":
         changed = dataclasses.replace(phase, narrow={**phase.narrow, key[1]: value})
     elif key[0] == "budget":
-        changed = dataclasses.replace(phase, budget=parse_budget(value))
+        try:
+            changed = dataclasses.replace(phase, budget=parse_budget(value))
+        except ConfigError as e:
+            raise ConfigError(f"{'.'.join(path)}: {e}") from None
     elif key[0] == "start":
         if not isinstance(value, list):
             raise ConfigError(f"{'.'.join(path)}: a list of configurations, e.g. "

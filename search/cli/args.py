@@ -7,10 +7,10 @@ from clr_lambda_search.model.train import SEED_LIMIT, TrainConfig
 from clr_lambda_search.search.cli.errors import fail
 from clr_lambda_search.search.cli.storage import STORAGE_ENV, storage_url
 from clr_lambda_search.search.cli.threads import cpu_count
+from clr_lambda_search.search.phases import MAX_REPEATS
 from clr_lambda_search.search.study import DEFAULT_STORAGE
 
 WORKERS_PER_CPU = 4  # --workers above this many per CPU is a typo, not a plan (each is a process)
-MAX_REPEATS = 1000   # seeds per λ: each trial trains them all, and lists them in the study
 
 TRAIN_FLAG_HELP = {
     "lam": "L2 strength λ (cost = loss + λ(‖W1‖²+‖W2‖²))",
@@ -53,6 +53,14 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         fail(f"{message} (see {self.prog} --help)")
+
+    def add_argument(self, *args, **kwargs):
+        """argparse's, but a text option given an empty value is an error: '--storage ""' (an
+        unset variable in a script) would otherwise mean the default without a word."""
+        if args and args[0].startswith("-") and kwargs.get("type", str) is str \
+                and kwargs.get("action", "store") in ("store", "append"):
+            kwargs["type"] = _non_empty
+        return super().add_argument(*args, **kwargs)
 
     def add_storage(self):
         self.add_argument("--storage", default=None,
@@ -119,6 +127,13 @@ def final_processes_problem(seeds, workers, said="--seeds"):
                 f"{WORKERS_PER_CPU} per CPU); use fewer, or --workers 1 to train them one after "
                 "another")
     return None
+
+
+def _non_empty(text):
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty value; give one, or leave the flag out for "
+                                         "the default")
+    return text
 
 
 def _flag(dest):

@@ -1,5 +1,6 @@
 """A command's errors: one line on stderr, exit 2 for bad input, 1, 130 or 143 otherwise; a bug
 is one line too, naming the file its traceback was written to."""
+import errno
 import os
 import re
 import signal
@@ -19,7 +20,8 @@ EXIT_BAD_INPUT = 2
 
 
 def fail(message):
-    """One line on stderr, exit status 2, no traceback."""
+    """One line on stderr, exit status 2, no traceback (a message of several lines, such as a
+    library's, is joined into one)."""
     sys.stderr.write(f"error: {one_line(hide_secrets(str(message)))}\n")
     sys.exit(EXIT_BAD_INPUT)
 
@@ -71,6 +73,9 @@ def run(main):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(128 + signal.SIGPIPE)
     except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:  # a path typed too long: the input, not a bug
+            fail(f"{e.filename or 'a path'}: the name is too long for this system; give a "
+                 "shorter path")
         if not is_write_problem(e):
             report_bug(e)
         # a full disk, a read-only folder: the environment's fault, named, without a traceback

@@ -23,6 +23,9 @@ MAX_M = 1000
 # --set: the TrainConfig fields a check uses, as in a campaign's [config] (the flags' shortcuts)
 SET_KEYS = {"config.lam": "lam", "config.m": "m", "config.dropout": "dropout",
             "config.seed": "seed"}
+# Above this λ the L2 term swamps the loss: the centred differences of the cost lose the biases'
+# (unregularised) gradients to rounding and the check fails whatever the code (1e6 fails here).
+MAX_LAM = 1e3
 
 
 def parse_args(argv=None):
@@ -41,8 +44,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     apply_set(args)
     p.require_finite(args, "lam", "tol")
-    if not args.lam > 0:
-        p.error(f"--lam must be > 0 (got {args.lam}); λ = 0 is always checked too")
+    if not 0 < args.lam <= MAX_LAM:
+        p.error(f"--lam must lie in (0, {MAX_LAM:g}] (got {args.lam}); λ = 0 is always checked "
+                "too")
     if not args.tol > 0:
         p.error(f"--tol must be > 0 (got {args.tol})")
     if not (0 < args.dims <= 3072 and 0 < args.samples <= 1000 and 0 < args.m <= MAX_M):

@@ -32,7 +32,7 @@ from clr_lambda_search.search.core import retire, run_phase
 from clr_lambda_search.search.phases import require_finished
 from clr_lambda_search.search.report import phase_summary, status_report, status_text, summary_text
 from clr_lambda_search.search.samplers import PRUNERS, SAMPLERS
-from clr_lambda_search.search.space import Categorical, Int, parse_values
+from clr_lambda_search.search.space import Categorical, Int, extremes, parse_values
 from clr_lambda_search.search.study import check_storage, mask_url, open_storage
 
 
@@ -148,10 +148,20 @@ def _bounds(c, phase, low, high):
         raise ConfigError(f"--low/--high: {p.name} is a list of choices; use --values")
     cast = int if isinstance(p, Int) else float
     try:
-        return dataclasses.replace(p, low=p.low if low is None else cast(low),
-                                   high=p.high if high is None else cast(high))
+        bounded = dataclasses.replace(p, low=p.low if low is None else cast(low),
+                                      high=p.high if high is None else cast(high))
+        _check_values(c.phase_config(phase), p.name, extremes(bounded))
+        return bounded
     except ConfigError as e:
         raise ConfigError(f"--low/--high: {e}") from None
+
+
+
+def _check_values(config, name, values):
+    """TrainConfig's ConfigError unless field `name` may take each value: a flag's range is
+    refused before a study exists, not by its first trial."""
+    for value in values:
+        dataclasses.replace(config, **{name: value})
 
 
 def _grid(c, phase, text):
@@ -163,6 +173,7 @@ def _grid(c, phase, text):
     try:
         param = grid_param(p.name, "int" if isinstance(p, Int) else "float", values,
                            getattr(p, "log", False))
+        _check_values(c.phase_config(phase), p.name, values)
     except ConfigError as e:
         raise ConfigError(f"--values {text!r}: {e}") from None
     return {"space": (param,), "grid": {p.name: values}, "narrow": None, "sampler": "grid"}
@@ -180,7 +191,8 @@ def status(args):
 
 def retire_phase(args):
     if not args.target:
-        raise ConfigError("retire which phase? e.g. scripts/search.py retire fine")
+        raise ConfigError("retire which phase? give the target phase, e.g. "
+                          "scripts/search.py retire fine")
     c = build_retire_campaign(args)
     storage = open_storage(args.storage, create=False)
     kept = retire(c, args.target, storage)
