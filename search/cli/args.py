@@ -54,14 +54,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         fail(f"{message} (see {self.prog} --help)")
 
-    def add_argument(self, *args, **kwargs):
-        """argparse's, but a text option given an empty value is an error: '--storage ""' (an
-        unset variable in a script) would otherwise mean the default without a word."""
-        if args and args[0].startswith("-") and kwargs.get("type", str) is str \
-                and kwargs.get("action", "store") in ("store", "append"):
-            kwargs["type"] = _non_empty
-        return super().add_argument(*args, **kwargs)
-
     def add_storage(self):
         self.add_argument("--storage", default=None,
                           help=f"SQLAlchemy URL of the study storage (default: ${STORAGE_ENV}, else "
@@ -113,7 +105,6 @@ class Parser(argparse.ArgumentParser):
         if problem:  # seeds None: the campaign file's, checked once it is resolved
             self.error(problem)
 
-
     def require_repeats(self, args):
         if args.repeats > MAX_REPEATS:
             self.error(f"--repeats {args.repeats} is more than {MAX_REPEATS} seeds per λ")
@@ -127,13 +118,6 @@ def final_processes_problem(seeds, workers, said="--seeds"):
                 f"{WORKERS_PER_CPU} per CPU); use fewer, or --workers 1 to train them one after "
                 "another")
     return None
-
-
-def _non_empty(text):
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty value; give one, or leave the flag out for "
-                                         "the default")
-    return text
 
 
 def _flag(dest):
