@@ -219,3 +219,13 @@ def test_study_system_attrs_reach_the_storage(tmp_path):
         pytest.fail(changed(f"Study._storage / Study._study_id ({e})"))
     assert seen["k"] == {"a": [1]}
     assert storage.get_study_system_attrs(storage.get_study_id_from_name("s"))["k"] == {"a": [1]}
+
+
+def test_startup_trials_reads_the_samplers_and_pruners_count():
+    from clr_lambda_search.search.optuna_internals import startup_trials
+
+    assert startup_trials(optuna.samplers.TPESampler(n_startup_trials=7)) == 7, changed(
+        "TPESampler no longer keeps n_startup_trials in _n_startup_trials")
+    assert startup_trials(optuna.pruners.MedianPruner(n_startup_trials=4)) == 4, changed(
+        "MedianPruner no longer keeps n_startup_trials in _n_startup_trials")
+    assert startup_trials(optuna.samplers.RandomSampler()) is None
