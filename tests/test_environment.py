@@ -82,13 +82,27 @@ def test_a_read_only_home_does_not_stop_a_run(cifar_tiny_dir, tmp_path):
     assert (tmp_path / "run" / "metrics.json").is_file()
 
 
-def test_gradcheck_json_is_json_when_errors_are_not_finite(cifar_tiny_dir, tmp_path):
-    # λ = 1e308 overflows the cost: the relative errors are nan, which JSON cannot hold
-    proc = run("gradcheck.py", ["--data-dir", str(cifar_tiny_dir.batches), "--n-val", "20",
-                                "--lam", "1e308", "--json", "-q"],
-               script_env(CIFAR10_CACHE=str(tmp_path / "cache")))
-    assert proc.returncode == 1, proc.stderr  # a failed check, reported
-    report = json.loads(proc.stdout, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+def test_gradcheck_json_is_json_when_errors_are_not_finite(cifar_tiny_dir, tmp_path, monkeypatch,
+                                                         capsys):
+    """A check whose relative errors are nan (an overflowing cost: λ is now bounded, so the nan
+    is put into the real report) gives JSON with null, and exit status 1 (a failed check)."""
+    from clr_lambda_search.search.cli import gradcheck as cli
+
+    real = cli.gradcheck_report
+
+    def overflowing(*args, **kwargs):
+        report = real(*args, **kwargs)
+        errors = report["checks"][1]["max_rel_error"]
+        errors[next(iter(errors))] = float("nan")
+        report["passed"] = False
+        return report
+    monkeypatch.setattr(cli, "gradcheck_report", overflowing)
+    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("sys.argv", ["gradcheck.py", "--data-dir", str(cifar_tiny_dir.batches),
+                                     "--n-val", "20", "--json", "-q"])
+    assert cli.main() == 1  # a failed check, reported
+    out = capsys.readouterr().out
+    report = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     assert report["passed"] is False
     assert None in report["checks"][1]["max_rel_error"].values()  # nan became null
 
