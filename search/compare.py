@@ -88,7 +88,7 @@ def run_service(base, seed, data, storage, workers, progress):
                                   progress=progress)
         studies.append((phase, study))
     pick, source = core.campaign_best(core.run_context(c, data, storage))
-    tagged = [(t, p.kind == "search") for p, s in studies for t in ordered(s)]
+    tagged = [(t, p.confirmable) for p, s in studies for t in ordered(s)]
     return run_record("service", seed, [t for t, _ in tagged],
                       incumbents(tagged, final_pick=(pick, source["val_acc"])), pick,
                       source["val_acc"], [s.study_name for _, s in studies])
