@@ -729,7 +729,7 @@ def test_two_processes_on_postgresql(cifar_tiny_dir, tmp_path):
         assert p.returncode == 0, err[-2000:]
         assert fl.race_errors(err) == []
     # both trained: the second did not just find the phase complete
-    assert all("INFO search.objective: trial" in err for _, err in results), \
+    assert all("INFO clr_lambda_search.search.objective: trial" in err for _, err in results), \
         [fl.stderr_lines(err)[-6:] for _, err in results]
     trials, _ = fl.load_trials(url, study)
     done = fl.complete(trials)
