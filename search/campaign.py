@@ -38,7 +38,6 @@ _CONFIRM_KEYS = ("name", "kind", "from", "top_k", "seeds", "config")
 CONFIRM_TOP_K, CONFIRM_SEEDS = 3, 5
 _PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "values")
 _NARROW_KEYS = ("from", "top_k", "margin")
-MAX_FINAL_SEEDS = 100  # final seeds (and confirm seeds): each trains a whole final run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,9 +185,6 @@ def validated(campaign):
     if not (_is_count(campaign.seed) and 0 <= campaign.seed < SEED_LIMIT):
         raise where.error("seed", f"{campaign.seed!r} must be an integer in 0..{SEED_LIMIT - 1} "
                           "(Optuna's samplers take 32-bit seeds)")
-    if not (_is_count(campaign.final.seeds) and 1 <= campaign.final.seeds <= MAX_FINAL_SEEDS):
-        raise where.error("final.seeds", f"{campaign.final.seeds!r} must lie in "
-                          f"1..{MAX_FINAL_SEEDS} (seeds train at once, a process each)")
     for i, phase in enumerate(campaign.phases):
         def fail(key, message, i=i):
             raise where.error(f"phases[{i}]" + (f".{key}" if key else ""), message)

@@ -70,7 +70,8 @@ class FinalRun(Phase):
 
     def validate(self, campaign, fail):
         """Check the final section against its campaign; fail(key, message) raises."""
-        if not 1 <= self.seeds <= MAX_FINAL_SEEDS:
+        if not (isinstance(self.seeds, int) and not isinstance(self.seeds, bool)
+                and 1 <= self.seeds <= MAX_FINAL_SEEDS):
             fail("final.seeds", f"train 1..{MAX_FINAL_SEEDS} seeds (got {self.seeds}; e.g. "
                  "seeds = 3)")
         n_s = self.n_s

@@ -427,10 +427,6 @@ def _is_grid(sampler):
         isinstance(sampler, dict) and sampler.get("name") in ("grid", "GridSampler"))
 
 
-MAX_TRIALS = 100_000  # trials of a phase: more never finish (and no storage lists them fast)
-MAX_REPEATS = 1000   # seeds per λ: each trial trains them all, and lists them in the study
-
-
 def _check(fn, key, fail):
     try:
         return fn()
