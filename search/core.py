@@ -23,7 +23,7 @@ from clr_lambda_search.model.errors import ConfigError, DivergedError, InputErro
 from clr_lambda_search.model.gradcheck import gradcheck_report
 from clr_lambda_search.search import record
 from clr_lambda_search.search.campaign import Campaign, check_first_seed, load_campaign, validated
-from clr_lambda_search.search.final import final_study_name, read_final
+from clr_lambda_search.search.final import final_study_name, read_final, retire_final
 from clr_lambda_search.search.phases import PhaseRun
 from clr_lambda_search.search.report import best_row, narrowing, phase_spec
 from clr_lambda_search.search.study import campaign_studies, open_storage, outputs_dir, retire_study
@@ -187,7 +187,8 @@ def result_of(run, metrics, out_dir, dashboard, check=None, seconds=None):
     verdict = next((record.verdict(s) for _, s in studies if record.verdict(s)), None)
     return CampaignResult(
         campaign=c.name, pick=metrics["params"], source=metrics["source"], verdict=verdict,
-        studies=[s.study_name for _, s in studies] + [final_study_name(c.name)],
+        studies=[s.study_name for _, s in studies]
+        + [metrics.get("final_study", final_study_name(c.name))],
         phases=[phase_summary(p, s) for p, s in studies], final=metrics,
         outputs={"final": str(out_dir / "final"),
                  "dashboard": str(dashboard) if dashboard else None},
@@ -222,13 +223,13 @@ def write_dashboard(dashboard, out_dir, protect=()):
 def retire(campaign, name, storage):
     """Retire phase `name` and every phase derived from it (and the final run): their studies
     are kept under new names (<study>.retired-<k>, marked retired) and deleted under their own,
-    so that the next run derives them again. Returns the retired studies' new names."""
+    so that the next run derives them again; the final run's versions are marked retired under
+    their names (the next final run is a new version). Returns the retired studies' names."""
     c = load_campaign(campaign) if isinstance(campaign, str) else campaign
     c.phase(name)
     names = set(optuna.get_all_study_names(storage))
     studies = [c.phase(p).study_name(c.name) for p in [name] + c.downstream(name)]
-    studies.append(final_study_name(c.name))
-    return [retire_study(storage, s) for s in studies if s in names]
+    return [retire_study(storage, s) for s in studies if s in names] + retire_final(storage, c.name)
 
 
 

@@ -8,8 +8,16 @@ seed's test accuracy, its user attrs the seed's metrics and history, its artifac
 parameters (and, for the first seed, the figures). The results folder is written from the study
 and the artifacts by the runner that sees the last seed finish, and by any runner whose folder
 does not show that run yet.
+
+A final record is replaced only by a complete new one. A run with another pick (--force-final) or
+other settings does not touch the current record: it trains as a new version of the final study
+(<campaign>-final.v2, .v3, …) beside it. The campaign's final run is its newest complete version
+that is not retired (current_final), so the new one becomes it the moment its last seed finishes;
+the versions before it are then marked retired, kept with their artifacts. A new run that fails
+at any point leaves the previous final study, its artifacts and the results folder as they were.
 """
 import dataclasses
+import itertools
 import logging
 import re
 import shutil
@@ -31,7 +39,7 @@ from clr_lambda_search.search import record
 from clr_lambda_search.search.lock import storage_lock
 from clr_lambda_search.search.phases import Phase, open_study, pinned, queue, run_phase_workers, same_config
 from clr_lambda_search.search.space import format_params
-from clr_lambda_search.search.study import retire_study, study_name
+from clr_lambda_search.search.study import study_name
 from clr_lambda_search.search.workers import QueuedTarget
 
 log = logging.getLogger(__name__)
@@ -39,6 +47,8 @@ log = logging.getLogger(__name__)
 
 N_S_RULE = r"\s*[1-9]\d*\s+epochs?\s*"  # final.n_s = "K epochs"
 
+
+VERSION = ".v"  # <campaign>-final.v2: a final run that replaces another trains beside it
 
 MAX_FINAL_SEEDS = 100  # as a confirm phase's seeds: each trains the final protocol, one process
 
@@ -110,37 +120,116 @@ class FinalRun(Phase):
                           len(seeds), count=_seeds_done, share_cpus=True,
                           on_cpu_free=on_cpu_free)
         shutil.rmtree(checkpoints, ignore_errors=True)
+        _retire_older(run.storage, run.campaign.name, study)
         return publish(run, study, out, protect)
 
     def open(self, run, pick, source, config, seeds, force, out):
-        """The final study of this pick and config. One trained with another pick is kept
-        (refused, or with force retired to a study of its own, never deleted); one of the same
-        pick with other settings is retired and trained again, and so is one of a release before
-        the schema (its seeds' histories were files only) unless `out` shows it."""
-        name = final_study_name(run.campaign.name)
+        """The final study to train for this pick and config: the newest version when it is of
+        them (resumed), else a new version beside the current record (search.final's module
+        docstring). A current record of another pick is refused unless force."""
         wanted = record.StudyRecord(
             campaign=run.campaign.name, phase="final", kind=self.kind,
             index=len(run.campaign.phases), config={**dataclasses.asdict(config), "seed": None},
             pick=pick, seeds=seeds, n_trials=len(seeds), digest=run.campaign.digest(),
             fingerprint=run.fingerprint, precision=config.precision, source=source)
-        with storage_lock(run.storage, name):
-            if name in optuna.get_all_study_names(run.storage):
-                old = record.read(optuna.load_study(study_name=name, storage=run.storage))
-                if old.pick is not None and old.pick != pick and not force:
-                    raise InputError(
-                        f"campaign {run.campaign.name!r} has a final run of {old.pick}, and its "
-                        f"pick is now {pick}; use a new --campaign to keep both, or "
-                        "--force-final to retire that final run (kept as a study of its own)")
-                # (a release before the schema recorded no seeds or fingerprint: not compared)
-                shown = read_final(out, strict=False)
-                if any(getattr(old, f) not in (None, getattr(wanted, f))
-                       for f in ("pick", "seeds", "fingerprint", "precision")) or not same_config(
-                        old.config, wanted.config) or (
-                        old.version < 2 and not (shown and shown["metrics"].get("params") == pick)):
-                    log.warning("%s: the final run of %s with other settings is retired", name,
-                                old.pick)
-                    retire_study(run.storage, name)
+        campaign = run.campaign.name
+        with storage_lock(run.storage, final_study_name(campaign)):
+            versions = final_versions(run.storage, campaign)
+            newest = versions[-1] if versions else None
+            if newest and _resumes(newest, wanted, out):
+                return open_study(run, newest.study_name, wanted, metric="test_acc")
+            current = current_final(run.storage, campaign, versions)
+            old = record.read(current) if current else None
+            if old and old.pick is not None and old.pick != pick and not force:
+                raise InputError(
+                    f"campaign {campaign!r} has a final run of {old.pick}, and its pick is "
+                    f"now {pick}; use a new --campaign to keep both, or --force-final to "
+                    "replace that final run (kept as a retired study)")
+            if newest and newest is not current and not record.read(newest).retired:
+                # a replacement of other settings that never finished: kept, out of the way
+                record.update(newest, retired=True)
+            name = version_name(campaign, len(versions) + 1)
+            if current:
+                log.warning("%s: a final run of %s with other settings; it trains as %s, and "
+                            "%s stays the campaign's final run until every seed of the new one "
+                            "has finished", current.study_name, old.pick, name,
+                            current.study_name)
             return open_study(run, name, wanted, metric="test_acc")
+
+
+def version_name(campaign, k):
+    """The study of version k of a campaign's final run: <campaign>-final, then -final.v2, …"""
+    return final_study_name(campaign) + ("" if k == 1 else f"{VERSION}{k}")
+
+
+def final_versions(storage, campaign):
+    """The campaign's final studies (the versions of its final run), oldest first."""
+    names = set(optuna.get_all_study_names(storage))
+    versions = []
+    for k in itertools.count(1):
+        if version_name(campaign, k) not in names:
+            return versions
+        versions.append(optuna.load_study(study_name=version_name(campaign, k), storage=storage))
+
+
+def current_final(storage, campaign, versions=None):
+    """The campaign's final run of record: its newest version that is complete (every seed
+    finished) and not retired; None when it has none. A newer version still training, or one
+    that failed, does not replace it."""
+    versions = final_versions(storage, campaign) if versions is None else versions
+    return next((s for s in reversed(versions) if not record.read(s).retired
+                 and is_complete(s)), None)
+
+
+def is_complete(study):
+    """Whether every seed of a final study has finished (a release before the schema recorded
+    no seeds: whether it has a finished one)."""
+    done = {t.user_attrs.get(record.FINAL_SEED)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    seeds = record.read(study).seeds
+    return set(seeds) <= done if seeds else bool(done)
+
+
+def retire_final(storage, campaign):
+    """Mark every version of the campaign's final run retired (kept under its name, with its
+    artifacts; the next final run is a new version). Returns their names."""
+    names = []
+    for study in final_versions(storage, campaign):
+        if not record.read(study).retired:
+            record.update(study, retired=True)
+            names.append(study.study_name)
+            log.warning("final study %s retired", study.study_name)
+    return names
+
+
+def _retire_older(storage, campaign, study):
+    """Once final study `study` is complete, it is the campaign's final run: the versions before
+    it are marked retired (kept, with their artifacts)."""
+    for older in final_versions(storage, campaign):
+        if older.study_name == study.study_name:
+            return
+        if not record.read(older).retired:
+            record.update(older, retired=True)
+            log.info("final study %s replaced by %s (kept, retired)", older.study_name,
+                     study.study_name)
+
+
+def _resumes(study, wanted, out):
+    """Whether final study `study` is the one to train for `wanted` (a StudyRecord): not
+    retired, of the same pick, seeds, data, precision and config, and (a release before the
+    schema, whose seeds' histories were files only) shown by the results folder `out`."""
+    old = record.read(study)
+    if old.retired:
+        return False
+    if any(getattr(old, f) not in (None, getattr(wanted, f))
+           for f in ("pick", "seeds", "fingerprint", "precision")):
+        return False
+    if not same_config(old.config, wanted.config):
+        return False
+    if old.version < 2:
+        shown = read_final(out, strict=False)
+        return bool(shown and shown["metrics"].get("params") == wanted.pick)
+    return True
 
 
 def seed_params(pick, seed):
@@ -236,10 +325,11 @@ def train_seed(data, config, train_curve=True, on_eval=None, checkpoint=None):
 
 # ---- the results folder -------------------------------------------------------------------------
 
-def final_metrics(runs, params, source, trials=None):
+def final_metrics(runs, params, source, trials=None, study=None):
     """metrics.json: the chosen parameters and where they came from, per-seed accuracies, test
     mean ± std, and the test accuracy of each seed's snapshot ensemble (one member per cycle)
-    and their mean. (config.json holds the whole TrainConfig that was trained.)"""
+    and their mean; the final study and its trials it was written from. (config.json holds the
+    whole TrainConfig that was trained.)"""
     test = [r["test"]["acc"] for r in runs]
     ensemble = [r["test_ensemble"]["acc"] for r in runs]
     ensemble_mean = None if None in ensemble else float(np.mean(ensemble))
@@ -254,6 +344,7 @@ def final_metrics(runs, params, source, trials=None):
         "test_acc_ensemble_mean": ensemble_mean,
         "seconds": round(sum(r["seconds"] for r in runs), 2),
         **({"trials": trials} if trials is not None else {}),
+        **({"final_study": study} if study is not None else {}),
     }
 
 
@@ -268,11 +359,13 @@ def publish(run, study, out, protect=()):
         numbers = [t.number for t in trials]
         shown = read_final(out, strict=False)
         if shown and shown["metrics"].get("trials") == numbers \
-                and shown["metrics"].get("params") == rec.pick:
+                and shown["metrics"].get("params") == rec.pick \
+                and shown["metrics"].get("final_study", final_study_name(rec.campaign)) == study.study_name:
+            # (a folder of a release before versions was written from <campaign>-final)
             return shown["metrics"]
         store = _store(artifact_dir(out))
         runs = [_run_of(t, store, run.storage) for t in trials]
-        metrics = final_metrics(runs, rec.pick, rec.source, numbers)
+        metrics = final_metrics(runs, rec.pick, rec.source, numbers, study.study_name)
         config = TrainConfig(**{k: v for k, v in rec.config.items() if k != "seed"})
         tagged = [(f"_seed{r['seed']}", r["params"], r["history"]) for r in runs]
         config = dataclasses.replace(config, seed=rec.seeds[0])

@@ -543,7 +543,7 @@ def queue(run, study, items):
     with storage_lock(run.storage, study.study_name):
         recover_trials(study)  # a dead worker's trial is re-queued, not queued anew
         held = {record.queue_key(t) for t in study.get_trials(deepcopy=False)
-                if record.holds_key(t)}
+                if record.trains_key(t)}
         for params, attrs in items:
             if record.key_of(attrs) not in held:
                 study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)

@@ -232,6 +232,13 @@ def holds_key(t):
     return True
 
 
+def trains_key(t):
+    """Whether trial t trains, will train or has trained its key: not a failed one (a new run
+    queues a failed key again: its user was told to fix the cause and re-run) unless it
+    diverged (a confirm phase's result; the same training would diverge again)."""
+    return holds_key(t) and (t.state != TrialState.FAIL or is_diverged(t))
+
+
 def is_diverged(t):
     return t.state == TrialState.FAIL and "diverged" in (failure(t) or "")
 

@@ -172,7 +172,7 @@ class QueuedTarget:
         key = record.queue_key(trial)
         if key is None:
             return record.SURPLUS  # the sampler made it: nothing was queued for it
-        if any(t.number < trial.number and record.queue_key(t) == key and record.holds_key(t)
+        if any(t.number < trial.number and record.queue_key(t) == key and record.trains_key(t)
                for t in trials):
             return record.DUPLICATE
         return None

@@ -141,6 +141,14 @@ def campaign_study_names(url, campaign):
     return [n for n in fl.study_names(url) if n.startswith(f"{campaign}-")]
 
 
+def final_name(url, campaign):
+    """The study of the campaign's current final run (search.final.current_final), or None."""
+    from clr_lambda_search.search.final import current_final
+
+    current = current_final(optuna.storages.RDBStorage(url), campaign)
+    return current.study_name if current else None
+
+
 def campaign_study_names_phases(url, campaign):
     """The phases (name suffixes) of the campaign's studies, e.g. ["coarse", "confirm", ...]."""
     return [n[len(campaign) + 1:] for n in campaign_study_names(url, campaign)]
@@ -348,8 +356,9 @@ def check_final(url, campaign, n_seeds=N_SEEDS, runs=()):
     Optuna's ask() makes a trial when the queued one was taken a moment before; at most one per
     process that found nothing left to claim), its pick is the one the runners report, and its
     values are their test accuracies."""
-    trials, attrs = load(url, campaign, "final")
-    name = f"{campaign}-final"
+    name = final_name(url, campaign)
+    trials, attrs = fl.load_trials(url, name) if name else (None, None)
+    name = name or f"{campaign}-final"
     if trials is None:
         return [f"{name}: no such study"]
     problems = []
@@ -389,8 +398,12 @@ def check_nothing_pending(url, campaign):
 
 def check_studies(url, campaign, phases=(*SEARCH_PHASES, "confirm", "final")):
     """The campaign has exactly the studies of its phases and its final run (and any it retired:
-    kept under <study>.retired-<k>, out of the campaign)."""
-    names = [n for n in campaign_study_names(url, campaign) if ".retired-" not in n]
+    kept under <study>.retired-<k>, out of the campaign; final versions it replaced, marked
+    retired under their names)."""
+    current = final_name(url, campaign)
+    names = [f"{campaign}-final" if n == current else n for n in campaign_study_names(url, campaign)
+             if ".retired-" not in n and not (n.startswith(f"{campaign}-final") and n != current
+                                                and fl.load_trials(url, n)[1].get("retired"))]
     want = sorted(f"{campaign}-{p}" for p in phases)
     return [] if sorted(names) == want else [f"campaign studies {sorted(names)}, not {want}"]
 

@@ -232,22 +232,76 @@ def test_final_trials_carry_their_params_and_training_time(tiny_data, tmp_path, 
 def test_a_final_run_of_another_pick_is_refused_unless_forced(tiny_data, tmp_path):
     from clr_lambda_search.model.errors import InputError
 
-    _, study, _ = run_seeds(tmp_path, tiny_data, seeds=1, pick={"lam": 0.01})
+    _, study, out = run_seeds(tmp_path, tiny_data, seeds=1, pick={"lam": 0.01})
     storage = study._storage
     run_seeds(tmp_path, tiny_data, seeds=1, pick={"lam": 0.01})  # the same pick: fine
     with pytest.raises(InputError, match="--force-final"):
         run_seeds(tmp_path, tiny_data, seeds=1, pick={"lam": 0.02})
-    assert record.read(optuna.load_study(study_name="c-final", storage=storage)).pick == \
-        {"lam": 0.01}
-    # forced: the old final run is retired (kept as a study of its own; it was deleted before
-    # the campaign core), and c-final is the new pick's
-    run_seeds(tmp_path, tiny_data, seeds=1, pick={"lam": 0.02}, force=True)
-    names = optuna.get_all_study_names(storage)
-    assert "c-final.retired-1" in names
-    kept = optuna.load_study(study_name="c-final.retired-1", storage=storage)
+    assert [s.study_name for s in final.final_versions(storage, "c")] == ["c-final"]
+    # forced: the new pick trains as version 2; once complete it is the campaign's final run
+    # and version 1 is kept, retired, with its trial and artifacts
+    metrics, _, _ = run_seeds(tmp_path, tiny_data, seeds=1, pick={"lam": 0.02}, force=True)
+    assert [s.study_name for s in final.final_versions(storage, "c")] == ["c-final", "c-final.v2"]
+    assert final.current_final(storage, "c").study_name == "c-final.v2"
+    kept = optuna.load_study(study_name="c-final", storage=storage)
     assert record.read(kept).pick == {"lam": 0.01} and record.read(kept).retired
-    assert record.read(optuna.load_study(study_name="c-final", storage=storage)).pick == \
-        {"lam": 0.02}
+    assert len(kept.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 1
+    assert metrics["params"] == {"lam": 0.02} and metrics["final_study"] == "c-final.v2"
+    assert read_final(out)["metrics"] == metrics
+
+
+def _fail_seed(seed, monkeypatch):
+    """Make the final run's training of `seed` fail (in this process and forked workers)."""
+    train_seed = final.train_seed
+
+    def failing(data, config, *args, **kw):
+        if config.seed == seed:
+            raise RuntimeError(f"seed {seed} broke")
+        return train_seed(data, config, *args, **kw)
+    monkeypatch.setattr(final, "train_seed", failing)
+
+
+def _folder_bytes(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("change", ["pick", "settings"])
+def test_a_failed_new_final_run_leaves_the_old_record_as_it_was(tiny_data, tmp_path, monkeypatch,
+                                                                  change):
+    """A final run that replaces another (another pick with force, or other settings of the same
+    pick) and fails after some of its seeds trained leaves the previous final study, its
+    artifacts and the results folder as they were; run again, it resumes (the seeds it trained
+    are not trained again) and replaces them only once complete."""
+    _, study, out = run_seeds(tmp_path, tiny_data, seeds=2, pick={"lam": 0.01})
+    storage = study._storage
+    before_folder = _folder_bytes(out)
+    before_artifacts = _folder_bytes(final.artifact_dir(out))
+    new = ({"pick": {"lam": 0.02}, "force": True} if change == "pick"
+           else {"config": dataclasses.replace(CONFIG, n_s=CONFIG.n_s + 10)})
+    _fail_seed(1, monkeypatch)
+    with pytest.raises((PhaseStopped, RuntimeError), match="seed 1 broke"):
+        run_seeds(tmp_path, tiny_data, seeds=2, **new)
+    current = final.current_final(storage, "c")
+    assert current.study_name == "c-final" and not record.read(current).retired
+    assert record.read(current).pick == {"lam": 0.01}
+    assert _folder_bytes(out) == before_folder
+    assert _folder_bytes(final.artifact_dir(out)).items() >= before_artifacts.items()
+    assert read_final(out)["metrics"]["final_study"] == "c-final"
+    # the same command again, fixed: seed 0 of version 2 is not trained again
+    monkeypatch.undo()
+    trained = []
+    train_seed = final.train_seed
+    monkeypatch.setattr(final, "train_seed",
+                        lambda data, config, *a, **kw: trained.append(config.seed)
+                        or train_seed(data, config, *a, **kw))
+    metrics, _, _ = run_seeds(tmp_path, tiny_data, seeds=2, **new)
+    assert trained == [1]
+    assert final.current_final(storage, "c").study_name == "c-final.v2"
+    assert record.read(optuna.load_study(study_name="c-final", storage=storage)).retired
+    assert read_final(out)["metrics"] == metrics and metrics["final_study"] == "c-final.v2"
+    # the results folder shows the new run's seeds (the same trial numbers as version 1's)
+    assert metrics["trials"] == read_final(out)["metrics"]["trials"]
+    assert _folder_bytes(out) != before_folder
 
 
 def test_final_metrics_report_the_snapshot_ensemble(tiny_data):

@@ -85,6 +85,7 @@ from clr_lambda_search.search.cli.errors import run
 from clr_lambda_search.search.cli.output import emit, setup_logging
 from clr_lambda_search.search.cli.threads import blas_threads, single_blas_thread
 from clr_lambda_search.search.core import dashboard_maker, run_campaign, run_phase
+from clr_lambda_search.search.final import current_final
 from clr_lambda_search.search.objective import Objective
 from clr_lambda_search.search.phases import SearchPhase
 from clr_lambda_search.search.samplers import make_pruner
@@ -500,8 +501,7 @@ def _trained_steps(storage, campaign):
     """Updates trained by the campaign's trials, its final run's included: all of a complete
     trial's, a pruned trial's up to its last report."""
     steps = 0
-    studies = campaign_studies(storage, campaign) + [
-        optuna.load_study(study_name=f"{campaign}-final", storage=storage)]
+    studies = campaign_studies(storage, campaign) + [current_final(storage, campaign)]
     for study in studies:
         for t in study.trials:
             if t.state == optuna.trial.TrialState.COMPLETE:
