@@ -120,7 +120,7 @@ class FinalRun(Phase):
                           len(seeds), count=_seeds_done, share_cpus=True,
                           on_cpu_free=on_cpu_free)
         shutil.rmtree(checkpoints, ignore_errors=True)
-        _retire_older(run.storage, run.campaign.name, study)
+        retire_final(run.storage, run.campaign.name, before=study.study_name)
         return publish(run, study, out, protect)
 
     def open(self, run, pick, source, config, seeds, force, out):
@@ -190,28 +190,20 @@ def is_complete(study):
     return set(seeds) <= done if seeds else bool(done)
 
 
-def retire_final(storage, campaign):
-    """Mark every version of the campaign's final run retired (kept under its name, with its
-    artifacts; the next final run is a new version). Returns their names."""
+def retire_final(storage, campaign, before=None):
+    """Mark the versions of the campaign's final run retired (kept under their names, with their
+    artifacts; the next final run is a new version): every one, or those before the study named
+    `before` (a complete version that replaces them). Returns their names."""
     names = []
     for study in final_versions(storage, campaign):
+        if study.study_name == before:
+            break
         if not record.read(study).retired:
             record.update(study, retired=True)
             names.append(study.study_name)
-            log.warning("final study %s retired", study.study_name)
+            log.info("final study %s retired%s", study.study_name,
+                     f" (replaced by {before})" if before else "")
     return names
-
-
-def _retire_older(storage, campaign, study):
-    """Once final study `study` is complete, it is the campaign's final run: the versions before
-    it are marked retired (kept, with their artifacts)."""
-    for older in final_versions(storage, campaign):
-        if older.study_name == study.study_name:
-            return
-        if not record.read(older).retired:
-            record.update(older, retired=True)
-            log.info("final study %s replaced by %s (kept, retired)", older.study_name,
-                     study.study_name)
 
 
 def _resumes(study, wanted, out):
