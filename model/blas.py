@@ -111,12 +111,21 @@ def _gemm(a, b, c, alpha, beta, trans_a=False, trans_b=False):
 # OpenBLAS has no bf16 GEMM (built without sbgemm); MKL from PyPI (the optional extra `bf16`) has
 # cblas_gemm_bf16bf16f32: bf16 operands, fp32 accumulation and output.
 BF16 = np.uint16
-_BF16_SYMBOL = "clr_lambda_search_cblas_gemm_bf16bf16f32"
+# A product's B operand may also be packed once into MKL's own layout (cblas_gemm_bf16bf16f32_pack)
+# and then used by several products (_compute): the step's backward product runs in blocks of
+# rows, and each block of a plain call would pack the same B again.
+_BF16_SYMBOLS = {name: f"clr_lambda_search_cblas_gemm_bf16bf16f32{name}"
+                 for name in ("", "_pack", "_compute")}
 _MKL_SEQUENTIAL, _MKL_LP64 = 1, 0  # MKL_THREADING_SEQUENTIAL, MKL_INTERFACE_LP64
+_B_MATRIX, _PACKED = 162, 151     # CBLAS_IDENTIFIER CblasBMatrix, MKL's CblasPacked
 _i32, _bf16p = types.int32, types.CPointer(types.uint16)
-_GEMM_BF16 = types.ExternalFunction(_BF16_SYMBOL, types.void(
+_GEMM_BF16_SIGNATURE = types.void(
     _i32, _i32, _i32, _i32, _i32, _i32, types.float32, _bf16p, _i32, _bf16p, _i32, types.float32,
-    types.CPointer(types.float32), _i32))
+    types.CPointer(types.float32), _i32)
+_GEMM_BF16 = types.ExternalFunction(_BF16_SYMBOLS[""], _GEMM_BF16_SIGNATURE)
+_COMPUTE_BF16 = types.ExternalFunction(_BF16_SYMBOLS["_compute"], _GEMM_BF16_SIGNATURE)
+_PACK_BF16 = types.ExternalFunction(_BF16_SYMBOLS["_pack"], types.void(
+    _i32, _i32, _i32, _i32, _i32, _i32, _bf16p, _i32, _bf16p))
 _bf16_state = {}
 
 
@@ -144,13 +153,18 @@ def _load_mkl():
     for path in _mkl_candidates():
         try:
             lib = ctypes.CDLL(path)
-            fn = lib.cblas_gemm_bf16bf16f32
+            fns = {name: getattr(lib, f"cblas_gemm_bf16bf16f32{name}")
+                   for name in (*_BF16_SYMBOLS, "_pack_get_size")}
         except (OSError, AttributeError):
             continue
         # before MKL's first computation: afterwards it keeps the layers it started with
         lib.MKL_Set_Interface_Layer(_MKL_LP64)
         lib.MKL_Set_Threading_Layer(_MKL_SEQUENTIAL)
-        binding.add_symbol(_BF16_SYMBOL, ctypes.cast(fn, ctypes.c_void_p).value)
+        for name, symbol in _BF16_SYMBOLS.items():
+            binding.add_symbol(symbol, ctypes.cast(fns[name], ctypes.c_void_p).value)
+        size = fns["_pack_get_size"]
+        size.argtypes, size.restype = [ctypes.c_int] * 4, ctypes.c_size_t
+        _bf16_state["pack_size"] = size
         return True, path
     return False, "MKL (libmkl_rt with cblas_gemm_bf16bf16f32) is not installed"
 
@@ -176,4 +190,42 @@ def _gemm_bf16(a, b, c, alpha, beta, trans_a, r0, r1):
         _GEMM_BF16(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _NO_TRANS, r1 - r0, n, k,
                    np.float32(alpha), a.reshape(a.size)[a_start:].ctypes, a.shape[1], b.ctypes, n,
                    np.float32(beta), c[r0:].ctypes, n)
+    return impl
+
+
+def packed_b_bf16(m, n, k):
+    """A buffer for the B operand (k×n bf16) of products op(A)·B with op(A) m×k, packed by
+    pack_b_bf16; after load_bf16()."""
+    return np.empty(-(-_bf16_state["pack_size"](_B_MATRIX, m, n, k) // 2), BF16)
+
+
+def pack_b_bf16(b, packed, m):
+    """packed ← b (k×n bf16) in MKL's layout for products of m rows (gemm_bf16_packed).
+    Compiled code only, after load_bf16()."""
+    raise TypeError("model.blas.pack_b_bf16 is called from numba-compiled code")
+
+
+@overload(pack_b_bf16)
+def _pack_b_bf16(b, packed, m):
+    def impl(b, packed, m):
+        k, n = b.shape
+        _PACK_BF16(_ROW_MAJOR, _B_MATRIX, _NO_TRANS, m, n, k, b.ctypes, n, packed.ctypes)
+    return impl
+
+
+def gemm_bf16_packed(a, packed, c, alpha, beta, trans_a, r0, r1):
+    """gemm_bf16 with its b packed by pack_b_bf16 (the rows r0:r1 may be any block of the m
+    rows it was packed for). Compiled code only, after load_bf16()."""
+    raise TypeError("model.blas.gemm_bf16_packed is called from numba-compiled code")
+
+
+@overload(gemm_bf16_packed)
+def _gemm_bf16_packed(a, packed, c, alpha, beta, trans_a, r0, r1):
+    def impl(a, packed, c, alpha, beta, trans_a, r0, r1):
+        n = c.shape[1]
+        k = a.shape[0] if trans_a else a.shape[1]
+        a_start = r0 if trans_a else r0 * a.shape[1]
+        _COMPUTE_BF16(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _PACKED, r1 - r0, n, k,
+                      np.float32(alpha), a.reshape(a.size)[a_start:].ctypes, a.shape[1],
+                      packed.ctypes, n, np.float32(beta), c[r0:].ctypes, n)
     return impl

@@ -34,9 +34,10 @@ bf16 (TrainConfig.precision, resolved by model.precision): the two large product
 operands (uint16 bits) and accumulate in fp32 (MKL's cblas_gemm_bf16bf16f32, model.blas); the
 gather rounds the batch to bf16 as it normalises it, W1 stays fp32 (the master weights) and its
 bf16 copy is rounded from the backward product's output block by block while the block is in
-cache (scripts/bench.py, bf16_backward_*: on Zen 4 at m = 1024, 0.4–1.0 ms over the backward GEMM
-alone, 0.26–0.32 ms less than that GEMM followed by a separate pass over W1); the small layer
-stays fp32.
+cache, dH packed once into MKL's layout for all the blocks (scripts/bench.py, bf16_backward_*: on
+an Intel Xeon with AMX at m = 1024, 0.36–0.39 ms over the backward GEMM alone, against 2.0–2.2 ms
+for that GEMM followed by a separate pass over W1, and 1.9 ms for blocks that each packed dH
+again); the small layer stays fp32.
 
 Float order: the kernel sums in another order than the NumPy calls it replaced, and W1 is
 c·V rounded; a run's figures move at the float32 round-off level, a seed still gives
@@ -48,7 +49,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from clr_lambda_search.model.blas import BF16, gemm, gemm_bf16, load_bf16
+from clr_lambda_search.model.blas import (BF16, gemm, gemm_bf16, gemm_bf16_packed, load_bf16,
+                                          pack_b_bf16, packed_b_bf16)
 from clr_lambda_search.model.errors import DivergedError
 
 _SIDE, _CHANNELS = 32, 3        # a CIFAR-10 row: 3 colour planes (R, G, B) of 32×32, row-major
@@ -73,6 +75,7 @@ def make_workspace(n_batch, D, m, K, dtype, dropout=0.0, flip=False, shift=0, pr
         "S": np.empty((n_batch, K), dtype=dtype),   # scores, then η/B·(P − Y)
         "dH": np.empty((n_batch, m), dtype=dtype),
         "dH16": np.empty((n_batch, m), dtype=BF16) if bf16 else None,  # dH's bf16 operand
+        "dH16_packed": _packed_dH(n_batch, D, m) if bf16 else None,   # and in MKL's layout
         "bf16": bf16,
         "dropout": float(dropout), "flip": bool(flip), "shift": int(shift),
         # uniform draws u of 16 bits: hidden unit j of sample i is dropped where
@@ -185,14 +188,20 @@ def sgd_step(params, X, y, idx, eta, lam, ws, pixels=None):
     if ws["bf16"]:
         _bf16_ready()
         done = _step(Xb, y, idx, W1, params.bf16_copy(), params["b1"], params["W2"], params["b2"],
-                     eta, lam, params.w1_scale, ws["H"], ws["S"], ws["dH"], ws["dH16"],
-                     ws["draws"], ws["drop_below"], ws["dropout"])
+                     eta, lam, params.w1_scale, ws["H"], ws["S"], ws["dH"],
+                     (ws["dH16"], ws["dH16_packed"]), ws["draws"], ws["drop_below"],
+                     ws["dropout"])
     else:
         done = _step(Xb, y, idx, W1, None, params["b1"], params["W2"], params["b2"], eta, lam,
                      params.w1_scale, ws["H"], ws["S"], ws["dH"], None, ws["draws"],
                      ws["drop_below"], ws["dropout"])
     if not done:
         raise DivergedError("non-finite scores")
+
+
+def _packed_dH(n_batch, D, m):
+    _bf16_ready()
+    return packed_b_bf16(D, m, n_batch)
 
 
 def _bf16_ready():
@@ -355,8 +364,8 @@ def _forward_impl(Xb, W1, W1c, H, c):
 
 
 def _backward(Xb, dH, dH16, W1, W1c, alpha):
-    """V ← V + alpha·X_bᵀ dH: in fp32, or with bf16 operands when W1c is given (dH rounded into
-    dH16, then _backward_bf16)."""
+    """V ← V + alpha·X_bᵀ dH: in fp32, or with bf16 operands when W1c is given (dH16: dH's bf16
+    buffer and MKL's packed one; dH rounded into the first, then _backward_bf16)."""
 
 
 @overload(_backward)
@@ -366,25 +375,31 @@ def _backward_impl(Xb, dH, dH16, W1, W1c, alpha):
 
     def bf16(Xb, dH, dH16, W1, W1c, alpha):
         B = dH.shape[0]
-        _round_bf16(dH, dH16[:B])
-        _backward_bf16(Xb, dH16[:B], W1, W1c, alpha)
+        rounded, packed = dH16
+        _round_bf16(dH, rounded[:B])
+        _backward_bf16(Xb, rounded[:B], packed, W1, W1c, alpha)
     return bf16
 
 
 @njit(cache=True)
-def _backward_bf16(Xb, dH16, V, Vc, alpha):
+def _backward_bf16(Xb, dH16, packed, V, Vc, alpha):
     """V ← V + alpha·X_bᵀ dH (bf16 operands, fp32 V) and Vc ← bf16(V), in blocks of V's rows:
-    each block is rounded while it is still in cache from the product."""
-    D = V.shape[0]
-    for r0 in range(0, D, _BLOCK_ROWS):
-        r1 = min(D, r0 + _BLOCK_ROWS)
-        gemm_bf16(Xb, dH16, V, alpha, 1.0, True, r0, r1)
+    each block is rounded while it is still in cache from the product. dH is packed once into
+    MKL's layout (`packed`, model.blas.packed_b_bf16) for all the blocks' products."""
+    D, m = V.shape
+    pack_b_bf16(dH16, packed, D)
+    rows = max(1, _BLOCK_ELEMENTS // m)
+    for r0 in range(0, D, rows):
+        r1 = min(D, r0 + rows)
+        gemm_bf16_packed(Xb, packed, V, alpha, 1.0, True, r0, r1)
         _round_bf16(V[r0:r1], Vc[r0:r1])
 
 
-# rows of V per product of _backward_bf16 (MKL on Zen 4, m = 50 and 1024, 16..3072 rows tried):
-# fewer calls cost MKL's per-call overhead, larger blocks (1 MB at m = 1024) leave the cache
-_BLOCK_ROWS = 256
+# elements of V per product of _backward_bf16 (0.5 MB: 128 rows at m = 1024), measured with MKL
+# on an Intel Xeon with AMX (m = 50 … 2048, blocks of 32 … 3072 rows): with dH packed once,
+# smaller blocks were no faster and larger ones leave the cache before they are rounded; at
+# m = 50 the same size is 2 products, not 24 (each call costs MKL's own overhead)
+_BLOCK_ELEMENTS = 128 * 1024
 
 
 @njit(cache=True)

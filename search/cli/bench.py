@@ -580,12 +580,13 @@ def _bf16_figures(data, rng, config, repeats, iters):
     for a, a16 in ((X, X16), (W1, W16), (dH, dH16)):
         _round_bf16(a, a16)
     H = np.empty((B, m), np.float32)
+    packed = blas.packed_b_bf16(D, m, B)
     fns = {
         "step16": lambda: next(loop16), "step32": lambda: next(loop32),
         "floor16": lambda: _bf16_floor(X16, W16, H, dH16, W1),
         "floor32": lambda: _fp32_floor(X, W1, H, dH),
         "backward": lambda: _bf16_backward(X16, dH16, W1),
-        "blocked": lambda: _backward_bf16(X16, dH16, W1, W16, -1.0),
+        "blocked": lambda: _backward_bf16(X16, dH16, packed, W1, W16, -1.0),
         "then_pass": lambda: _bf16_backward_then_pass(X16, dH16, W1, W16),
         "copy": lambda: _round_bf16(W1, W16),
     }
