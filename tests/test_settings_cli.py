@@ -105,6 +105,16 @@ def searched_and_fixed(c, key):
     return parts[-1] in c.searched_names() and (parts[0] == "search" or ".config." in key)
 
 
+def refused_with_bf16(c, key):
+    """Whether key changes dtype where the campaign or its section asks for bf16 products
+    (refused: bf16 keeps float32 master weights, and every section inherits [config])."""
+    if not key.endswith("dtype"):
+        return False
+    asked = {settings.get(c, "config.precision"),
+             settings.get(c, key.removesuffix("dtype") + "precision")}
+    return asked != {"fp32"}
+
+
 def comparable(key, value):
     """A value as the campaign holds it: a budget by its text, a start list as a tuple."""
     if key.endswith(".budget"):
@@ -136,6 +146,11 @@ def test_every_key_set_on_the_command_line_lands_in_the_resolved_campaign(name):
         for command in commands_of(c, key):
             if searched_and_fixed(c, key):
                 with pytest.raises(Exception, match="both searched and fixed"):
+                    resolve(command, name, key, text)
+                refused.append(key)
+                continue
+            if refused_with_bf16(c, key):
+                with pytest.raises(Exception, match="precision with dtype"):
                     resolve(command, name, key, text)
                 refused.append(key)
                 continue
