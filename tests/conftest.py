@@ -7,6 +7,7 @@ loader and the scripts read it exactly as they read the official files, in well 
 import hashlib
 import os
 import pickle
+import signal
 import tarfile
 import types
 from pathlib import Path
@@ -34,6 +35,13 @@ CIFAR_ENV = ("CIFAR10_DIR", "CIFAR10_URL", "CIFAR10_MD5", "CIFAR10_CACHE")
 # The scripts read their storage from $OPTUNA_STORAGE when no --storage is given: a user's own
 # must not reach the scripts the tests run.
 os.environ.pop("OPTUNA_STORAGE", None)
+# A shell without job control (CI's background job) starts pytest with SIGINT ignored, and a child
+# inherits an ignored signal through exec: its Python would never raise KeyboardInterrupt. A handled
+# signal is reset to the default by exec, so handling it here gives every child the default. (Not a
+# preexec_fn in each Popen: that forks a pytest that may hold gRPC's threads, and gRPC's fork
+# handlers then abort the child: "epoll_wait error: Bad file descriptor", exit -6.)
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

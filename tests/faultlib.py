@@ -9,7 +9,6 @@ Reading a storage:
   processes have stopped.
 """
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -58,23 +57,16 @@ def search_args(phase, storage, campaign, data_dir=None, *extra):
     return args + [str(a) for a in extra]
 
 
-def _default_sigint():
-    # A shell without job control starts background jobs with SIGINT ignored, and a Python started
-    # with SIGINT ignored never raises KeyboardInterrupt: give the script the default disposition.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def start(args, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE):
     """scripts/search.py ARGS as a child process (cwd = repo root, text mode)."""
     return subprocess.Popen([sys.executable, str(SEARCH), *args], cwd=REPO, env=env,
-                            stdout=stdout, stderr=stderr, text=True, preexec_fn=_default_sigint)
+                            stdout=stdout, stderr=stderr, text=True)
 
 
 def run(args, env, timeout=120):
     """Run scripts/search.py ARGS to the end; CompletedProcess (stdout, stderr as text)."""
     return subprocess.run([sys.executable, str(SEARCH), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=_default_sigint)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def stop(proc):

@@ -84,8 +84,7 @@ def start_pipeline(args, env, log_dir, name):
     out, err = log_dir / f"{name}.stdout", log_dir / f"{name}.stderr"
     with open(out, "w") as o, open(err, "w") as e:
         proc = subprocess.Popen([sys.executable, str(PIPELINE), *map(str, args)], cwd=fl.REPO,
-                                env=env, stdout=o, stderr=e, text=True,
-                                preexec_fn=fl._default_sigint)
+                                env=env, stdout=o, stderr=e, text=True)
     return Runner(proc, out, err, name)
 
 
