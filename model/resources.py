@@ -15,6 +15,7 @@ import numpy as np
 
 from clr_lambda_search.model.batch_files import D, K
 from clr_lambda_search.model.errors import ConfigError, InputError
+from clr_lambda_search.model.step import rounded_rows_bytes
 
 EVAL_BLOCK = 8192      # rows model.train.evaluate works on at a time
 RECORD_BYTES = 2048    # one evaluation record of the history (dicts of floats), generously
@@ -28,14 +29,18 @@ def training_bytes(config, n_features, n_classes, n_train):
     """Bytes one training run allocates besides the data (an upper bound): two copies of the
     params (the run's and the one it returns) and one per cycle (the snapshots a final run keeps
     for its ensemble), the step's workspace of n_batch rows (with dropout's 16-bit draws), an
-    evaluation block, the epoch's permutation and the history's records."""
+    evaluation block, the epoch's permutation, the history's records and, for bf16 products
+    without augmentation, the training rows in bf16."""
     item = np.dtype(config.dtype).itemsize
     m, k = config.m, n_classes
     params = (n_features * m + m + m * k + k) * item
     workspace = config.n_batch * ((n_features + 2 * m + k) * item + 2 * m)
     evaluation = EVAL_BLOCK * (2 * m * item + 3 * k * 8)
     history = (config.cycles * config.evals_per_cycle + 1) * RECORD_BYTES
-    return (2 + config.cycles) * params + workspace + evaluation + 8 * n_train + history
+    rows = 0  # bf16 products without augmentation: the training rows in bf16 (model.step)
+    if config.precision != "fp32" and not config.augment:
+        rows = rounded_rows_bytes((n_train, n_features)) or 0
+    return (2 + config.cycles) * params + workspace + evaluation + 8 * n_train + history + rows
 
 
 def check_memory(config, n_features=None, n_train=50_000, processes=1):

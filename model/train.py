@@ -16,7 +16,8 @@ from clr_lambda_search.model.network import init_params, l2_penalty, scores
 from clr_lambda_search.model.precision import PRECISIONS, resolve_precision
 from clr_lambda_search.model.resources import check_memory
 from clr_lambda_search.model.schedule import cyclic_lr
-from clr_lambda_search.model.step import IMAGE_D, StepParams, can_augment, draw_noise, make_workspace, sgd_step
+from clr_lambda_search.model.step import (IMAGE_D, StepParams, batch_source, can_augment,
+                                          draw_noise, make_workspace, sgd_step)
 
 log = logging.getLogger(__name__)
 DTYPES = ("float32", "float64")
@@ -317,8 +318,8 @@ def updates(params, data, config, rng, ws, state=None):
     updated in place); state: such a dict to continue from (None: step 0).
     params: a model.step.StepParams; ws: its workspace for config (scripts/bench.py times this
     loop). Raises DivergedError naming the step."""
-    X, y = data.train.X, data.train.y
-    N = len(y)
+    X, pixels = batch_source(data.train.X, data.train.pixels, ws)
+    y, N = data.train.y, len(data.train.y)
     state = state or {"t": 0, "epoch": 0, "pos": N, "perm": None}
     while state["t"] < config.total_steps:
         if state["pos"] >= N:  # an epoch starts
@@ -328,7 +329,7 @@ def updates(params, data, config, rng, ws, state=None):
         draw_noise(ws, len(idx), rng)
         try:
             sgd_step(params, X, y, idx, cyclic_lr(t, config.eta_min, config.eta_max, config.n_s),
-                     config.lam, ws, data.train.pixels)
+                     config.lam, ws, pixels)
         except DivergedError:
             raise DivergedError(_diverged_message(config, t + 1)) from None
         state["t"], state["pos"] = t + 1, pos + config.n_batch

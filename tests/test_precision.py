@@ -12,8 +12,12 @@ from conftest import pixel_data
 from clr_lambda_search.model.errors import ConfigError
 from clr_lambda_search.model.network import init_params
 from clr_lambda_search.model.precision import BF16_FLAGS, bf16_missing, resolve_precision
-from clr_lambda_search.model.step import StepParams, _round_bf16, make_workspace, sgd_step
-from clr_lambda_search.model.train import TrainConfig, fit
+from clr_lambda_search.model import step
+from clr_lambda_search.model.schedule import cyclic_lr
+from clr_lambda_search.model.step import (_BLOCK_ELEMENTS, _ONE_PRODUCT_ELEMENTS, StepParams,
+                                          _round_bf16, batch_source, gather_batch, make_workspace,
+                                          sgd_step)
+from clr_lambda_search.model.train import TrainConfig, fit, updates
 
 INTEL = ("GenuineIntel", frozenset({"avx512f", "avx512_bf16"}))
 AMD = ("AuthenticAMD", frozenset({"avx512f", "avx512_bf16"}))
@@ -120,14 +124,15 @@ def test_the_bf16_products_are_bf16_operands_accumulated_in_fp32(pixels):
 
 
 @needs_bf16
-def test_the_bf16_w1_update_is_the_bf16_backward_product():
+@pytest.mark.parametrize("m", [64, 200], ids=["one product", "in blocks"])
+def test_the_bf16_w1_update_is_the_bf16_backward_product(m):
     """The W1 update is −X_bᵀ dH with bf16 operands (dH: the step's own, left in the workspace)
     to fp32 accumulation round-off, and differs from the fp32 product of the same dH by
     1e-4..1e-2 relative. (Against the fp32 step's own update it differs more, ~5% here: the
     forward product's round-off flips the ReLU of units near 0, and a flipped unit's gradient
     row is all or nothing.)"""
     data = pixel_data("float32")
-    params = init_params(data.train.X.shape[1], 64, 10, np.random.default_rng(3), np.float32)
+    params = init_params(data.train.X.shape[1], m, 10, np.random.default_rng(3), np.float32)
     idx = np.arange(100)
     p16, ws = one_step("bf16", params, data, idx, lam=0.0)
     update = (p16["W1"] - params["W1"]).astype(np.float64)
@@ -140,14 +145,18 @@ def test_the_bf16_w1_update_is_the_bf16_backward_product():
 
 
 @needs_bf16
+@pytest.mark.parametrize("m", [40, 200], ids=["one product", "in blocks"])
 @pytest.mark.parametrize("lam", [0.0, 0.01, 2.0], ids=["no decay", "pending", "rescaled"])
-def test_w1s_bf16_copy_is_always_the_rounding_of_w1(lam):
-    """The copy written block by block after the backward product (and by settle) is bf16(V)
-    exactly, after every step, whether the decay is pending, settled or rescaled in the step."""
+def test_w1s_bf16_copy_is_always_the_rounding_of_w1(lam, m):
+    """The copy written after the backward product (block by block for a large W1) and by
+    settle is bf16(V) exactly, after every step, whether the decay is pending, settled or
+    rescaled in the step."""
+    assert (3072 * 40 <= _ONE_PRODUCT_ELEMENTS < 3072 * 200 and
+            3072 * 200 > 2 * _BLOCK_ELEMENTS)  # the ids say what these widths run
     data = pixel_data("float32")
-    params = StepParams(init_params(data.train.X.shape[1], 40, 10, np.random.default_rng(4),
+    params = StepParams(init_params(data.train.X.shape[1], m, 10, np.random.default_rng(4),
                                     np.float32))
-    ws = make_workspace(50, data.train.X.shape[1], 40, 10, np.float32, precision="bf16")
+    ws = make_workspace(50, data.train.X.shape[1], m, 10, np.float32, precision="bf16")
     rng = np.random.default_rng(5)
     for t in range(6):
         sgd_step(params, data.train.X, data.train.y, rng.permutation(300)[:50], 0.02, lam, ws,
@@ -159,6 +168,60 @@ def test_w1s_bf16_copy_is_always_the_rounding_of_w1(lam):
             params.items()  # a read of W1 settles it, and rounds the copy in the same pass
             assert params.w1_scale[0] == 1.0
             np.testing.assert_array_equal(as_float(params.w1_bf16), bf16_reference(V))
+
+
+@pytest.mark.parametrize("pixels", [True, False], ids=["from pixels", "from X"])
+def test_bf16_rows_rounded_once_are_the_batches_rounded_per_step(pixels):
+    """batch_source's bf16 rows give every batch bit for bit as the step rounds it from the
+    pixels (or from X), and no pixels: the step then only copies rows."""
+    data = pixel_data("float32")
+    train = data.train if pixels else dataclasses.replace(data.train, pixels=None)
+    ws = make_workspace(50, train.X.shape[1], 8, 10, np.float32, precision="bf16")
+    rows, rows_pixels = batch_source(train.X, train.pixels, ws)
+    assert rows.dtype == np.uint16 and rows.shape == train.X.shape and rows_pixels is None
+    want, got = np.empty((50, train.X.shape[1]), np.uint16), np.empty((50, train.X.shape[1]),
+                                                                     np.uint16)
+    for idx in (np.random.default_rng(6).permutation(len(train.y))[:50], np.arange(50)):
+        gather_batch(train.X, idx, want, train.pixels)
+        gather_batch(rows, idx, got)
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(as_float(rows), bf16_reference(train.X))
+
+
+@pytest.mark.parametrize("case", ["fp32", "augmented", "too large"])
+def test_bf16_rows_are_made_only_for_bf16_batches_without_moves(case, monkeypatch):
+    data = pixel_data("float32")
+    precision = "fp32" if case == "fp32" else "bf16"
+    if case == "too large":
+        monkeypatch.setattr(step, "ROUNDED_ROWS_BYTES", data.train.X.size * 2 - 1)
+    ws = make_workspace(50, data.train.X.shape[1], 8, 10, np.float32, flip=case == "augmented",
+                        precision=precision)
+    rows, rows_pixels = batch_source(data.train.X, data.train.pixels, ws)
+    assert rows is data.train.X and rows_pixels is data.train.pixels
+
+
+@needs_bf16
+def test_bf16_training_from_rows_is_the_step_on_pixels():
+    """model.train's loop (which gathers from batch_source's rows) updates the params exactly as
+    sgd_step on the pixels does, batch for batch."""
+    data = pixel_data("float32")
+    config = TrainConfig(lam=1e-3, m=16, n_batch=50, eta_max=0.05, n_s=4, cycles=1,
+                         evals_per_cycle=1, precision="bf16")
+    init = init_params(data.train.X.shape[1], 16, 10, np.random.default_rng(7), np.float32)
+    trained, by_step = (StepParams({k: v.copy() for k, v in init.items()}) for _ in range(2))
+    ws = make_workspace(50, data.train.X.shape[1], 16, 10, np.float32, precision="bf16")
+    ws_ref = make_workspace(50, data.train.X.shape[1], 16, 10, np.float32, precision="bf16")
+    rng, ref_rng = np.random.default_rng(8), np.random.default_rng(8)
+    perm, n = None, len(data.train.y)
+    for state in updates(trained, data, config, rng, ws):
+        if state["pos"] == config.n_batch:  # an epoch started: draw its permutation as it did
+            perm = ref_rng.permutation(n)
+        idx = perm[state["pos"] - config.n_batch:state["pos"]]
+        eta = cyclic_lr(state["t"] - 1, config.eta_min, config.eta_max, config.n_s)
+        sgd_step(by_step, data.train.X, data.train.y, idx, eta, config.lam, ws_ref,
+                 data.train.pixels)
+    for key in ("W1", "b1", "W2", "b2"):
+        np.testing.assert_array_equal(trained[key], by_step[key])
 
 
 CURVE = TrainConfig(lam=1e-3, m=64, n_batch=50, eta_max=0.05, n_s=30, cycles=2,
