@@ -33,6 +33,7 @@ from clr_lambda_search.search.budget import Budget
 from clr_lambda_search.search.campaign import load_campaign, validated
 from clr_lambda_search.search.final import train_seed
 from clr_lambda_search.search.phases import SearchPhase, pinned
+from clr_lambda_search.search.samplers import pruner_label
 from clr_lambda_search.search.study import open_storage
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,10 @@ def compare(data, *, campaign="dd2424", overrides=None, seeds=range(5), reeval_s
 
 # ---- the methods -------------------------------------------------------------------------------
 
-def run_service(base, seed, data, storage, workers, progress):
-    """The campaign's phases (not the final run) with sampler seed `seed`: the run's record."""
-    c = dataclasses.replace(base, name=f"service-s{seed}", seed=seed)
+def run_service(base, seed, data, storage, workers, progress, method="service"):
+    """The campaign's phases (not the final run) with sampler seed `seed`: the run's record
+    (its studies named <method>-s<seed>-<phase>)."""
+    c = dataclasses.replace(base, name=f"{method}-s{seed}", seed=seed)
     studies = []
     for phase in c.phases:
         log.info("seed %d: service phase %s", seed, phase.name)
@@ -89,9 +91,11 @@ def run_service(base, seed, data, storage, workers, progress):
         studies.append((phase, study))
     pick, source = core.campaign_best(core.run_context(c, data, storage))
     tagged = [(t, p.confirmable) for p, s in studies for t in ordered(s)]
-    return run_record("service", seed, [t for t, _ in tagged],
-                      incumbents(tagged, final_pick=(pick, source["val_acc"])), pick,
-                      source["val_acc"], [s.study_name for _, s in studies])
+    record_ = run_record(method, seed, [t for t, _ in tagged],
+                         incumbents(tagged, final_pick=(pick, source["val_acc"])), pick,
+                         source["val_acc"], [s.study_name for _, s in studies])
+    record_["phase_updates"] = {p.name: budget.spent(ordered(s), "updates") for p, s in studies}
+    return record_
 
 
 def run_baseline(base, method, seed, amount, data, storage, workers, progress):
@@ -137,6 +141,41 @@ def run_record(method, seed, trials, path, pick, own_val, studies):
     return {"seed": seed, "method": method, "updates": spent, "trials": len(trials),
             "pruned": states.count("PRUNED"), "pick": dict(pick), "own_val": own_val,
             "incumbents": path, "studies": studies}
+
+
+# ---- an early-stopping rule against the campaign's own ------------------------------------------
+
+def compare_rule(data, *, campaign, rule, seeds=range(3), reeval_seeds=REEVAL_SEEDS, storage_dir,
+                 workers=1, progress=None, on_seed=None):
+    """The campaign's search phases with their own pruners ("own") against the same phases with
+    every search phase's pruner replaced by `rule` (a pruner spec, e.g. "hyperband" or "none")
+    and given, as its budget in updates, what "own" spent in that phase ("rule"): equal compute
+    per phase, up to one trial more for the rule. Both picks are re-evaluated on fresh seeds
+    (Scorer); returns {"runs", "differences": {"rule-own:reeval_val": paired(...)}, ...}."""
+    base = load_campaign(campaign) if isinstance(campaign, str) else campaign
+    searched = [p.name for p in base.phases if isinstance(p, SearchPhase)]
+    Path(storage_dir).mkdir(parents=True, exist_ok=True)
+    scorer = Scorer(base, data, reeval_seeds, workers, cache=Path(storage_dir) / "trained.json")
+    runs = []
+    for s in seeds:
+        storage = open_storage(f"sqlite:///{Path(storage_dir) / f'seed{s}.db'}")
+        own = run_service(base, s, data, storage, workers, progress, method="own")
+        variant = settings.apply(base, {
+            **{f"phases.{p}.pruner": rule for p in searched},
+            **{f"phases.{p}.budget": f"{own['phase_updates'][p]:.0f} updates" for p in searched},
+            **{f"phases.{p}.n_trials": MAX_TRIALS for p in searched}})
+        ruled = run_service(variant, s, data, storage, workers, progress, method="rule")
+        scorer.score([own, ruled])
+        runs += [own, ruled]
+        result = {"campaign": base.name, "rule": rule, "own_pruners": {
+                      p: str(pruner_label(base.phase(p).pruner)) for p in searched},
+                  "seeds": sorted({r["seed"] for r in runs}), "reeval_seeds": list(reeval_seeds),
+                  "runs": runs, "differences": {"rule-own:reeval_val": paired(
+                      [r["reeval_val"] for r in runs if r["method"] == "rule"],
+                      [r["reeval_val"] for r in runs if r["method"] == "own"])}}
+        if on_seed:
+            on_seed(result)
+    return result
 
 
 # ---- re-evaluation and test ----------------------------------------------------------------------

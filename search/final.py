@@ -317,10 +317,11 @@ def train_seed(data, config, train_curve=True, on_eval=None, checkpoint=None):
 
 # ---- the results folder -------------------------------------------------------------------------
 
-def final_metrics(runs, params, source, trials=None, study=None):
+def final_metrics(runs, params, source, trials=None, study=None, precision=None):
     """metrics.json: the chosen parameters and where they came from, per-seed accuracies, test
     mean ± std, and the test accuracy of each seed's snapshot ensemble (one member per cycle)
-    and their mean; the final study and its trials it was written from. (config.json holds the
+    and their mean; the final study and its trials it was written from, and the precision its
+    products were computed in (the study's, resolved: fp32 or bf16). (config.json holds the
     whole TrainConfig that was trained.)"""
     test = [r["test"]["acc"] for r in runs]
     ensemble = [r["test_ensemble"]["acc"] for r in runs]
@@ -337,6 +338,7 @@ def final_metrics(runs, params, source, trials=None, study=None):
         "seconds": round(sum(r["seconds"] for r in runs), 2),
         **({"trials": trials} if trials is not None else {}),
         **({"final_study": study} if study is not None else {}),
+        **({"precision": precision} if precision is not None else {}),
     }
 
 
@@ -357,7 +359,8 @@ def publish(run, study, out, protect=()):
             return shown["metrics"]
         store = _store(artifact_dir(out))
         runs = [_run_of(t, store, run.storage) for t in trials]
-        metrics = final_metrics(runs, rec.pick, rec.source, numbers, study.study_name)
+        metrics = final_metrics(runs, rec.pick, rec.source, numbers, study.study_name,
+                                rec.precision)
         config = TrainConfig(**{k: v for k, v in rec.config.items() if k != "seed"})
         tagged = [(f"_seed{r['seed']}", r["params"], r["history"]) for r in runs]
         config = dataclasses.replace(config, seed=rec.seeds[0])

@@ -453,11 +453,15 @@ def pinned(config):
 
 
 def finished(storage, campaign, phase):
-    """Whether the phase's study holds its n_trials done trials."""
+    """Whether the phase's study holds its n_trials done trials, or has spent its budget."""
     name = phase.study_name(campaign.name)
     if name not in optuna.get_all_study_names(storage):
         return False
     study = optuna.load_study(study_name=name, storage=storage)
+    spend = getattr(phase, "budget", None)
+    if spend is not None and budget.spent(study.get_trials(deepcopy=False),
+                                          spend.unit) >= spend.amount:
+        return True
     # the trials it was run to (scripts/search.py coarse --n-trials 4), else the campaign's
     return n_done(study) >= (record.read(study).n_trials or phase.trials)
 
@@ -469,7 +473,10 @@ def require_finished(storage, campaign, name, needed_by):
         have = (n_done(optuna.load_study(study_name=study, storage=storage))
                 if study in optuna.get_all_study_names(storage) else 0)
         raise InputError(f"phase {needed_by} is derived from phase {name}, which is not finished "
-                         f"({have} of {phase.trials} complete trials in {study}): run or resume "
+                         f"({have} of {phase.trials} complete trials in {study}"
+                         + (f", its budget of {phase.budget} not spent"
+                            if getattr(phase, "budget", None) is not None else "")
+                         + "): run or resume "
                          f"phase {name} first")
 
 

@@ -97,6 +97,8 @@ def test_a_campaign_searches_one_field_coarse_then_narrowed_then_final(ran):
     metrics = json.loads((final_dir / "metrics.json").read_text())
     assert config[name] == best.params[name] and metrics["params"] == {name: best.params[name]}
     assert ran["pipe"]["final"]["params"] == {name: best.params[name]}
+    # the precision the products ran in, in the summary and the metrics (fp32: these campaigns')
+    assert ran["pipe"]["final"]["precision"] == metrics["precision"] == config["precision"] == "fp32"
     if name == "m":  # the trained W1 has the best m hidden units
         import numpy as np
         with np.load(next(final_dir.glob("params*.npz"))) as z:

@@ -1,10 +1,12 @@
 """The comparison with plain Optuna (search.compare), on tiny data: one seed, a tiny budget."""
 import json
+import tomllib
 
 import numpy as np
 import pytest
 
 from clr_lambda_search.search import compare
+from clr_lambda_search.search.campaign import locate, parse_campaign
 
 TINY = {"search.n_s": 5, "search.cycles": 1, "search.n_batch": 10, "search.eval_train_samples": 0,
         "phases.coarse.n_trials": 4, "phases.fine.n_trials": 3, "phases.confirm.seeds": 2,
@@ -47,6 +49,32 @@ def test_compare_spends_equal_updates_and_reports_every_method(tiny_data, tmp_pa
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def tiny_compare4():
+    """The shipped 4-parameter campaign with its n_s and n_batch ranges shrunk to tiny data."""
+    raw = tomllib.loads(locate("compare4").read_text())
+    coarse = raw["phases"][0]["params"]
+    assert sorted(coarse) == ["eta_max", "lam", "n_batch", "n_s"]  # the space the docs name
+    coarse.update(n_s={"low": 4, "high": 6, "step": 1}, n_batch={"choices": [5, 10]})
+    raw["config"]["precision"] = "fp32"  # D = 20: bf16 products are for the real widths
+    return parse_campaign(raw)
+
+
+@pytest.mark.timeout(300)
+def test_compare_on_the_four_parameter_campaign(tiny_data, tmp_path):
+    tiny = {k: v for k, v in TINY.items() if k not in ("search.n_s", "search.n_batch")}
+    result = compare.compare(tiny_data, campaign=tiny_compare4(), overrides=tiny, seeds=[0],
+                             reeval_seeds=(2000,), storage_dir=tmp_path / "db", workers=1,
+                             final=False)
+    runs = {r["method"]: r for r in result["runs"]}
+    longest = 2 * 6 * 1  # the costliest trial: 1 cycle of n_s = 6, in updates
+    for m in compare.BASELINES:
+        assert runs["service"]["updates"] <= runs[m]["updates"] < runs["service"]["updates"] + longest
+        # the baselines search the same four parameters
+        assert sorted(runs[m]["pick"]) == ["eta_max", "lam", "n_batch", "n_s"]
+    assert sorted(runs["service"]["pick"]) == ["eta_max", "lam", "n_batch", "n_s"]
+    assert result["campaign"] == "compare4"
+
+
 def test_paired_differences_have_a_t_interval():
     row = compare.paired([0.52, 0.51, 0.53], [0.50, 0.50, 0.50])
     assert np.isclose(row["mean"], 0.02) and row["ci95"][0] < 0.02 < row["ci95"][1]
@@ -75,3 +103,26 @@ def test_bench_search_needs_cifar(no_cifar_env, tmp_path):
     with pytest.raises(ConfigError, match="needs CIFAR-10"):
         bench.search_main(args)
     assert not (tmp_path / "c.json").exists()
+
+
+@pytest.mark.timeout(300)
+def test_a_rule_runs_at_the_campaigns_own_spend_per_phase(tiny_data, tmp_path):
+    # dd2424's search phases with their margin-median pruner ("own") against no pruner ("rule"),
+    # each rule phase given what own spent in it: never less, at most one trial more
+    tiny = {**TINY, "phases.confirm.seeds": 2}
+    from clr_lambda_search.search import settings
+    from clr_lambda_search.search.campaign import load_campaign
+
+    c = settings.apply(load_campaign("dd2424"), tiny)
+    result = compare.compare_rule(tiny_data, campaign=c, rule="none", seeds=[1],
+                                  reeval_seeds=(2000,), storage_dir=tmp_path / "db")
+    own, rule = result["runs"]
+    assert (own["method"], rule["method"]) == ("own", "rule") and rule["pruned"] == 0
+    trial = 2 * 5 * 1
+    for phase in ("coarse", "fine"):
+        assert own["phase_updates"][phase] <= rule["phase_updates"][phase] \
+            < own["phase_updates"][phase] + trial
+    assert "confirm" in own["phase_updates"] and result["own_pruners"]["coarse"] == "median"
+    d = result["differences"]["rule-own:reeval_val"]
+    assert d["n"] == 1 and np.isclose(d["mean"], rule["reeval_val"] - own["reeval_val"])
+    json.dumps(result, allow_nan=False)

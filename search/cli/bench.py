@@ -174,18 +174,25 @@ def parse_args(argv=None):
                    help="worker processes (compute is counted in updates: they change the wall "
                         "time only)")
     g.add_argument("--no-final", action="store_true", help="skip the picks' test trainings")
+    g.add_argument("--rule", default=None, metavar="PRUNER",
+                   help="instead: the campaign's own pruners against this one (e.g. hyperband, "
+                        "none) in every search phase, at equal updates per phase (no test "
+                        "trainings, no figure)")
     g.add_argument("--storage-dir", default=None,
                    help="keep the studies here, one SQLite file per seed (a rerun resumes them; "
                         "default: a temporary folder)")
     g.add_argument("--out", default="docs/search-comparison.json", help="the numbers (JSON)")
     g.add_argument("--figure", default="docs/search-comparison.png", help="the anytime curve (PNG)")
-    add_set_arg(p, "final.seeds=1: a setting of the default campaign, whose whole pipeline the "
-                   "full benchmark times (the other figures time fixed shapes) and which --search "
-                   "compares")
+    p.add_argument("--config", default=DEFAULT,
+                   help="the campaign (a file, or a shipped one's name) whose whole pipeline the "
+                        "full benchmark times (the other figures time fixed shapes) and which "
+                        f"--search compares (default {DEFAULT}; --search compare4: the 4-parameter "
+                        "space)")
+    add_set_arg(p, "final.seeds=1: a setting of the --config campaign")
     add_common_args(p)
     args = p.parse_args(argv)
     p.require_seed(args, "seed")
-    args.campaign = settings.apply(CAMPAIGN, settings.parse_pairs(args.set))
+    args.campaign = settings.apply(load_campaign(args.config), settings.parse_pairs(args.set))
     if args.search:
         p.require_positive(args, "campaign_seeds", "reeval_seeds", "workers")
         p.require_seed(args, "first_seed", args.campaign_seeds)
@@ -646,17 +653,37 @@ def search_main(args):
     data = load_cifar10(args.data_dir, n_val=args.n_val, dtype="float32")
     seeds = range(args.first_seed, args.first_seed + args.campaign_seeds)
     reeval = tuple(REEVAL_SEEDS[0] + i for i in range(args.reeval_seeds))
-    def save(result):  # after every seed: a long run that stops early keeps what it measured
+    def save_rule(result):  # after every seed: a long run that stops early keeps what it measured
         result.update(data=f"CIFAR-10 ({data.source})", command=" ".join(sys.argv))
         Path(args.out).write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+
+    def save(result):
+        save_rule(result)
         compare.plot_anytime(result, args.figure)
 
     with tempfile.TemporaryDirectory() as tmp:
+        if args.rule is not None:
+            result = compare.compare_rule(data, campaign=c, rule=args.rule, seeds=seeds,
+                                          reeval_seeds=reeval, storage_dir=args.storage_dir or tmp,
+                                          workers=args.workers, on_seed=save_rule)
+            emit(result, args, rule_table(result))
+            return 0
         result = compare.compare(data, campaign=c, seeds=seeds, reeval_seeds=reeval,
                                  storage_dir=args.storage_dir or tmp, workers=args.workers,
                                  final=not args.no_final, on_seed=save)
     emit(result, args, search_table(result))
     return 0
+
+
+def rule_table(result):
+    """--rule's lines: each run, then the paired difference."""
+    lines = [f"{r['method']:>4} seed {r['seed']}: {r['trials']} trials ({r['pruned']} pruned), "
+             f"{r['updates']:,.0f} updates, re-evaluated val {r['reeval_val']:.4f}"
+             for r in result["runs"]]
+    d = result["differences"]["rule-own:reeval_val"]
+    ci = (f" [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]" if d["ci95"] else "")
+    return "\n".join(lines + [f"{result['rule']} − own ({result['own_pruners']}): "
+                              f"{100 * d['mean']:+.2f} points{ci} (95% CI, {d['n']} paired seeds)"])
 
 
 def search_table(result):

@@ -100,8 +100,10 @@ def summary_text(s):
                      + (f"{format_params(b['params'])}, val acc {b['val_acc']:.4f}" if b else "—"))
     if s["verdict"]:
         lines.append(f"  verdict: {s['verdict']['sentence']}")
-    lines += [f"  final {format_params(f['params'])}: test accuracy {f['test_acc_mean']:.4f} ± "
-              f"{f['test_acc_std']:.4f} over {len(f['test_acc'])} seeds {f['test_acc']}",
+    products = f" ({f['precision']} products)" if f.get("precision") else ""
+    lines += [f"  final {format_params(f['params'])}{products}: test accuracy "
+              f"{f['test_acc_mean']:.4f} ± {f['test_acc_std']:.4f} over {len(f['test_acc'])} seeds "
+              f"{f['test_acc']}",
               f"  outputs: {s['outputs']['final']}/ (params, histories, metrics, figures), "
               f"{s['outputs']['dashboard']}"]
     return "\n".join(lines)
@@ -116,7 +118,8 @@ def summary_of(result, storage_text):
             "verdict": result.verdict,
             "final": {"params": f["params"], "source": f["source"],
                       "test_acc": [s["test_acc"] for s in f["seeds"]],
-                      "test_acc_mean": f["test_acc_mean"], "test_acc_std": f["test_acc_std"]},
+                      "test_acc_mean": f["test_acc_mean"], "test_acc_std": f["test_acc_std"],
+                      "precision": f.get("precision")},
             "outputs": result.outputs, "seconds": result.seconds}
 
 
