@@ -85,7 +85,7 @@ def run_service(base, seed, data, storage, workers, progress, method="service"):
     c = dataclasses.replace(base, name=f"{method}-s{seed}", seed=seed)
     studies = []
     for phase in c.phases:
-        log.info("seed %d: service phase %s", seed, phase.name)
+        log.info("seed %d: %s phase %s", seed, method, phase.name)
         study, _ = core.run_phase(c, phase.name, data, storage, workers=workers,
                                   progress=progress)
         studies.append((phase, study))

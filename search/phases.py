@@ -447,9 +447,13 @@ def pinned(config):
     study records and pins, so that one study never mixes bf16 and fp32 trials (a runner that
     resolves it otherwise is refused when it opens the study)."""
     precision, why = resolve_precision(config.precision)
-    if precision != config.precision:
+    if precision != config.precision and (config.precision, precision) not in _SAID:
+        _SAID.add((config.precision, precision))  # once per process, not once per phase config
         log.info("precision %s resolved to %s (%s)", config.precision, precision, why)
     return dataclasses.replace(config, precision=precision)
+
+
+_SAID = set()  # the (requested, resolved) precisions pinned() has logged
 
 
 def finished(storage, campaign, phase):

@@ -180,7 +180,8 @@ def study_text(rep):
              f"   {'ran' if rep.get('confirm') else 'space'}: {rep['spec']}"]
     if rep["narrowed"]:
         n = rep["narrowed"]
-        lines.append(f"   narrowed from {n['from_study']} trials {n['from_trials']} ({n['rule']})")
+        # (the rule is in the spec above already)
+        lines.append(f"   narrowed from {n['from_study']} trials {n['from_trials']}")
     lines.append(f"   {'#':>4} " + "".join(f"{n:>10} " for n in names)
                  + f"{'state':>9} {'val acc':>16} {'val loss':>9} {'train acc':>9} {'s':>6}")
     for r in rep["trials"]:
