@@ -44,6 +44,27 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+REPO_STUDIES = Path(__file__).resolve().parents[1] / "studies"
+
+
+def _studies_listing():
+    return {(p.name, p.stat().st_mtime_ns) for p in REPO_STUDIES.iterdir()} \
+        if REPO_STUDIES.is_dir() else set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repo_studies_untouched():
+    """No test writes the project's own studies/ (the default storage of a script run from the
+    repo without --storage: a user's real studies live there). A test that forgets --storage
+    fails the session here."""
+    before = _studies_listing()
+    yield
+    changed = sorted(name for name, _ in _studies_listing() ^ before)
+    if changed:
+        pytest.fail(f"tests wrote the repo's studies/ ({', '.join(changed)}): give every script "
+                    "a --storage and --out in tmp_path", pytrace=False)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -38,7 +38,8 @@ def test_sigterm_stops_the_final_run_and_its_seed_processes(cifar_tiny_dir, tmp_
     out = tmp_path / "final"
     proc = start("final.py", ["--lam", "0.01", "--seeds", "3", "--workers", "2", "--n-val", "20",
                               "--n-s", "20000", "--cycles", "1", "--n-batch", "20", "--data-dir",
-                              str(cifar_tiny_dir.batches), "--out", str(out), "-q"], tmp_path)
+                              str(cifar_tiny_dir.batches), "--out", str(out), "--storage",
+                              f"sqlite:///{tmp_path / 's.db'}", "-q"], tmp_path)
     try:
         seeds = wait_until(lambda: len(children(proc.pid)) >= 3 and children(proc.pid), 60)
         assert seeds, proc.communicate()[1][-2000:]
