@@ -57,15 +57,29 @@ def search_args(phase, storage, campaign, data_dir=None, *extra):
     return args + [str(a) for a in extra]
 
 
+# The child's Python handles SIGINT itself before it runs the script, whatever disposition it
+# inherited (a shell without job control starts pytest with SIGINT ignored, and an ignored signal
+# survives exec): the tests that Ctrl-C a script do not depend on the pytest process's state. Not
+# a preexec_fn: that forks pytest and runs Python in the child, which gRPC's fork handlers can
+# abort once gRPC is loaded in pytest (see conftest).
+_LAUNCH = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+           "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def script_command(script, args):
+    """The command line of `python script ARGS` with SIGINT handled (see _LAUNCH)."""
+    return [sys.executable, "-c", _LAUNCH, str(script), *map(str, args)]
+
+
 def start(args, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE):
     """scripts/search.py ARGS as a child process (cwd = repo root, text mode)."""
-    return subprocess.Popen([sys.executable, str(SEARCH), *args], cwd=REPO, env=env,
+    return subprocess.Popen(script_command(SEARCH, args), cwd=REPO, env=env,
                             stdout=stdout, stderr=stderr, text=True)
 
 
 def run(args, env, timeout=120):
     """Run scripts/search.py ARGS to the end; CompletedProcess (stdout, stderr as text)."""
-    return subprocess.run([sys.executable, str(SEARCH), *args], cwd=REPO, env=env,
+    return subprocess.run(script_command(SEARCH, args), cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
