@@ -653,19 +653,19 @@ def search_main(args):
     data = load_cifar10(args.data_dir, n_val=args.n_val, dtype="float32")
     seeds = range(args.first_seed, args.first_seed + args.campaign_seeds)
     reeval = tuple(REEVAL_SEEDS[0] + i for i in range(args.reeval_seeds))
-    def save_rule(result):  # after every seed: a long run that stops early keeps what it measured
+    def write_json(result):  # after every seed: a long run that stops early keeps what it measured
         result.update(data=f"CIFAR-10 ({data.source})", command=" ".join(sys.argv))
         Path(args.out).write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
 
     def save(result):
-        save_rule(result)
+        write_json(result)
         compare.plot_anytime(result, args.figure)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.rule is not None:
             result = compare.compare_rule(data, campaign=c, rule=args.rule, seeds=seeds,
                                           reeval_seeds=reeval, storage_dir=args.storage_dir or tmp,
-                                          workers=args.workers, on_seed=save_rule)
+                                          workers=args.workers, on_seed=write_json)
             emit(result, args, rule_table(result))
             return 0
         result = compare.compare(data, campaign=c, seeds=seeds, reeval_seeds=reeval,
