@@ -85,10 +85,26 @@ def test_rounding_to_bf16_is_to_nearest_even_and_keeps_nan_and_inf():
     np.testing.assert_array_equal(as_float(out), bf16_reference(a))
     assert as_float(out)[-5:-3].tolist() == [1.0, 1.0 + 4 * 2**-8]  # ties go to the even one
     # NaNs whose payload sits only in the low bits would round to inf: they stay NaN
-    nans = np.array([0x7F800001, 0xFF800001, 0x7FC00000], np.uint32).view(np.float32)
-    got = np.empty(3, np.uint16)
+    # and those whose high payload bits are all set would carry into the sign bit (±0)
+    nans = np.array([0x7F800001, 0xFF800001, 0x7FC00000, 0x7FFFFFFF, 0xFFFFFFFF],
+                    np.uint32).view(np.float32)
+    got = np.empty(nans.shape, np.uint16)
     _round_bf16(nans, got)
     assert np.isnan(as_float(got)).all()
+
+
+def test_rounding_to_bf16_of_any_bit_pattern():
+    """Every class of float32 (denormals, NaN payloads, both signs) from random bits, in blocks
+    that are not a multiple of a vector's lanes: the compiled rounding is the reference, and a
+    NaN keeps its sign and high payload bits, quieted."""
+    bits = np.random.default_rng(1).integers(0, 2**32, 100_003, dtype=np.uint64).astype(np.uint32)
+    a = bits.view(np.float32)
+    out = np.empty(a.shape, np.uint16)
+    _round_bf16(a, out)
+    nan = np.isnan(a)
+    assert 0 < nan.sum() < a.size  # the draw reaches both kinds
+    np.testing.assert_array_equal(as_float(out[~nan]), bf16_reference(a[~nan]))
+    np.testing.assert_array_equal(out[nan], ((bits[nan] >> 16) | 0x40).astype(np.uint16))
 
 
 def one_step(precision, params, data, idx, eta=0.05, lam=0.01):

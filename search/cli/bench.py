@@ -593,7 +593,7 @@ def _bf16_figures(data, rng, config, repeats, iters):
         "floor16": lambda: _bf16_floor(X16, W16, H, dH16, W1),
         "floor32": lambda: _fp32_floor(X, W1, H, dH),
         "backward": lambda: _bf16_backward(X16, dH16, W1),
-        "blocked": lambda: _backward_bf16(X16, dH16, packed, W1, W16, -1.0),
+        "blocked": lambda: _backward_bf16(X16, dH16, packed, W1, W16),
         "then_pass": lambda: _bf16_backward_then_pass(X16, dH16, W1, W16),
         "copy": lambda: _round_bf16(W1, W16),
     }
