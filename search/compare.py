@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-from scipy import stats
 
 from clr_lambda_search.model.train import fit
 from clr_lambda_search.search import budget, core, record, settings
 from clr_lambda_search.search.budget import Budget
 from clr_lambda_search.search.campaign import load_campaign, validated
+from clr_lambda_search.search.confirm import ttest_rel
 from clr_lambda_search.search.final import train_seed
 from clr_lambda_search.search.phases import SearchPhase, pinned
 from clr_lambda_search.search.samplers import pruner_label
@@ -329,7 +329,7 @@ def paired(a, b):
     row = {"mean": float(np.mean(d)), "per_seed": [float(x) for x in d], "n": len(d),
            "ci95": None, "p": None}
     if len(d) >= 2 and np.std(d) > 0:
-        t = stats.ttest_rel(a, b)
+        t = ttest_rel(a, b)
         ci = t.confidence_interval(0.95)
         row.update(ci95=[float(ci.low), float(ci.high)], p=float(t.pvalue))
     return row

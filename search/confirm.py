@@ -27,7 +27,6 @@ import math
 import warnings
 
 import numpy as np
-from scipy import stats
 
 CONFIDENCE = 0.95
 ALPHA_DROP = 0.1    # one-sided p below which the leader drops a configuration (after every seed)
@@ -99,7 +98,7 @@ def one_sided_p(a, b):
     if len(a) < 2:
         return 1.0
     with _quiet():
-        p = float(stats.ttest_rel(a, b, alternative="greater").pvalue)
+        p = float(ttest_rel(a, b, alternative="greater").pvalue)
     return 1.0 if math.isnan(p) else p
 
 
@@ -111,9 +110,17 @@ def paired_interval(a, b, confidence=CONFIDENCE):
         return float(np.mean(a - b)) if len(a) else 0.0, math.inf
     diff = float(np.mean(a - b))
     with _quiet():
-        ci = stats.ttest_rel(a, b).confidence_interval(confidence)
+        ci = ttest_rel(a, b).confidence_interval(confidence)
     half = (ci.high - ci.low) / 2
     return diff, 0.0 if math.isnan(half) else float(half)
+
+
+def ttest_rel(a, b, **kwargs):
+    """scipy.stats.ttest_rel, imported on the first test: scipy.stats takes ~1 s to import,
+    which every script's start (an error message, --help) paid before."""
+    from scipy import stats
+
+    return stats.ttest_rel(a, b, **kwargs)
 
 
 def _common(a, b):
