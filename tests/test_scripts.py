@@ -214,3 +214,14 @@ def test_train_folder_name_covers_every_non_default_setting(tmp_path):
     check_same_run(tmp_path, TrainConfig())  # a re-run of the same settings may replace it
     with pytest.raises(InputError, match=r"other settings \(m 50 \(now 512\)\)"):
         check_same_run(tmp_path, TrainConfig(m=512))
+
+
+def test_a_script_starts_without_importing_scipy_stats():
+    """scipy.stats costs ~1 s to import, paid by every start (an error, --help): the scripts'
+    modules take it on their first t-test (search.confirm.ttest_rel)."""
+    code = ("import sys; import clr_lambda_search.search.cli.command, "
+            "clr_lambda_search.search.cli.pipeline, clr_lambda_search.search.compare; "
+            "print('scipy.stats' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"
