@@ -21,7 +21,6 @@ rename it here too):
 import json
 import math
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +82,7 @@ def start_pipeline(args, env, log_dir, name):
     log_dir.mkdir(parents=True, exist_ok=True)
     out, err = log_dir / f"{name}.stdout", log_dir / f"{name}.stderr"
     with open(out, "w") as o, open(err, "w") as e:
-        proc = subprocess.Popen([sys.executable, str(PIPELINE), *map(str, args)], cwd=fl.REPO,
+        proc = subprocess.Popen(fl.script_command(PIPELINE, args), cwd=fl.REPO,
                                 env=env, stdout=o, stderr=e, text=True)
     return Runner(proc, out, err, name)
 

@@ -4,7 +4,6 @@ during a search: tests/test_faults.py, for the FAULTS line.)"""
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -12,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from test_cli_errors import script_env
+from faultlib import script_command
 from test_faults import alive, children
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def start(script, args, cache):
-    return subprocess.Popen([sys.executable, str(REPO / "scripts" / script), *args], cwd=REPO,
+    return subprocess.Popen(script_command(REPO / "scripts" / script, args), cwd=REPO,
                             env=script_env(cache), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
