@@ -291,11 +291,11 @@ def _step(Xb, y, idx, W1, W1c, b1, W2, b2, eta, lam, w1_scale, H, S, dH, dH16, d
     scale = eta / B                         # turns the gradients into update steps
     decay = 1.0 - 2.0 * eta * lam           # the L2 term
     c = w1_scale[0]
-    left = _forward(Xb, W1, W1c, H, c)      # X_b W1, but for a factor `left` of it
+    _forward(Xb, W1, W1c, H, c)             # X_b W1
     if p > 0.0:
-        _relu_dropout(H, left, b1, draws, drop_below, 1.0 / (1.0 - p))
+        _relu_dropout(H, b1, draws, drop_below, 1.0 / (1.0 - p))
     else:
-        _relu(H, left, b1)
+        _relu(H, b1)
     gemm(H, W2, S, 1.0, 0.0)
     finite = True
     for i in range(B):                      # S ← scale·(softmax(H W2 + b2) − onehot(y))
@@ -346,23 +346,23 @@ _RESCALE_BELOW = 1e-4  # keeps V = W1 / c and the GEMM's α = 1/c far from float
 
 
 @njit(cache=True)
-def _relu(H, c, b1):
-    """H ← relu(c·H + b1), NaN kept (max() would drop it). (c = 1 is exact: fp32's loop.)"""
+def _relu(H, b1):
+    """H ← relu(H + b1), NaN kept (max() would drop it)."""
     for i in range(H.shape[0]):
         h = H[i]
         for j in range(h.shape[0]):
-            v = h[j] * c + b1[j]
+            v = h[j] + b1[j]
             h[j] = 0.0 if v < 0.0 else v
 
 
 @njit(cache=True)
-def _relu_dropout(H, c, b1, draws, drop_below, kept):
-    """H ← relu(c·H + b1)·mask, the mask 0 where draws < drop_below and `kept` elsewhere; a NaN
+def _relu_dropout(H, b1, draws, drop_below, kept):
+    """H ← relu(H + b1)·mask, the mask 0 where draws < drop_below and `kept` elsewhere; a NaN
     stays NaN (NaN·0 is NaN), so that a diverged W1 still reaches the scores."""
     for i in range(H.shape[0]):
         h, u = H[i], draws[i]
         for j in range(h.shape[0]):
-            v = h[j] * c + b1[j]
+            v = h[j] + b1[j]
             v = 0.0 if v < 0.0 else v
             h[j] = v * kept if u[j] >= drop_below else v * 0.0
 
@@ -378,24 +378,14 @@ def _rescale(W, w_scale):
 
 
 def _forward(Xb, W1, W1c, H, c):
-    """H ← c·X_b W1 and returns 1 (fp32), or, with bf16 operands (Xb and W1's copy W1c) when
-    W1c is given, H ← X_b W1 and returns c: the factor left for the ReLU's pass to apply."""
+    """H ← c·X_b W1: in fp32, or with bf16 operands (Xb and W1's copy W1c) when W1c is given."""
 
 
 @overload(_forward)
 def _forward_impl(Xb, W1, W1c, H, c):
     if isinstance(W1c, types.NoneType):
-        def fp32(Xb, W1, W1c, H, c):
-            gemm(Xb, W1, H, c, 0.0)
-            return 1.0
-        return fp32
-
-    def bf16(Xb, W1, W1c, H, c):
-        # MKL's bf16 GEMM with α ≠ 1 scales C in a pass of its own (m = 50: +0.1 ms, ~2× the
-        # product; m = 1024: +15%); a multiply in the ReLU's pass costs nothing measurable
-        gemm_bf16(Xb, W1c, H, 1.0, 0.0, False, 0, H.shape[0])
-        return c
-    return bf16
+        return lambda Xb, W1, W1c, H, c: gemm(Xb, W1, H, c, 0.0)
+    return lambda Xb, W1, W1c, H, c: gemm_bf16(Xb, W1c, H, c, 0.0, False, 0, H.shape[0])
 
 
 def _backward(Xb, dH, dH16, W1, W1c, alpha):
@@ -409,7 +399,9 @@ def _backward_impl(Xb, dH, dH16, W1, W1c, alpha):
         return lambda Xb, dH, dH16, W1, W1c, alpha: gemm(Xb, dH, W1, alpha, 1.0, trans_a=True)
 
     def bf16(Xb, dH, dH16, W1, W1c, alpha):
-        # alpha goes into dH's rounding, not into the GEMM: see _forward's bf16
+        # alpha goes into dH's rounding, not into the GEMM: MKL's unpacked bf16 GEMM with β = 1
+        # and α ≠ 1 makes a pass over V of its own (the one product at m = 50: 0.16 ms against
+        # 0.115 with α = 1); bf16(α·dH) costs nothing measurable over bf16(dH)
         B = dH.shape[0]
         rounded, packed = dH16
         _round_scaled_bf16(dH, alpha, rounded[:B])
@@ -488,7 +480,7 @@ def _bf16(v):
 @intrinsic
 def _bf16_bits(typingctx, x):
     """_bf16 in LLVM IR: written in Python, numba widens uint32 arithmetic to 64 bits, which
-    halves the vector lanes of every rounding loop (W1's copy at m = 50: 0.051 → 0.036 ms here);
+    halves the vector lanes of every rounding loop (W1's copy at m = 50: 0.037 → 0.026 ms here);
     the NaN test is one unordered compare. Plain integer IR: no CPU-specific instruction."""
     def codegen(context, builder, signature, args):
         i32 = ir.IntType(32)
