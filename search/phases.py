@@ -9,6 +9,7 @@ phase finished skips it; a narrowed or confirm phase whose source changed after 
 refuses to go on (StalePhase) until it is retired (search.core.retire).
 """
 import dataclasses
+import json
 import logging
 import typing
 import warnings
@@ -147,12 +148,15 @@ class SearchPhase(Phase):
         sampler = sampler if not isinstance(self.sampler, optuna.samplers.BaseSampler) else None
         pruner = pruner if not isinstance(self.pruner, optuna.pruners.BasePruner) else None
         if sampler is not None or pruner is not None:
-            try:
-                exercise(sampler or optuna.samplers.RandomSampler(seed=0),
-                         pruner or optuna.pruners.NopPruner(), self.base_space(campaign), config,
-                         self.n_trials, suggest)
-            except ConfigError as e:
-                fail(e.key, str(e))
+            key = _exercise_key(self, campaign, config, sampler is not None, pruner is not None)
+            if key not in _EXERCISED:
+                try:
+                    exercise(sampler or optuna.samplers.RandomSampler(seed=0),
+                             pruner or optuna.pruners.NopPruner(), self.base_space(campaign),
+                             config, self.n_trials, suggest)
+                except ConfigError as e:
+                    fail(e.key, str(e))
+                _EXERCISED.add(key)
 
     def to_dict(self):
         return {"name": self.name, "kind": self.kind, "n_trials": self.n_trials,
@@ -425,6 +429,22 @@ def _refs(pairs):
 def _is_grid(sampler):
     return sampler in ("grid", "GridSampler") or (
         isinstance(sampler, dict) and sampler.get("name") in ("grid", "GridSampler"))
+
+
+# What search.samplers.exercise passed in this process: a campaign is validated on every load and
+# every --set, the same phases again and again, and an exercise costs ~16 ms of Optuna trials.
+_EXERCISED = set()
+
+
+def _exercise_key(phase, campaign, config, named_sampler, named_pruner):
+    """Everything exercise's outcome depends on: the sampler as make_sampler builds it (spec,
+    seed, grid, phase index), the pruner's spec, the space, the phase's config (the pruner's and
+    the reports' steps) and its trials. A sampler or pruner object is not in it (a stand-in
+    is exercised)."""
+    return json.dumps([phase.sampler if named_sampler else None, campaign.seed, phase.grid,
+                       campaign.index(phase.name), phase.pruner if named_pruner else None,
+                       space_to_dict(phase.base_space(campaign)), dataclasses.asdict(config),
+                       phase.n_trials], sort_keys=True, default=repr)
 
 
 def _check(fn, key, fail):

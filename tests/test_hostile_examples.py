@@ -21,7 +21,7 @@ from clr_lambda_search.model.checkpoint import load_json, load_params
 from clr_lambda_search.model.dataset import load_cifar10
 from clr_lambda_search.model.errors import ConfigError, DataError, InputError
 from clr_lambda_search.model.train import SEED_LIMIT, TrainConfig
-from clr_lambda_search.search import record, settings
+from clr_lambda_search.search import phases, record, settings
 from clr_lambda_search.search.api import run_phase as api_run_phase
 from clr_lambda_search.search.campaign import Campaign, load_campaign, parse_campaign
 from clr_lambda_search.search.core import run_final, run_phase
@@ -103,6 +103,28 @@ def test_working_samplers_and_pruners_pass_the_exercise():
                   {"sampler": {"name": "TPESampler", "n_startup_trials": 2}, "n_trials": 8},
                   {"params": {"lam": {"values": [1e-3, 1e-2]}}}):
         parse_campaign(campaign_dict(phase))
+
+
+def test_a_phase_is_exercised_once_per_process_and_a_changed_one_again(monkeypatch):
+    """The exercise's outcome is remembered per (sampler, pruner, space, config, trials): the
+    same campaign loaded again exercises nothing; a changed sampler kwarg (one that breaks) is
+    exercised and refused, as is the same breaking phase again."""
+    calls = []
+    real = phases.exercise
+    monkeypatch.setattr(phases, "exercise", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(phases, "_EXERCISED", set())
+    good = campaign_dict({"sampler": {"name": "TPESampler", "n_startup_trials": 2}, "n_trials": 8})
+    parse_campaign(good)
+    first = len(calls)
+    assert first >= 1
+    parse_campaign(good)
+    assert len(calls) == first  # remembered
+    bad = campaign_dict({"sampler": {"name": "TPESampler", "gamma": 1, "n_startup_trials": 0},
+                         "n_trials": 8})
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="TPESampler fails"):
+            parse_campaign(bad)
+    assert len(calls) == first + 2  # a failure is never remembered
 
 
 @pytest.mark.parametrize("raw, needle", [
