@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from test_cli_errors import script_env
 from faultlib import script_command
+from test_cli_errors import script_env
 from test_faults import alive, children
 
 REPO = Path(__file__).resolve().parents[1]
