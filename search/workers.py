@@ -5,7 +5,8 @@ workers and crashes it takes:
 - a search phase's goal is N done trials (COMPLETE; for a grid, a diverged value counts as
   tried). A worker starts a trial only while done + running trials fall short of N and waits
   while the missing trials run elsewhere; two workers racing for the last slot make at most one
-  surplus trial each, recorded as such (FAIL, failure = SURPLUS) before it trains;
+  surplus trial each, recorded as such (FAIL, failure = SURPLUS) before it trains; with a
+  budget, so are the trials whose earlier trials (spent + running) already commit it;
 - a queued phase's goal (the confirm phase's blocks, the final run's seeds) is a result for
   every key it queued: workers take queued trials only, a trial the sampler made meanwhile is
   surplus, and a second trial queued for a key that already has one is a duplicate (both never
@@ -104,15 +105,22 @@ class TrialTarget:
         return self.budget is not None and budget.spent(trials, self.budget.unit) \
             >= self.budget.amount
 
+    def _committed(self, trials):
+        """Whether the compute spent plus what the running trials will spend (their expected
+        cost) reaches the budget: no further trial may start or train."""
+        if self.budget is None:
+            return False
+        unit = self.budget.unit
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        ahead = running * budget.expected_cost(trials, unit, self.trial_updates)
+        return budget.spent(trials, unit) + ahead >= self.budget.amount
+
     def may_start(self, trials):
         done = sum(is_done(t, self.count_diverged) for t in trials)
         running = sum(t.state == TrialState.RUNNING for t in trials)
         waiting = sum(t.state == TrialState.WAITING for t in trials)
-        if self.budget is not None:  # the running trials will spend about this much more
-            unit = self.budget.unit
-            ahead = running * budget.expected_cost(trials, unit, self.trial_updates)
-            if budget.spent(trials, unit) + ahead >= self.budget.amount:
-                return False
+        if self._committed(trials):
+            return False
         return done + running < self.n or waiting > 0
 
     def check(self, study, trials):
@@ -130,9 +138,12 @@ class TrialTarget:
                                "protocol: lower η_max or the λ range) or raise max_failed")
 
     def bookkeeping(self, trial, trials):
-        before = [t for t in trials if t.number < trial.number
-                  and (is_done(t, self.count_diverged) or t.state == TrialState.RUNNING)]
-        if len(before) >= self.n or self._spent([t for t in trials if t.number < trial.number]):
+        earlier = [t for t in trials if t.number < trial.number]
+        before = [t for t in earlier
+                  if is_done(t, self.count_diverged) or t.state == TrialState.RUNNING]
+        # racing workers that all passed may_start: the trials numbered before this one decide,
+        # counting their running trials' cost too, so the budget is overrun by at most one trial
+        if len(before) >= self.n or self._committed(earlier):
             return record.SURPLUS
         if is_duplicate_retry(trial.number, trials):
             return record.DUPLICATE

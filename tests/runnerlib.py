@@ -233,6 +233,36 @@ def check_search_phase(url, campaign, phase, n_trials, runners, killed=0):
     return problems
 
 
+def check_budget_phase(url, campaign, phase, amount, trial_updates, runners):
+    """The phase that ended on its budget of `amount` updates: its trials charged at least that
+    and less than one trial's updates more, however many runners raced for it; each trained
+    trial COMPLETE, in full, with parameters of its own; nothing else but the untrained surplus
+    trials of racing runners (at most one per runner besides the first)."""
+    from clr_lambda_search.search.budget import spent
+
+    trials, _ = load(url, campaign, phase)
+    name = f"{campaign}-{phase}"
+    if trials is None:
+        return [f"{name}: no such study"]
+    problems = []
+    charged = spent(trials, "updates")
+    if not amount <= charged < amount + trial_updates:
+        problems.append(f"{name}: {charged:g} updates charged for a budget of {amount:g}, not "
+                        f"less than one trial ({trial_updates}) over it (states {_states(trials)})")
+    trained = [t for t in trials if not record.is_bookkeeping(t)]
+    wrong = [t for t in trained if t.state != TrialState.COMPLETE
+             or t.user_attrs.get("updates") != trial_updates]
+    if wrong:
+        problems.append(f"{name}: trials not COMPLETE in full: {_described(wrong)}")
+    if len(trials) - len(trained) > runners - 1:
+        problems.append(f"{name}: {len(trials) - len(trained)} surplus trials from {runners} "
+                        f"runners")
+    dups = fl.duplicated_lams(trials)
+    if dups:
+        problems.append(f"{name}: parameters trained twice by COMPLETE trials: {dups}")
+    return problems
+
+
 def expected_narrowed(source_space, values, margin):
     """The narrowed range of each log/linear float parameter of source_space ([{name, low, high,
     log}]) around values ({name: [the best trials' values]}): from the smallest to the largest

@@ -109,16 +109,18 @@ def test_a_bad_start_configuration_is_refused_before_anything_runs(start, match)
         campaign(start=start)
 
 
+def _trial(state, updates=None, number=0):
+    attrs = {} if updates is None else {"updates": updates}
+    return optuna.trial.FrozenTrial(
+        number=number, state=state, value=0.5 if state == TrialState.COMPLETE else None,
+        datetime_start=None, datetime_complete=None, params={}, distributions={},
+        user_attrs=attrs, system_attrs={}, intermediate_values={}, trial_id=number)
+
+
 def test_the_study_target_counts_running_trials_against_the_budget():
     from clr_lambda_search.search.workers import TrialTarget
 
-    def trial(state, updates=None):
-        attrs = {} if updates is None else {"updates": updates}
-        return optuna.trial.create_trial(state=state, user_attrs=attrs, value=0.5) \
-            if state == TrialState.COMPLETE else optuna.trial.FrozenTrial(
-                number=0, state=state, value=None, datetime_start=None, datetime_complete=None,
-                params={}, distributions={}, user_attrs=attrs, system_attrs={},
-                intermediate_values={}, trial_id=0)
+    trial = _trial
     goal = TrialTarget(1000, budget=Budget("updates", 100), trial_updates=30)
     two_done = [trial(TrialState.COMPLETE, 30), trial(TrialState.COMPLETE, 30)]
     assert goal.may_start(two_done) and not goal.done(two_done)
@@ -128,3 +130,21 @@ def test_the_study_target_counts_running_trials_against_the_budget():
     assert goal.may_start(two_done + [running])
     assert not goal.may_start(two_done + [running, running])
     assert goal.done(two_done + [trial(TrialState.PRUNED, 40)])
+
+
+def test_a_trial_that_raced_past_the_budget_is_surplus_before_it_trains():
+    # runners that looked at the study at once all passed may_start: of their new trials, the
+    # ones whose earlier trials (spent + running) already commit the budget must not train,
+    # else N racing runners overrun it by N trials instead of one
+    from clr_lambda_search.search.workers import TrialTarget
+
+    goal = TrialTarget(1000, budget=Budget("updates", 100), trial_updates=30)
+    trials = [_trial(TrialState.COMPLETE, 30, 0), _trial(TrialState.COMPLETE, 30, 1),
+              _trial(TrialState.RUNNING, None, 2), _trial(TrialState.RUNNING, None, 3),
+              _trial(TrialState.RUNNING, None, 4)]
+    # trial 2: 60 spent, nothing running before it -> trains
+    assert goal.bookkeeping(trials[2], trials) is None
+    # trial 3: 60 spent + trial 2's 30 = 90 < 100 -> trains (ends at most one trial past 100)
+    assert goal.bookkeeping(trials[3], trials) is None
+    # trial 4: 60 + 2 x 30 = 120 >= 100 -> surplus, though only 60 are spent yet
+    assert goal.bookkeeping(trials[4], trials) == record.SURPLUS

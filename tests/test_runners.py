@@ -78,6 +78,35 @@ def test_three_runners_on_postgres_leave_the_studies_of_one(cifar_tiny_dir, tmp_
         rl.delete_campaign(url, campaign)
 
 
+@pytest.mark.timeout(WAIT + 60)
+@pytest.mark.postgres
+def test_three_runners_on_postgres_spend_a_budget_phase_once(cifar_tiny_dir, tmp_path):
+    # coarse ends on its budget, 3.5 trials' updates, not on a count: together the three runners
+    # overrun it by less than one trial, and every one of them narrows fine from the same trials
+    url = fl.pg_url_or_skip()
+    campaign = f"budget-{uuid.uuid4().hex[:10]}"
+    fl.init_schema(url)
+    trial_updates = 2 * 20 * 1  # TINY_PIPELINE: 1 search cycle of n_s = 20
+    amount = 3.5 * trial_updates
+    flags = [*rl.TINY_PIPELINE, "--coarse-trials", 1000,
+             "--set", f"phases.coarse.budget={amount:g} updates"]
+    runners = rl.start_runners(RUNNERS, lambda i: rl.pipeline_args(
+        url, campaign, cifar_tiny_dir.batches, tmp_path / f"out{i}", flags),
+        rl.env_for(tmp_path), tmp_path / "logs")
+    try:
+        runs = rl.wait_all(runners, WAIT)
+        rl.assert_no_problems(
+            rl.check_exits(runs) + rl.check_studies(url, campaign)
+            + rl.check_budget_phase(url, campaign, "coarse", amount, trial_updates, RUNNERS)
+            + rl.check_search_phase(url, campaign, "fine", rl.N_FINE, RUNNERS)
+            + rl.check_narrowed(url, campaign, runs) + rl.check_confirm(url, campaign)
+            + rl.check_final(url, campaign, rl.N_SEEDS, runs)
+            + rl.check_nothing_pending(url, campaign) + rl.check_agree(runs), runs)
+    finally:
+        rl.kill_all(runners)
+        rl.delete_campaign(url, campaign)
+
+
 @pytest.mark.timeout(KILL_WAIT + 120)
 def test_a_runner_killed_mid_coarse_leaves_the_studies_of_one(cifar_tiny_dir, tmp_path):
     url = fl.sqlite_url(tmp_path / "s.db")
