@@ -75,7 +75,7 @@ def make_workspace(n_batch, D, m, K, dtype, dropout=0.0, flip=False, shift=0, pr
         "S": np.empty((n_batch, K), dtype=dtype),   # scores, then η/B·(P − Y)
         "dH": np.empty((n_batch, m), dtype=dtype),
         "dH16": np.empty((n_batch, m), dtype=BF16) if bf16 else None,  # dH's bf16 operand
-        "dH16_packed": _packed_dH(n_batch, D, m) if bf16 else None,   # and in MKL's layout
+        "dH16_packed": None,  # and in MKL's layout: made by the first bf16 step (_packed_dH)
         "bf16": bf16,
         "dropout": float(dropout), "flip": bool(flip), "shift": int(shift),
         # uniform draws u of 16 bits: hidden unit j of sample i is dropped where
@@ -186,11 +186,12 @@ def sgd_step(params, X, y, idx, eta, lam, ws, pixels=None):
     gather_batch(X, idx, Xb, pixels, ws["moves"])
     W1 = dict.__getitem__(params, "W1")  # V, without settling (the step keeps W1 = c·V)
     if ws["bf16"]:
-        _bf16_ready()
+        packed = ws["dH16_packed"]
+        if packed is None:
+            packed = _packed_dH(ws)
         done = _step(Xb, y, idx, W1, params.bf16_copy(), params["b1"], params["W2"], params["b2"],
-                     eta, lam, params.w1_scale, ws["H"], ws["S"], ws["dH"],
-                     (ws["dH16"], ws["dH16_packed"]), ws["draws"], ws["drop_below"],
-                     ws["dropout"])
+                     eta, lam, params.w1_scale, ws["H"], ws["S"], ws["dH"], (ws["dH16"], packed),
+                     ws["draws"], ws["drop_below"], ws["dropout"])
     else:
         done = _step(Xb, y, idx, W1, None, params["b1"], params["W2"], params["b2"], eta, lam,
                      params.w1_scale, ws["H"], ws["S"], ws["dH"], None, ws["draws"],
@@ -199,15 +200,15 @@ def sgd_step(params, X, y, idx, eta, lam, ws, pixels=None):
         raise DivergedError("non-finite scores")
 
 
-def _packed_dH(n_batch, D, m):
-    _bf16_ready()
-    return packed_b_bf16(D, m, n_batch)
-
-
-def _bf16_ready():
+def _packed_dH(ws):
+    """ws's buffer for dH's bf16 operand in MKL's packed layout, made on the first bf16 step
+    (so that a bf16 workspace, e.g. for batch_source's rows, needs no MKL until it steps)."""
     ok, why = load_bf16()
     if not ok:  # model.precision refuses bf16 before a run starts; this is a direct call
         raise RuntimeError(f"bf16 products need MKL: {why}")
+    (n_batch, D), m = ws["X"].shape, ws["H"].shape[1]
+    ws["dH16_packed"] = packed_b_bf16(D, m, n_batch)
+    return ws["dH16_packed"]
 
 
 def gather_batch(X, idx, out, pixels=None, moves=None):

@@ -77,12 +77,16 @@ def make_split(rng, N, D, K, dtype=np.float64):
     return Split(X, y)
 
 
-@pytest.fixture
-def tiny_data():
+def make_tiny_data():
     """53 train (not a multiple of the batch sizes used in tests), 17 val, 19 test; D=20, K=10."""
     r = np.random.default_rng(1)
     return Dataset(train=make_split(r, 53, 20, 10), val=make_split(r, 17, 20, 10),
                    test=make_split(r, 19, 20, 10), source="synthetic")
+
+
+@pytest.fixture
+def tiny_data():
+    return make_tiny_data()
 
 
 @pytest.fixture

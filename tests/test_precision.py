@@ -216,6 +216,23 @@ def test_bf16_rows_are_made_only_for_bf16_batches_without_moves(case, monkeypatc
     assert rows is data.train.X and rows_pixels is data.train.pixels
 
 
+def test_a_bf16_step_without_mkl_is_an_error_that_leaves_the_params(monkeypatch):
+    """A bf16 workspace needs no MKL (batch_source's rows above); its first step does, and
+    without MKL it stops with the reason before touching the params (model.precision refuses
+    bf16 before a run; this is a direct call)."""
+    monkeypatch.setattr(step, "load_bf16", lambda: NO_MKL)
+    data = pixel_data("float32")
+    params = StepParams(init_params(data.train.X.shape[1], 8, 10, np.random.default_rng(3),
+                                    np.float32))
+    before = {k: v.copy() for k, v in params.items()}
+    ws = make_workspace(20, data.train.X.shape[1], 8, 10, np.float32, precision="bf16")
+    with pytest.raises(RuntimeError, match="bf16 products need MKL: MKL is not installed"):
+        sgd_step(params, data.train.X, data.train.y, np.arange(20), 0.01, 1e-3, ws,
+                 data.train.pixels)
+    for key, value in before.items():
+        np.testing.assert_array_equal(params[key], value)
+
+
 @needs_bf16
 def test_bf16_training_from_rows_is_the_step_on_pixels():
     """model.train's loop (which gathers from batch_source's rows) updates the params exactly as
