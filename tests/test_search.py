@@ -334,7 +334,8 @@ def test_a_trial_orphaned_before_its_first_heartbeat_is_retried(tmp_path, tiny_d
     child = multiprocessing.get_context("fork").Process(
         target=_run_phase_child, args=(url, spec, tiny_data, opts))
     child.start()
-    child.join(timeout=10)  # 2 tiny trials + a 2 s grace period + 1 s polls: ~4 s when it works
+    # 2 tiny trials + a 2 s grace period + 1 s polls: ~4 s when it works; 30 s on a loaded machine
+    child.join(timeout=30)
     hung = child.is_alive()
     if hung:
         child.kill()
