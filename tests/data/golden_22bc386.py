@@ -7,7 +7,6 @@ prints the BLAS key and one line per case, to paste into test_golden.GOLDEN (dro
 OPENBLAS_CORETYPE for this CPU's own kernels). Only CASES and the digest come from this tree;
 the training and the data preparation are the old commit's (its model/ and tests/conftest.py).
 """
-import hashlib
 import sys
 from pathlib import Path
 
@@ -18,9 +17,8 @@ OLD = Path(sys.argv[1]).resolve()
 sys.path[:0] = [str(OLD), str(OLD / "tests"), str(Path(__file__).resolve().parent.parent)]
 from conftest import make_split                                       # noqa: E402  (the old one)
 from model.data import Dataset, split_and_normalise                   # noqa: E402
-from model.network import PARAM_KEYS                                  # noqa: E402
 from model.train import TrainConfig, fit                              # noqa: E402
-from test_golden import CASES, N_STEPS                                # noqa: E402
+from test_golden import CASES, N_STEPS, params_digest                 # noqa: E402
 
 
 def data(kind, dtype):
@@ -34,15 +32,6 @@ def data(kind, dtype):
     return split_and_normalise(X_all, y_all, X_test, y_test, 40, dtype, "generated")
 
 
-def digest(params):
-    h = hashlib.sha256()
-    for k in PARAM_KEYS:
-        p = np.ascontiguousarray(params[k])
-        h.update(f"{k} {p.dtype.str} {p.shape}".encode())
-        h.update(p.tobytes())
-    return h.hexdigest()
-
-
 print([(lib.get("architecture"), lib.get("version")) for lib in threadpool_info()
        if lib.get("internal_api") == "openblas"])
 for case_id, (fields, kind) in CASES.items():
@@ -50,4 +39,4 @@ for case_id, (fields, kind) in CASES.items():
                             "eval_train_samples": 100, "seed": 7, **fields})
     with threadpool_limits(limits=1, user_api="blas"):
         params, _ = fit(data(kind, fields["dtype"]), config)
-    print(f'        "{case_id}": "{digest(params)}",')
+    print(f'        "{case_id}": "{params_digest(params)}",')
