@@ -8,8 +8,9 @@ not allowed, `full_disk` falls back to a simulated ENOSPC at the write (monkeypa
 import contextlib
 import errno
 import os
-import resource
 import subprocess
+import sys
+from pathlib import Path
 
 
 def _mount_tmpfs(path, options):
@@ -75,9 +76,14 @@ def read_only(path):
         path.chmod(0o755)
 
 
-def limit_memory(nbytes):
-    """preexec_fn: cap the child's address space, so that a regression allocating gigabytes
-    fails with MemoryError instead of swapping the machine."""
-    def apply():
-        resource.setrlimit(resource.RLIMIT_AS, (nbytes, nbytes))
-    return apply
+def limited(command, memory=None, file_size=None, drop_dac=False):
+    """command's argv run under limits (tests/limited.py): an address space of `memory` bytes (a
+    regression allocating gigabytes fails with MemoryError instead of swapping the machine),
+    files of at most `file_size` bytes, root's file-permission overrides dropped."""
+    flags = ([f"--memory={memory}"] if memory else []) + (
+        [f"--file-size={file_size}"] if file_size else []) + (["--drop-dac"] if drop_dac else [])
+    return [sys.executable, str(LAUNCHER), *flags, "--", *map(str, command)] if flags \
+        else list(command)
+
+
+LAUNCHER = Path(__file__).with_name("limited.py")

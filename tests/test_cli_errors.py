@@ -19,12 +19,10 @@ Known bugs are marked xfail(strict=True) with the culprit in the reason: they fa
 strict mode reports the day one is fixed.
 """
 import contextlib
-import ctypes
 import dataclasses
 import hashlib
 import os
 import pickle
-import resource
 import shutil
 import signal
 import sqlite3
@@ -36,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from envlib import limited
 from test_space import BAD
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +43,6 @@ PASSWORD = "secret"  # in the unreachable-storage URL: must never be printed
 PG_URL = f"postgresql+psycopg://u:{PASSWORD}@127.0.0.1:1/db"  # port 1: connection refused
 MAX_PARALLEL = 4
 CASE_TIMEOUT = 180  # seconds; a buggy case that trains instead of failing stays tiny anyway
-PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2  # <linux/prctl.h>, capability.h
 MEMORY_LIMIT = 3 << 30  # a script on the tiny data set needs well under 2 GB of address space
 
 # Tiny settings, so that a case which wrongly runs (a bug) still finishes in seconds.
@@ -453,23 +451,11 @@ def script_env(cache, extra=()):
     return env
 
 
-def drop_dac_override():
-    """preexec_fn for root: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set,
-    so the script (still uid 0, owner of the case folder) obeys file permissions like any user."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
-        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
-
-
-def preexec(c, root):
-    """The preexec_fn of case c (run in the child before exec), or None."""
-    steps = ([drop_dac_override] if c.unprivileged and root else []) + (
-        [lambda: resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))]
-        if c.memory_limit else [])
-    if not steps:
-        return None
-    return lambda: [step() for step in steps]
+def limits(c, root):
+    """envlib.limited's keywords for case c: root's permission overrides dropped for an
+    unprivileged case, the address space capped for a memory-limited one."""
+    return {"drop_dac": bool(c.unprivileged and root),
+            "memory": MEMORY_LIMIT if c.memory_limit else None}
 
 
 def permissions_apply(tmp):
@@ -481,9 +467,9 @@ def permissions_apply(tmp):
     probe.write_text("x")
     probe.chmod(0)
     try:
-        proc = subprocess.run([sys.executable, "-c", f"open({str(probe)!r})"],
-                              preexec_fn=drop_dac_override, capture_output=True, text=True,
-                              check=False)
+        proc = subprocess.run(limited([sys.executable, "-c", f"open({str(probe)!r})"],
+                                      drop_dac=True),
+                              capture_output=True, text=True, check=False)
     except (OSError, subprocess.SubprocessError):
         return False
     finally:
@@ -564,8 +550,8 @@ def results(base, cifar_tiny_dir, campaign_db):
                 logs = [open(base / "_logs" / f"{c.id}.{s}", "w+")  # noqa: SIM115
                         for s in ("out", "err")]
                 # a session of its own: a timed-out case is killed with all it forked
-                proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logs[0], stderr=logs[1],
-                                        text=True, preexec_fn=preexec(c, root),  # noqa: PLW1509
+                proc = subprocess.Popen(limited(cmd, **limits(c, root)), cwd=REPO, env=env,
+                                        stdout=logs[0], stderr=logs[1], text=True,
                                         start_new_session=True)
                 running[c.id] = (proc, logs, case_dir, before, time.monotonic(), needle)
             time.sleep(0.05)

@@ -15,7 +15,7 @@ import pooch
 import pytest
 
 from conftest import CONST_COLS, CONST_VALUES, N_PER_BATCH, make_archive, tiny_batch, write_pickle
-from envlib import full_disk, limit_memory, read_only
+from envlib import full_disk, limited, read_only
 from clr_lambda_search.model.batch_files import BATCHES_DIR, D, load_batch
 from clr_lambda_search.model.dataset import fingerprint, load_cifar10, normalise, train_stats
 from clr_lambda_search.model.download import (ARCHIVE, CHUNK, RETRIES, download, extract_archive, file_md5,
@@ -609,8 +609,8 @@ def test_a_small_file_declaring_a_huge_array_is_refused_before_allocating(tmp_pa
             "    print('LOADED', X.shape)\n"
             "except DataError as e:\n"
             "    print('REFUSED', e)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=100, preexec_fn=limit_memory(1 << 30), check=False)
+    proc = subprocess.run(limited([sys.executable, "-c", code], memory=1 << 30),
+                          capture_output=True, text=True, timeout=100, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("REFUSED"), proc.stdout
     # the reason is the declared size, not an allocation that failed

@@ -6,23 +6,23 @@ A full disk is a 64 kB tmpfs where root may mount one (CI); elsewhere the file s
 """
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from envlib import _mount_tmpfs, _umount, read_only
+from envlib import _mount_tmpfs, _umount, limited, read_only
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_TRAIN = ["--n-val", "20", "--n-s", "5", "--cycles", "1", "--m", "8"]
 
 
-def run(script, args, env, preexec_fn=None):
-    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300,
-                          preexec_fn=preexec_fn, check=False)
+def run(script, args, env, limits=None):
+    """The script run as a user would; limits: envlib.limited's keywords."""
+    command = limited([sys.executable, REPO / "scripts" / script, *args], **(limits or {}))
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
 
 
 def script_env(**extra):
@@ -33,28 +33,25 @@ def script_env(**extra):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """(folder, preexec_fn): a folder on a 64 kB file system, or, where no tmpfs can be mounted,
-    a folder and a preexec_fn that caps the size of any file the child writes at 64 kB."""
+    """(folder, limits): a folder on a 64 kB file system, or, where no tmpfs can be mounted, a
+    folder and the limits (run's) that cap the size of any file the child writes at 64 kB."""
     folder = tmp_path / "small"
     if _mount_tmpfs(folder, "size=64k,mode=0755"):
         yield folder, None
         _umount(folder)
         return
-
-    def cap():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
-    yield folder, cap
+    yield folder, {"file_size": 64 << 10}
 
 
 def test_disk_full_at_the_results_is_one_line(cifar_tiny_dir, tmp_path, small_disk):
-    folder, preexec = small_disk
+    folder, limits = small_disk
     cache = tmp_path / "cache"  # warmed first: only the results meet the full disk
     warm = run("gradcheck.py", ["--data-dir", str(cifar_tiny_dir.batches), "--n-val", "20", "-q"],
                script_env(CIFAR10_CACHE=str(cache)))
     assert warm.returncode == 0, warm.stderr
     proc = run("train.py", ["--data-dir", str(cifar_tiny_dir.batches), *TINY_TRAIN, "-q",
                             "--out", str(folder / "run")],
-               script_env(CIFAR10_CACHE=str(cache)), preexec)
+               script_env(CIFAR10_CACHE=str(cache)), limits)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
     assert "Traceback" not in proc.stderr
