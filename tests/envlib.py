@@ -76,6 +76,9 @@ def read_only(path):
         path.chmod(0o755)
 
 
+LAUNCHER = Path(__file__).with_name("limited.py")
+
+
 def limited(command, memory=None, file_size=None, drop_dac=False):
     """command's argv run under limits (tests/limited.py): an address space of `memory` bytes (a
     regression allocating gigabytes fails with MemoryError instead of swapping the machine),
@@ -84,6 +87,3 @@ def limited(command, memory=None, file_size=None, drop_dac=False):
         [f"--file-size={file_size}"] if file_size else []) + (["--drop-dac"] if drop_dac else [])
     return [sys.executable, str(LAUNCHER), *flags, "--", *map(str, command)] if flags \
         else list(command)
-
-
-LAUNCHER = Path(__file__).with_name("limited.py")

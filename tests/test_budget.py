@@ -120,16 +120,15 @@ def _trial(state, updates=None, number=0):
 def test_the_study_target_counts_running_trials_against_the_budget():
     from clr_lambda_search.search.workers import TrialTarget
 
-    trial = _trial
     goal = TrialTarget(1000, budget=Budget("updates", 100), trial_updates=30)
-    two_done = [trial(TrialState.COMPLETE, 30), trial(TrialState.COMPLETE, 30)]
+    two_done = [_trial(TrialState.COMPLETE, 30), _trial(TrialState.COMPLETE, 30)]
     assert goal.may_start(two_done) and not goal.done(two_done)
     # 60 spent and one trial running (30 more): a fourth may start, as the budget is not
     # reached by those (all end within one trial of it); with two running it may not
-    running = trial(TrialState.RUNNING)
+    running = _trial(TrialState.RUNNING)
     assert goal.may_start(two_done + [running])
     assert not goal.may_start(two_done + [running, running])
-    assert goal.done(two_done + [trial(TrialState.PRUNED, 40)])
+    assert goal.done(two_done + [_trial(TrialState.PRUNED, 40)])
 
 
 def test_a_trial_that_raced_past_the_budget_is_surplus_before_it_trains():
