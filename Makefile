@@ -13,7 +13,7 @@ DATA_DEP := $(LOCAL_DATA)/cifar-10-batches-py/test_batch
 endif
 endif
 
-# The bf16 extra (MKL, for precision = "bf16" / "auto") where the CPU has bf16 instructions.
+# The bf16 extra (MKL and oneDNN, for precision = "bf16" / "auto") where the CPU has bf16 instructions.
 BF16_EXTRA := $(shell grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && echo ,bf16)
 
 .PHONY: run test install data bench clean

@@ -1,7 +1,8 @@
 """bf16 products: the precision resolution, and a step that is correct and really bf16.
 
-The bf16 tests run wherever the CPU has bf16 instructions and MKL is installed (the extra `bf16`),
-and skip elsewhere naming what is missing.
+The bf16 tests run wherever the CPU has bf16 instructions and a bf16 GEMM is installed (MKL or
+oneDNN: the extra `bf16`), with the one model.blas loads here, and skip elsewhere naming what is
+missing.
 """
 import dataclasses
 
@@ -22,7 +23,8 @@ from clr_lambda_search.model.train import TrainConfig, fit, updates
 INTEL = ("GenuineIntel", frozenset({"avx512f", "avx512_bf16"}))
 AMD = ("AuthenticAMD", frozenset({"avx512f", "avx512_bf16"}))
 NO_FLAGS = ("GenuineIntel", frozenset({"avx2"}))
-MKL, NO_MKL = (True, "/lib/libmkl_rt.so.3"), (False, "MKL is not installed")
+MKL, ONEDNN = ("MKL", "/lib/libmkl_rt.so.3"), ("oneDNN", "/lib/libdnnl.so.3")
+NO_MKL = (None, "no bf16 GEMM is installed (MKL or oneDNN)")
 
 MISSING = bf16_missing()
 needs_bf16 = pytest.mark.skipif(MISSING is not None, reason=f"bf16 cannot run here: {MISSING}")
@@ -35,7 +37,7 @@ def test_fp32_is_fp32_everywhere():
 
 
 @pytest.mark.parametrize("info,library,missing", [(NO_FLAGS, MKL, BF16_FLAGS[0]),
-                                                  (INTEL, NO_MKL, "MKL")])
+                                                  (INTEL, NO_MKL, "bf16 GEMM")])
 def test_bf16_where_it_cannot_run_is_a_one_line_config_error(info, library, missing):
     with pytest.raises(ConfigError, match=missing) as e:
         resolve_precision("bf16", info, library)
@@ -43,8 +45,9 @@ def test_bf16_where_it_cannot_run_is_a_one_line_config_error(info, library, miss
 
 
 @pytest.mark.parametrize("info,library,expected,why", [
-    (NO_FLAGS, MKL, "fp32", "no bf16 instructions"), (INTEL, NO_MKL, "fp32", "not installed"),
-    (AMD, MKL, "fp32", "AuthenticAMD"), (INTEL, MKL, "bf16", "MKL is installed")])
+    (NO_FLAGS, MKL, "fp32", "no bf16 instructions"), (INTEL, NO_MKL, "fp32", "GEMM is installed"),
+    (AMD, MKL, "fp32", "AuthenticAMD"), (INTEL, MKL, "bf16", "MKL is installed"),
+    (AMD, ONEDNN, "bf16", "oneDNN is installed"), (INTEL, ONEDNN, "bf16", "oneDNN")])
 def test_auto_takes_bf16_only_where_it_pays_and_says_why(info, library, expected, why):
     got, reason = resolve_precision("auto", info, library)
     assert got == expected and why in reason
@@ -52,7 +55,9 @@ def test_auto_takes_bf16_only_where_it_pays_and_says_why(info, library, expected
 
 def test_explicit_bf16_runs_on_any_cpu_with_the_instructions():
     assert resolve_precision("bf16", AMD, MKL)[0] == "bf16"
-    assert resolve_precision("bf16", INTEL, MKL) == ("bf16", "bf16 requested")
+    assert "about as fast as fp32" in resolve_precision("bf16", AMD, MKL)[1]
+    assert resolve_precision("bf16", INTEL, MKL) == ("bf16", "bf16 requested (MKL)")
+    assert resolve_precision("bf16", AMD, ONEDNN) == ("bf16", "bf16 requested (oneDNN)")
 
 
 def test_precision_is_a_checked_setting():
@@ -107,10 +112,12 @@ def test_rounding_to_bf16_of_any_bit_pattern():
     np.testing.assert_array_equal(out[nan], ((bits[nan] >> 16) | 0x40).astype(np.uint16))
 
 
-def one_step(precision, params, data, idx, eta=0.05, lam=0.01):
+def one_step(precision, params, data, idx, eta=0.05, lam=0.01, block=None):
+    """(params, workspace) after one step; block: the bf16 backward's (None: the library's)."""
     p = StepParams({k: v.copy() for k, v in params.items()})
     ws = make_workspace(len(idx), data.train.X.shape[1], params["W1"].shape[1], 10, np.float32,
                         precision=precision)
+    ws["bf16_block"] = block
     sgd_step(p, data.train.X, data.train.y, idx, eta, lam, ws, data.train.pixels)
     return p, ws
 
@@ -140,8 +147,9 @@ def test_the_bf16_products_are_bf16_operands_accumulated_in_fp32(pixels):
 
 
 @needs_bf16
-@pytest.mark.parametrize("m", [64, 200], ids=["one product", "in blocks"])
-def test_the_bf16_w1_update_is_the_bf16_backward_product(m):
+@pytest.mark.parametrize("m,block", [(64, None), (200, None), (200, _BLOCK_ELEMENTS)],
+                         ids=["one product", "the library's choice", "in blocks"])
+def test_the_bf16_w1_update_is_the_bf16_backward_product(m, block):
     """The W1 update is −X_bᵀ dH with bf16 operands (dH: the step's own, left in the workspace)
     to fp32 accumulation round-off, and differs from the fp32 product of the same dH by
     1e-4..1e-2 relative. (Against the fp32 step's own update it differs more, ~5% here: the
@@ -150,7 +158,7 @@ def test_the_bf16_w1_update_is_the_bf16_backward_product(m):
     data = pixel_data("float32")
     params = init_params(data.train.X.shape[1], m, 10, np.random.default_rng(3), np.float32)
     idx = np.arange(100)
-    p16, ws = one_step("bf16", params, data, idx, lam=0.0)
+    p16, ws = one_step("bf16", params, data, idx, lam=0.0, block=block)
     update = (p16["W1"] - params["W1"]).astype(np.float64)
     Xb, dH = data.train.X[idx].astype(np.float64), ws["dH"].astype(np.float64)
     exact = -(bf16_reference(Xb).astype(np.float64).T @ bf16_reference(dH).astype(np.float64))
@@ -161,18 +169,20 @@ def test_the_bf16_w1_update_is_the_bf16_backward_product(m):
 
 
 @needs_bf16
-@pytest.mark.parametrize("m", [40, 200], ids=["one product", "in blocks"])
+@pytest.mark.parametrize("m,block", [(40, None), (200, None), (200, _BLOCK_ELEMENTS)],
+                         ids=["one product", "the library's choice", "in blocks"])
 @pytest.mark.parametrize("lam", [0.0, 0.01, 2.0], ids=["no decay", "pending", "rescaled"])
-def test_w1s_bf16_copy_is_always_the_rounding_of_w1(lam, m):
-    """The copy written after the backward product (block by block for a large W1) and by
-    settle is bf16(V) exactly, after every step, whether the decay is pending, settled or
-    rescaled in the step."""
+def test_w1s_bf16_copy_is_always_the_rounding_of_w1(lam, m, block):
+    """The copy written after the backward product (block by block for a large W1 with MKL, or
+    when forced; in one pass after it with oneDNN) and by settle is bf16(V) exactly, after every
+    step, whether the decay is pending, settled or rescaled in the step."""
     assert (3072 * 40 <= _ONE_PRODUCT_ELEMENTS < 3072 * 200 and
             3072 * 200 > 2 * _BLOCK_ELEMENTS)  # the ids say what these widths run
     data = pixel_data("float32")
     params = StepParams(init_params(data.train.X.shape[1], m, 10, np.random.default_rng(4),
                                     np.float32))
     ws = make_workspace(50, data.train.X.shape[1], m, 10, np.float32, precision="bf16")
+    ws["bf16_block"] = block  # None: the library's (model.step._packed_dH)
     rng = np.random.default_rng(5)
     for t in range(6):
         sgd_step(params, data.train.X, data.train.y, rng.permutation(300)[:50], 0.02, lam, ws,
@@ -226,7 +236,7 @@ def test_a_bf16_step_without_mkl_is_an_error_that_leaves_the_params(monkeypatch)
                                     np.float32))
     before = {k: v.copy() for k, v in params.items()}
     ws = make_workspace(20, data.train.X.shape[1], 8, 10, np.float32, precision="bf16")
-    with pytest.raises(RuntimeError, match="bf16 products need MKL: MKL is not installed"):
+    with pytest.raises(RuntimeError, match="bf16 products need a bf16 GEMM: no bf16 GEMM is installed"):
         sgd_step(params, data.train.X, data.train.y, np.arange(20), 0.01, 1e-3, ws,
                  data.train.pixels)
     for key, value in before.items():

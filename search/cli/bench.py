@@ -75,7 +75,8 @@ from clr_lambda_search.model.dataset import load_cifar10, split_and_normalise
 from clr_lambda_search.model.errors import ConfigError, WorkersFailed
 from clr_lambda_search.model.network import init_params
 # the step's own bf16 kernels, timed apart from the step
-from clr_lambda_search.model.step import StepParams, _backward_bf16, _round_bf16, gather_batch, make_workspace
+from clr_lambda_search.model.step import (_BLOCK_ELEMENTS, StepParams, _backward_bf16, _round_bf16,
+                                          gather_batch, make_workspace)
 from clr_lambda_search.model.train import evaluation_record, updates
 from clr_lambda_search.search.campaign import DEFAULT, Campaign, load_campaign
 from clr_lambda_search.search import settings
@@ -593,7 +594,7 @@ def _bf16_figures(data, rng, config, repeats, iters):
         "floor16": lambda: _bf16_floor(X16, W16, H, dH16, W1),
         "floor32": lambda: _fp32_floor(X, W1, H, dH),
         "backward": lambda: _bf16_backward(X16, dH16, W1),
-        "blocked": lambda: _backward_bf16(X16, dH16, packed, W1, W16),
+        "blocked": lambda: _backward_bf16(X16, dH16, packed, W1, W16, _BLOCK_ELEMENTS),
         "then_pass": lambda: _bf16_backward_then_pass(X16, dH16, W1, W16),
         "copy": lambda: _round_bf16(W1, W16),
     }
