@@ -183,8 +183,8 @@ def _load_mkl():
 
 # oneDNN exports dnnl_gemm_bf16bf16f32 (row-major, 'N'/'T' chars, 64-bit sizes; it returns a
 # status) without declaring it in its public header: its own tests and Intel's TensorFlow
-# extension declare it themselves, as we do. Its answers are checked against NumPy's products by
-# tests/test_precision.py wherever it is the library loaded.
+# extension declare it themselves, as we do. tests/test_precision.py checks its products, through
+# the shims, against exact ones wherever it is installed on a CPU with bf16 instructions.
 _DNNL_GEMM = "clr_lambda_search_dnnl_gemm_bf16bf16f32"
 _DNNL_SET_THREADS = "clr_lambda_search_omp_set_num_threads"
 _i64 = types.int64
@@ -196,21 +196,31 @@ _omp_set_num_threads = types.ExternalFunction(_DNNL_SET_THREADS, types.void(type
 
 def _load_onednn():
     for path in _candidates("dnnl"):
-        try:
-            lib = ctypes.CDLL(path)
-            gemm_fn = lib.dnnl_gemm_bf16bf16f32
-            omp = ctypes.CDLL("libgomp.so.1")  # oneDNN's OpenMP runtime (onednn-cpu-gomp)
-        except (OSError, AttributeError):
+        shims = onednn_shims(path)
+        if shims is None:
             continue
-        binding.add_symbol(_DNNL_GEMM, ctypes.cast(gemm_fn, ctypes.c_void_p).value)
-        binding.add_symbol(_DNNL_SET_THREADS,
-                           ctypes.cast(omp.omp_set_num_threads, ctypes.c_void_p).value)
-        for name, shim in (("", _onednn_gemm), ("_pack", _onednn_pack),
-                           ("_compute", _onednn_gemm)):
-            binding.add_symbol(_BF16_SYMBOLS[name], shim().address)
+        gemm_shim, pack_shim = shims
+        for name, shim in (("", gemm_shim), ("_pack", pack_shim), ("_compute", gemm_shim)):
+            binding.add_symbol(_BF16_SYMBOLS[name], shim.address)
         _bf16_state["pack_size"] = lambda identifier, m, n, k: 2 * k * n
         return "oneDNN", path
     return None
+
+
+def onednn_shims(path):
+    """(gemm, pack) C functions with the signatures of MKL's cblas_gemm_bf16bf16f32 and its
+    _pack over oneDNN's library at path (numba cfuncs: .address, .ctypes), or None where it
+    cannot be loaded. Registers only oneDNN's own symbols, not the kernels' (_load_onednn)."""
+    try:
+        lib = ctypes.CDLL(path)
+        gemm_fn = lib.dnnl_gemm_bf16bf16f32
+        omp = ctypes.CDLL("libgomp.so.1")  # oneDNN's OpenMP runtime (onednn-cpu-gomp)
+    except (OSError, AttributeError):
+        return None
+    binding.add_symbol(_DNNL_GEMM, ctypes.cast(gemm_fn, ctypes.c_void_p).value)
+    binding.add_symbol(_DNNL_SET_THREADS,
+                       ctypes.cast(omp.omp_set_num_threads, ctypes.c_void_p).value)
+    return _onednn_gemm(), _onednn_pack()
 
 
 def _onednn_gemm():

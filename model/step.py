@@ -31,13 +31,14 @@ with dropout 0.5 and ±4-pixel moves the step takes 1.02–1.05× the two-GEMM f
 *_m1024): the moved gather 0.23 ms (0.07 unmoved), the draws 0.09 ms, of ~15 ms.
 
 bf16 (TrainConfig.precision, resolved by model.precision): the two large products take bf16
-operands (uint16 bits) and accumulate in fp32 (MKL's cblas_gemm_bf16bf16f32, model.blas); the
+operands (uint16 bits) and accumulate in fp32 (MKL's or oneDNN's bf16 GEMM, model.blas); the
 gather rounds the batch to bf16 as it normalises it, W1 stays fp32 (the master weights) and its
-bf16 copy is rounded from the backward product's output block by block while the block is in
-cache, dH packed once into MKL's layout for all the blocks (scripts/bench.py, bf16_backward_*: on
-an Intel Xeon with AMX at m = 1024, 0.36–0.39 ms over the backward GEMM alone, against 2.0–2.2 ms
-for that GEMM followed by a separate pass over W1, and 1.9 ms for blocks that each packed dH
-again); the small layer stays fp32.
+bf16 copy is rounded from the backward product's output: with MKL block by block while the block
+is in cache, dH packed once into MKL's layout for all the blocks (scripts/bench.py,
+bf16_backward_*: on an Intel Xeon with AMX at m = 1024, 0.36–0.39 ms over the backward GEMM
+alone, against 2.0–2.2 ms for that GEMM followed by a separate pass over W1, and 1.9 ms for
+blocks that each packed dH again); with oneDNN, which has no packed operand, in one pass after
+the product (_BLOCK_ELEMENTS). The small layer stays fp32.
 
 Float order: the kernel sums in another order than the NumPy calls it replaced, and W1 is
 c·V rounded; a run's figures move at the float32 round-off level, a seed still gives

@@ -54,7 +54,8 @@ class TrainConfig:
     flip: bool = False                # flip each training image left-right with probability 1/2
     shift: int = 0                    # translate each training image by up to this many pixels
     # The two large products (X_b W1, X_bᵀ dH) in fp32, in bf16 (fp32 accumulation and master
-    # weights; needs bf16 instructions and MKL) or "auto" (bf16 where it pays: model.precision)
+    # weights; needs bf16 instructions and MKL or oneDNN) or "auto" (bf16 where it pays:
+    # model.precision)
     precision: str = "fp32"
 
     @property

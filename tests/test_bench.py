@@ -103,9 +103,10 @@ BF16_MISSING = bf16_missing()
 
 def test_bench_reports_the_bf16_figures_or_why_not(quick_bench):
     b = quick_bench
-    if BF16_MISSING:  # a CPU without bf16 instructions or no MKL: it says so instead
+    if BF16_MISSING:  # a CPU without bf16 instructions or no bf16 GEMM: it says so instead
         assert b["bf16"] == f"not measured: {BF16_MISSING}"
         return
+    assert b["bf16_library"].split()[0] in ("MKL", "oneDNN")  # which one it measured
     for key in ("bf16_floor_ms_m1024", "bf16_step_ms_m1024", "bf16_copy_pass_ms_m1024",
                 "bf16_over_fp32_step_m50", "bf16_over_fp32_step_m1024"):
         assert isinstance(b[key], float) and math.isfinite(b[key]) and b[key] > 0, key

@@ -4,12 +4,15 @@ The bf16 tests run wherever the CPU has bf16 instructions and a bf16 GEMM is ins
 oneDNN: the extra `bf16`), with the one model.blas loads here, and skip elsewhere naming what is
 missing.
 """
+import ctypes
 import dataclasses
 
 import numpy as np
 import pytest
 
 from conftest import pixel_data
+from clr_lambda_search.model import blas
+from clr_lambda_search.model.cpu import cpu_info
 from clr_lambda_search.model.errors import ConfigError
 from clr_lambda_search.model.network import init_params
 from clr_lambda_search.model.precision import BF16_FLAGS, bf16_missing, resolve_precision
@@ -58,6 +61,60 @@ def test_explicit_bf16_runs_on_any_cpu_with_the_instructions():
     assert "about as fast as fp32" in resolve_precision("bf16", AMD, MKL)[1]
     assert resolve_precision("bf16", INTEL, MKL) == ("bf16", "bf16 requested (MKL)")
     assert resolve_precision("bf16", AMD, ONEDNN) == ("bf16", "bf16 requested (oneDNN)")
+
+
+@pytest.mark.parametrize("vendor,first", [("GenuineIntel", "MKL"), ("AuthenticAMD", "oneDNN")])
+def test_the_bf16_library_tried_first_is_the_one_that_is_fast_on_the_cpu(monkeypatch, vendor,
+                                                                         first):
+    """MKL uses bf16 instructions on Intel CPUs only, oneDNN on any: load_bf16 tries MKL first
+    on Intel and oneDNN first elsewhere, and takes the other where the first is missing."""
+    from clr_lambda_search.model import cpu
+    tried = []
+    loaders = {"MKL": "_load_mkl", "oneDNN": "_load_onednn"}
+    for name, attr in loaders.items():
+        monkeypatch.setattr(blas, attr, lambda name=name: tried.append(name) or (
+            (name, f"/lib/{name}") if name != first else None))
+    monkeypatch.setattr(cpu, "cpu_info", lambda: (vendor, frozenset({"avx512_bf16"})))
+    monkeypatch.setattr(blas, "_bf16_state", {})  # the process's own state stays as it is
+    other = next(n for n in loaders if n != first)
+    assert blas.load_bf16() == (other, f"/lib/{other}") and tried == [first, other]
+    monkeypatch.setattr(blas, "_bf16_state", {})
+    monkeypatch.setattr(blas, loaders[other], lambda: None)
+    assert blas.load_bf16()[0] is None and "no bf16 GEMM" in blas.load_bf16()[1]
+
+
+ONEDNN_PATHS = blas._candidates("dnnl")
+U16, F32 = ctypes.POINTER(ctypes.c_uint16), ctypes.POINTER(ctypes.c_float)
+
+
+@pytest.mark.skipif(not set(BF16_FLAGS) & cpu_info()[1] or not ONEDNN_PATHS,
+                    reason="oneDNN's bf16 GEMM cannot run here: no bf16 instructions, or no "
+                           "oneDNN installed")
+@pytest.mark.parametrize("trans_a", [False, True], ids=["forward", "backward"])
+def test_onednn_through_the_shims_computes_bf16_products_in_fp32(trans_a):
+    """oneDNN's dnnl_gemm_bf16bf16f32 (not in its public header) through the shims with MKL's
+    signature: C ← α·op(A)·B + β·C equals the exact product of the bf16 operands to fp32
+    round-off, in both of the step's shapes, and with B "packed" (copied) too. Runs wherever
+    oneDNN is installed, whichever library the kernels use."""
+    gemm_shim, pack_shim = blas.onednn_shims(ONEDNN_PATHS[0])
+    rng = np.random.default_rng(8)
+    rows, k, n = (3072, 100, 60) if trans_a else (100, 3072, 60)
+    a16 = rng.integers(0x3C00, 0x4000, (k, rows) if trans_a else (rows, k), dtype=np.uint16)
+    b16 = rng.integers(0xBC00, 0xC000, (k, n), dtype=np.uint16)  # bf16 bits of -0.008 … -2
+    c = rng.standard_normal((rows, n), dtype=np.float32)
+    a, b = (as_float(x).astype(np.float64) for x in (a16, b16))
+    exact = 0.5 * ((a.T if trans_a else a) @ b) + c
+    for packed in (False, True):
+        operand = b16
+        if packed:
+            operand = np.zeros_like(b16)
+            pack_shim.ctypes(101, 162, 111, rows, n, k, b16.ctypes.data_as(U16), n,
+                             operand.ctypes.data_as(U16))
+        out = c.copy()
+        gemm_shim.ctypes(101, 112 if trans_a else 111, 151 if packed else 111, rows, n, k, 0.5,
+                         a16.ctypes.data_as(U16), a16.shape[1], operand.ctypes.data_as(U16), n,
+                         1.0, out.ctypes.data_as(F32), n)
+        assert np.abs(out - exact).max() / np.abs(exact).max() < 1e-6, (packed, trans_a)
 
 
 def test_precision_is_a_checked_setting():

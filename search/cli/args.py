@@ -28,7 +28,7 @@ TRAIN_FLAG_HELP = {
     "flip": "flip each training image left-right with probability 1/2",
     "shift": "translate each training image by up to this many pixels (borders reflected), 0..31",
     "precision": "the two large products in fp32, bf16 (fp32 accumulation and master weights; "
-                 "needs bf16 instructions and MKL) or auto (bf16 where it pays)",
+                 "needs bf16 instructions and MKL or oneDNN) or auto (bf16 where it pays)",
 }
 
 

@@ -523,7 +523,7 @@ def _trained_steps(storage, campaign):
 
 BF16_ROWS = [
     ("bf16_floor_ms_m1024", "bf16: the two GEMMs in bf16, m = 1024", "ms"),
-    ("bf16_fp32_floor_ms_m1024", "  the same two GEMMs in fp32 (MKL's and NumPy's BLAS)", "ms"),
+    ("bf16_fp32_floor_ms_m1024", "  the same two GEMMs in fp32 (NumPy's BLAS)", "ms"),
     ("bf16_gemm_over_fp32_gemm_m1024", "  bf16 GEMMs / fp32 GEMMs (< 1: native bf16)", "×"),
     ("bf16_step_ms_m1024", "bf16 step, m = 1024, dropout + augmentation", "ms"),
     ("bf16_step_over_floor_m1024", "bf16 step / its bf16 floor at m = 1024", "×"),
@@ -541,7 +541,7 @@ ROWS += BF16_ROWS
 
 def measure_bf16(data, size, rng):
     """bf16_*: the bf16 step (model.train.updates with precision "bf16") against its own floor
-    (the step's two products with bf16 operands, through the kernels' MKL call) and against the
+    (the step's two products with bf16 operands, through the kernels' bf16 GEMM) and against the
     fp32 step and floor (NumPy's BLAS, also called from compiled code), measured here in
     interleaved blocks, CPU time of this thread, best of the repeats; at m = 1024 with dropout
     0.5, flips and ±4-pixel moves, and at m = 50 (the search protocol). Also the cost of W1's
@@ -557,6 +557,7 @@ def measure_bf16(data, size, rng):
                          size["wide_repeats"], WIDE_ITERS)
     narrow = _bf16_figures(data, rng, SEARCH_CONFIG, size["repeats"], size["iters"])
     return {
+        "bf16_library": " ".join(blas.load_bf16()),
         "bf16_floor_ms_m1024": wide["floor16"], "bf16_fp32_floor_ms_m1024": wide["floor32"],
         "bf16_gemm_over_fp32_gemm_m1024": wide["floor16"] / wide["floor32"],
         "bf16_step_ms_m1024": wide["step16"],
@@ -638,7 +639,8 @@ def _fp32_floor(X, W1, H, dH):
 def table(results):
     head = (f"data: {results['data']}; one BLAS thread (but where 2 are named), float32"
             f"{'; --quick' if results['quick'] else ''}"
-            f"\nthe step's BLAS: {results['blas']} (the floor's: NumPy's)")
+            f"\nthe step's BLAS: {results['blas']} (the floor's: NumPy's)"
+            + (f"; its bf16 GEMM: {results['bf16_library']}" if "bf16_library" in results else ""))
     lines = [f"{label:<38} {results[key]:>9.3f} {unit}" for key, label, unit in ROWS if key in results]
     return "\n".join([head, *lines, *([f"bf16: {results['bf16']}"] if "bf16" in results else [])])
 
