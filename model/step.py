@@ -556,6 +556,7 @@ def _gather_moved(raw, idx, scale, shift, moves, out):
     flat = raw.reshape(raw.size)
     D = raw.shape[1]
     cols = np.empty(_SIDE, np.int64)
+    line_values = np.empty(_SIDE, scale.dtype)  # _moved_line's buffer
     for i in range(idx.shape[0]):
         row, o = raw[idx[i]], out[i]
         ahead = idx[i + 1] * D if i + 1 < idx.shape[0] else -1
@@ -568,10 +569,32 @@ def _gather_moved(raw, idx, scale, shift, moves, out):
                 _prefetch(flat, ahead + line * _SIDE)
             plane = line - line % _SIDE
             src = (plane + _reflect(line - plane - dy)) * _SIDE
-            dst = line * _SIDE
+            _moved_line(row, src, cols, scale, shift, o, line * _SIDE, line_values)
+
+
+def _moved_line(row, src, cols, scale, shift, o, dst, line_values):
+    """o[dst + c] ← row[src + cols[c]] normalised with the scale and shift of dst + c, for the 32
+    columns c of one line (rounded to bf16 when o is bf16). Compiled code only."""
+
+
+@overload(_moved_line, inline="always")
+def _moved_line_impl(row, src, cols, scale, shift, o, dst, line_values):
+    if o.dtype != types.uint16:
+        def direct(row, src, cols, scale, shift, o, dst, line_values):
             for c in range(_SIDE):
-                o[dst + c] = _stored(_normalised(row[src + cols[c]], scale[dst + c], shift[dst + c]),
-                                  o)
+                o[dst + c] = _normalised(row[src + cols[c]], scale[dst + c], shift[dst + c])
+        return direct
+
+    def rounded(row, src, cols, scale, shift, o, dst, line_values):
+        # normalised into line_values, then rounded in a loop of its own: the loop that gathers
+        # through cols is not vectorised, the rounding one is (bf16 at m = 1024: 0.33 → 0.21 ms
+        # a batch; the fp32 gather, one loop, takes 0.15)
+        for c in range(_SIDE):
+            line_values[c] = _normalised(row[src + cols[c]], scale[dst + c], shift[dst + c])
+        o_ = o[dst:dst + _SIDE]
+        for c in range(_SIDE):
+            o_[c] = _bf16(line_values[c])
+    return rounded
 
 
 @njit(inline="always")

@@ -283,6 +283,23 @@ def test_bf16_rows_are_made_only_for_bf16_batches_without_moves(case, monkeypatc
     assert rows is data.train.X and rows_pixels is data.train.pixels
 
 
+def test_a_moved_bf16_batch_is_the_moved_fp32_batch_rounded():
+    """The augmented gather into bf16 (normalised per line, then rounded in a loop of its own)
+    gives bit for bit bf16 of the augmented fp32 gather, for every kind of move."""
+    data = pixel_data("float32")
+    idx = np.random.default_rng(6).permutation(len(data.train.y))[:40]
+    moves = np.stack([np.arange(40) % 2, np.arange(40) % 9 - 4, (np.arange(40) // 2) % 9 - 4], 1)
+    batches = {}
+    for precision in ("fp32", "bf16"):
+        ws = make_workspace(40, data.train.X.shape[1], 8, 10, np.float32, flip=True, shift=4,
+                            precision=precision)
+        ws["moves"][:] = moves
+        gather_batch(data.train.X, idx, ws["X"], data.train.pixels, ws["moves"])
+        batches[precision] = ws["X"].copy()
+    np.testing.assert_array_equal(as_float(batches["bf16"]), bf16_reference(batches["fp32"]))
+    assert not np.array_equal(batches["fp32"][1], data.train.X[idx[1]])  # the moves moved
+
+
 def test_a_bf16_step_without_mkl_is_an_error_that_leaves_the_params(monkeypatch):
     """A bf16 workspace needs no MKL (batch_source's rows above); its first step does, and
     without MKL it stops with the reason before touching the params (model.precision refuses
