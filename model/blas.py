@@ -116,6 +116,7 @@ def _gemm(a, b, c, alpha, beta, trans_a=False, trans_b=False):
 # one thread, the step's two products at m = 1024, batch 100, took 2.9 ms against MKL's 12.5 ms
 # and NumPy's fp32 10.5 ms. So Intel CPUs load MKL first, the others oneDNN first.
 BF16 = np.uint16
+BF16_INSTALL = "pip install 'clr-lambda-search[bf16]'"
 # A product's B operand may also be packed once into MKL's own layout (cblas_gemm_bf16bf16f32_pack)
 # and then used by several products (_compute): the step's backward product runs in blocks of
 # rows, and each block of a plain call would pack the same B again. oneDNN has no such call: its
@@ -149,16 +150,29 @@ def _candidates(name):
 def load_bf16():
     """(library name, path) once a bf16 GEMM ("MKL" or "oneDNN") is registered for the
     kernels, running on one thread (the workers are processes with one BLAS thread each), or
-    (None, why not). Loads it on the first call only; fp32 runs never load it."""
+    (None, why not). Loads it on the first call only; fp32 runs never load it. Which one:
+    $CLR_BF16_LIBRARY where set (to compare them on one machine), else MKL first on Intel CPUs
+    and oneDNN first on the others."""
     if not _bf16_state:
-        from clr_lambda_search.model.cpu import cpu_info
-        loaders = [_load_mkl, _load_onednn]
-        if cpu_info()[0] != "GenuineIntel":
-            loaders.reverse()
-        _bf16_state["result"] = next(
-            (found for found in (load() for load in loaders) if found), None) or (
-            None, "no bf16 GEMM is installed (MKL's libmkl_rt or oneDNN's libdnnl)")
+        _bf16_state["result"] = _load_bf16(os.environ.get("CLR_BF16_LIBRARY", ""))
     return _bf16_state["result"]
+
+
+def _load_bf16(chosen):
+    from clr_lambda_search.model.cpu import cpu_info
+    loaders = {"MKL": _load_mkl, "oneDNN": _load_onednn}
+    if chosen:
+        order = [name for name in loaders if name.lower() == chosen.lower()]
+        if not order:
+            return None, (f"CLR_BF16_LIBRARY={chosen!r} names no bf16 GEMM: set it to MKL or "
+                          "oneDNN, or unset it")
+    else:
+        order = ["MKL", "oneDNN"] if cpu_info()[0] == "GenuineIntel" else ["oneDNN", "MKL"]
+    for name in order:
+        found = loaders[name]()
+        if found:
+            return found
+    return None, f"no bf16 GEMM is installed ({' or '.join(order)}: {BF16_INSTALL})"
 
 
 def _load_mkl():

@@ -19,7 +19,7 @@ from clr_lambda_search.model.errors import ConfigError
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "auto")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of the bf16 instructions
-INSTALL = "pip install 'clr-lambda-search[bf16]'"
+INSTALL = blas.BF16_INSTALL
 
 
 def bf16_missing(info=None, library=None):
@@ -31,7 +31,7 @@ def bf16_missing(info=None, library=None):
     if not flags & set(BF16_FLAGS):
         return f"this CPU has no bf16 instructions (no {' or '.join(BF16_FLAGS)} flag)"
     ok, detail = library or blas.load_bf16()
-    return None if ok else f"{detail} ({INSTALL})"
+    return None if ok else detail
 
 
 def resolve_precision(requested, info=None, library=None):

@@ -75,12 +75,29 @@ def test_the_bf16_library_tried_first_is_the_one_that_is_fast_on_the_cpu(monkeyp
         monkeypatch.setattr(blas, attr, lambda name=name: tried.append(name) or (
             (name, f"/lib/{name}") if name != first else None))
     monkeypatch.setattr(cpu, "cpu_info", lambda: (vendor, frozenset({"avx512_bf16"})))
+    monkeypatch.delenv("CLR_BF16_LIBRARY", raising=False)
     monkeypatch.setattr(blas, "_bf16_state", {})  # the process's own state stays as it is
     other = next(n for n in loaders if n != first)
     assert blas.load_bf16() == (other, f"/lib/{other}") and tried == [first, other]
     monkeypatch.setattr(blas, "_bf16_state", {})
     monkeypatch.setattr(blas, loaders[other], lambda: None)
     assert blas.load_bf16()[0] is None and "no bf16 GEMM" in blas.load_bf16()[1]
+
+
+@pytest.mark.parametrize("chosen,tried", [("onednn", ["oneDNN"]), ("MKL", ["MKL"]),
+                                          ("openblas", [])])
+def test_clr_bf16_library_chooses_the_one_library_tried(monkeypatch, chosen, tried):
+    """$CLR_BF16_LIBRARY (any case) names the one library tried, on any CPU; a name that is
+    neither is the reason bf16 cannot run, saying what to set."""
+    seen = []
+    for name, attr in (("MKL", "_load_mkl"), ("oneDNN", "_load_onednn")):
+        monkeypatch.setattr(blas, attr, lambda name=name: seen.append(name) or (name, "/lib"))
+    monkeypatch.setenv("CLR_BF16_LIBRARY", chosen)
+    monkeypatch.setattr(blas, "_bf16_state", {})
+    name, detail = blas.load_bf16()
+    assert seen == tried and name == (tried[0] if tried else None)
+    if not tried:
+        assert "CLR_BF16_LIBRARY='openblas'" in detail and "MKL or oneDNN" in detail
 
 
 ONEDNN_PATHS = blas._candidates("dnnl")
