@@ -8,8 +8,10 @@ import sys
 import pytest
 
 import faultlib as fl
+from clr_lambda_search.model.precision import bf16_missing
 
 SCRIPTS = fl.REPO / "scripts"
+BF16_MISSING = bf16_missing()
 # tiny protocol shared by the campaigns below: a trial is a few dozen updates
 COMMON = """
 [search]
@@ -119,3 +121,24 @@ def test_outputs_show_the_searched_field_and_no_lambda(ran):
     assert f"Validation accuracy over {name}" in page
     for text in (ran["status"].stdout, json.dumps(ran["pipe"]), page):
         assert name in text and "lam" not in text and "λ" not in text
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(BF16_MISSING is not None, reason=f"bf16 cannot run here: {BF16_MISSING}")
+def test_a_bf16_campaign_runs_in_worker_processes(cifar_tiny_dir, tmp_path):
+    """precision = "bf16" with two worker processes (forked after the bf16 library is loaded:
+    MKL's sequential layer, or oneDNN on one OpenMP thread, must not hang them): every trial
+    completes, the study records bf16, and the final run says so."""
+    config = tmp_path / "bf16.toml"
+    config.write_text('name = "bf16"\n[config]\nprecision = "bf16"\n' + ETA_MAX)
+    url = fl.sqlite_url(tmp_path / "s.db")
+    pipe = script("pipeline.py", ["--config", config, "--storage", url, "--data-dir",
+                                  cifar_tiny_dir.batches, "--n-val", "20", "--workers", "2",
+                                  "--out-dir", tmp_path / "out", "--json"], fl.script_env(tmp_path))
+    assert pipe.returncode == 0, pipe.stderr[-3000:]
+    for phase, n in (("coarse", 3), ("fine", 2)):
+        trials, attrs = fl.load_trials(url, f"bf16-{phase}")
+        # (two runners may start one trial past a phase's count: it is recorded surplus)
+        assert len(fl.complete(trials)) == n and not fl.unfinished(trials), phase
+    metrics = json.loads((tmp_path / "out" / "final" / "metrics.json").read_text())
+    assert json.loads(pipe.stdout)["final"]["precision"] == metrics["precision"] == "bf16"
