@@ -27,7 +27,7 @@ INTEL = ("GenuineIntel", frozenset({"avx512f", "avx512_bf16"}))
 AMD = ("AuthenticAMD", frozenset({"avx512f", "avx512_bf16"}))
 NO_FLAGS = ("GenuineIntel", frozenset({"avx2"}))
 MKL, ONEDNN = ("MKL", "/lib/libmkl_rt.so.3"), ("oneDNN", "/lib/libdnnl.so.3")
-NO_MKL = (None, "no bf16 GEMM is installed (MKL or oneDNN)")
+NO_LIBRARY = (None, "no bf16 GEMM is installed (MKL or oneDNN)")
 
 MISSING = bf16_missing()
 needs_bf16 = pytest.mark.skipif(MISSING is not None, reason=f"bf16 cannot run here: {MISSING}")
@@ -36,11 +36,11 @@ needs_bf16 = pytest.mark.skipif(MISSING is not None, reason=f"bf16 cannot run he
 # ---- resolution: every machine, through stand-ins for the CPU and the library -----------------
 
 def test_fp32_is_fp32_everywhere():
-    assert resolve_precision("fp32", NO_FLAGS, NO_MKL)[0] == "fp32"
+    assert resolve_precision("fp32", NO_FLAGS, NO_LIBRARY)[0] == "fp32"
 
 
 @pytest.mark.parametrize("info,library,missing", [(NO_FLAGS, MKL, BF16_FLAGS[0]),
-                                                  (INTEL, NO_MKL, "bf16 GEMM")])
+                                                  (INTEL, NO_LIBRARY, "bf16 GEMM")])
 def test_bf16_where_it_cannot_run_is_a_one_line_config_error(info, library, missing):
     with pytest.raises(ConfigError, match=missing) as e:
         resolve_precision("bf16", info, library)
@@ -48,7 +48,7 @@ def test_bf16_where_it_cannot_run_is_a_one_line_config_error(info, library, miss
 
 
 @pytest.mark.parametrize("info,library,expected,why", [
-    (NO_FLAGS, MKL, "fp32", "no bf16 instructions"), (INTEL, NO_MKL, "fp32", "GEMM is installed"),
+    (NO_FLAGS, MKL, "fp32", "no bf16 instructions"), (INTEL, NO_LIBRARY, "fp32", "GEMM is installed"),
     (AMD, MKL, "fp32", "AuthenticAMD"), (INTEL, MKL, "bf16", "MKL is installed"),
     (AMD, ONEDNN, "bf16", "oneDNN is installed"), (INTEL, ONEDNN, "bf16", "oneDNN")])
 def test_auto_takes_bf16_only_where_it_pays_and_says_why(info, library, expected, why):
@@ -317,17 +317,17 @@ def test_a_moved_bf16_batch_is_the_moved_fp32_batch_rounded():
     assert not np.array_equal(batches["fp32"][1], data.train.X[idx[1]])  # the moves moved
 
 
-def test_a_bf16_step_without_mkl_is_an_error_that_leaves_the_params(monkeypatch):
-    """A bf16 workspace needs no MKL (batch_source's rows above); its first step does, and
-    without MKL it stops with the reason before touching the params (model.precision refuses
-    bf16 before a run; this is a direct call)."""
-    monkeypatch.setattr(step, "load_bf16", lambda: NO_MKL)
+def test_a_bf16_step_without_a_bf16_gemm_is_an_error_that_leaves_the_params(monkeypatch):
+    """A bf16 workspace needs no bf16 library (batch_source's rows above); its first step does,
+    and without one it stops with the reason before touching the params (model.precision
+    refuses bf16 before a run; this is a direct call)."""
+    monkeypatch.setattr(step, "load_bf16", lambda: NO_LIBRARY)
     data = pixel_data("float32")
     params = StepParams(init_params(data.train.X.shape[1], 8, 10, np.random.default_rng(3),
                                     np.float32))
     before = {k: v.copy() for k, v in params.items()}
     ws = make_workspace(20, data.train.X.shape[1], 8, 10, np.float32, precision="bf16")
-    with pytest.raises(RuntimeError, match="bf16 products need a bf16 GEMM: no bf16 GEMM is installed"):
+    with pytest.raises(RuntimeError, match="bf16 products need a bf16 GEMM: no bf16 GEMM"):
         sgd_step(params, data.train.X, data.train.y, np.arange(20), 0.01, 1e-3, ws,
                  data.train.pixels)
     for key, value in before.items():
