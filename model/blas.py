@@ -21,6 +21,8 @@ from numba import cfunc, types
 from numba.extending import overload
 from numba.np.linalg import ensure_blas
 
+from clr_lambda_search.model import cpu
+
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
 
 
@@ -159,7 +161,6 @@ def load_bf16():
 
 
 def _load_bf16(chosen):
-    from clr_lambda_search.model.cpu import cpu_info
     loaders = {"MKL": _load_mkl, "oneDNN": _load_onednn}
     if chosen:
         order = [name for name in loaders if name.lower() == chosen.lower()]
@@ -167,7 +168,7 @@ def _load_bf16(chosen):
             return None, (f"CLR_BF16_LIBRARY={chosen!r} names no bf16 GEMM: set it to MKL or "
                           "oneDNN, or unset it")
     else:
-        order = ["MKL", "oneDNN"] if cpu_info()[0] == "GenuineIntel" else ["oneDNN", "MKL"]
+        order = ["MKL", "oneDNN"] if cpu.cpu_info()[0] == "GenuineIntel" else ["oneDNN", "MKL"]
     for name in order:
         found = loaders[name]()
         if found:
