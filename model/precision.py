@@ -19,7 +19,6 @@ from clr_lambda_search.model.errors import ConfigError
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "auto")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of the bf16 instructions
-INSTALL = blas.BF16_INSTALL
 
 
 def bf16_missing(info=None, library=None):
@@ -55,9 +54,9 @@ def resolve_precision(requested, info=None, library=None):
     if requested == "bf16":
         return "bf16", (f"bf16 requested; MKL does not use the bf16 instructions of this "
                         f"{vendor or 'unknown'} CPU, so it is about as fast as fp32 (oneDNN "
-                        f"would: {INSTALL})" if slow else f"bf16 requested ({name})")
+                        f"would: {blas.BF16_INSTALL})" if slow else f"bf16 requested ({name})")
     if slow:
         return "fp32", (f"auto: fp32, since MKL does not use the bf16 instructions of this "
                         f"{vendor or 'unknown'} CPU (bf16 would be no faster; oneDNN would use "
-                        f"them: {INSTALL})")
+                        f"them: {blas.BF16_INSTALL})")
     return "bf16", f"auto: bf16 (the CPU has bf16 instructions and {name} is installed)"
