@@ -201,10 +201,14 @@ def work(study, objective, goal, after_trial=None):
     while True:
         recover_trials(study)
         trials = study.get_trials(deepcopy=False)
-        if goal.done(trials):
+        met = goal.done(trials)
+        if met and not any(t.state == TrialState.WAITING for t in trials):
             return ran
-        goal.check(study, trials)
-        if not goal.may_start(trials):
+        # a trial queued once the goal is met (the second re-queue of one dead trial, whose first
+        # copy met it) is taken and ended as surplus, untrained (_guard_trial): not left WAITING
+        if not met:
+            goal.check(study, trials)
+        if not met and not goal.may_start(trials):
             time.sleep(pause)  # the missing trials run elsewhere: wait for them, or their death
             pause = min(MAX_POLL, pause * 1.5)
             continue
@@ -236,7 +240,8 @@ def _guard_trial(objective, goal):
         guarded.returned = None
         if record.failure(trial) is not None:  # a retry inherits its original's attrs
             record.set_failure(trial, None)
-        why = goal.bookkeeping(trial, trial.study.get_trials(deepcopy=False))
+        trials = trial.study.get_trials(deepcopy=False)
+        why = record.SURPLUS if goal.done(trials) else goal.bookkeeping(trial, trials)
         if why:
             record.set_failure(trial, why)
             raise Bookkeeping(why)

@@ -457,6 +457,29 @@ def test_a_dead_trial_requeued_twice_runs_once(tmp_path):
     assert len(fl.complete(trials)) == 2 and fl.duplicated_lams(trials) == []
 
 
+def test_a_retry_still_queued_when_the_phase_is_met_is_not_left_waiting(tmp_path):
+    """The same double re-queue, but the first copy's result meets the phase: the second copy
+    is still WAITING when every worker sees the goal met (a CI run of test_runners.py left one
+    so). The worker that sees it takes it and ends it as bookkeeping, untrained."""
+    import optuna
+
+    from clr_lambda_search.search import record
+    from clr_lambda_search.search.workers import TrialTarget, work
+
+    study = _study_with_a_dead_trial(tmp_path)
+    callback = study._storage.get_heartbeat_stale_trial_callback()
+    for _ in range(2):
+        callback(study, study.get_trials()[0])
+    study.sampler = optuna.samplers.RandomSampler(seed=0)
+    trained = []
+    work(study, lambda t: trained.append(t.number) or _lam_objective(t), TrialTarget(1))
+    trials = study.get_trials()
+    assert [t.number for t in trials if t.state == TrialState.WAITING] == []
+    assert trained == [1]  # the second copy (trial 2) stopped before it trained
+    assert trials[2].state == TrialState.FAIL and record.is_bookkeeping(trials[2])
+    assert len(fl.complete(trials)) == 1
+
+
 def test_an_objective_error_is_recorded_as_the_failure(tmp_path):
     """A trial that fails by an exception says so: only a silent FAIL means "the worker died"."""
     import optuna
